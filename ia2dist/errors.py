@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every error a user can cause (bad config, bad data file, missing model, unwritable output) is raised
+as an ``IA2Error`` whose message is ONE line: what is wrong, where (file/line/field) and how to fix
+it. The CLI prints ``error: <message>`` and exits with status 2. Internal invariants use ``assert``.
+"""
+
+from __future__ import annotations
+
+
+class IA2Error(Exception):
+    """An error caused by user input; its message is a single actionable line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(IA2Error):
+    """One or more config fields are invalid; ``problems`` lists each as 'field: what; fix'."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        joined = "; ".join(self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}: {joined}")
+
+
+class DataError(IA2Error):
+    """A data file or data setting is unusable (malformed line, missing field, too few rows...)."""
