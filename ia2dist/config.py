@@ -140,6 +140,9 @@ class EvalConfig:
     """Generation length for multi-token tasks (None: the task's T)."""
     similarity: bool = True
     """Per-layer cosine similarity of each method's activations (no demos) to the ICL teacher's."""
+    similarity_items: int = 64
+    """Evaluation items (the first ones) used for the similarity analysis; their ICL teacher
+    activations are extracted once per (N, seed)."""
 
 
 @dataclass(kw_only=True)
@@ -340,6 +343,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("extract.topk: must be >= 0")
     if cfg.eval.ece_bins < 1:
         p.append("eval.ece_bins: must be >= 1")
+    if cfg.eval.similarity_items < 1:
+        p.append("eval.similarity_items: must be >= 1")
     if cfg.eval.batch_size < 1:
         p.append("eval.batch_size: must be >= 1")
     for key in ("train_path", "eval_path"):
@@ -372,8 +377,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = loaded or {}
     data = apply_overrides(data, list(overrides or []), problems)
     cfg = _build(RunConfig, data, "", problems)
-    if not problems:
-        problems.extend(validate(cfg))
+    # Semantic checks too, so one invocation reports everything; skip fields already reported.
+    reported = {p.split(":", 1)[0].split("[", 1)[0] for p in problems}
+    problems.extend(p for p in validate(cfg) if p.split(":", 1)[0].split("[", 1)[0] not in reported)
     if problems:
         raise ConfigError(problems, source)
     return cfg

@@ -1,0 +1,44 @@
+# ia2dist: `make demo` and `make test` set up .venv (idempotently) and run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+# Offline, deterministic, CPU-friendly defaults for tests and the demo (users may override).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
+export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
+
+.PHONY: venv demo test test-fast clean help
+
+help:
+	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
+	@echo "make test   - set up .venv and run the test suite"
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml changes. torch is pinned (2.13.0); pip uses a local wheel
+# folder when the machine has one (find-links), otherwise the index.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ia2dist run configs/demo.yaml run_dir=$(RUN_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .torch_ext .pytest_cache

@@ -1,0 +1,104 @@
+"""Command line: ``ia2dist <verb> [CONFIG.yaml] [key=value ...] [flags]``.
+
+Verbs: extract (teacher responses + activations), train (methods), eval (baselines + trained
+methods, report), run (the whole experiment). Overrides use dotted config paths, e.g.
+``train.lr=3e-4 data.num_train=[2,4,8] model.name_or_path=/models/llama-3.2-1b``.
+Errors caused by input print one line ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+VERBS = {
+    "extract": "extract ICL teacher responses and per-layer activations for every (N, seed)",
+    "train": "train methods on the teacher outputs (extracting them first when absent)",
+    "eval": "evaluate baselines and the trained methods of a run directory, write the report",
+    "run": "the whole experiment: extract -> train each method -> eval -> report",
+}
+
+EPILOG = """\
+config: a YAML file with sections model, data, extract, train, eval, wandb (see README
+"Config reference"); omitted fields take their defaults, so no file is needed for the embedded
+demo. Overrides: key=value with dotted paths, values parsed as YAML, e.g.
+  ia2dist run configs/demo.yaml data.num_train=[2,4] train.methods=[sft,ia2_then_sft]
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ia2dist", description="IA2 (ICL activation alignment) "
+                                     "trainer.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, text in VERBS.items():
+        p = sub.add_parser(verb, help=text, description=text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("args", nargs="*", metavar="CONFIG|key=value",
+                       help="optional YAML config first, then overrides like train.lr=3e-4")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace existing outputs (run dir for extract/run, method folders for "
+                            "train, metrics for eval) instead of refusing")
+        if verb == "train":
+            p.add_argument("--method", action="append", metavar="METHOD",
+                           help="method to train (repeatable); default: train.methods from config")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config and exit without running")
+    return parser
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.version:
+        from ia2dist import __version__
+
+        print(__version__)
+        return 0
+    if not ns.verb:
+        parser.print_help()
+        return 2
+    from ia2dist.errors import IA2Error
+
+    try:
+        return _dispatch(ns)
+    except IA2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the run directory's status.json says 'failed'", file=sys.stderr)
+        return 130
+
+
+def _dispatch(ns) -> int:
+    from ia2dist.config import dump_yaml, load_config
+
+    config_path, overrides = _split_args(ns.args)
+    cfg = load_config(config_path, overrides)
+    if ns.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from ia2dist import pipeline
+
+    if ns.verb == "extract":
+        out = pipeline.run_extract(cfg, overwrite=ns.overwrite)
+    elif ns.verb == "train":
+        out = pipeline.run_train(cfg, methods=ns.method, overwrite=ns.overwrite)
+    elif ns.verb == "eval":
+        out = pipeline.run_eval(cfg, overwrite=ns.overwrite)
+    else:
+        out = pipeline.run_all(cfg, overwrite=ns.overwrite)
+    final = out / "summary.md"
+    print(f"done: {final if final.exists() else out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""The whole IA2 experiment in one process: extract -> train each method -> evaluate -> report.
+
+For every N in data.num_train and every run seed r in data.seeds (a "unit"):
+  1. split the training pool (N train, min(48, N//2) dev, rest = demo pool) with RandomState(r);
+  2. extract ICL teacher responses + activations for train and dev (leave-one-out N-1 demos),
+     cached on disk under the unit folder;
+  3. train each requested method from the same base weights and adapter initialisation;
+  4. evaluate each method without demos, plus the baselines (base without demos; ICL with N-1
+     demos from the disjoint pool), and the per-layer similarity to the ICL teacher;
+then aggregate over seeds into metrics.json, summary.md and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ia2dist import rundir
+from ia2dist.activations import load_records, save_records, write_json_atomic
+from ia2dist.config import RunConfig, to_dict
+from ia2dist.errors import IA2Error
+from ia2dist.records import Example, TeacherRecord
+
+log = logging.getLogger("ia2dist")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Unit:
+    """One (N, seed) cell of the experiment with its splits and demo lists."""
+
+    n: int
+    seed: int
+    dir: Path
+    train: list[Example]
+    dev: list[Example]
+    train_demo_lists: list[list[Example]]
+    dev_demo_lists: list[list[Example]]
+    eval_demo_lists: list[list[Example]]
+
+
+class Experiment:
+    """Shared state of a run: config, task data, tokenizer, frozen base model, units."""
+
+    def __init__(self, cfg: RunConfig):
+        from ia2dist.data.loaders import load_task
+        from ia2dist.modeling import load_model, load_tokenizer
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).expanduser()
+        self.task = load_task(cfg.data)
+        self.spec = self.task.spec
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.base = load_model(cfg.model)
+        for param in self.base.parameters():
+            param.requires_grad_(False)
+        self.max_new_tokens = cfg.extract.max_new_tokens or self.spec.max_new_tokens
+        self.units = [self._make_unit(n, r) for n in cfg.data.num_train for r in cfg.data.seeds]
+        self.eval_items = self.task.eval_items
+        if not self.eval_items:
+            raise IA2Error(f"data: task {self.spec.name} has no evaluation items; set data.eval_path")
+
+    # ------------------------------------------------------------------ setup and checks
+    def _make_unit(self, n: int, seed: int) -> Unit:
+        from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
+
+        split = make_split(self.task.train_pool, n, seed, max_dev=self.cfg.data.max_dev)
+        train_lists = train_demos(split, seed)
+        return Unit(n=n, seed=seed, dir=rundir.unit_dir(self.run_dir, n, seed), train=split.train,
+                    dev=split.dev, train_demo_lists=train_lists,
+                    dev_demo_lists=dev_demos(split, train_lists),
+                    eval_demo_lists=eval_demos(split.pool, self.task.eval_items, n, seed))
+
+    def check_context(self) -> None:
+        """Fail before any output is written when a teacher prompt + T exceeds the context."""
+        from ia2dist.data.prompts import teacher_prompt
+        from ia2dist.modeling import context_length, encode
+
+        limit = context_length(self.base)
+        for unit in self.units:
+            pairs = list(zip(unit.train + unit.dev, unit.train_demo_lists + unit.dev_demo_lists))
+            pairs += list(zip(self.eval_items, unit.eval_demo_lists))
+            prompts = [teacher_prompt(demos, ex) for ex, demos in pairs]
+            lengths = [len(ids) for ids in encode(self.tokenizer, prompts)]
+            worst = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[worst] + self.max_new_tokens > limit:
+                raise IA2Error(
+                    f"data.num_train: N={unit.n} makes the ICL prompt of example {pairs[worst][0].uid} "
+                    f"{lengths[worst]} tokens + T={self.max_new_tokens} > the model's context {limit}; "
+                    "use a smaller N, shorter inputs, or a smaller extract.max_new_tokens")
+
+    # ------------------------------------------------------------------ teacher stage
+    def teacher_meta(self, unit: Unit, uids: list[str]) -> dict:
+        e = self.cfg.extract
+        return {"model": to_dict(self.cfg)["model"], "task": self.spec.name,
+                "data": to_dict(self.cfg)["data"], "n": unit.n, "seed": unit.seed,
+                "max_new_tokens": self.max_new_tokens, "stop_strings": list(e.stop_strings),
+                "act_dtype": e.act_dtype, "topk": e.topk, "uids": uids}
+
+    def _extract_cached(self, cache_dir: Path, examples, demo_lists, unit: Unit) -> list[TeacherRecord]:
+        from ia2dist.data.prompts import teacher_prompt
+        from ia2dist.teacher.extract import extract
+
+        uids = [ex.uid for ex in examples]
+        meta = self.teacher_meta(unit, uids)
+        cached = load_records(cache_dir, expected_meta=meta)
+        if cached is not None:
+            log.info("N=%d seed=%d: reusing teacher cache %s", unit.n, unit.seed, cache_dir)
+            return cached
+        prompts = [teacher_prompt(demos, ex) for ex, demos in zip(examples, demo_lists)]
+        e = self.cfg.extract
+        records = extract(self.base, self.tokenizer, prompts, uids, max_new_tokens=self.max_new_tokens,
+                          stop_strings=tuple(e.stop_strings), batch_size=e.batch_size,
+                          act_dtype=_DTYPES[e.act_dtype], topk=e.topk, progress=True)
+        save_records(cache_dir, records, meta)
+        return records
+
+    def teacher_records(self, unit: Unit) -> list[TeacherRecord]:
+        """ICL teacher outputs for the unit's train + dev examples (cached)."""
+        log.info("N=%d seed=%d: teacher extraction for %d examples", unit.n, unit.seed,
+                 len(unit.train) + len(unit.dev))
+        return self._extract_cached(unit.dir / "teacher", unit.train + unit.dev,
+                                    unit.train_demo_lists + unit.dev_demo_lists, unit)
+
+    def similarity_records(self, unit: Unit) -> list[TeacherRecord]:
+        """ICL teacher activations on (a prefix of) the evaluation items, for the similarity plot."""
+        k = min(self.cfg.eval.similarity_items, len(self.eval_items))
+        return self._extract_cached(unit.dir / "teacher_eval", self.eval_items[:k],
+                                    unit.eval_demo_lists[:k], unit)
+
+    # ------------------------------------------------------------------ student stage
+    def target_ids(self, ex: Example, record: TeacherRecord) -> list[int]:
+        if self.cfg.train.label_type == "icl":
+            return record.response_ids.tolist()
+        ids = self.tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+        if self.max_new_tokens > 1 and self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids[: self.max_new_tokens]
+
+    def student_items(self, examples, records):
+        from ia2dist.data.prompts import student_prompt
+        from ia2dist.modeling import encode
+        from ia2dist.student.batching import StudentItem
+
+        prompt_ids = encode(self.tokenizer, [student_prompt(ex) for ex in examples])
+        return [StudentItem(uid=ex.uid, prompt_ids=ids, target_ids=self.target_ids(ex, rec), teacher=rec)
+                for ex, ids, rec in zip(examples, prompt_ids, records)]
+
+    def new_student(self, unit: Unit):
+        from ia2dist.modeling import apply_adapter
+
+        torch.manual_seed(self.cfg.seed * 1000 + unit.seed)
+        return apply_adapter(copy.deepcopy(self.base), self.cfg.train.adapter)
+
+    def train_method(self, unit: Unit, method: str, records: list[TeacherRecord], tracker=None):
+        """Train ``method`` on the unit; writes the adapter/model + history atomically."""
+        from ia2dist.modeling import save_trained
+        from ia2dist.student.trainer import train
+
+        n_train = len(unit.train)
+        train_items = self.student_items(unit.train, records[:n_train])
+        dev_items = self.student_items(unit.dev, records[n_train:])
+        model = self.new_student(unit)
+        prefix = f"N{unit.n}/seed{unit.seed}/{method}"
+
+        def log_step(row: dict) -> None:
+            if tracker is not None:
+                tracker.log({f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+
+        log.info("N=%d seed=%d: training %s on %d examples (%d dev)", unit.n, unit.seed, method,
+                 len(train_items), len(dev_items))
+        result = train(model, train_items, dev_items, method, self.cfg.train,
+                       seed=self.cfg.seed * 1000 + unit.seed, log=log_step, progress=True)
+        final = unit.dir / method
+        tmp = rundir.staging_dir(final)
+        save_trained(model, tmp)
+        write_json_atomic(tmp / "history.json", {"history": result.history, "phases": result.phases})
+        rundir.commit_dir(tmp, final)
+        return model
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model, unit: Unit, name: str, with_demos: bool,
+                 sim_records: list[TeacherRecord] | None) -> dict:
+        from ia2dist.data.prompts import student_prompt, teacher_prompt
+        from ia2dist.eval.evaluate import evaluate_generation, evaluate_single_token, layer_similarity
+        from ia2dist.modeling import encode, num_virtual_tokens
+
+        e = self.cfg.eval
+        if with_demos:
+            prompts = [teacher_prompt(d, ex) for ex, d in zip(self.eval_items, unit.eval_demo_lists)]
+        else:
+            prompts = [student_prompt(ex) for ex in self.eval_items]
+        virtual = num_virtual_tokens(model)
+        model.eval()
+        with torch.no_grad():
+            if self.spec.single_token:
+                metrics, rows = evaluate_single_token(
+                    model, self.tokenizer, prompts, self.eval_items, list(self.task.labels),
+                    batch_size=e.batch_size, num_virtual_tokens=virtual, n_bins=e.ece_bins,
+                    confidence=e.confidence)
+            else:
+                metrics, rows = evaluate_generation(
+                    model, self.tokenizer, prompts, self.eval_items, self.spec.parse,
+                    max_new_tokens=e.max_new_tokens or self.spec.max_new_tokens,
+                    stop_strings=tuple(e.stop_strings), batch_size=e.batch_size)
+            if sim_records is not None and not with_demos:
+                k = len(sim_records)
+                ids = encode(self.tokenizer, [student_prompt(ex) for ex in self.eval_items[:k]])
+                metrics["layer_similarity"] = layer_similarity(
+                    model, self.tokenizer, ids, sim_records, batch_size=e.batch_size,
+                    num_virtual_tokens=virtual)
+        metrics.update({"method": name, "n": unit.n, "seed": unit.seed, "num_eval": len(prompts)})
+        out = unit.dir / name
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "predictions.json", rows)
+        log.info("N=%d seed=%d %-14s accuracy=%.3f%s", unit.n, unit.seed, name,
+                 metrics.get("accuracy", float("nan")),
+                 f" ece={metrics['ece']:.3f}" if "ece" in metrics else "")
+        return metrics
+
+
+# ---------------------------------------------------------------------- verbs
+
+def _start(cfg: RunConfig, overwrite: bool, fresh: bool) -> Experiment:
+    """Validate everything that can fail on user input BEFORE writing anything."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    if fresh:
+        rundir.check_fresh_run_dir(run_dir, overwrite)
+    else:
+        rundir.check_existing_run_dir(run_dir, cfg)
+    rundir.setup_logging(None)
+    exp = Experiment(cfg)
+    exp.check_context()
+    if fresh:
+        rundir.create_run_dir(run_dir, cfg, overwrite)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():
+            rundir.save_config(run_dir, cfg)
+    rundir.setup_logging(run_dir)
+    return exp
+
+
+def _guarded(exp: Experiment, body) -> None:
+    rundir.set_status(exp.run_dir, "running")
+    try:
+        body()
+    except BaseException as exc:
+        rundir.set_status(exp.run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else
+                          type(exc).__name__)
+        raise
+    rundir.set_status(exp.run_dir, "complete")
+
+
+def run_extract(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """`ia2dist extract`: teacher responses + activations for every (N, seed)."""
+    exp = _start(cfg, overwrite, fresh=True)
+
+    def body():
+        for unit in exp.units:
+            exp.teacher_records(unit)
+            if cfg.eval.similarity:
+                exp.similarity_records(unit)
+    _guarded(exp, body)
+    return exp.run_dir
+
+
+def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool = False) -> Path:
+    """`ia2dist train`: train methods (teacher cache reused or extracted) without evaluating."""
+    exp = _start(cfg, overwrite, fresh=False)
+    methods = methods or list(cfg.train.methods)
+    for unit in exp.units:
+        for method in methods:
+            if (unit.dir / method).exists() and not overwrite:
+                raise IA2Error(f"{unit.dir / method} already exists; pass --overwrite to retrain it "
+                               "or use another run_dir")
+
+    def body():
+        for unit in exp.units:
+            records = exp.teacher_records(unit)
+            for method in methods:
+                exp.train_method(unit, method, records)
+    _guarded(exp, body)
+    return exp.run_dir
+
+
+def run_eval(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """`ia2dist eval`: evaluate baselines and every trained method found in the run directory."""
+    from ia2dist.modeling import load_trained
+
+    exp = _start(cfg, overwrite, fresh=False)
+
+    def body():
+        results = []
+        for unit in exp.units:
+            sim = exp.similarity_records(unit) if cfg.eval.similarity else None
+            results += _eval_baselines(exp, unit)
+            for method in cfg.train.methods:
+                method_dir = unit.dir / method
+                if not method_dir.is_dir():
+                    log.warning("%s: not trained, skipped", method_dir)
+                    continue
+                model = load_trained(exp.base, method_dir)
+                results.append(exp.evaluate(model, unit, method, False, sim))
+        write_report(exp, results)
+    _guarded(exp, body)
+    return exp.run_dir
+
+
+def _eval_baselines(exp: Experiment, unit: Unit) -> list[dict]:
+    sim = exp.similarity_records(unit) if exp.cfg.eval.similarity else None
+    out = []
+    if "base" in exp.cfg.baselines:
+        out.append(exp.evaluate(exp.base, unit, "base", False, sim))
+    if "icl" in exp.cfg.baselines:
+        out.append(exp.evaluate(exp.base, unit, "icl", True, None))
+    return out
+
+
+def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """`ia2dist run`: the whole experiment, ending with the report."""
+    from ia2dist.tracking import Tracker
+
+    exp = _start(cfg, overwrite, fresh=True)
+    tracker = Tracker(cfg.wandb, exp.run_dir, to_dict(cfg), name=exp.run_dir.name)
+
+    def body():
+        results = []
+        for unit in exp.units:
+            records = exp.teacher_records(unit)
+            sim = exp.similarity_records(unit) if cfg.eval.similarity else None
+            results += _eval_baselines(exp, unit)
+            for method in cfg.train.methods:
+                model = exp.train_method(unit, method, records, tracker)
+                results.append(exp.evaluate(model, unit, method, False, sim))
+                del model
+        summary = write_report(exp, results)
+        tracker.summary(summary)
+        tracker.log_images({name: exp.run_dir / f"{name}.png"
+                            for name in ("reliability", "similarity", "accuracy")})
+    try:
+        _guarded(exp, body)
+    finally:
+        tracker.finish()
+    return exp.run_dir
+
+
+def write_report(exp: Experiment, results: list[dict]) -> dict:
+    """metrics.json (per unit and aggregated), summary.md and plots in the run directory."""
+    from ia2dist.eval.report import write_report as render
+
+    summary = render(results, exp.run_dir, task=exp.spec.name, n_bins=exp.cfg.eval.ece_bins)
+    log.info("report: %s", exp.run_dir / "summary.md")
+    return summary
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(type(obj).__name__)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, default=_json_default)

@@ -1,0 +1,93 @@
+"""Config loading: YAML + overrides, every problem reported at once, hashing."""
+
+import pytest
+
+from ia2dist.config import RunConfig, config_hash, load_config
+from ia2dist.errors import ConfigError
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.adapter.type == "lora" and cfg.train.adapter.r == 8 and cfg.train.adapter.alpha == 8
+    assert cfg.train.adapter.targets == ["q_proj", "k_proj", "o_proj"]
+    assert cfg.eval.ece_bins == 15 and cfg.data.max_dev == 48
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  task: sst2\n  num_train: [2, 4]\ntrain:\n  lr: 3.0e-4\n  adapter:\n    r: 16\n")
+    cfg = load_config(path, ["train.lr=1e-4", "data.seeds=[0,1,2]", "train.adapter.targets=q_proj",
+                             "eval.similarity=false"])
+    assert cfg.data.task == "sst2" and cfg.data.num_train == [2, 4]
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.data.seeds == [0, 1, 2]
+    assert cfg.train.adapter.r == 16 and cfg.train.adapter.targets == ["q_proj"]
+    assert cfg.eval.similarity is False
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.lr=-1", "data.task=nope", "train.methods=[sft,bogus]",
+                           "train.batch_size=3", "bogus.key=1", "train.epochs=many"])
+    problems = info.value.problems
+    fields = " ".join(problems)
+    for name in ("train.lr", "data.task", "train.methods[1]", "train.batch_size", "bogus",
+                 "train.epochs"):
+        assert name in fields, name
+    assert len(problems) == 6
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_field_suggests(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"train.learning_rate: unknown field"):
+        load_config(path)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: 1e-3\n   epochs: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_missing_config_and_data_paths(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"data.train_path: file .* does not exist"):
+        load_config(None, [f"data.train_path={tmp_path}/nope.jsonl"])
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = load_config(None), load_config(None)
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(load_config(None, ["train.lr=0.5"])) != config_hash(a)
+
+
+def _leaf_fields(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                    else f.default):
+            sub = type(f.default_factory())
+            yield from _leaf_fields(sub, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_readme_documents_every_field():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    missing = []
+    for dotted in _leaf_fields(RunConfig):
+        prefix, _, leaf = dotted.rpartition(".")
+        hit = any(f"`{dotted}`" in row or (prefix and f"`{prefix}." in row and f"`{leaf}`" in row)
+                  for row in rows)
+        if not hit:
+            missing.append(dotted)
+    assert not missing, f"README config reference lacks {missing}"
