@@ -1,0 +1,259 @@
+"""Read raw dataset rows (local JSON / JSONL / Parquet, or the Hugging Face hub) and turn them into
+a task's training pool and evaluation items.
+
+The data protocol: rows are shuffled once with ``data.pool_seed`` (42), formatted in that order by
+the task, and the first ``max_train_pool`` (2000) training / ``max_eval`` (500) evaluation examples
+are kept. Run-level splits (N train, dev, demo pool) are made later by ``splits``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ia2dist.config import DataConfig
+from ia2dist.data.tasks import OOD_EVAL, RowError, TaskSpec, get_task
+from ia2dist.errors import DataError, IA2Error
+from ia2dist.records import Example
+
+#: Keys under which a .json file may hold its rows when its top level is an object.
+_ROW_KEYS = ("data", "rows", "train", "examples", "test", "validation", "eval")
+_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class TaskData:
+    """A task's examples before any run split.
+
+    labels: the label strings of single-token tasks (for synthetic: the held-out task's words),
+        index = Example.label_index; None for free-form answers.
+    """
+
+    spec: TaskSpec
+    labels: tuple[str, ...] | None
+    train_pool: list[Example]
+    eval_items: list[Example]
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw rows
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a .json (a list of objects, or an object holding one such list, e.g. under
+    "data"), .jsonl (one object per line, blank lines skipped) or .parquet file.
+
+    DataError (naming file:line for JSONL) on a missing file, malformed content or no rows.
+    """
+    return [row for _, row in _located_rows(Path(path))]
+
+
+def _located_rows(path: Path) -> list[tuple[str, dict]]:
+    """Rows paired with where they came from ("file:LINE" or "file row INDEX"), for messages."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; fix data.train_path / data.eval_path")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        located = _jsonl_rows(path)
+    elif suffix == ".json":
+        located = _json_rows(path)
+    elif suffix == ".parquet":
+        located = _parquet_rows(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
+                        f"use one of {', '.join(_SUFFIXES)}")
+    if not located:
+        raise DataError(f"{path}: no rows; the file must hold at least one dataset row")
+    return located
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    located = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg} at column "
+                                f"{exc.colno}); fix or remove the line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got "
+                                f"{type(row).__name__}; write one object per line")
+            located.append((f"{path}:{line_no}", row))
+    return located
+
+
+def _json_rows(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                        "fix the file") from None
+    rows = _row_list(data, path)
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {index}: expected a JSON object, got "
+                            f"{type(row).__name__}; store rows as objects of fields")
+    return [(f"{path} row {index}", row) for index, row in enumerate(rows)]
+
+
+def _row_list(data, path: Path) -> list:
+    """The list of rows in a parsed .json: the top level, or its single list-valued key (or the
+    first of _ROW_KEYS when there are several)."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        lists = {key: value for key, value in data.items() if isinstance(value, list)}
+        if len(lists) == 1:
+            return next(iter(lists.values()))
+        for key in _ROW_KEYS:
+            if key in lists:
+                return lists[key]
+        found = ", ".join(map(repr, lists)) or "none"
+        raise DataError(f"{path}: top-level object has no single list of rows (lists under: "
+                        f"{found}); store a list, or one list under \"data\"")
+    raise DataError(f"{path}: top level is {type(data).__name__}; store a list of row objects")
+
+
+def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}); re-export it") from None
+    return [(f"{path} row {index}", row) for index, row in enumerate(rows)]
+
+
+def _hub_rows(spec: TaskSpec, split: str) -> list[tuple[str, dict]]:
+    """The split from the Hugging Face hub (or its local cache)."""
+    source = spec.hf_path + (f" ({spec.hf_name})" if spec.hf_name else "")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(spec.hf_path, spec.hf_name, split=split)
+        rows = [dict(row) for row in dataset]
+    except Exception as exc:  # offline, missing cache, HTTP and auth errors all land here
+        detail = " ".join(str(exc).split())[:160]
+        raise IA2Error(f"could not load {source} split {split!r} from the Hugging Face hub "
+                       f"({type(exc).__name__}: {detail}); pass data.train_path / data.eval_path "
+                       "with local JSON/JSONL/Parquet files of the raw rows") from None
+    if not rows:
+        raise DataError(f"{source} split {split!r} is empty; pass local files instead")
+    return [(f"{spec.hf_path}[{split}] row {index}", row) for index, row in enumerate(rows)]
+
+
+def _source_rows(spec: TaskSpec, path: str | None, split: str) -> list[tuple[str, dict]]:
+    return _located_rows(Path(path).expanduser()) if path is not None else _hub_rows(spec, split)
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples
+
+
+def to_examples(spec: TaskSpec, located: list[tuple[str, dict]], split: str, seed: int,
+                limit: int | None) -> list[Example]:
+    """Shuffle rows with RandomState(seed), drop the rows the protocol filters out, format the
+    rest in shuffled order and keep the first ``limit`` (all when None).
+
+    The same generator then drives per-row randomness (sciq option order), so the examples depend
+    only on the rows and the seed. uid = "{task}:{split}:{row index in the source}".
+    """
+    rng = np.random.RandomState(seed)
+    examples = []
+    for index in rng.permutation(len(located)):
+        if limit is not None and len(examples) >= limit:
+            break
+        where, row = located[index]
+        if not spec.keeps(row):
+            continue
+        try:
+            examples.append(spec.row_to_example(row, f"{spec.name}:{split}:{index}", rng))
+        except RowError as exc:
+            raise exc.at(where) from None
+    return examples
+
+
+def _split_tail(spec: TaskSpec, examples: list[Example], cfg: DataConfig):
+    """Single-source tasks: the last max_eval shuffled examples evaluate, the rest train."""
+    if len(examples) <= cfg.max_eval:
+        raise DataError(f"{spec.name}: {len(examples)} usable rows, but the last data.max_eval="
+                        f"{cfg.max_eval} are held out for evaluation, leaving no training pool; "
+                        "lower data.max_eval or supply more rows")
+    cut = len(examples) - cfg.max_eval
+    return examples[:cut][: cfg.max_train_pool], examples[cut:]
+
+
+def _require_rows(examples: list[Example], what: str, spec: TaskSpec) -> list[Example]:
+    if not examples:
+        raise DataError(f"{spec.name}: no usable {what} rows (every row was filtered out); "
+                        "check that the file holds this task's rows and labels")
+    return examples
+
+
+def load_task(data_cfg: DataConfig) -> TaskData:
+    """The training task's pool and evaluation items, per the data protocol.
+
+    Local ``data.train_path`` / ``data.eval_path`` files hold the dataset's raw rows; a path left
+    None loads that split from the hub. For single-source tasks (finsen, strategytf) without an
+    eval_path, the evaluation items are the shuffled tail of the training source.
+    """
+    spec = get_task(data_cfg.task)
+    if spec.kind == "synthetic":
+        return _load_synthetic(spec, data_cfg)
+    if spec.eval_only:
+        trained_on = [name for name, targets in OOD_EVAL.items() if spec.name in targets]
+        raise DataError(f"data.task: {spec.name} is evaluation-only in the IA2 protocol (it has "
+                        f"no training split); train on {' or '.join(trained_on)} and evaluate "
+                        f"{spec.name} with load_eval_items")
+    train_rows = _source_rows(spec, data_cfg.train_path, spec.train_split)
+    train_name = "train" if data_cfg.train_path else spec.train_split
+    seed = data_cfg.pool_seed
+    if spec.eval_from_train_tail and data_cfg.eval_path is None:
+        examples = to_examples(spec, train_rows, train_name, seed, limit=None)
+        train_pool, eval_items = _split_tail(spec, examples, data_cfg)
+    else:
+        train_pool = to_examples(spec, train_rows, train_name, seed, data_cfg.max_train_pool)
+        eval_items = _eval_examples(spec, data_cfg.eval_path, data_cfg)
+    return TaskData(spec, spec.labels, _require_rows(train_pool, "training", spec),
+                    _require_rows(eval_items, "evaluation", spec))
+
+
+def _eval_examples(spec: TaskSpec, path: str | None, cfg: DataConfig) -> list[Example]:
+    if path is None and spec.eval_from_train_tail:
+        examples = to_examples(spec, _hub_rows(spec, spec.eval_split), spec.eval_split,
+                               cfg.pool_seed, limit=None)
+        return _split_tail(spec, examples, cfg)[1]
+    split = "eval" if path else spec.eval_split
+    return to_examples(spec, _source_rows(spec, path, spec.eval_split), split, cfg.pool_seed,
+                       cfg.max_eval)
+
+
+def load_eval_items(task_name: str, path: str | None, data_cfg: DataConfig) -> list[Example]:
+    """Evaluation items of any task (out-of-distribution evaluation: poems, bbcnews, gsm8ks, ...).
+
+    ``path``: a local file of the task's raw evaluation rows, used as-is (shuffled, first
+    data.max_eval); None loads the task's evaluation split from the hub. The training settings in
+    ``data_cfg`` (pool_seed, max_eval, synthetic_mapping) apply.
+    """
+    spec = get_task(task_name)
+    if spec.kind == "synthetic":
+        return _load_synthetic(spec, data_cfg).eval_items
+    return _require_rows(_eval_examples(spec, path, data_cfg), "evaluation", spec)
+
+
+def _load_synthetic(spec: TaskSpec, cfg: DataConfig) -> TaskData:
+    """A held-out task of the synthetic family: generated, so no shuffle is needed; train and
+    eval draw from disjoint generator streams (split="train" / "eval")."""
+    from ia2dist.data.synthetic import SyntheticFamily
+
+    task = SyntheticFamily().heldout_task(cfg.synthetic_mapping)
+    train_pool = task.examples(cfg.max_train_pool, seed=cfg.pool_seed, split="train")
+    eval_items = task.examples(cfg.max_eval, seed=cfg.pool_seed, split="eval")
+    return TaskData(spec, tuple(task.labels), list(train_pool), list(eval_items))
