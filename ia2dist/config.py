@@ -83,8 +83,8 @@ class ExtractConfig:
     act_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Storage dtype of teacher activations."""
     topk: int = 0
-    """Store the teacher's top-k next-token distribution per response position (0: off; needed by
-    soft_sft, which falls back to the full distribution computed on the fly when 0)."""
+    """Store the teacher's top-k next-token distribution per response position (0: off). soft_sft
+    needs it (k > 0); the mass outside the top k is spread uniformly over the other tokens."""
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,374 @@
+"""The student training loop: phases of one objective each, over an ``Engine``.
+
+A method is a list of phases (``METHOD_PHASES``); every phase starts a FRESH optimiser on the same
+trainable weights (IA2 -> SFT continues the IA2-primed adapter with CE). A phase runs epochs over the
+shuffled training items; each optimizer step covers ``batch_size`` items split into micro-batches of
+``micro_batch_size``. The step's global counts (CE targets, IA2 positions) are known from the items
+before any forward, and every micro-batch's loss sum is divided by them, so the gradient does not
+depend on the micro-batch size. Every ``eval_every`` steps the phase's own objective is measured on
+the dev items; ``patience`` evaluations without improvement stop the phase, and the trainable state
+of the best evaluation is copied back into the model at the phase end.
+
+The loop knows nothing about distribution: an ``Engine`` owns forward/backward/step and the
+trainable state. ``TorchEngine`` is the single-process one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ia2dist.config import METHODS, TrainConfig
+from ia2dist.errors import IA2Error
+from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
+from ia2dist.modeling import attention_sites, num_virtual_tokens
+from ia2dist.student.batching import StudentBatch, StudentItem, collate, item_counts
+from ia2dist.teacher.capture import ActivationCapture
+
+#: Objectives of the phases of each method. "ia2+ce" is (1 - w) * IA2 + w * CE in one forward.
+METHOD_PHASES: dict[str, tuple[str, ...]] = {
+    "sft": ("ce",),
+    "soft_sft": ("kl",),
+    "ia2": ("ia2",),
+    "ia2_plus_sft": ("ia2+ce",),
+    "ia2_then_sft": ("ia2", "ce"),
+    "sft_then_ia2": ("ce", "ia2"),
+}
+#: Loss terms each objective needs (see ``ia2dist.student.batching.collate``).
+OBJECTIVE_TERMS: dict[str, tuple[str, ...]] = {
+    "ce": ("ce",), "kl": ("kl",), "ia2": ("ia2",), "ia2+ce": ("ia2", "ce"),
+}
+
+
+class Engine(Protocol):
+    """What the loop needs from a (possibly distributed) training engine."""
+
+    model: nn.Module
+
+    def forward(self, **inputs) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def zero_grad(self) -> None: ...
+    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class TorchEngine:
+    """One process: a torch optimiser over the model's trainable parameters.
+
+    optimizer: "adam" (weight_decay is an L2 term, as in torch.optim.Adam) or "adamw" (decoupled).
+    grad_clip: max global gradient norm, or None.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: str = "adam", lr: float = 1e-3,
+                 weight_decay: float = 0.0, grad_clip: float | None = None):
+        self.model = model
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise IA2Error("student model has no trainable parameters; apply an adapter "
+                           "(train.adapter.type) before training")
+        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        if optimizer not in optimizers:
+            raise IA2Error(f"train.optimizer: unknown optimizer {optimizer!r}; use adam or adamw")
+        self.optimizer = optimizers[optimizer](list(self.params.values()), lr=lr,
+                                               weight_decay=weight_decay)
+        self.grad_clip = grad_clip
+
+    @classmethod
+    def from_config(cls, model: nn.Module, train_cfg: TrainConfig) -> "TorchEngine":
+        return cls(model, train_cfg.optimizer, train_cfg.lr, train_cfg.weight_decay,
+                   train_cfg.grad_clip)
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.grad_clip)
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the trainable parameters (not views: later steps cannot alter them)."""
+        return {name: p.detach().clone() for name, p in self.params.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state.keys() != self.params.keys():
+            missing = sorted(self.params.keys() - state.keys())
+            extra = sorted(state.keys() - self.params.keys())
+            raise ValueError(f"trainable state does not match the model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state[name])
+
+
+@dataclass
+class TrainResult:
+    """history: one dict per optimizer step (phase, objective, step, epoch, loss, its terms, and
+    dev_loss on evaluation steps). phases: per phase objective, best_step, best_dev (None without
+    dev items), stopped_early, steps."""
+
+    history: list[dict] = field(default_factory=list)
+    phases: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Context:
+    """What every step of a ``train`` call shares."""
+
+    sites: list[nn.Module]
+    device: torch.device
+    pad_id: int
+    padding_side: str
+    num_virtual_tokens: int
+    cfg: TrainConfig
+    logits_kwargs: dict
+
+
+def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Sequence[StudentItem],
+          method: str, train_cfg: TrainConfig, *, seed: int,
+          log: Callable[[dict], None] | None = None, progress: bool = False,
+          engine_factory: Callable[[nn.Module, TrainConfig], Engine] = TorchEngine.from_config,
+          pad_id: int | None = None, padding_side: str = "right") -> TrainResult:
+    """Train ``model``'s trainable parameters in place with ``method`` (see ``METHOD_PHASES``).
+
+    Each phase builds a fresh engine (hence a fresh optimiser) with ``engine_factory``. On return
+    the model holds, for the last phase, the trainable state of its best dev evaluation.
+    log: called with each step's history dict (e.g. to send it to wandb).
+    pad_id: padding token (never attended to; default: the model's pad/eos id, else 0).
+    padding_side: right by default; prompt-tuned models are always right-padded.
+    """
+    if method not in METHOD_PHASES:
+        raise IA2Error(f"train.methods: unknown method {method!r}; use one of {', '.join(METHODS)}")
+    _check_config(train_cfg)
+    phases = METHOD_PHASES[method]
+    terms = {t for obj in phases for t in OBJECTIVE_TERMS[obj]}
+    sites = attention_sites(model)
+    _check_items(list(train_items) + list(dev_items), terms, len(sites), train_cfg)
+    shift = num_virtual_tokens(model)
+    ctx = _Context(sites=sites, device=next(model.parameters()).device,
+                   pad_id=_pad_id(model) if pad_id is None else pad_id,
+                   padding_side="right" if shift else padding_side, num_virtual_tokens=shift,
+                   cfg=train_cfg, logits_kwargs=_logits_to_keep_kwargs(model))
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    result = TrainResult()
+    was_training = model.training
+    try:
+        for index, objective in enumerate(phases):
+            engine = engine_factory(model, train_cfg)
+            summary = _run_phase(engine, train_items, dev_items, objective, index, ctx, generator,
+                                 result.history, log, progress)
+            result.phases.append(summary)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: int, ctx: _Context,
+               generator: torch.Generator, history: list[dict], log, progress: bool) -> dict:
+    cfg = ctx.cfg
+    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    best_dev, best_step, best_state, stale, stopped = math.inf, None, None, 0, False
+    bar = _progress_bar(total, f"phase {index} ({objective})", progress)
+    step = 0
+    while step < total and not stopped:
+        epoch = step // steps_per_epoch
+        order = torch.randperm(len(train_items), generator=generator).tolist()
+        for start in range(0, len(order), cfg.batch_size):
+            chunk = [train_items[i] for i in order[start:start + cfg.batch_size]]
+            entry = {"phase": index, "objective": objective, "step": step + 1, "epoch": epoch}
+            entry.update(_train_step(engine, chunk, objective, ctx))
+            step += 1
+            if dev_items and (step % cfg.eval_every == 0 or step == total):
+                dev = _evaluate_objective(engine, dev_items, objective, ctx)
+                entry["dev_loss"] = dev
+                if dev < best_dev:
+                    best_dev, best_step, best_state, stale = dev, step, engine.trainable_state(), 0
+                else:
+                    stale += 1
+                    stopped = cfg.patience > 0 and stale >= cfg.patience
+            history.append(entry)
+            if log is not None:
+                log(dict(entry))
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.4g}")
+            if stopped or step >= total:
+                break
+    bar.close()
+    if best_state is not None:
+        engine.load_trainable_state(best_state)
+    return {"objective": objective, "best_step": best_step,
+            "best_dev": None if best_step is None else best_dev, "stopped_early": stopped,
+            "steps": step}
+
+
+def _train_step(engine: Engine, chunk: list[StudentItem], objective: str, ctx: _Context) -> dict:
+    """One optimizer step with gradient accumulation; returns the step's loss and its terms."""
+    terms = OBJECTIVE_TERMS[objective]
+    counts = _global_counts(chunk, terms)
+    engine.model.train()
+    engine.zero_grad()
+    loss_value, term_sums = 0.0, dict.fromkeys(terms, 0.0)
+    for start in range(0, len(chunk), ctx.cfg.micro_batch_size):
+        micro = chunk[start:start + ctx.cfg.micro_batch_size]
+        pairs = _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx)
+        loss = _objective_loss(pairs, objective, counts, ctx.cfg)
+        engine.backward(loss)
+        loss_value += float(loss.detach())
+        for term in terms:
+            term_sums[term] += float(pairs[term][0].detach())
+    engine.step()
+    engine.zero_grad()
+    entry = {"loss": loss_value}
+    if len(terms) > 1:
+        entry.update({f"loss/{t}": term_sums[t] / max(counts[t], 1) for t in terms})
+    return entry
+
+
+@torch.no_grad()
+def _evaluate_objective(engine: Engine, items: Sequence[StudentItem], objective: str,
+                       ctx: _Context) -> float:
+    """The objective over all ``items`` (sums over micro-batches divided by the total counts)."""
+    terms = OBJECTIVE_TERMS[objective]
+    engine.model.eval()
+    sums = {t: torch.zeros((), device=ctx.device) for t in terms}
+    for start in range(0, len(items), ctx.cfg.micro_batch_size):
+        micro = list(items[start:start + ctx.cfg.micro_batch_size])
+        for term, (total, _) in _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx).items():
+            sums[term] += total.float()
+    counts = _global_counts(items, terms)
+    pairs = {t: (sums[t], counts[t]) for t in terms}
+    return float(_objective_loss(pairs, objective, counts, ctx.cfg))
+
+
+def _collate(items: Sequence[StudentItem], terms: Sequence[str], ctx: _Context) -> StudentBatch:
+    return collate(items, ctx.pad_id, ctx.padding_side, ctx.num_virtual_tokens, need=terms)
+
+
+def _term_pairs(engine: Engine, batch: StudentBatch, terms: Sequence[str],
+                ctx: _Context) -> dict[str, Pair]:
+    """One forward of ``batch``; the (sum, count) of each loss term."""
+    inputs = batch.model_inputs(ctx.device)
+    logits_needed = "ce" in terms or "kl" in terms
+    if not logits_needed:
+        inputs.update(ctx.logits_kwargs)
+    pairs: dict[str, Pair] = {}
+    if "ia2" in terms:
+        sel = batch.teacher.to(ctx.device)
+        with ActivationCapture(ctx.sites) as capture:
+            capture.select(sel.b_idx_K, sel.pos_idx_K)
+            output = engine.forward(**inputs)
+            student_LKD = capture.stacked()
+        pairs["ia2"] = ia2_loss(student_LKD, batch.teacher_acts_LKD, ctx.cfg.ia2_normalize,
+                                example_idx_K=sel.b_idx_K)
+    else:
+        output = engine.forward(**inputs)
+    if "ce" in terms:
+        sel = batch.ce.to(ctx.device)
+        pairs["ce"] = ce_loss(output.logits[sel.b_idx_K, sel.pos_idx_K],
+                              batch.targets_K.to(ctx.device))
+    if "kl" in terms:
+        sel = batch.teacher.to(ctx.device)
+        pairs["kl"] = soft_ce_loss(output.logits[sel.b_idx_K, sel.pos_idx_K], batch.topk_ids_Kk,
+                                   batch.topk_logprobs_Kk)
+    return pairs
+
+
+def _objective_loss(pairs: dict[str, Pair], objective: str, counts: dict[str, int],
+                    cfg: TrainConfig) -> torch.Tensor:
+    if objective == "ia2+ce":
+        return combined(pairs["ia2"], pairs["ce"], cfg.plus_sft_weight, counts["ia2"], counts["ce"])
+    (term,) = OBJECTIVE_TERMS[objective]
+    return normalized(pairs[term], counts[term])
+
+
+def _global_counts(items: Sequence[StudentItem], terms: Sequence[str]) -> dict[str, int]:
+    counts = dict.fromkeys(terms, 0)
+    for item in items:
+        for term, n in item_counts(item, terms).items():
+            counts[term] += n
+    return counts
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.micro_batch_size < 1 or cfg.batch_size % cfg.micro_batch_size:
+        raise IA2Error(f"train.batch_size={cfg.batch_size} is not a multiple of "
+                       f"train.micro_batch_size={cfg.micro_batch_size}; make it one")
+    if cfg.eval_every < 1:
+        raise IA2Error("train.eval_every: must be >= 1 optimizer step")
+
+
+def _check_items(items: list[StudentItem], terms: set[str], num_layers: int,
+                 cfg: TrainConfig) -> None:
+    """Fail before training when a record cannot serve the method (missing teacher, top-k,
+    or activations from a model of another depth)."""
+    if not items:
+        raise IA2Error("no training examples; data.num_train must be >= 2")
+    if not terms & {"ia2", "kl"}:
+        return
+    for item in items:
+        item.teacher_response()
+        if "kl" in terms and item.teacher.topk_logprobs_Tk is None:
+            raise IA2Error(f"example {item.uid}: soft_sft needs the teacher's top-k distribution but "
+                           f"the record has none; set extract.topk (e.g. extract.topk=20) and re-run "
+                           f"extraction")
+        if "ia2" in terms and item.teacher.acts_LTD.shape[0] != num_layers:
+            raise IA2Error(f"example {item.uid}: teacher activations have "
+                           f"{item.teacher.acts_LTD.shape[0]} layers but the student has "
+                           f"{num_layers}; extract with the student's base model")
+
+
+def _pad_id(model: nn.Module) -> int:
+    cfg = model.config
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _logits_to_keep_kwargs(model: nn.Module) -> dict:
+    """IA2-only forwards need no logits: ask for one position when the model supports it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        accepted = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False)
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
