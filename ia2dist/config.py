@@ -341,6 +341,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("extract.batch_size: must be >= 1")
     if e.topk < 0:
         p.append("extract.topk: must be >= 0")
+    elif "soft_sft" in cfg.train.methods and e.topk == 0:
+        p.append("extract.topk: soft_sft needs the teacher's top-k distribution; set extract.topk, "
+                 "e.g. extract.topk=32")
     if cfg.eval.ece_bins < 1:
         p.append("eval.ece_bins: must be >= 1")
     if cfg.eval.similarity_items < 1:

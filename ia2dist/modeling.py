@@ -7,7 +7,13 @@ sub-module is the child whose name says attention (self_attn, attn, attention, s
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
+import torch
 from torch import nn
+
+from ia2dist.errors import IA2Error
 
 _ATTN_NAMES = ("self_attn", "self_attention", "attn", "attention")
 
@@ -58,3 +64,299 @@ def attention_sites(model: nn.Module) -> list[nn.Module]:
     """One module per decoder layer whose output (first element when a tuple) is the attention
     block's output after its output projection, before the residual add."""
     return [_attention_child(block) for block in decoder_layers(model)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices, tokenizers, models
+# --------------------------------------------------------------------------------------------------
+
+#: Text the 'tiny:<arch>' tokenizer is trained on: the task templates, digits and common words.
+TINY_TOKENIZER_TEXTS = [
+    "Text:the movie was great\nLabel:1",
+    "Text:a dull and boring plot\nLabel:0",
+    "Question:What is 12 plus 30?\nAnswer:12 + 30 = 42\n#### 42",
+    "Question:Which planet is red?\nChoices:\n[apple]Mars\n[Friday]Venus\n\nAnswer:apple",
+    "[banana]Saturn\n[Saturday]Earth\n[Thursday][Sunday][Wednesday][Monday]",
+    "The answer is \\boxed{7}. alpha beta gamma delta 0 1 2 3 4 5 6 7 8 9",
+] * 10
+
+#: Families whose real tokenizers add no BOS; their 'tiny:' tokenizer mimics that.
+_NO_BOS_ARCHS = ("qwen2", "qwen3", "gpt2", "gpt_neox")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Attention kernel for models loaded from disk or the hub ('tiny:' models use eager). Both give the
+#: same greedy responses as the naive reference; sdpa is the fast one on GPUs.
+ATTN_IMPLEMENTATION = "sdpa"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise IA2Error(f"model.device: {name!r} is not a device ({exc}); use auto, cpu, cuda or "
+                       f"cuda:N") from None
+
+
+def _tiny_arch(name_or_path: str) -> str | None:
+    if not name_or_path.startswith("tiny:"):
+        return None
+    from ia2dist.tiny import TINY_ARCHS
+
+    arch = name_or_path[len("tiny:"):]
+    if arch not in TINY_ARCHS:
+        raise IA2Error(f"model.name_or_path: unknown tiny architecture {arch!r}; use tiny:<arch> "
+                       f"with arch in {', '.join(TINY_ARCHS)}")
+    return arch
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything path-like must exist on disk."""
+    return path.startswith(("/", ".", "~")) or path.count(os.sep) >= 2 or (
+        os.altsep is not None and path.count(os.altsep) >= 2)
+
+
+def _resolve_source(name_or_path: str, cache_dir: str | None, field_name: str) -> str:
+    """A local directory or a hub id for ``from_pretrained`` ('embedded' becomes its directory)."""
+    if name_or_path == "embedded":
+        from ia2dist.embedded import get_embedded_model_dir
+
+        return str(get_embedded_model_dir(cache_dir))
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise IA2Error(f"{field_name}: {name_or_path} is a file; give the directory holding "
+                       f"config.json and the weights")
+    if _looks_local(name_or_path):
+        raise IA2Error(f"{field_name}: directory {name_or_path} does not exist; fix the path, or use "
+                       f"a hub id (org/name), 'embedded' or 'tiny:<arch>'")
+    return name_or_path
+
+
+def _hub_error(field_name: str, source: str, exc: Exception) -> IA2Error:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return IA2Error(f"{field_name}: could not load {source!r} ({type(exc).__name__}: {first}); check "
+                    f"the id, network access or the HF cache (HF_HUB_OFFLINE), or use a local "
+                    f"directory")
+
+
+def _finish_tokenizer(tokenizer, padding_side: str):
+    if tokenizer.pad_token is None:
+        # Reuse an existing token: adding one would need resized embeddings. Masks are always built
+        # from lengths, never from pad ids, so sharing the id with EOS is harmless.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
+            tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise IA2Error("model.tokenizer: the tokenizer has no pad, eos or unk token to pad "
+                           "with; use a tokenizer that defines one of them")
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_tokenizer(model_cfg):
+    """The tokenizer of ``model_cfg`` (``ModelConfig``) with a pad token and its padding side set.
+
+    A missing pad token becomes EOS (else UNK); embeddings are never resized.
+    """
+    name = model_cfg.tokenizer or model_cfg.name_or_path
+    arch = _tiny_arch(name)
+    if arch is not None:
+        from ia2dist.tiny import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer(TINY_TOKENIZER_TEXTS, vocab_size=384,
+                                         add_bos=arch not in _NO_BOS_ARCHS)
+        return _finish_tokenizer(tokenizer, model_cfg.padding_side)
+    field_name = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
+    source = _resolve_source(name, model_cfg.cache_dir, field_name)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _hub_error(field_name, source, exc) from None
+    return _finish_tokenizer(tokenizer, model_cfg.padding_side)
+
+
+def load_model(model_cfg, device: torch.device | str | None = None) -> nn.Module:
+    """The causal LM of ``model_cfg`` in eval mode, in ``model_cfg.dtype``, on ``device``
+    (default: ``model_cfg.device``). 'tiny:<arch>' models are random with seed 0."""
+    device = resolve_device(model_cfg.device) if device is None else torch.device(device)
+    dtype = _DTYPES[model_cfg.dtype]
+    arch = _tiny_arch(model_cfg.name_or_path)
+    if arch is not None:
+        from ia2dist.tiny import build_tiny_model
+
+        model = build_tiny_model(arch, load_tokenizer(model_cfg), seed=0)
+    else:
+        source = _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path")
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+                trust_remote_code=model_cfg.trust_remote_code)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise _hub_error("model.name_or_path", source, exc) from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text with the tokenizer's own special tokens (BOS for Llama, none for Qwen)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+
+def context_length(model: nn.Module) -> int:
+    """The most positions the model accepts (max_position_embeddings / n_positions / n_ctx)."""
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                 "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise IA2Error(f"model: {type(model).__name__}'s config states no context length "
+                   f"(max_position_embeddings); set it in the model's config.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------------
+
+#: Llama-style attention projection names and the modules that play their role in other families
+#: (fused qkv and output projections), looked up only inside the attention sub-modules.
+_TARGET_ALIASES = {
+    "q_proj": ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "W_pack", "q"),
+    "k_proj": ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "W_pack", "k"),
+    "v_proj": ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "W_pack", "v"),
+    "o_proj": ("c_proj", "dense", "out_proj", "o"),
+}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _resolve_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """PEFT target names for ``targets``: each name present in the model is kept; a Llama name that
+    is absent maps to its family's equivalent under the attention sub-module ('attn.c_attn')."""
+    names = [name for name, _ in model.named_modules()]
+    block = decoder_layers(model)[0]
+    attn_name = next(n for n, m in block.named_children() if m is _attention_child(block))
+    attn_linears = {n for n, m in _attention_child(block).named_children() if _is_linear(m)}
+    resolved: list[str] = []
+    for target in targets:
+        if any(n == target or n.endswith("." + target) for n in names):
+            found = [target]
+        else:
+            found = [f"{attn_name}.{alias}" for alias in _TARGET_ALIASES.get(target, ())
+                     if alias in attn_linears]
+        if not found:
+            available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                if _is_linear(m)})
+            raise IA2Error(f"train.adapter.targets: {target!r} matches no module of "
+                           f"{type(model).__name__}; available linear modules: "
+                           f"{', '.join(available)}")
+        resolved.extend(f for f in found if f not in resolved)
+    return resolved
+
+
+def _peft_config(model: nn.Module, adapter_cfg):
+    import peft
+
+    kind = adapter_cfg.type
+    if kind == "lora":
+        return peft.LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha,
+                               lora_dropout=adapter_cfg.dropout, bias="none",
+                               target_modules=_resolve_targets(model, adapter_cfg.targets),
+                               task_type="CAUSAL_LM")
+    if kind == "ia3":
+        return peft.IA3Config(target_modules=_resolve_targets(model, adapter_cfg.targets),
+                              feedforward_modules=[], task_type="CAUSAL_LM")
+    if kind == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=adapter_cfg.num_virtual_tokens,
+                                       prompt_tuning_init="RANDOM", task_type="CAUSAL_LM")
+    if kind == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=adapter_cfg.num_virtual_tokens,
+                                       task_type="CAUSAL_LM")
+    raise IA2Error(f"train.adapter.type: unknown adapter {kind!r}; use lora, ia3, prompt, prefix "
+                   f"or full")
+
+
+def apply_adapter(model: nn.Module, adapter_cfg, *, seed: int = 0) -> nn.Module:
+    """The trainable student: ``model`` wrapped in a PEFT adapter (LoRA, IA3, prompt or prefix
+    tuning) whose new weights are initialised from ``seed``, or for 'full' the model itself with
+    every parameter trainable. PEFT adapters are injected into ``model`` in place."""
+    if adapter_cfg.type == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    import peft
+
+    config = _peft_config(model, adapter_cfg)
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
+
+
+def _prompt_learning_config(model: nn.Module):
+    """The active PEFT prompt-learning config of ``model``, or None."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    if not isinstance(model, PeftModel):
+        return None
+    config = model.active_peft_config
+    return config if config.is_prompt_learning else None
+
+
+def is_prefix_tuned(model: nn.Module) -> bool:
+    """True when ``model`` is a PEFT prefix-tuning model (its virtual tokens live in the KV cache)."""
+    config = _prompt_learning_config(model)
+    return config is not None and config.peft_type.value == "PREFIX_TUNING"
+
+
+def num_prefix_positions(model: nn.Module) -> int:
+    """Positions the adapter puts before the prompt, in the output or in the KV cache (prompt and
+    prefix tuning: num_virtual_tokens; else 0). Position ids count them."""
+    config = _prompt_learning_config(model)
+    return 0 if config is None else int(config.num_virtual_tokens)
+
+
+def num_virtual_tokens(model: nn.Module) -> int:
+    """Positions prepended to the model's OUTPUT sequence (logits and captured activations): V for
+    prompt tuning, 0 for prefix tuning (its prefixes live in the KV cache), LoRA, IA3 and full."""
+    return 0 if is_prefix_tuned(model) else num_prefix_positions(model)
+
+
+def save_trained(model: nn.Module, out_dir: str | os.PathLike) -> None:
+    """Write the trained part of ``model`` as safetensors: the PEFT adapter (adapter_config.json +
+    adapter_model.safetensors) or, for full fine-tuning, the whole model (model.safetensors)."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def load_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.Module:
+    """Inverse of ``save_trained``: the adapter in ``trained_dir`` on ``base_model``, or the fully
+    fine-tuned model stored there (on ``base_model``'s device and dtype), in eval mode."""
+    trained_dir = str(trained_dir)
+    param = next(base_model.parameters())
+    if os.path.exists(os.path.join(trained_dir, "adapter_config.json")):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base_model, trained_dir)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        attn = getattr(base_model.config, "_attn_implementation", None) or ATTN_IMPLEMENTATION
+        model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=param.dtype,
+                                                     attn_implementation=attn)
+    return model.to(param.device).eval()
