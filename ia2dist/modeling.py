@@ -1,5 +1,13 @@
 """Models and tokenizers: loading, capture-site discovery, adapters, saving.
 
+Sources (``ModelConfig.name_or_path``): 'embedded' (the project's cached tiny in-context learner),
+'tiny:<arch>' (random weights with seed 0 and a small byte-level BPE tokenizer; Qwen/GPT families
+without BOS like their real tokenizers), a local directory, or a hub id. Tokenizers without a pad
+token pad with EOS (else UNK); embeddings are never resized. Adapters are PEFT (LoRA, IA3, prompt
+and prefix tuning) or full fine-tuning; Llama projection names given as targets map to other
+families' modules (GPT-2 ``attn.c_attn``/``attn.c_proj``, GPT-NeoX ``attention.query_key_value``/
+``attention.dense``).
+
 Capture sites are found structurally so that any decoder family works: the decoder's layer stack is
 the ``nn.ModuleList`` holding ``num_hidden_layers`` blocks of one class, and each block's attention
 sub-module is the child whose name says attention (self_attn, attn, attention, self_attention).
@@ -7,6 +15,7 @@ sub-module is the child whose name says attention (self_attn, attn, attention, s
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 
@@ -132,16 +141,16 @@ def _resolve_source(name_or_path: str, cache_dir: str | None, field_name: str) -
         raise IA2Error(f"{field_name}: {name_or_path} is a file; give the directory holding "
                        f"config.json and the weights")
     if _looks_local(name_or_path):
-        raise IA2Error(f"{field_name}: directory {name_or_path} does not exist; fix the path, or use "
-                       f"a hub id (org/name), 'embedded' or 'tiny:<arch>'")
+        raise IA2Error(f"{field_name}: directory {name_or_path} does not exist; fix the path, or "
+                       f"use a hub id (org/name), 'embedded' or 'tiny:<arch>'")
     return name_or_path
 
 
 def _hub_error(field_name: str, source: str, exc: Exception) -> IA2Error:
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return IA2Error(f"{field_name}: could not load {source!r} ({type(exc).__name__}: {first}); check "
-                    f"the id, network access or the HF cache (HF_HUB_OFFLINE), or use a local "
-                    f"directory")
+    return IA2Error(f"{field_name}: could not load {source!r} ({type(exc).__name__}: {first}); "
+                    f"check the id, network access or the HF cache (HF_HUB_OFFLINE), or use a "
+                    f"local directory")
 
 
 def _finish_tokenizer(tokenizer, padding_side: str):
@@ -191,7 +200,8 @@ def load_model(model_cfg, device: torch.device | str | None = None) -> nn.Module
     if arch is not None:
         from ia2dist.tiny import build_tiny_model
 
-        model = build_tiny_model(arch, load_tokenizer(model_cfg), seed=0)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
+            model = build_tiny_model(arch, load_tokenizer(model_cfg), seed=0)
     else:
         source = _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path")
         from transformers import AutoModelForCausalLM
@@ -206,8 +216,13 @@ def load_model(model_cfg, device: torch.device | str | None = None) -> nn.Module
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text with the tokenizer's own special tokens (BOS for Llama, none for Qwen)."""
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+    """Token ids of each text with the tokenizer's own special tokens (Llama: BOS; Qwen: none)."""
+    if not texts:
+        return []
+    # verbose=False: lengths are checked against the model's context by the callers, with an
+    # actionable error, instead of the tokenizer's generic warning.
+    encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)
+    return [list(ids) for ids in encoded["input_ids"]]
 
 
 def context_length(model: nn.Module) -> int:
@@ -319,7 +334,7 @@ def _prompt_learning_config(model: nn.Module):
 
 
 def is_prefix_tuned(model: nn.Module) -> bool:
-    """True when ``model`` is a PEFT prefix-tuning model (its virtual tokens live in the KV cache)."""
+    """True when ``model`` is a PEFT prefix-tuning model (virtual tokens only in the KV cache)."""
     config = _prompt_learning_config(model)
     return config is not None and config.peft_type.value == "PREFIX_TUNING"
 
@@ -345,14 +360,15 @@ def save_trained(model: nn.Module, out_dir: str | os.PathLike) -> None:
 
 
 def load_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.Module:
-    """Inverse of ``save_trained``: the adapter in ``trained_dir`` on ``base_model``, or the fully
-    fine-tuned model stored there (on ``base_model``'s device and dtype), in eval mode."""
+    """Inverse of ``save_trained``: the adapter in ``trained_dir`` on a copy of ``base_model``, or
+    the fully fine-tuned model stored there (on ``base_model``'s device and dtype), in eval mode.
+    ``base_model`` itself is never modified (PEFT would inject the adapter into it in place)."""
     trained_dir = str(trained_dir)
     param = next(base_model.parameters())
     if os.path.exists(os.path.join(trained_dir, "adapter_config.json")):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base_model, trained_dir)
+        model = PeftModel.from_pretrained(copy.deepcopy(base_model), trained_dir)
     else:
         from transformers import AutoModelForCausalLM
 

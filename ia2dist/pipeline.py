@@ -155,8 +155,9 @@ class Experiment:
     def new_student(self, unit: Unit):
         from ia2dist.modeling import apply_adapter
 
-        torch.manual_seed(self.cfg.seed * 1000 + unit.seed)
-        return apply_adapter(copy.deepcopy(self.base), self.cfg.train.adapter)
+        seed = self.cfg.seed * 1000 + unit.seed
+        torch.manual_seed(seed)
+        return apply_adapter(copy.deepcopy(self.base), self.cfg.train.adapter, seed=seed)
 
     def train_method(self, unit: Unit, method: str, records: list[TeacherRecord], tracker=None):
         """Train ``method`` on the unit; writes the adapter/model + history atomically."""
@@ -301,7 +302,7 @@ def run_eval(cfg: RunConfig, overwrite: bool = False) -> Path:
         results = []
         for unit in exp.units:
             sim = exp.similarity_records(unit) if cfg.eval.similarity else None
-            results += _eval_baselines(exp, unit)
+            results += _eval_baselines(exp, unit, sim)
             for method in cfg.train.methods:
                 method_dir = unit.dir / method
                 if not method_dir.is_dir():
@@ -314,8 +315,7 @@ def run_eval(cfg: RunConfig, overwrite: bool = False) -> Path:
     return exp.run_dir
 
 
-def _eval_baselines(exp: Experiment, unit: Unit) -> list[dict]:
-    sim = exp.similarity_records(unit) if exp.cfg.eval.similarity else None
+def _eval_baselines(exp: Experiment, unit: Unit, sim: list[TeacherRecord] | None) -> list[dict]:
     out = []
     if "base" in exp.cfg.baselines:
         out.append(exp.evaluate(exp.base, unit, "base", False, sim))
@@ -336,7 +336,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
         for unit in exp.units:
             records = exp.teacher_records(unit)
             sim = exp.similarity_records(unit) if cfg.eval.similarity else None
-            results += _eval_baselines(exp, unit)
+            results += _eval_baselines(exp, unit, sim)
             for method in cfg.train.methods:
                 model = exp.train_method(unit, method, records, tracker)
                 results.append(exp.evaluate(model, unit, method, False, sim))

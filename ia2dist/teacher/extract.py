@@ -1,0 +1,331 @@
+"""Teacher extraction: greedy responses of the ICL-prompted teacher and its attention outputs.
+
+``extract`` decodes a batch of prompts greedily with the model's KV cache and captures every layer's
+attention-block output AS IT DECODES: the prefill's last position predicts y_1, each decode step's
+single position predicts the next token, so the T captured positions are exactly the ones IA2 needs
+(the last prompt token and y_1..y_{T-1}) and no forward is ever repeated. ``naive_extract`` is the
+reference algorithm (one prompt at a time, a full forward of the growing sequence per token) and
+the ground truth the batched version is tested against. ``generate`` is the same decoder without
+capture, used by evaluation.
+
+Decoding rules (shared by all three):
+- Stops at EOS (the tokenizer's and the model's generation config's); the EOS token is kept as the
+  last response token.
+- Stops when the decoded response first contains one of ``stop_strings``; the response ends with
+  the token that completes the stop string (the stop string and whatever else that token decodes
+  to are kept; nothing after it).
+- Otherwise stops after ``max_new_tokens`` tokens.
+
+Batches pad on the LEFT internally whatever the tokenizer's padding side; masks come from lengths
+(never from pad ids, which may equal EOS) and position ids from the mask's cumulative sum, so a
+padded row computes what it would alone (rotary and absolute position embeddings alike). PEFT
+prompt/prefix-tuned models work too: their virtual tokens take the first positions.
+
+Shape legend: B batch, S prompt length (padded), L layers, T response positions, D hidden,
+V vocabulary, k top-k.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ia2dist.errors import IA2Error
+from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
+                              num_prefix_positions)
+from ia2dist.records import TeacherRecord
+from ia2dist.teacher.capture import ActivationCapture
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class _Decoded:
+    """One prompt's greedy response and, when captured, what the model computed at its positions."""
+
+    response_ids: list[int]
+    acts_LTD: torch.Tensor | None = None
+    topk_ids_Tk: torch.Tensor | None = None
+    topk_logprobs_Tk: torch.Tensor | None = None
+
+
+class _StopRule:
+    """When a response is complete (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer, stop_strings: Sequence[str]):
+        ids = [tokenizer.eos_token_id]
+        gen_cfg = getattr(model, "generation_config", None)
+        gen_eos = getattr(gen_cfg, "eos_token_id", None)
+        ids.extend(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        self.eos_ids = {int(i) for i in ids if i is not None}
+        self.stop_strings = [s for s in stop_strings if s]
+        self.tokenizer = tokenizer
+
+    def is_done(self, response_ids: list[int]) -> bool:
+        if response_ids[-1] in self.eos_ids:
+            return True
+        if not self.stop_strings:
+            return False
+        text = self.tokenizer.decode(response_ids)
+        return any(stop in text for stop in self.stop_strings)
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    ids: list[list[int] | None] = [None if isinstance(p, str) else [int(t) for t in p]
+                                   for p in prompts]
+    for i, encoded in zip(texts, encode(tokenizer, [prompts[i] for i in texts])):
+        ids[i] = encoded
+    return ids  # type: ignore[return-value]
+
+
+def _check_fits(model: nn.Module, prompt_ids: list[list[int]], names: Sequence[str],
+                max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise IA2Error(f"extract.max_new_tokens: must be >= 1, got {max_new_tokens}")
+    limit = context_length(model) - num_prefix_positions(model)
+    for ids, name in zip(prompt_ids, names):
+        if len(ids) == 0:
+            raise IA2Error(f"{name}: the prompt encodes to no tokens; give a non-empty prompt")
+        if len(ids) + max_new_tokens > limit:
+            raise IA2Error(f"{name}: prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} "
+                           f"exceeds the model's context of {limit} positions; use fewer demos, "
+                           f"shorter inputs or a smaller max_new_tokens")
+
+
+def _length_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length (less padding)."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
+
+
+class _Runner:
+    """Forwards for KV-cached decoding of one batch: the prefill, then one token per step.
+
+    Plain models (and LoRA/IA3 PEFT models) run as they are. For PEFT prompt tuning the virtual
+    embeddings are prepended to the prefill's input embeddings; for prefix tuning the prefix is the
+    initial KV cache. Either way the decode steps run the base model on the grown cache.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.num_prefix = num_prefix_positions(model)
+        self.peft_model = model if self.num_prefix else None
+        self.model = model.get_base_model() if self.num_prefix else model
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
+        B, S = ids_BS.shape
+        P = self.num_prefix
+        mask_BP = torch.cat([mask_BS.new_ones(B, P), mask_BS], dim=1)
+        pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
+        kwargs = dict(attention_mask=mask_BP, use_cache=True)
+        if self.peft_model is None:
+            kwargs.update(input_ids=ids_BS, position_ids=pos_BP)
+        elif is_prefix_tuned(self.peft_model):
+            prefix = self.peft_model.get_prompt(B, max_cache_len=P + S + max_new_tokens)
+            kwargs.update(input_ids=ids_BS, position_ids=pos_BP[:, P:])
+            kwargs[self.cache_kwarg] = prefix
+        else:
+            embed = self.model.get_input_embeddings()(ids_BS)
+            virtual = self.peft_model.get_prompt(batch_size=B).to(embed.dtype)
+            kwargs.update(inputs_embeds=torch.cat([virtual, embed], dim=1), position_ids=pos_BP)
+        return self.model(**kwargs), mask_BP, pos_BP[:, -1] + 1
+
+    def step(self, out, next_B: torch.Tensor, mask_BP: torch.Tensor, pos_B: torch.Tensor):
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = out.past_key_values
+        mask_BP = torch.cat([mask_BP, mask_BP.new_ones(mask_BP.shape[0], 1)], dim=1)
+        kwargs = {self.cache_kwarg: cache}
+        out = self.model(input_ids=next_B[:, None], attention_mask=mask_BP,
+                         position_ids=pos_B[:, None], use_cache=True, **kwargs)
+        return out, mask_BP, pos_B + 1
+
+
+def _topk(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+    values_Bk, ids_Bk = logprobs_BV.topk(k, dim=-1)
+    return ids_Bk, values_Bk
+
+
+def _decode_batch(model: nn.Module, prompt_ids: list[list[int]], pad_id: int, stop: _StopRule, *,
+                  max_new_tokens: int, capture: ActivationCapture | None, act_dtype: torch.dtype,
+                  topk: int) -> list[_Decoded]:
+    """Greedy KV-cached decoding of one left-padded batch, capturing as it goes when asked."""
+    device = next(model.parameters()).device
+    B, S = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+    ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
+    mask_BS = torch.zeros((B, S), dtype=torch.long)
+    for b, ids in enumerate(prompt_ids):
+        ids_BS[b, S - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask_BS[b, S - len(ids):] = 1
+    runner = _Runner(model)
+    responses: list[list[int]] = [[] for _ in range(B)]
+    live = [True] * B
+    acts_T_LBD, topk_ids_T_Bk, topk_lp_T_Bk = [], [], []
+    rows_B, last_B = torch.arange(B, device=device), torch.full((B,), -1, device=device)
+    out = pos_B = mask = None
+    for step in range(max_new_tokens):
+        if capture is not None:
+            capture.select(rows_B, last_B)
+        if step == 0:
+            out, mask, pos_B = runner.prefill(ids_BS.to(device), mask_BS.to(device), max_new_tokens)
+        else:
+            out, mask, pos_B = runner.step(out, next_B, mask, pos_B)
+        logits_BV = out.logits[:, -1]
+        next_B = logits_BV.argmax(dim=-1)
+        if capture is not None:
+            acts_T_LBD.append(capture.stacked().to(act_dtype))
+        if topk:
+            ids_Bk, lp_Bk = _topk(logits_BV, topk)
+            topk_ids_T_Bk.append(ids_Bk)
+            topk_lp_T_Bk.append(lp_Bk)
+        for b, token in enumerate(next_B.tolist()):
+            if live[b]:
+                responses[b].append(token)
+                live[b] = not stop.is_done(responses[b])
+        if not any(live):
+            break
+    return _split_rows(responses, acts_T_LBD, topk_ids_T_Bk, topk_lp_T_Bk)
+
+
+def _split_rows(responses: list[list[int]], acts_T_LBD: list[torch.Tensor],
+                topk_ids_T_Bk: list[torch.Tensor], topk_lp_T_Bk: list[torch.Tensor]
+                ) -> list[_Decoded]:
+    """Per-row results without padding or the steps a finished row kept decoding (on the CPU)."""
+    acts_TLBD = torch.stack(acts_T_LBD).cpu() if acts_T_LBD else None
+    ids_TBk = torch.stack(topk_ids_T_Bk).cpu() if topk_ids_T_Bk else None
+    lp_TBk = torch.stack(topk_lp_T_Bk).cpu() if topk_lp_T_Bk else None
+    decoded = []
+    for b, response in enumerate(responses):
+        T = len(response)
+        item = _Decoded(response)
+        if acts_TLBD is not None:
+            item.acts_LTD = acts_TLBD[:T, :, b].transpose(0, 1).clone(
+                memory_format=torch.contiguous_format)
+        if ids_TBk is not None:
+            item.topk_ids_Tk = ids_TBk[:T, b].clone()
+            item.topk_logprobs_Tk = lp_TBk[:T, b].clone()
+        decoded.append(item)
+    return decoded
+
+
+def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: Sequence[str], *,
+                max_new_tokens: int, stop_strings: Sequence[str], batch_size: int,
+                capture: bool, act_dtype: torch.dtype, topk: int, progress: bool,
+                desc: str) -> list[_Decoded]:
+    """Decode every prompt in length-sorted batches; results in input order."""
+    from tqdm.auto import tqdm
+
+    prompt_ids = _encode_prompts(tokenizer, prompts)
+    _check_fits(model, prompt_ids, names, max_new_tokens)
+    stop = _StopRule(model, tokenizer, stop_strings)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[_Decoded | None] = [None] * len(prompt_ids)
+    hooks = ActivationCapture(attention_sites(model)) if capture else nullcontext()
+    was_training = model.training
+    model.eval()  # greedy responses are deterministic: no dropout
+    try:
+        with torch.no_grad(), hooks as cap, tqdm(total=len(prompt_ids), disable=not progress,
+                                                 desc=desc) as bar:
+            for batch in _length_batches(prompt_ids, batch_size):
+                decoded = _decode_batch(model, [prompt_ids[i] for i in batch], pad_id, stop,
+                                        max_new_tokens=max_new_tokens, capture=cap,
+                                        act_dtype=act_dtype, topk=topk)
+                for i, item in zip(batch, decoded):
+                    results[i] = item
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _records(uids: Sequence[str], decoded: Sequence[_Decoded]) -> list[TeacherRecord]:
+    return [TeacherRecord(uid=uid, response_ids=torch.tensor(d.response_ids, dtype=torch.long),
+                          acts_LTD=d.acts_LTD, topk_ids_Tk=d.topk_ids_Tk,
+                          topk_logprobs_Tk=d.topk_logprobs_Tk)
+            for uid, d in zip(uids, decoded)]
+
+
+def _check_uids(prompts: Sequence[Prompt], uids: Sequence[str]) -> None:
+    if len(prompts) != len(uids):
+        raise IA2Error(f"extract: {len(prompts)} prompts but {len(uids)} uids; pass one uid per "
+                       f"prompt")
+
+
+def extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: Sequence[str], *,
+            max_new_tokens: int, stop_strings: Sequence[str] = (), batch_size: int = 8,
+            act_dtype: torch.dtype = torch.bfloat16, topk: int = 0,
+            progress: bool = False) -> list[TeacherRecord]:
+    """Greedy teacher responses with their attention outputs, one record per prompt (input order).
+
+    prompts: texts (encoded with the tokenizer's own special tokens) or token-id lists.
+    Each record holds response_ids [T_i] (EOS included when generated), acts_LTD [L, T_i, D] in
+    ``act_dtype`` on the CPU and, with ``topk`` > 0, the top-k next-token log-probs [T_i, k]
+    (float32) at the same positions. Raises IA2Error naming the uid when a prompt plus
+    ``max_new_tokens`` does not fit the model's context.
+    """
+    _check_uids(prompts, uids)
+    decoded = _decode_all(model, tokenizer, prompts, [f"example {u}" for u in uids],
+                          max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                          batch_size=batch_size, capture=True, act_dtype=act_dtype, topk=topk,
+                          progress=progress, desc="extract")
+    return _records(uids, decoded)
+
+
+def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int,
+             stop_strings: Sequence[str] = (), batch_size: int = 8,
+             progress: bool = False) -> list[list[int]]:
+    """Greedy response token ids per prompt (input order): ``extract``'s decoder, no capture."""
+    decoded = _decode_all(model, tokenizer, prompts, [f"prompt {i}" for i in range(len(prompts))],
+                          max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                          batch_size=batch_size, capture=False, act_dtype=torch.float32, topk=0,
+                          progress=progress, desc="generate")
+    return [d.response_ids for d in decoded]
+
+
+def naive_extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: Sequence[str], *,
+                  max_new_tokens: int, stop_strings: Sequence[str] = (), batch_size: int = 8,
+                  act_dtype: torch.dtype = torch.bfloat16, topk: int = 0,
+                  progress: bool = False) -> list[TeacherRecord]:
+    """The reference algorithm, for tests and benchmarks: one prompt at a time, and for every new
+    token a full forward of the whole growing sequence (no cache, no padding) with hooks keeping
+    the whole sequence, of which the last position is taken and moved to the CPU. ``batch_size``
+    is accepted for signature compatibility and ignored."""
+    from tqdm.auto import tqdm
+
+    _check_uids(prompts, uids)
+    prompt_ids = _encode_prompts(tokenizer, prompts)
+    _check_fits(model, prompt_ids, [f"example {u}" for u in uids], max_new_tokens)
+    stop = _StopRule(model, tokenizer, stop_strings)
+    device = next(model.parameters()).device
+    decoded = []
+    with torch.no_grad(), ActivationCapture(attention_sites(model)) as cap:
+        for ids in tqdm(prompt_ids, disable=not progress, desc="naive extract"):
+            sequence, response, acts, top_ids, top_lps = list(ids), [], [], [], []
+            while True:
+                cap.select(None)
+                ids_1S = torch.tensor([sequence], device=device)
+                out = model(input_ids=ids_1S, attention_mask=torch.ones_like(ids_1S),
+                            use_cache=False)
+                acts.append(cap.stacked()[:, 0, -1].to(act_dtype).cpu())
+                logits_V = out.logits[0, -1]
+                if topk:
+                    ids_k, lp_k = _topk(logits_V[None], topk)
+                    top_ids.append(ids_k[0].cpu())
+                    top_lps.append(lp_k[0].cpu())
+                token = int(logits_V.argmax())
+                response.append(token)
+                sequence.append(token)
+                if stop.is_done(response) or len(response) == max_new_tokens:
+                    break
+            decoded.append(_Decoded(response, torch.stack(acts, dim=1),
+                                    torch.stack(top_ids) if topk else None,
+                                    torch.stack(top_lps) if topk else None))
+    return _records(uids, decoded)
