@@ -39,6 +39,7 @@ def _args(tmp_path, data, *extra):
 
 
 def _fails(capsys, argv, *needles):
+    capsys.readouterr()
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
