@@ -9,8 +9,18 @@ depend on the micro-batch size. Every ``eval_every`` steps the phase's own objec
 the dev items; ``patience`` evaluations without improvement stop the phase, and the trainable state
 of the best evaluation is copied back into the model at the phase end.
 
-The loop knows nothing about distribution: an ``Engine`` owns forward/backward/step and the
-trainable state. ``TorchEngine`` is the single-process one.
+Data parallelism: with ``world_size`` W > 1 every rank runs this same loop on the same items, seed
+and order. Rank r takes its contiguous share of each optimizer step's batch (and of the dev items)
+and splits it into micro-batches; the counts are summed over ALL ranks before any forward, so every
+rank divides its local loss sums by the global count and the engine's cross-rank gradient SUM is the
+gradient of the whole batch. Ranks with fewer examples in a step (a short last batch) run extra
+zero-weighted forwards so that all ranks run the same number of forwards and backwards (ZeRO-3
+gathers parameters collectively in each of them). Logged and dev losses are global values,
+identical on every rank, so early stopping decides the same everywhere.
+
+The loop knows nothing about distribution: an ``Engine`` owns forward/backward/step, the trainable
+state and one collective (``all_reduce_sum``). ``TorchEngine`` is the single-process one;
+``ia2dist.student.deepspeed_engine.DeepSpeedEngine`` the DeepSpeed ZeRO one.
 """
 
 from __future__ import annotations
@@ -47,9 +57,17 @@ OBJECTIVE_TERMS: dict[str, tuple[str, ...]] = {
 
 
 class Engine(Protocol):
-    """What the loop needs from a (possibly distributed) training engine."""
+    """What the loop needs from a (possibly distributed) training engine.
+
+    backward() takes a loss already divided by the GLOBAL count of the step and must make the
+    parameters' gradient the SUM over micro-batches and ranks (no rescaling by accumulation steps or
+    by the number of ranks). step() ends an optimizer step (the accumulation boundary).
+    """
 
     model: nn.Module
+    rank: int
+    world_size: int
+    device: torch.device
 
     def forward(self, **inputs) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -57,6 +75,7 @@ class Engine(Protocol):
     def zero_grad(self) -> None: ...
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
 class TorchEngine:
@@ -65,6 +84,9 @@ class TorchEngine:
     optimizer: "adam" (weight_decay is an L2 term, as in torch.optim.Adam) or "adamw" (decoupled).
     grad_clip: max global gradient norm, or None.
     """
+
+    rank = 0
+    world_size = 1
 
     def __init__(self, model: nn.Module, optimizer: str = "adam", lr: float = 1e-3,
                  weight_decay: float = 0.0, grad_clip: float | None = None):
@@ -79,6 +101,7 @@ class TorchEngine:
         self.optimizer = optimizers[optimizer](list(self.params.values()), lr=lr,
                                                weight_decay=weight_decay)
         self.grad_clip = grad_clip
+        self.device = next(iter(self.params.values())).device
 
     @classmethod
     def from_config(cls, model: nn.Module, train_cfg: TrainConfig) -> "TorchEngine":
@@ -112,6 +135,9 @@ class TorchEngine:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state[name])
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
 
 
 @dataclass
@@ -169,6 +195,7 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     try:
         for index, objective in enumerate(phases):
             engine = engine_factory(model, train_cfg)
+            ctx.device = engine.device
             summary = _run_phase(engine, train_items, dev_items, objective, index, ctx, generator,
                                  result.history, log, progress)
             result.phases.append(summary)
@@ -219,42 +246,79 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
 
 
 def _train_step(engine: Engine, chunk: list[StudentItem], objective: str, ctx: _Context) -> dict:
-    """One optimizer step with gradient accumulation; returns the step's loss and its terms."""
+    """One optimizer step over the global batch ``chunk`` (this rank takes its share), with
+    gradient accumulation; returns the step's global loss and its terms."""
     terms = OBJECTIVE_TERMS[objective]
-    counts = _global_counts(chunk, terms)
+    share = _rank_share(chunk, engine.rank, engine.world_size)
+    counts = _all_counts(engine, share, terms)
     engine.model.train()
     engine.zero_grad()
-    loss_value, term_sums = 0.0, dict.fromkeys(terms, 0.0)
-    for start in range(0, len(chunk), ctx.cfg.micro_batch_size):
-        micro = chunk[start:start + ctx.cfg.micro_batch_size]
+    sums_T = torch.zeros(1 + len(terms), dtype=torch.float64)  # loss, then each term's sum
+    for micro, weight in _micro_batches(share, chunk, engine.world_size, ctx.cfg.micro_batch_size):
         pairs = _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx)
-        loss = _objective_loss(pairs, objective, counts, ctx.cfg)
+        loss = _objective_loss(pairs, objective, counts, ctx.cfg) * weight
         engine.backward(loss)
-        loss_value += float(loss.detach())
-        for term in terms:
-            term_sums[term] += float(pairs[term][0].detach())
+        sums_T[0] += float(loss.detach())
+        for i, term in enumerate(terms, start=1):
+            sums_T[i] += weight * float(pairs[term][0].detach())
     engine.step()
     engine.zero_grad()
-    entry = {"loss": loss_value}
+    sums_T = engine.all_reduce_sum(sums_T)
+    entry = {"loss": float(sums_T[0])}
     if len(terms) > 1:
-        entry.update({f"loss/{t}": term_sums[t] / max(counts[t], 1) for t in terms})
+        entry.update({f"loss/{t}": float(sums_T[i]) / max(counts[t], 1)
+                      for i, t in enumerate(terms, start=1)})
     return entry
 
 
 @torch.no_grad()
 def _evaluate_objective(engine: Engine, items: Sequence[StudentItem], objective: str,
                        ctx: _Context) -> float:
-    """The objective over all ``items`` (sums over micro-batches divided by the total counts)."""
+    """The objective over all ``items`` (sums over micro-batches and ranks divided by the total
+    counts); every rank returns the same value."""
     terms = OBJECTIVE_TERMS[objective]
     engine.model.eval()
-    sums = {t: torch.zeros((), device=ctx.device) for t in terms}
-    for start in range(0, len(items), ctx.cfg.micro_batch_size):
-        micro = list(items[start:start + ctx.cfg.micro_batch_size])
-        for term, (total, _) in _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx).items():
-            sums[term] += total.float()
-    counts = _global_counts(items, terms)
-    pairs = {t: (sums[t], counts[t]) for t in terms}
+    share = _rank_share(list(items), engine.rank, engine.world_size)
+    sums_T = torch.zeros(len(terms), device=ctx.device)
+    for micro, weight in _micro_batches(share, list(items), engine.world_size,
+                                        ctx.cfg.micro_batch_size):
+        pairs = _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx)
+        for i, term in enumerate(terms):
+            sums_T[i] += weight * pairs[term][0].float()
+    sums_T = engine.all_reduce_sum(sums_T)
+    counts = _all_counts(engine, share, terms)
+    pairs = {t: (sums_T[i], counts[t]) for i, t in enumerate(terms)}
     return float(_objective_loss(pairs, objective, counts, ctx.cfg))
+
+
+def _rank_share(items: list[StudentItem], rank: int, world_size: int) -> list[StudentItem]:
+    """Rank ``rank``'s contiguous share of ``items``; shares differ in size by at most one."""
+    size, extra = divmod(len(items), world_size)
+    start = rank * size + min(rank, extra)
+    return items[start:start + size + (rank < extra)]
+
+
+def _micro_batches(share: list[StudentItem], items: list[StudentItem], world_size: int,
+                   micro_batch_size: int):
+    """(micro-batch, weight) pairs of one rank: its share in micro-batches of ``micro_batch_size``
+    (weight 1), then zero-weighted fillers so that every rank yields as many as the largest share
+    needs."""
+    largest = math.ceil(len(items) / world_size)
+    num_micro = math.ceil(largest / micro_batch_size)
+    for index in range(num_micro):
+        micro = share[index * micro_batch_size:(index + 1) * micro_batch_size]
+        yield (micro, 1.0) if micro else (items[:1], 0.0)
+
+
+def _all_counts(engine: Engine, share: Sequence[StudentItem],
+                terms: Sequence[str]) -> dict[str, int]:
+    """Each term's count summed over the shares of all ranks."""
+    local = _global_counts(share, terms)
+    if engine.world_size == 1:
+        return local
+    totals = engine.all_reduce_sum(torch.tensor([float(local[t]) for t in terms],
+                                                dtype=torch.float64))
+    return {t: int(round(float(totals[i]))) for i, t in enumerate(terms)}
 
 
 def _collate(items: Sequence[StudentItem], terms: Sequence[str], ctx: _Context) -> StudentBatch:
@@ -299,6 +363,7 @@ def _objective_loss(pairs: dict[str, Pair], objective: str, counts: dict[str, in
 
 
 def _global_counts(items: Sequence[StudentItem], terms: Sequence[str]) -> dict[str, int]:
+    """Each term's count over ``items`` (known before any forward)."""
     counts = dict.fromkeys(terms, 0)
     for item in items:
         for term, n in item_counts(item, terms).items():
