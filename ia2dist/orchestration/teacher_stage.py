@@ -1,0 +1,631 @@
+"""The Ray teacher stage: frozen teacher replicas extracting shards, streamed under a byte budget.
+
+A pool of ``TeacherActor``s (one teacher replica each, one placement-group bundle each) runs
+``ia2dist.teacher.extract.extract`` on shards of examples and returns each shard as a
+``PackedShard`` through the object store. The driver-side ``TeacherStage`` schedules shards and
+yields ``(shard_index, ObjectRef)`` as they finish, so a consumer starts on the first shards while
+later ones are still being extracted.
+
+Backpressure. Every shard holds bytes in the object store from the moment it is scheduled until the
+consumer calls ``release(shard_index)``: while it runs, its upper bound (every example producing
+max_new_tokens positions) is reserved; once finished, its actual size. A shard is only scheduled
+when reserved + its bound <= ``byte_budget``, so the object store never holds more un-consumed
+teacher output than the budget, and ``stats.peak_inflight_bytes`` records the high-water mark.
+
+Failures. Each actor task returns two objects: a small completion record (read by the driver) and
+the payload (never touched by the driver). When an actor process dies, Ray restarts it (up to
+``max_restarts``); its tasks that had not finished fail with an actor error and their shards are
+queued again. Finished shards are objects owned by the driver in the node's object store and
+survive the actor, so they are never recomputed. A restarting actor gets no work until a ping
+comes back from the new process; an actor that is permanently dead leaves the pool, and the stage
+fails (one-line IA2Error) when no actor is left or a shard failed ``max_shard_attempts`` times.
+
+With ``cache_dir``, actors persist every finished shard with ``ia2dist.activations.save_records``
+under ``cache_dir/shard_{i:05d}`` (a filesystem the actors and the driver share), and a later run
+with the same settings serves those shards from disk instead of extracting them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ia2dist.errors import IA2Error
+from ia2dist.orchestration.cluster import STRATEGIES, check_resources
+from ia2dist.orchestration.packing import PackedShard, pack_records, unpack_records
+from ia2dist.records import TeacherRecord
+
+log = logging.getLogger(__name__)
+
+_ACT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(kw_only=True)
+class TeacherStageOptions:
+    num_actors: int = 1
+    """Teacher replicas (Ray actors), each holding one frozen copy of the model."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (also its torch thread count, at least 1)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor; fractions below 1 share a GPU between replicas (e.g. 0.5: two per GPU)."""
+    placement_strategy: str = "PACK"
+    """Placement-group strategy of the actors' bundles: PACK, SPREAD, STRICT_PACK or
+    STRICT_SPREAD (one node per actor)."""
+    shard_size: int = 32
+    """Examples per shard (the unit of scheduling, transport, retry and caching)."""
+    max_shards_per_actor: int = 2
+    """Shards queued on one actor at a time (2: the next shard is ready when one finishes)."""
+    byte_budget: int | None = None
+    """Most bytes of un-released teacher output in the object store (None: half the cluster's
+    object store). Must hold at least one shard's upper bound."""
+    max_restarts: int = 3
+    """Restarts of a dead actor process before it leaves the pool."""
+    max_shard_attempts: int = 3
+    """Attempts per shard (an attempt is lost when its actor dies) before the stage fails."""
+    ready_timeout_s: float = 600.0
+    """Seconds to wait for the placement group and the actors' model loading."""
+    release_wait_s: float = 0.0
+    """When every byte of the budget is held by yielded, un-released shards and nothing runs, wait
+    this long for ``release`` from another thread before failing (0: fail at once)."""
+
+
+@dataclass
+class StageStats:
+    """What a ``TeacherStage.run`` did; lists are indexed by shard."""
+
+    num_shards: int = 0
+    attempts: list[int] = field(default_factory=list)
+    """Extraction tasks submitted per shard (1 unless an actor died while running it)."""
+    completions: list[int] = field(default_factory=list)
+    """Times each shard finished (always 1 after a complete run)."""
+    from_cache: list[bool] = field(default_factory=list)
+    finished_at: list[float | None] = field(default_factory=list)
+    """time.time() when the driver saw the shard finish."""
+    released_at: list[float | None] = field(default_factory=list)
+    act_bytes: list[int] = field(default_factory=list)
+    """Activation payload per shard (sum over its records of L x T_i x D x bytes)."""
+    reruns: int = 0
+    actor_failures: int = 0
+    peak_inflight_bytes: int = 0
+    """Most bytes reserved at once (running upper bounds + finished, un-released shards)."""
+    peak_held_bytes: int = 0
+    """Most bytes of finished, un-released shards at once."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The actor
+# --------------------------------------------------------------------------------------------------
+
+class TeacherActor:
+    """One frozen teacher replica. Load errors are kept and reported by ``info`` (so the driver
+    gets the IA2Error's message instead of a dead-actor traceback)."""
+
+    def __init__(self, model_cfg, extract_kwargs: dict, device: str, num_threads: int):
+
+        from ia2dist.modeling import load_model, load_tokenizer
+
+        torch.set_num_threads(num_threads)
+        self.extract_kwargs = dict(extract_kwargs)
+        self.extract_kwargs["act_dtype"] = getattr(torch, extract_kwargs["act_dtype"])
+        self.load_error: str | None = None
+        try:
+            self.tokenizer = load_tokenizer(model_cfg)
+            self.model = load_model(model_cfg, device=device)
+        except IA2Error as exc:
+            self.load_error = str(exc)
+            return
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    def info(self) -> dict:
+        from ia2dist.modeling import attention_sites
+
+        if self.load_error is not None:
+            raise IA2Error(self.load_error)
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(next(self.model.parameters()).device),
+                "num_layers": len(attention_sites(self.model)),
+                "hidden": int(self.model.config.hidden_size)}
+
+    def run_shard(self, shard_index: int, prompts: list, uids: list[str], attempt: int,
+                  cache_dir: str | None = None, cache_meta: dict | None = None
+                  ) -> tuple[dict, PackedShard]:
+        """Extract one shard; with ``cache_dir`` also persist it. Returns (completion record,
+        payload) as two objects so the driver reads the small one only."""
+        from ia2dist.teacher.extract import extract
+
+        if self.load_error is not None:
+            raise IA2Error(self.load_error)
+        started = time.time()
+        records = extract(self.model, self.tokenizer, prompts, uids, **self.extract_kwargs)
+        if cache_dir is not None:
+            from ia2dist.activations import save_records
+
+            save_records(shard_dir(cache_dir, shard_index), records, cache_meta or {})
+        packed = pack_records(records, meta={"shard_index": shard_index, "attempt": attempt,
+                                             "pid": os.getpid()})
+        done = {"shard_index": shard_index, "attempt": attempt, "pid": os.getpid(),
+                "act_nbytes": packed.act_nbytes, "nbytes": packed.nbytes,
+                "num_positions": int(packed.offsets[-1]), "started": started,
+                "finished": time.time()}
+        return done, packed
+
+
+_RemoteTeacherActor = ray.remote(TeacherActor)
+
+
+def _owned(rec: TeacherRecord) -> TeacherRecord:
+    """A copy of ``rec`` that owns its memory (contiguous, writable)."""
+    clone = (lambda t: None if t is None else t.clone(memory_format=torch.contiguous_format))
+    return TeacherRecord(uid=rec.uid, response_ids=clone(rec.response_ids),
+                         acts_LTD=clone(rec.acts_LTD), topk_ids_Tk=clone(rec.topk_ids_Tk),
+                         topk_logprobs_Tk=clone(rec.topk_logprobs_Tk))
+
+
+def shard_dir(cache_dir: str | Path, shard_index: int) -> Path:
+    return Path(cache_dir) / f"shard_{shard_index:05d}"
+
+
+def fetch_records(ref: ray.ObjectRef) -> list[TeacherRecord]:
+    """The records of a yielded shard (tensors are read-only views of the object store)."""
+    return unpack_records(ray.get(ref))
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Task:
+    shard: int
+    actor: int
+    payload: ray.ObjectRef
+    reserved: int
+
+
+@dataclass
+class _Actor:
+    handle: object
+    pid: int | None = None
+    running: int = 0
+    healthy: bool = True
+    ping: ray.ObjectRef | None = None
+    failures: int = 0
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _reraise_task_error(exc: ray.exceptions.RayTaskError, where: str):
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, IA2Error):
+        raise IA2Error(str(cause)) from None
+    raise IA2Error(f"{where}: {type(cause or exc).__name__}: {_first_line(cause or exc)}; see the "
+                   f"actor's log in the Ray temp dir") from None
+
+
+class TeacherStage:
+    """Driver of the teacher actor pool. Use as a context manager (``close`` kills the actors)::
+
+        with TeacherStage(model_cfg, extract_cfg, max_new_tokens=T, options=opts) as stage:
+            for shard, ref in stage.run(prompts, uids):
+                records = fetch_records(ref)   # or hand ``ref`` to a consumer actor
+                ...
+                stage.release(shard)
+
+    ``extract_cfg`` is an ``ExtractConfig`` (stop strings, batch size, storage dtype, top-k);
+    ``max_new_tokens`` is the resolved T. One stage (one pool of loaded teachers) serves any
+    number of runs.
+    """
+
+    def __init__(self, model_cfg, extract_cfg, *, max_new_tokens: int,
+                 options: TeacherStageOptions | None = None):
+        self.model_cfg = model_cfg
+        self.options = options or TeacherStageOptions()
+        self.extract_kwargs = {"max_new_tokens": int(max_new_tokens),
+                               "stop_strings": tuple(extract_cfg.stop_strings),
+                               "batch_size": int(extract_cfg.batch_size),
+                               "act_dtype": str(extract_cfg.act_dtype),
+                               "topk": int(extract_cfg.topk)}
+        self.stats = StageStats()
+        self._actors: list[_Actor] = []
+        self._pg = None
+        self._info: dict | None = None
+        self._lock = threading.Condition()
+        self._held: dict[int, int] = {}
+        self._payloads: dict[int, ray.ObjectRef] = {}
+        self._reserved = 0
+        self._active_run: Iterator | None = None
+        self._check_options()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _check_options(self) -> None:
+        o = self.options
+        problems = []
+        if o.num_actors < 1:
+            problems.append(f"num_actors must be >= 1, got {o.num_actors}")
+        if o.cpus_per_actor <= 0 and o.gpus_per_actor <= 0:
+            problems.append("an actor needs cpus_per_actor > 0 or gpus_per_actor > 0")
+        if o.shard_size < 1:
+            problems.append(f"shard_size must be >= 1, got {o.shard_size}")
+        if o.max_shards_per_actor < 1:
+            problems.append(f"max_shards_per_actor must be >= 1, got {o.max_shards_per_actor}")
+        if o.placement_strategy not in STRATEGIES:
+            problems.append(f"placement_strategy {o.placement_strategy!r} is not one of "
+                            f"{', '.join(STRATEGIES)}")
+        if self.extract_kwargs["act_dtype"] not in _ACT_BYTES:
+            problems.append(f"act_dtype {self.extract_kwargs['act_dtype']!r} is not one of "
+                            f"{', '.join(_ACT_BYTES)}")
+        if problems:
+            raise IA2Error("teacher stage: " + "; ".join(problems))
+
+    def _device(self) -> str:
+        if self.model_cfg.device != "auto":
+            return self.model_cfg.device
+        return "cuda" if self.options.gpus_per_actor > 0 else "cpu"
+
+    def start(self) -> TeacherStage:
+        """Check resources, place the bundles and load one teacher per actor (blocking)."""
+        if self._actors:
+            return self
+        if not ray.is_initialized():
+            raise IA2Error("teacher stage: Ray is not connected; call "
+                           "ia2dist.orchestration.cluster.connect(...) first")
+        o = self.options
+        check_resources(o.num_actors, o.cpus_per_actor, o.gpus_per_actor,
+                        strategy=o.placement_strategy)
+        bundle = {"CPU": o.cpus_per_actor} if o.cpus_per_actor > 0 else {}
+        if o.gpus_per_actor > 0:
+            bundle["GPU"] = o.gpus_per_actor
+        self._pg = placement_group([dict(bundle) for _ in range(o.num_actors)],
+                                   strategy=o.placement_strategy)
+        try:
+            ray.get(self._pg.ready(), timeout=o.ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise IA2Error(f"teacher stage: the cluster did not free {o.num_actors} x {bundle} "
+                           f"({o.placement_strategy}) within {o.ready_timeout_s:g} s; other jobs "
+                           f"hold the resources, or lower num_actors / cpus/gpus per actor"
+                           ) from None
+        threads = max(1, int(o.cpus_per_actor))
+        for i in range(o.num_actors):
+            handle = _RemoteTeacherActor.options(
+                num_cpus=o.cpus_per_actor, num_gpus=o.gpus_per_actor,
+                max_restarts=o.max_restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=i),
+            ).remote(self.model_cfg, self.extract_kwargs, self._device(), threads)
+            self._actors.append(_Actor(handle))
+        try:
+            infos = ray.get([a.handle.info.remote() for a in self._actors],
+                            timeout=o.ready_timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            self.close()
+            _reraise_task_error(exc, "teacher stage: loading the teacher")
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+            self.close()
+            raise IA2Error(f"teacher stage: teacher actors did not start within "
+                           f"{o.ready_timeout_s:g} s ({type(exc).__name__}: {_first_line(exc)}); "
+                           f"see the actor logs in the Ray temp dir") from None
+        for actor, info in zip(self._actors, infos):
+            actor.pid = info["pid"]
+        self._info = infos[0]
+        log.info("teacher stage: %d actor(s) ready (%s)", len(self._actors), infos[0]["device"])
+        return self
+
+    def close(self) -> None:
+        """Kill the actors and free the placement group (shards already yielded stay readable
+        while their refs live)."""
+        for actor in self._actors:
+            try:
+                ray.kill(actor.handle, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self._actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def __enter__(self) -> TeacherStage:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def actor_pids(self) -> list[int | None]:
+        """Current process id of each actor (updated after a restart is confirmed)."""
+        return [a.pid for a in self._actors]
+
+    def wait_for_actors(self, timeout_s: float = 120.0) -> list[int | None]:
+        """Block until every restarting actor answers (or is gone for good); the actors' pids."""
+        deadline = time.time() + timeout_s
+        for index, actor in enumerate(self._actors):
+            while actor.ping is not None:
+                ray.wait([actor.ping], timeout=max(0.0, deadline - time.time()))
+                if time.time() > deadline:
+                    raise IA2Error(f"teacher stage: actor {index} did not come back within "
+                                   f"{timeout_s:g} s; see the actor logs in the Ray temp dir")
+                _handle_ping(self, index)
+        return self.actor_pids()
+
+    @property
+    def actors(self) -> list:
+        return [a.handle for a in self._actors]
+
+    # ------------------------------------------------------------------ sizes and budget
+    def shard_bound(self, num_examples: int) -> int:
+        """Upper bound of a shard's bytes: every example producing max_new_tokens positions."""
+        assert self._info is not None, "start() first"
+        k = self.extract_kwargs["topk"]
+        per_position = (self._info["num_layers"] * self._info["hidden"]
+                        * _ACT_BYTES[self.extract_kwargs["act_dtype"]] + 8 + k * 12)
+        return num_examples * self.extract_kwargs["max_new_tokens"] * per_position \
+            + 8 * (num_examples + 1)
+
+    def _budget(self) -> int:
+        if self.options.byte_budget is not None:
+            return int(self.options.byte_budget)
+        return int(ray.cluster_resources().get("object_store_memory", 0) // 2)
+
+    def _reserve(self, nbytes: int) -> None:
+        self._reserved += nbytes
+        self.stats.peak_inflight_bytes = max(self.stats.peak_inflight_bytes, self._reserved)
+
+    def release(self, shard_index: int) -> None:
+        """The consumer is done with a yielded shard: drop the stage's reference and free its
+        bytes from the budget (thread-safe)."""
+        with self._lock:
+            if shard_index not in self._held:
+                raise ValueError(f"shard {shard_index} is not held (never yielded or released)")
+            self._reserved -= self._held.pop(shard_index)
+            self._payloads.pop(shard_index, None)
+            self.stats.released_at[shard_index] = time.time()
+            self._lock.notify_all()
+
+    # ------------------------------------------------------------------ the run
+    def run(self, prompts: Sequence, uids: Sequence[str], *, cache_dir: str | Path | None = None,
+            cache_meta: dict | None = None) -> Iterator[tuple[int, ray.ObjectRef]]:
+        """Extract every prompt; yield (shard_index, ref to its PackedShard) as shards finish.
+
+        Shard i holds examples [i * shard_size, (i + 1) * shard_size). Every shard is yielded
+        exactly once; call ``release(i)`` when done with it so later shards fit the byte budget.
+        Arguments, resources and the budget are checked here, before anything is scheduled.
+        With ``cache_dir`` each finished shard is saved under ``cache_dir/shard_{i:05d}`` and
+        shards already saved there with the same ``cache_meta`` (what determined the records; the
+        extraction settings, shard index and uids are added) are read back instead of extracted;
+        a saved shard made with other settings raises IA2Error (never silently reused).
+        """
+        if len(prompts) != len(uids):
+            raise IA2Error(f"teacher stage: {len(prompts)} prompts but {len(uids)} uids; pass one "
+                           f"uid per prompt")
+        self.start()
+        size = self.options.shard_size
+        shards = [(list(prompts[i:i + size]), list(uids[i:i + size]))
+                  for i in range(0, len(prompts), size)]
+        budget = self._budget()
+        bounds = [self.shard_bound(len(s[1])) for s in shards]
+        if bounds and max(bounds) > budget:
+            raise IA2Error(f"teacher stage: byte_budget {budget} is smaller than one shard's upper "
+                           f"bound of {max(bounds)} bytes ({size} examples x T="
+                           f"{self.extract_kwargs['max_new_tokens']}); raise byte_budget or lower "
+                           f"shard_size")
+        if self._active_run is not None:
+            self._active_run.close()  # one run at a time: an unfinished one is abandoned
+        n = len(shards)
+        self.stats = StageStats(num_shards=n, attempts=[0] * n, completions=[0] * n,
+                                from_cache=[False] * n, finished_at=[None] * n,
+                                released_at=[None] * n, act_bytes=[0] * n)
+        with self._lock:
+            self._held.clear()
+            self._payloads.clear()
+            self._reserved = 0
+        cache = (str(cache_dir), dict(cache_meta or {})) if cache_dir is not None else None
+        self._active_run = _Run(self, shards, bounds, budget, cache).loop()
+        return self._active_run
+
+    def run_records(self, prompts: Sequence, uids: Sequence[str], **run_kwargs
+                    ) -> list[TeacherRecord]:
+        """Every record, in input order, as tensors owning their memory (the whole output is
+        held at the end: for runs that fit in memory)."""
+        by_shard: dict[int, list[TeacherRecord]] = {}
+        for shard, ref in self.run(prompts, uids, **run_kwargs):
+            by_shard[shard] = [_owned(r) for r in fetch_records(ref)]
+            self.release(shard)
+        return [rec for shard in sorted(by_shard) for rec in by_shard[shard]]
+
+
+def _handle_ping(stage: TeacherStage, actor_index: int) -> None:
+    """A restarted actor answered (back in the pool) or is gone for good (out of the pool)."""
+    actor = stage._actors[actor_index]
+    ref, actor.ping = actor.ping, None
+    try:
+        actor.pid = ray.get(ref)["pid"]
+        actor.healthy = True
+        log.info("teacher stage: actor %d is back (pid %d)", actor_index, actor.pid)
+        return
+    except ray.exceptions.ActorUnavailableError:
+        if actor.failures <= stage.options.max_restarts:  # not confirmed dead yet
+            actor.failures += 1
+            actor.ping = actor.handle.info.remote()
+            return
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+        log.warning("teacher stage: actor %d leaves the pool (%s)", actor_index, _first_line(exc))
+    if not any(a.healthy or a.ping is not None for a in stage._actors):
+        raise IA2Error(f"teacher stage: every teacher actor died and used up max_restarts="
+                       f"{stage.options.max_restarts}; check the actor logs in the Ray temp "
+                       f"dir (out of memory?)")
+
+
+class _Run:
+    """The scheduling loop of one ``TeacherStage.run`` (state lives here, not on the stage)."""
+
+    def __init__(self, stage: TeacherStage, shards: list[tuple[list, list[str]]],
+                 bounds: list[int], budget: int, cache: tuple[str, dict] | None):
+        self.stage, self.shards, self.bounds, self.budget = stage, shards, bounds, budget
+        self.cache_dir, self.cache_meta = cache if cache is not None else (None, {})
+        self.stats = stage.stats
+        self.pending: deque[int] = deque(range(len(shards)))
+        self.running: dict[ray.ObjectRef, _Task] = {}
+        self.to_yield: deque[int] = deque()
+
+    def _cache_meta(self, shard: int) -> dict:
+        settings = dict(self.stage.extract_kwargs)
+        settings["stop_strings"] = list(settings["stop_strings"])  # as it reads back from JSON
+        return {**self.cache_meta, "extract": settings, "shard_index": shard,
+                "uids": self.shards[shard][1]}
+
+    def _from_cache(self, shard: int) -> bool:
+        """Serve a finished shard from the disk cache (True) when one matches."""
+        if self.cache_dir is None:
+            return False
+        from ia2dist.activations import load_records
+
+        records = load_records(shard_dir(self.cache_dir, shard),
+                               expected_meta=self._cache_meta(shard))
+        if records is None:
+            return False
+        packed = pack_records(records, meta={"shard_index": shard, "cached": True})
+        self.stats.from_cache[shard] = True
+        self._finish(shard, ray.put(packed), packed.nbytes, packed.act_nbytes)
+        return True
+
+    def _finish(self, shard: int, payload: ray.ObjectRef, nbytes: int, act_nbytes: int) -> None:
+        stage = self.stage
+        with stage._lock:
+            stage._held[shard] = nbytes
+            stage._payloads[shard] = payload
+            stage._reserve(nbytes)
+            self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, sum(stage._held.values()))
+        self.stats.completions[shard] += 1
+        self.stats.act_bytes[shard] = act_nbytes
+        self.stats.finished_at[shard] = time.time()
+        self.to_yield.append(shard)
+
+    def _free_actor(self) -> int | None:
+        limit = self.stage.options.max_shards_per_actor
+        candidates = [i for i, a in enumerate(self.stage._actors)
+                      if a.healthy and a.running < limit]
+        return min(candidates, key=lambda i: self.stage._actors[i].running) if candidates else None
+
+    def _schedule(self) -> None:
+        stage = self.stage
+        while self.pending:
+            shard = self.pending[0]
+            bound = self.bounds[shard]
+            with stage._lock:
+                if stage._reserved + bound > self.budget:
+                    return
+            if self.stats.attempts[shard] == 0 and self._from_cache(shard):
+                self.pending.popleft()
+                continue
+            actor_index = self._free_actor()
+            if actor_index is None:
+                return
+            self.pending.popleft()
+            prompts, uids = self.shards[shard]
+            self.stats.attempts[shard] += 1
+            actor = stage._actors[actor_index]
+            done_ref, payload_ref = actor.handle.run_shard.options(num_returns=2).remote(
+                shard, prompts, uids, self.stats.attempts[shard], self.cache_dir,
+                self._cache_meta(shard) if self.cache_dir else None)
+            actor.running += 1
+            with stage._lock:
+                stage._reserve(bound)
+            self.running[done_ref] = _Task(shard, actor_index, payload_ref, bound)
+
+    def _on_actor_failure(self, task: _Task, exc: Exception) -> None:
+        stage = self.stage
+        actor = stage._actors[task.actor]
+        self.stats.reruns += 1
+        shard_uids = self.shards[task.shard][1]
+        if self.stats.attempts[task.shard] >= stage.options.max_shard_attempts:
+            raise IA2Error(f"teacher stage: shard {task.shard} (uids {shard_uids[0]}..) lost its "
+                           f"actor {self.stats.attempts[task.shard]} times ({_first_line(exc)}); "
+                           f"check the actor logs (out of memory?) or lower shard_size")
+        log.warning("teacher stage: actor %d died running shard %d (%s); re-running it",
+                    task.actor, task.shard, _first_line(exc))
+        self.pending.appendleft(task.shard)
+        if actor.healthy:
+            actor.healthy = False
+            actor.failures += 1
+            self.stats.actor_failures += 1
+            actor.ping = actor.handle.info.remote()
+
+    def _on_ping(self, actor_index: int) -> None:
+        _handle_ping(self.stage, actor_index)
+
+    def _on_done(self, ref: ray.ObjectRef) -> None:
+        task = self.running.pop(ref)
+        stage = self.stage
+        stage._actors[task.actor].running -= 1
+        with stage._lock:
+            stage._reserved -= task.reserved
+        try:
+            done = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._on_actor_failure(task, exc)
+            return
+        except ray.exceptions.RayTaskError as exc:
+            _reraise_task_error(exc, f"teacher stage: shard {task.shard}")
+        self._finish(task.shard, task.payload, done["nbytes"], done["act_nbytes"])
+
+    def _wait_for_release(self) -> None:
+        stage = self.stage
+        with stage._lock:
+            held = dict(stage._held)
+            if stage.options.release_wait_s > 0:
+                stage._lock.wait(timeout=stage.options.release_wait_s)
+                if dict(stage._held) != held:
+                    return
+        raise IA2Error(f"teacher stage: the consumer holds {len(held)} shard(s) "
+                       f"({sum(held.values())} bytes) and the byte budget of {self.budget} "
+                       f"leaves no room for the next shard; call release(shard) after using a "
+                       f"shard, or raise byte_budget")
+
+    def loop(self) -> Iterator[tuple[int, ray.ObjectRef]]:
+        try:
+            yield from self._loop()
+        finally:
+            # An abandoned run (consumer stopped early, or an error): its tasks still finish on
+            # their actors, but no longer count against the actors' queues or the budget.
+            for task in self.running.values():
+                if task.actor < len(self.stage._actors):  # not closed meanwhile
+                    self.stage._actors[task.actor].running -= 1
+                with self.stage._lock:
+                    self.stage._reserved -= task.reserved
+            self.running.clear()
+
+    def _loop(self) -> Iterator[tuple[int, ray.ObjectRef]]:
+        stage = self.stage
+        while True:
+            self._schedule()
+            if self.to_yield:
+                shard = self.to_yield.popleft()
+                yield shard, stage._payloads[shard]
+                continue
+            if not self.running and not self.pending:
+                return  # a restarting actor's ping is picked up by the next run
+            pings = {a.ping: i for i, a in enumerate(stage._actors) if a.ping is not None}
+            waiting = list(self.running) + list(pings)
+            if not waiting:
+                self._wait_for_release()
+                continue
+            # A short timeout lets releases from other threads open the budget.
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+            for ref in ready:
+                if ref in pings:
+                    self._on_ping(pings[ref])
+                else:
+                    self._on_done(ref)
