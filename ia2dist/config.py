@@ -153,6 +153,47 @@ class WandbConfig:
 
 
 @dataclass(kw_only=True)
+class DistConfig:
+    backend: Literal["local", "ray"] = "local"
+    """'local': everything in this process. 'ray': Ray teacher actors -> object store -> Ray Train
+    workers running DeepSpeed (see the other dist fields)."""
+    ray_address: str | None = None
+    """None: start a private local Ray; 'auto' or 'host:port': join that cluster."""
+    num_workers: int = 2
+    """Ray Train student workers (data-parallel DeepSpeed ranks)."""
+    use_gpu: bool = False
+    """One GPU per student worker (and CUDA teacher actors when teacher_gpus > 0)."""
+    cpus_per_worker: float = 1.0
+    ds_config: str = "zero3"
+    """DeepSpeed template: zero3, zero3_offload, zero2 (from ds_configs/) or a JSON file path."""
+    teacher_mode: Literal["stage", "online"] = "stage"
+    """'stage': teacher actors extract and stream records through the object store. 'online': each
+    student worker computes the teacher activations itself with the adapter disabled (no transport;
+    for activations too large to move)."""
+    teacher_actors: int = 1
+    """Frozen teacher replicas (Ray actors)."""
+    teacher_cpus: float = 1.0
+    teacher_gpus: float = 0.0
+    """GPUs per teacher replica: fractional to share a GPU, > 1 for a model split over several."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    colocate: bool = False
+    """Teacher and students share the devices: the stage finishes and its actors are released
+    before training starts (no pipelining)."""
+    pipeline: bool = True
+    """Start training on the first teacher shards while extraction continues (False: stage after
+    stage, e.g. for benchmarks)."""
+    shard_size: int = 8
+    """Examples per teacher shard (the unit of scheduling, transport and re-run on failure)."""
+    inflight_bytes: int | None = None
+    """Byte budget of extracted-but-unconsumed shards; producers wait when it is reached
+    (None: half the object store)."""
+    object_store_bytes: int | None = None
+    """Object store size of a local Ray (None: Ray's default); spills to disk beyond it."""
+    num_cpus: int | None = None
+    """CPUs a local Ray advertises (None: enough for the teacher actors and workers)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     run_dir: str = "runs/ia2"
     """Output directory. Must be empty or absent unless --overwrite (then it is replaced)."""
@@ -164,6 +205,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     baselines: list[str] = field(default_factory=lambda: ["base", "icl"])
     """Evaluation-only rows in the report: base (no demos) and icl (N-1 demos)."""
 
@@ -350,6 +392,24 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("eval.similarity_items: must be >= 1")
     if cfg.eval.batch_size < 1:
         p.append("eval.batch_size: must be >= 1")
+    d = cfg.dist
+    if d.num_workers < 1:
+        p.append("dist.num_workers: must be >= 1")
+    if d.teacher_actors < 1:
+        p.append("dist.teacher_actors: must be >= 1")
+    if d.shard_size < 1:
+        p.append("dist.shard_size: must be >= 1")
+    if d.teacher_gpus < 0 or d.teacher_cpus < 0 or d.cpus_per_worker <= 0:
+        p.append("dist.teacher_gpus/teacher_cpus/cpus_per_worker: must be >= 0 (cpus_per_worker > 0)")
+    if d.teacher_gpus > 1 and d.teacher_gpus != int(d.teacher_gpus):
+        p.append(f"dist.teacher_gpus: {d.teacher_gpus} is a fraction above 1; use a fraction <= 1 "
+                 "(shared GPU) or a whole number (model split over GPUs)")
+    if d.backend == "ray" and (t.batch_size % (t.micro_batch_size * d.num_workers)
+                               if t.micro_batch_size * d.num_workers <= t.batch_size else True):
+        p.append(f"dist.num_workers: train.batch_size={t.batch_size} must be a multiple of "
+                 f"train.micro_batch_size x dist.num_workers = {t.micro_batch_size} x "
+                 f"{d.num_workers}; lower train.micro_batch_size (e.g. "
+                 f"{max(1, t.batch_size // d.num_workers)})")
     for key in ("train_path", "eval_path"):
         path = getattr(cfg.data, key)
         if path is not None and not Path(path).expanduser().exists():

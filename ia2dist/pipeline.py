@@ -329,6 +329,8 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
     from ia2dist.tracking import Tracker
 
     exp = _start(cfg, overwrite, fresh=True)
+    if cfg.dist.backend == "ray":
+        return _run_all_ray(exp)
     tracker = Tracker(cfg.wandb, exp.run_dir, to_dict(cfg), name=exp.run_dir.name)
 
     def body():
@@ -348,6 +350,46 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
     try:
         _guarded(exp, body)
     finally:
+        tracker.finish()
+    return exp.run_dir
+
+
+def _run_all_ray(exp: Experiment) -> Path:
+    """`ia2dist run` with dist.backend=ray: Ray teacher stage + Ray Train/DeepSpeed students."""
+    from ia2dist.modeling import load_trained
+    from ia2dist.orchestration.driver import RayBackend
+    from ia2dist.tracking import Tracker
+
+    cfg = exp.cfg
+    tracker = Tracker(cfg.wandb, exp.run_dir, to_dict(cfg), name=exp.run_dir.name)
+    backend = None
+
+    def body():
+        nonlocal backend
+        backend = RayBackend(exp)
+        results = []
+        for unit in exp.units:
+            sim = exp.similarity_records(unit) if cfg.eval.similarity else None
+            results.extend(_eval_baselines(exp, unit, sim))
+
+            def evaluate(method: str, method_dir: Path, unit=unit, sim=sim) -> None:
+                history = json.loads((method_dir / "history.json").read_text())["history"]
+                for row in history:
+                    tracker.log({f"N{unit.n}/seed{unit.seed}/{method}/{k}": v for k, v in row.items()
+                                 if isinstance(v, (int, float))})
+                results.append(exp.evaluate(load_trained(exp.base, method_dir), unit, method, False, sim))
+
+            backend.train_unit(unit, list(cfg.train.methods), on_trained=evaluate)
+        write_json_atomic(exp.run_dir / "distributed_stats.json", backend.stats)
+        summary = write_report(exp, results)
+        tracker.summary(summary)
+        tracker.log_images({name: exp.run_dir / f"{name}.png"
+                            for name in ("reliability", "similarity", "accuracy")})
+    try:
+        _guarded(exp, body)
+    finally:
+        if backend is not None:
+            backend.close()
         tracker.finish()
     return exp.run_dir
 

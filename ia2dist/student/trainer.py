@@ -167,7 +167,8 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
           method: str, train_cfg: TrainConfig, *, seed: int,
           log: Callable[[dict], None] | None = None, progress: bool = False,
           engine_factory: Callable[[nn.Module, TrainConfig], Engine] = TorchEngine.from_config,
-          pad_id: int | None = None, padding_side: str = "right") -> TrainResult:
+          pad_id: int | None = None, padding_side: str = "right",
+          validate_items: bool = True) -> TrainResult:
     """Train ``model``'s trainable parameters in place with ``method`` (see ``METHOD_PHASES``).
 
     Each phase builds a fresh engine (hence a fresh optimiser) with ``engine_factory``. On return
@@ -175,6 +176,8 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     log: called with each step's history dict (e.g. to send it to wandb).
     pad_id: padding token (never attended to; default: the model's pad/eos id, else 0).
     padding_side: right by default; prompt-tuned models are always right-padded.
+    validate_items: check every item's teacher record up front; a caller whose items arrive while
+        training runs (the pipelined distributed student) validates each record on arrival instead.
     """
     if method not in METHOD_PHASES:
         raise IA2Error(f"train.methods: unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -182,7 +185,8 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     phases = METHOD_PHASES[method]
     terms = {t for obj in phases for t in OBJECTIVE_TERMS[obj]}
     sites = attention_sites(model)
-    _check_items(list(train_items) + list(dev_items), terms, len(sites), train_cfg)
+    if validate_items:
+        _check_items(list(train_items) + list(dev_items), terms, len(sites), train_cfg)
     shift = num_virtual_tokens(model)
     ctx = _Context(sites=sites, device=next(model.parameters()).device,
                    pad_id=_pad_id(model) if pad_id is None else pad_id,
@@ -202,6 +206,13 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     finally:
         model.train(was_training)
     return result
+
+
+def first_epoch_order(num_items: int, seed: int) -> list[int]:
+    """The order in which ``train(..., seed=seed)`` visits the training items in its first epoch.
+    A producer that delivers teacher records in this order lets training start on the first ones
+    while the rest are still being extracted."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: int, ctx: _Context,

@@ -1,0 +1,255 @@
+"""The distributed run: Ray teacher stage -> object store -> Ray Train + DeepSpeed students.
+
+``RayBackend`` replaces the one-process teacher extraction and training of
+``ia2dist.pipeline.Experiment`` for ``dist.backend: ray``; splits, evaluation and the report stay in
+the driver. Per (N, seed) unit:
+
+1. the examples are ordered as the training loop will first visit them (dev first, then the
+   training items in the loop's first-epoch order) and cut into shards;
+2. a pump thread runs the teacher stage and publishes each finished shard's ObjectRef to a
+   ``ShardBroker``; a release thread returns shards to the byte budget once every worker has read
+   them; the stage persists every shard under ``unit/teacher_shards`` (reused by later runs);
+3. for each method a ``TorchTrainer`` runs ``student_worker`` on ``dist.num_workers`` DeepSpeed ranks;
+   the first method trains while extraction continues (``dist.pipeline``), later methods re-read the
+   shards from the object store (spilled to disk if needed), nothing is recomputed;
+4. rank 0 writes the consolidated adapter/model, the driver evaluates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+
+from ia2dist import rundir
+from ia2dist.errors import IA2Error
+from ia2dist.orchestration.cluster import check_resources, connect
+from ia2dist.orchestration.student_stage import ItemSpec, ShardBroker, resolve_ds_template, student_worker
+from ia2dist.orchestration.teacher_stage import TeacherStage, TeacherStageOptions
+
+log = logging.getLogger("ia2dist")
+
+
+class RayBackend:
+    def __init__(self, exp):
+        from ia2dist.student.dsconfig import fill_ds_config
+
+        self.exp = exp
+        cfg = exp.cfg
+        d = cfg.dist
+        self.ds_template = resolve_ds_template(d.ds_config)
+        # conflicts between the template and the run config fail here, before any work
+        fill_ds_config(str(self.ds_template), train_cfg=cfg.train, model_dtype=cfg.model.dtype,
+                       world_size=d.num_workers)
+        need = d.teacher_actors * d.teacher_cpus + d.num_workers * d.cpus_per_worker
+        num_cpus = d.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
+        self.ctx = connect(d.ray_address, num_cpus=num_cpus, object_store_bytes=d.object_store_bytes)
+        try:
+            stage_actors = d.teacher_actors if d.teacher_mode == "stage" else 0
+            check_resources(stage_actors, d.teacher_cpus, d.teacher_gpus,
+                            num_workers=0 if d.colocate else d.num_workers,
+                            cpus_per_worker=d.cpus_per_worker,
+                            gpus_per_worker=1.0 if d.use_gpu else 0.0,
+                            strategy=d.placement_strategy)
+            check_resources(0, num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
+                            gpus_per_worker=1.0 if d.use_gpu else 0.0, what="student")
+        except BaseException:
+            self.ctx.shutdown()
+            raise
+        self.stage = None
+        if d.teacher_mode == "stage":
+            self.stage = TeacherStage(cfg.model, cfg.extract, max_new_tokens=exp.max_new_tokens,
+                                      options=TeacherStageOptions(
+                                          num_actors=d.teacher_actors, cpus_per_actor=d.teacher_cpus,
+                                          gpus_per_actor=d.teacher_gpus,
+                                          placement_strategy=d.placement_strategy,
+                                          shard_size=d.shard_size, byte_budget=d.inflight_bytes,
+                                          release_wait_s=3600.0))
+        self.stats: list[dict] = []
+
+    def close(self) -> None:
+        if self.stage is not None:
+            self.stage.close()
+        self.ctx.shutdown()
+
+    # ------------------------------------------------------------------ one unit
+    def _ordered(self, unit):
+        """(examples, demo lists, is_train) in the order the loop first needs them."""
+        from ia2dist.student.trainer import first_epoch_order
+
+        seed = self.exp.cfg.seed * 1000 + unit.seed
+        order = [("dev", j) for j in range(len(unit.dev))]
+        order += [("train", i) for i in first_epoch_order(len(unit.train), seed)]
+        return order
+
+    def _specs(self, unit, order):
+        """Item specs in the loop's index order (train items, then dev), pointing into shards."""
+        from ia2dist.data.prompts import student_prompt
+        from ia2dist.modeling import encode
+
+        exp, size = self.exp, self.exp.cfg.dist.shard_size
+        position = {key: k for k, key in enumerate(order)}
+        examples = [("train", i, ex) for i, ex in enumerate(unit.train)]
+        examples += [("dev", j, ex) for j, ex in enumerate(unit.dev)]
+        prompt_ids = encode(exp.tokenizer, [student_prompt(ex) for _, _, ex in examples])
+        icl = exp.cfg.train.label_type == "icl"
+        specs = []
+        for (kind, i, ex), ids in zip(examples, prompt_ids):
+            k = position[(kind, i)]
+            specs.append(ItemSpec(uid=ex.uid, prompt_ids=ids,
+                                  target_ids=None if icl else exp.target_ids(ex, None),
+                                  shard=k // size, offset=k % size))
+        return specs
+
+    def train_unit(self, unit, methods: list[str],
+                   on_trained: Callable[[str, Path], None] | None = None) -> None:
+        from ia2dist.data.prompts import teacher_prompt
+
+        exp, d = self.exp, self.exp.cfg.dist
+        order = self._ordered(unit)
+        pick = {"train": (unit.train, unit.train_demo_lists), "dev": (unit.dev, unit.dev_demo_lists)}
+        prompts = [teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
+        uids = [pick[k][0][i].uid for k, i in order]
+        specs = self._specs(unit, order)
+        num_shards = math.ceil(len(order) / d.shard_size)
+        broker = ShardBroker.remote(num_shards, d.num_workers)
+        pump = None
+        if self.stage is not None:
+            sequential = not d.pipeline or d.colocate
+            pump = _Pump(self.stage, broker, prompts, uids, unit.dir / "teacher_shards",
+                         exp.teacher_meta(unit, []), eager_release=sequential)
+            pump.start()
+            if sequential:
+                pump.join_production()
+                if d.colocate:
+                    self.stage.close()
+        base = {"cfg": exp.cfg, "seed": exp.cfg.seed * 1000 + unit.seed, "broker": broker,
+                "specs": specs, "num_train": len(unit.train), "ds_template": str(self.ds_template),
+                "online": self.stage is None, "max_new_tokens": exp.max_new_tokens}
+        if self.stage is None:  # online teacher: workers need the ICL prompts in item order
+            by_uid = dict(zip(uids, prompts))
+            base["teacher_prompts"] = [by_uid[s.uid] for s in specs]
+            base["uids"] = [s.uid for s in specs]
+        try:
+            for method in methods:
+                t0 = time.perf_counter()
+                final = unit.dir / method
+                tmp = rundir.staging_dir(final)
+                ray.get(broker.reset_consumers.remote(d.num_workers))
+                self._fit({**base, "method": method, "out_dir": str(tmp.resolve())}, unit, method)
+                rundir.commit_dir(tmp, final)
+                self.stats.append({"n": unit.n, "seed": unit.seed, "method": method,
+                                   "train_s": time.perf_counter() - t0})
+                if on_trained is not None:
+                    on_trained(method, final)
+        finally:
+            if pump is not None:
+                pump.stop()
+                self.stats.append({"n": unit.n, "seed": unit.seed, "teacher": pump.summary()})
+            ray.kill(broker)
+
+    def _fit(self, config: dict, unit, method: str) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        d = self.exp.cfg.dist
+        storage = (unit.dir / ".ray_train").resolve()
+        trainer = TorchTrainer(
+            student_worker, train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                         resources_per_worker={"CPU": d.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+            run_config=RunConfig(name=f"{unit.dir.name}-{method}-{time.time_ns()}",
+                                 storage_path=str(storage)))
+        log.info("N=%d seed=%d: training %s on %d Ray Train workers (DeepSpeed %s)", unit.n,
+                 unit.seed, method, d.num_workers, self.ds_template.stem)
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; surface the worker's own message
+            raise IA2Error(f"student stage ({method}, N={unit.n}, seed={unit.seed}) failed: "
+                           f"{_root_message(exc)}") from None
+
+
+def _root_message(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    text = str(seen).strip().splitlines()
+    lines = [line for line in text if line.strip()]
+    return lines[-1][:400] if lines else type(seen).__name__
+
+
+class _Pump:
+    """Drives the teacher stage in a thread: publishes shards to the broker, returns consumed
+    shards to the byte budget."""
+
+    def __init__(self, stage: TeacherStage, broker, prompts, uids, cache_dir: Path, meta: dict,
+                 eager_release: bool = False):
+        self.stage, self.broker, self.eager_release = stage, broker, eager_release
+        self.prompts, self.uids, self.cache_dir, self.meta = prompts, uids, cache_dir, meta
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._produce, daemon=True),
+                         threading.Thread(target=self._release, daemon=True)]
+        self.started = self.finished = None
+        self.first_shard_at = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        for thread in self._threads:
+            thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for index, ref in self.stage.run(self.prompts, self.uids, cache_dir=self.cache_dir,
+                                             cache_meta=self.meta):
+                if self.first_shard_at is None:
+                    self.first_shard_at = time.perf_counter()
+                self.broker.put.remote(index, [ref])
+                if self.eager_release:  # stage after stage: the broker's ref keeps the shard
+                    self.stage.release(index)
+        except BaseException as exc:  # reaches the workers through the broker
+            self.error = exc
+            self.broker.fail.remote(f"teacher stage failed: {str(exc).splitlines()[0] if str(exc) else exc}")
+        finally:
+            self.finished = time.perf_counter()
+            self._done.set()
+
+    def _release(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for index in ray.get(self.broker.take_released.remote()):
+                    self.stage.release(index)
+            except Exception:  # the broker is gone at the end of the unit
+                return
+            self._stop.wait(0.1)
+
+    def join_production(self) -> None:
+        """Wait until every shard is extracted (stage-after-stage mode; shards are released as they
+        are published, so the budget throttles extraction and never waits for the students)."""
+        while not self._done.wait(0.1):
+            pass
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._done.wait(5)
+        if self.error is not None and not isinstance(self.error, IA2Error):
+            log.warning("teacher stage: %s", self.error)
+
+    def summary(self) -> dict:
+        stats = self.stage.stats
+        return {"extract_s": (self.finished or time.perf_counter()) - self.started,
+                "first_shard_s": None if self.first_shard_at is None else
+                self.first_shard_at - self.started,
+                "peak_inflight_bytes": stats.peak_inflight_bytes,
+                "act_bytes": sum(stats.act_bytes), "reruns": stats.reruns,
+                "shards": stats.num_shards}

@@ -1,0 +1,242 @@
+"""The Ray Train student stage: DeepSpeed workers consuming teacher shards as they arrive.
+
+The driver hands every worker the same item list (prompt and target token ids) and a ``ShardBroker``
+actor through which the teacher stage's ObjectRefs arrive. ``LazyItems`` resolves an item's teacher
+record the first time the training loop touches it: it waits for the shard holding it, reads the
+shard zero-copy from the object store, and keeps it for later epochs and methods (re-reads never
+recompute). The teacher stage extracts examples in the order the loop visits them in its first
+epoch (``first_epoch_order``), so training starts on the first shards while extraction continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from ia2dist.errors import IA2Error
+
+
+@ray.remote(num_cpus=0)
+class ShardBroker:
+    """Holds the ObjectRefs of finished teacher shards (wrapped in lists so Ray passes the refs, not
+    their values) and tracks which shards every consumer has read."""
+
+    def __init__(self, num_shards: int, num_consumers: int):
+        self._refs: dict[int, list] = {}
+        self._events = {i: asyncio.Event() for i in range(num_shards)}
+        self._readers: dict[int, set[int]] = {i: set() for i in range(num_shards)}
+        self._num_consumers = num_consumers
+        self._released: set[int] = set()
+        self._to_report: list[int] = []
+        self._error: str | None = None
+
+    def put(self, index: int, wrapped_ref: list) -> None:
+        self._refs[index] = wrapped_ref
+        self._events[index].set()
+
+    def fail(self, message: str) -> None:
+        """The producer failed: wake every waiting consumer with the error."""
+        self._error = message
+        for event in self._events.values():
+            event.set()
+
+    async def get(self, index: int) -> list:
+        await self._events[index].wait()
+        if index not in self._refs:
+            raise RuntimeError(self._error or f"teacher shard {index} was never produced")
+        return self._refs[index]
+
+    def consumed(self, index: int, consumer: int) -> None:
+        self._readers[index].add(consumer)
+        if len(self._readers[index]) >= self._num_consumers and index not in self._released:
+            self._released.add(index)
+            self._to_report.append(index)
+
+    def reset_consumers(self, num_consumers: int) -> None:
+        """A new training run (next method) reads the same shards again; nothing is re-extracted."""
+        self._num_consumers = num_consumers
+
+    def take_released(self) -> list[int]:
+        out, self._to_report = self._to_report, []
+        return out
+
+
+@dataclass
+class ItemSpec:
+    """What a worker needs to build a StudentItem besides the teacher record."""
+
+    uid: str
+    prompt_ids: list[int]
+    target_ids: list[int] | None  # None: the teacher's own response (label_type icl)
+    shard: int
+    offset: int
+
+
+class LazyItems(Sequence):
+    """StudentItems whose teacher records are fetched from the broker on first access."""
+
+    def __init__(self, specs: list[ItemSpec], broker, consumer: int, num_layers: int,
+                 need_topk: bool):
+        self.specs, self.broker, self.consumer = specs, broker, consumer
+        self.num_layers, self.need_topk = num_layers, need_topk
+        self._shards: dict[int, list] = {}
+        self._items: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index not in self._items:
+            self._items[index] = self._build(self.specs[index])
+        return self._items[index]
+
+    def _records(self, shard: int) -> list:
+        if shard not in self._shards:
+            from ia2dist.orchestration.packing import unpack_records
+
+            (ref,) = ray.get(self.broker.get.remote(shard))
+            records = unpack_records(ray.get(ref))
+            for rec in records:
+                self._check(rec)
+            self._shards[shard] = records
+            self.broker.consumed.remote(shard, self.consumer)
+        return self._shards[shard]
+
+    def _check(self, rec) -> None:
+        if rec.acts_LTD.shape[0] != self.num_layers:
+            raise IA2Error(f"example {rec.uid}: teacher activations have {rec.acts_LTD.shape[0]} "
+                           f"layers but the student has {self.num_layers}; extract with the "
+                           "student's base model")
+        if self.need_topk and rec.topk_logprobs_Tk is None:
+            raise IA2Error(f"example {rec.uid}: soft_sft needs the teacher's top-k; set extract.topk")
+
+    def _build(self, spec: ItemSpec):
+        from ia2dist.student.batching import StudentItem
+
+        rec = self._records(spec.shard)[spec.offset]
+        assert rec.uid == spec.uid, (rec.uid, spec.uid)
+        targets = spec.target_ids if spec.target_ids is not None else rec.response_ids.tolist()
+        return StudentItem(uid=spec.uid, prompt_ids=spec.prompt_ids, target_ids=targets, teacher=rec)
+
+
+def resolve_ds_template(name: str) -> Path:
+    """'zero3' -> <repo>/ds_configs/zero3.json; a path is used as is."""
+    path = Path(name).expanduser()
+    if path.suffix == ".json" or os.sep in name:
+        if not path.is_file():
+            raise IA2Error(f"dist.ds_config: {name} does not exist; use zero3, zero3_offload, zero2 "
+                           "or the path of a DeepSpeed JSON template")
+        return path.resolve()
+    bundled = Path(__file__).resolve().parents[2] / "ds_configs" / f"{name}.json"
+    if not bundled.is_file():
+        raise IA2Error(f"dist.ds_config: no template named {name!r} in {bundled.parent}; use zero3, "
+                       "zero3_offload, zero2 or a JSON file path")
+    return bundled
+
+
+def student_worker(config: dict) -> None:
+    """Ray Train worker: build the student, train ``method`` with DeepSpeed, save consolidated."""
+    import torch
+    import torch.distributed as dist
+
+    cfg = config["cfg"]
+    use_gpu = cfg.dist.use_gpu
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
+    from ia2dist.modeling import apply_adapter, attention_sites, load_model
+    from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory, init_distributed
+    from ia2dist.student.trainer import METHOD_PHASES, OBJECTIVE_TERMS, train
+
+    init_distributed()
+    rank = dist.get_rank()
+    device = None
+    if use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    model = load_model(cfg.model, device=device)
+    seed = config["seed"]
+    torch.manual_seed(seed)
+    model = apply_adapter(model, cfg.train.adapter, seed=seed)
+    terms = {t for obj in METHOD_PHASES[config["method"]] for t in OBJECTIVE_TERMS[obj]}
+    if config["online"]:
+        train_items, dev_items = _online_items(model, config)
+    else:
+        lazy = LazyItems(config["specs"], config["broker"], rank, len(attention_sites(model)),
+                         "kl" in terms)
+        n_train = config["num_train"]
+        train_items = _View(lazy, 0, n_train)
+        dev_items = _View(lazy, n_train, len(lazy))
+    factory = DeepSpeedEngineFactory(str(config["ds_template"]), model_dtype=cfg.model.dtype)
+    result = train(model, train_items, dev_items, config["method"], cfg.train, seed=seed,
+                   engine_factory=factory, progress=rank == 0, validate_items=False)
+    out_dir = Path(config["out_dir"])
+    factory.engine.save_consolidated(out_dir)
+    if rank == 0:
+        (out_dir / "history.json").write_text(json.dumps(
+            {"history": result.history, "phases": result.phases, "world_size": dist.get_world_size()},
+            indent=1))
+    factory.engine.destroy()
+    import ray.train
+
+    ray.train.report({"steps": sum(p["steps"] for p in result.phases)})
+
+
+class _View(Sequence):
+    """A contiguous window of a LazyItems (train = first part, dev = the rest)."""
+
+    def __init__(self, items: LazyItems, start: int, stop: int):
+        self.items, self.start, self.stop = items, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.items[self.start + index]
+
+
+def _online_items(model, config: dict):
+    """Online teacher: this worker runs the frozen base (adapter disabled) on the ICL prompts
+    itself, before any training step; every rank runs the same prompts, so ZeRO-3 collectives stay
+    aligned and no activations cross the network."""
+    import contextlib
+
+    import torch
+
+    from ia2dist.student.batching import StudentItem
+    from ia2dist.teacher.extract import extract
+
+    cfg = config["cfg"]
+    from ia2dist.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    disable = getattr(model, "disable_adapter", None)
+    ctx = disable() if disable is not None else contextlib.nullcontext()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    with ctx:
+        records = extract(model, tokenizer, config["teacher_prompts"], config["uids"],
+                          max_new_tokens=config["max_new_tokens"],
+                          stop_strings=tuple(cfg.extract.stop_strings),
+                          batch_size=cfg.extract.batch_size, act_dtype=dtypes[cfg.extract.act_dtype],
+                          topk=cfg.extract.topk)
+    items = [StudentItem(uid=s.uid, prompt_ids=s.prompt_ids,
+                         target_ids=s.target_ids if s.target_ids is not None
+                         else rec.response_ids.tolist(), teacher=rec)
+             for s, rec in zip(config["specs"], records)]
+    n_train = config["num_train"]
+    return items[:n_train], items[n_train:]
