@@ -95,8 +95,8 @@ class SyntheticTask:
         words of the task's clusters): the content of one in-context sequence."""
         pool = [(w, j) for j, c in enumerate(self.clusters) for w in self.family.clusters[c]]
         if num_examples > len(pool):
-            raise ValueError(f"a sequence of {num_examples} distinct words needs at least that many "
-                             f"words in the task's clusters ({len(pool)}); lower num_examples")
+            raise ValueError(f"a sequence of {num_examples} distinct words needs as many words in "
+                             f"the task's clusters ({len(pool)}); lower num_examples")
         picks = rng.choice(len(pool), size=num_examples, replace=False)
         return [self._example(f"{self.task_id}-seq-{i}", *pool[int(p)], rng)
                 for i, p in enumerate(picks)]
@@ -127,14 +127,14 @@ class SyntheticFamily:
     clean; > 0 caps every method below 1 - label_noise and makes calibration matter).
 
     Defaults (8 clusters of 16 words, 16 labels, 4 labels per task, no noise) are what the embedded
-    model is pretrained on. Evaluation words are never training words, so SFT must generalise through
-    cluster membership, which keeps it off its ceiling for N <= 8: on the embedded model (8 held-out
-    tasks, full fine-tuning, 30 steps at lr 1e-3) SFT reaches 0.37/0.59/0.82/0.96 at N=2/4/8/16
-    against ICL 0.49/0.82/0.91/0.88 with 1/3/7/15 demos (chance 0.25). More labels per task or label
-    noise can be built from the same clusters (the words depend only on seed, num_clusters,
-    words_per_cluster and num_label_words), but the embedded model's ICL is much weaker on them
-    (labels_per_task=8: 0.55 at best, SFT 0.78 at N=16; label_noise=0.2: 0.50 at best), so they are
-    not the default.
+    model is pretrained on. Evaluation words are never training words, so SFT must generalise
+    through cluster membership, which keeps it off its ceiling for N <= 8: on the embedded model
+    (8 held-out tasks, full fine-tuning, 30 steps at lr 1e-3) SFT reaches 0.37/0.59/0.82/0.96
+    at N=2/4/8/16 against ICL 0.49/0.82/0.91/0.88 with 1/3/7/15 demos (chance 0.25). More labels
+    per task or label noise can be built from the same clusters (the words depend only on seed,
+    num_clusters, words_per_cluster and num_label_words), but the embedded model's ICL is much
+    weaker on them (labels_per_task=8: 0.55 at best, SFT 0.78 at N=16; label_noise=0.2: 0.50 at
+    best), so they are not the default.
     """
 
     def __init__(self, seed: int = 1234, num_clusters: int = 8, words_per_cluster: int = 16,
@@ -181,7 +181,7 @@ class SyntheticFamily:
                     heldout_fraction=self.heldout_fraction)
 
     def split_words(self, split: str) -> tuple[tuple[str, ...], ...]:
-        """Per cluster, the words used by ``split`` items: first half 'train', second half 'eval'."""
+        """Per cluster, the words of ``split`` items: first half 'train', second half 'eval'."""
         half = self.words_per_cluster // 2
         if split == "train":
             return tuple(ws[:half] for ws in self.clusters)
@@ -211,7 +211,8 @@ class SyntheticFamily:
                                                    clusters, labels))
         return self._heldout[index]
 
-    def pretrain_task(self, rng: np.random.Generator, num_labels: int | None = None) -> SyntheticTask:
+    def pretrain_task(self, rng: np.random.Generator,
+                      num_labels: int | None = None) -> SyntheticTask:
         """A random task whose mapping is NOT held out (``num_labels`` defaults to the family's)."""
         num_labels = num_labels or self.labels_per_task
         while True:
