@@ -229,8 +229,10 @@ class Experiment:
 
 # ---------------------------------------------------------------------- verbs
 
-def _start(cfg: RunConfig, overwrite: bool, fresh: bool) -> Experiment:
-    """Validate everything that can fail on user input BEFORE writing anything."""
+def _start(cfg: RunConfig, overwrite: bool, fresh: bool, prepare=None) -> Experiment:
+    """Validate everything that can fail on user input BEFORE writing anything. ``prepare(exp)``
+    runs last before the run directory is created (e.g. connecting to the Ray cluster) and its
+    result is stored as ``exp.backend``."""
     run_dir = Path(cfg.run_dir).expanduser()
     if fresh:
         rundir.check_fresh_run_dir(run_dir, overwrite)
@@ -239,6 +241,7 @@ def _start(cfg: RunConfig, overwrite: bool, fresh: bool) -> Experiment:
     rundir.setup_logging(None)
     exp = Experiment(cfg)
     exp.check_context()
+    exp.backend = prepare(exp) if prepare is not None else None
     if fresh:
         rundir.create_run_dir(run_dir, cfg, overwrite)
     else:
@@ -262,33 +265,61 @@ def _guarded(exp: Experiment, body) -> None:
 
 def run_extract(cfg: RunConfig, overwrite: bool = False) -> Path:
     """`ia2dist extract`: teacher responses + activations for every (N, seed)."""
-    exp = _start(cfg, overwrite, fresh=True)
+    exp = _start(cfg, overwrite, fresh=True, prepare=_ray_backend if _is_ray(cfg) else None)
 
     def body():
         for unit in exp.units:
-            exp.teacher_records(unit)
+            if exp.backend is not None:
+                exp.backend.extract_unit(unit)
+            else:
+                exp.teacher_records(unit)
             if cfg.eval.similarity:
                 exp.similarity_records(unit)
-    _guarded(exp, body)
+    _run_guarded(exp, body)
     return exp.run_dir
+
+
+def _is_ray(cfg: RunConfig) -> bool:
+    return cfg.dist.backend == "ray"
+
+
+def _ray_backend(exp: Experiment):
+    from ia2dist.orchestration.driver import RayBackend
+
+    return RayBackend(exp)
+
+
+def _run_guarded(exp: Experiment, body) -> None:
+    """``_guarded`` plus shutting the distributed backend down, whatever happens."""
+    try:
+        _guarded(exp, body)
+    finally:
+        if exp.backend is not None:
+            exp.backend.close()
 
 
 def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool = False) -> Path:
     """`ia2dist train`: train methods (teacher cache reused or extracted) without evaluating."""
-    exp = _start(cfg, overwrite, fresh=False)
     methods = methods or list(cfg.train.methods)
-    for unit in exp.units:
-        for method in methods:
-            if (unit.dir / method).exists() and not overwrite:
-                raise IA2Error(f"{unit.dir / method} already exists; pass --overwrite to retrain it "
-                               "or use another run_dir")
+    run_dir = Path(cfg.run_dir).expanduser()
+    for n in cfg.data.num_train:
+        for r in cfg.data.seeds:
+            for method in methods:
+                path = rundir.unit_dir(run_dir, n, r) / method
+                if path.exists() and not overwrite:
+                    raise IA2Error(f"{path} already exists; pass --overwrite to retrain it or use "
+                                   "another run_dir")
+    exp = _start(cfg, overwrite, fresh=False, prepare=_ray_backend if _is_ray(cfg) else None)
 
     def body():
         for unit in exp.units:
+            if exp.backend is not None:
+                exp.backend.train_unit(unit, methods)
+                continue
             records = exp.teacher_records(unit)
             for method in methods:
                 exp.train_method(unit, method, records)
-    _guarded(exp, body)
+    _run_guarded(exp, body)
     return exp.run_dir
 
 
@@ -328,9 +359,9 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
     """`ia2dist run`: the whole experiment, ending with the report."""
     from ia2dist.tracking import Tracker
 
+    if _is_ray(cfg):
+        return _run_all_ray(_start(cfg, overwrite, fresh=True, prepare=_ray_backend))
     exp = _start(cfg, overwrite, fresh=True)
-    if cfg.dist.backend == "ray":
-        return _run_all_ray(exp)
     tracker = Tracker(cfg.wandb, exp.run_dir, to_dict(cfg), name=exp.run_dir.name)
 
     def body():
@@ -357,16 +388,13 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
 def _run_all_ray(exp: Experiment) -> Path:
     """`ia2dist run` with dist.backend=ray: Ray teacher stage + Ray Train/DeepSpeed students."""
     from ia2dist.modeling import load_trained
-    from ia2dist.orchestration.driver import RayBackend
     from ia2dist.tracking import Tracker
 
     cfg = exp.cfg
+    backend = exp.backend
     tracker = Tracker(cfg.wandb, exp.run_dir, to_dict(cfg), name=exp.run_dir.name)
-    backend = None
 
     def body():
-        nonlocal backend
-        backend = RayBackend(exp)
         results = []
         for unit in exp.units:
             sim = exp.similarity_records(unit) if cfg.eval.similarity else None
@@ -386,10 +414,8 @@ def _run_all_ray(exp: Experiment) -> Path:
         tracker.log_images({name: exp.run_dir / f"{name}.png"
                             for name in ("reliability", "similarity", "accuracy")})
     try:
-        _guarded(exp, body)
+        _run_guarded(exp, body)
     finally:
-        if backend is not None:
-            backend.close()
         tracker.finish()
     return exp.run_dir
 

@@ -80,13 +80,16 @@ class RayBackend:
 
     # ------------------------------------------------------------------ one unit
     def _ordered(self, unit):
-        """(examples, demo lists, is_train) in the order the loop first needs them."""
+        """(kind, index) of every example in the order the training loop first reads it: the
+        training items of its first epoch, with the dev items where the first dev evaluation
+        happens (after ``eval_every`` optimizer steps)."""
         from ia2dist.student.trainer import first_epoch_order
 
+        t = self.exp.cfg.train
         seed = self.exp.cfg.seed * 1000 + unit.seed
-        order = [("dev", j) for j in range(len(unit.dev))]
-        order += [("train", i) for i in first_epoch_order(len(unit.train), seed)]
-        return order
+        train = [("train", i) for i in first_epoch_order(len(unit.train), seed)]
+        cut = min(len(train), t.eval_every * t.batch_size)
+        return train[:cut] + [("dev", j) for j in range(len(unit.dev))] + train[cut:]
 
     def _specs(self, unit, order):
         """Item specs in the loop's index order (train items, then dev), pointing into shards."""
@@ -107,14 +110,32 @@ class RayBackend:
                                   shard=k // size, offset=k % size))
         return specs
 
-    def train_unit(self, unit, methods: list[str],
-                   on_trained: Callable[[str, Path], None] | None = None) -> None:
+    def extract_unit(self, unit) -> None:
+        """Teacher stage only (``ia2dist extract``): every shard persisted under
+        unit/teacher_shards, where a later train/run with the same settings finds it."""
+        if self.stage is None:
+            raise IA2Error("dist.teacher_mode=online computes teacher outputs inside the students; "
+                           "`ia2dist extract` needs dist.teacher_mode=stage")
+        order = self._ordered(unit)
+        pick = {"train": (unit.train, unit.train_demo_lists), "dev": (unit.dev, unit.dev_demo_lists)}
+        prompts = [self._teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
+        uids = [pick[k][0][i].uid for k, i in order]
+        for index, _ref in self.stage.run(prompts, uids, cache_dir=unit.dir / "teacher_shards",
+                                          cache_meta=self.exp.teacher_meta(unit, [])):
+            self.stage.release(index)
+
+    @staticmethod
+    def _teacher_prompt(demos, ex) -> str:
         from ia2dist.data.prompts import teacher_prompt
 
+        return teacher_prompt(demos, ex)
+
+    def train_unit(self, unit, methods: list[str],
+                   on_trained: Callable[[str, Path], None] | None = None) -> None:
         exp, d = self.exp, self.exp.cfg.dist
         order = self._ordered(unit)
         pick = {"train": (unit.train, unit.train_demo_lists), "dev": (unit.dev, unit.dev_demo_lists)}
-        prompts = [teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
+        prompts = [self._teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
         uids = [pick[k][0][i].uid for k, i in order]
         specs = self._specs(unit, order)
         num_shards = math.ceil(len(order) / d.shard_size)

@@ -85,7 +85,7 @@ class LazyItems(Sequence):
                  need_topk: bool):
         self.specs, self.broker, self.consumer = specs, broker, consumer
         self.num_layers, self.need_topk = num_layers, need_topk
-        self._shards: dict[int, list] = {}
+        self._shards: list[list] = []
         self._items: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -99,15 +99,18 @@ class LazyItems(Sequence):
         return self._items[index]
 
     def _records(self, shard: int) -> list:
-        if shard not in self._shards:
-            from ia2dist.orchestration.packing import unpack_records
+        """Records of ``shard``, fetching every earlier shard first: shards are produced in index
+        order and return to the byte budget once read, so reading in order can never wait on a
+        shard the budget keeps from being produced (whatever order the loop asks in)."""
+        from ia2dist.orchestration.packing import unpack_records
 
-            (ref,) = ray.get(self.broker.get.remote(shard))
+        for index in range(len(self._shards), shard + 1):
+            (ref,) = ray.get(self.broker.get.remote(index))
             records = unpack_records(ray.get(ref))
             for rec in records:
                 self._check(rec)
-            self._shards[shard] = records
-            self.broker.consumed.remote(shard, self.consumer)
+            self._shards.append(records)
+            self.broker.consumed.remote(index, self.consumer)
         return self._shards[shard]
 
     def _check(self, rec) -> None:
