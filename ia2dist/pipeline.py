@@ -312,10 +312,10 @@ def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool 
     exp = _start(cfg, overwrite, fresh=False, prepare=_ray_backend if _is_ray(cfg) else None)
 
     def body():
+        if exp.backend is not None:
+            exp.backend.train_units(exp.units, methods)
+            return
         for unit in exp.units:
-            if exp.backend is not None:
-                exp.backend.train_unit(unit, methods)
-                continue
             records = exp.teacher_records(unit)
             for method in methods:
                 exp.train_method(unit, method, records)
@@ -377,7 +377,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
         summary = write_report(exp, results)
         tracker.summary(summary)
         tracker.log_images({name: exp.run_dir / f"{name}.png"
-                            for name in ("reliability", "similarity", "accuracy")})
+                            for name in ("reliability", "similarity", "accuracy", "ece")})
     try:
         _guarded(exp, body)
     finally:
@@ -395,24 +395,25 @@ def _run_all_ray(exp: Experiment) -> Path:
     tracker = Tracker(cfg.wandb, exp.run_dir, to_dict(cfg), name=exp.run_dir.name)
 
     def body():
-        results = []
+        results, sims = [], {}
         for unit in exp.units:
-            sim = exp.similarity_records(unit) if cfg.eval.similarity else None
-            results.extend(_eval_baselines(exp, unit, sim))
+            sims[unit.dir] = exp.similarity_records(unit) if cfg.eval.similarity else None
+            results.extend(_eval_baselines(exp, unit, sims[unit.dir]))
 
-            def evaluate(method: str, method_dir: Path, unit=unit, sim=sim) -> None:
-                history = json.loads((method_dir / "history.json").read_text())["history"]
-                for row in history:
-                    tracker.log({f"N{unit.n}/seed{unit.seed}/{method}/{k}": v for k, v in row.items()
-                                 if isinstance(v, (int, float))})
-                results.append(exp.evaluate(load_trained(exp.base, method_dir), unit, method, False, sim))
+        def evaluate(unit: Unit, method: str, method_dir: Path) -> None:
+            history = json.loads((method_dir / "history.json").read_text())["history"]
+            for row in history:
+                tracker.log({f"N{unit.n}/seed{unit.seed}/{method}/{k}": v for k, v in row.items()
+                             if isinstance(v, (int, float))})
+            model = load_trained(exp.base, method_dir)
+            results.append(exp.evaluate(model, unit, method, False, sims[unit.dir]))
 
-            backend.train_unit(unit, list(cfg.train.methods), on_trained=evaluate)
+        backend.train_units(exp.units, list(cfg.train.methods), on_trained=evaluate)
         write_json_atomic(exp.run_dir / "distributed_stats.json", backend.stats)
         summary = write_report(exp, results)
         tracker.summary(summary)
         tracker.log_images({name: exp.run_dir / f"{name}.png"
-                            for name in ("reliability", "similarity", "accuracy")})
+                            for name in ("reliability", "similarity", "accuracy", "ece")})
     try:
         _run_guarded(exp, body)
     finally:

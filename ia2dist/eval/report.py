@@ -178,32 +178,83 @@ def similarity_plot(per_method: Mapping[str, Sequence[float]], path: str | Path)
     return _save(fig, path)
 
 
-def accuracy_plot(aggregated: Sequence[Mapping], path: str | Path) -> Path:
-    """PNG of accuracy (mean ± std over seeds) against N, one line per method; ``aggregated`` is
-    the output of ``aggregate``."""
+def metric_plot(aggregated: Sequence[Mapping], key: str, path: str | Path, *,
+                label: str | None = None) -> Path:
+    """PNG of ``key`` (mean ± std over seeds) against N, one line per method; ``aggregated`` is the
+    output of ``aggregate``."""
+    label = label or key
     by_method: dict[str, list[Mapping]] = {}
     for entry in aggregated:
-        if entry.get("accuracy_mean") is not None and entry.get("num_train") is not None:
+        if entry.get(f"{key}_mean") is not None and entry.get("num_train") is not None:
             by_method.setdefault(str(entry["method"]), []).append(entry)
     if not by_method:
-        raise ValueError("accuracy_plot needs aggregated entries with num_train and accuracy")
+        raise ValueError(f"metric_plot needs aggregated entries with num_train and {key}")
     fig = _new_figure(1, 1, (6.5, 4.0))
     ax = fig.subplots()
     for name, entries in by_method.items():
         entries = sorted(entries, key=lambda e: e["num_train"])
-        ax.errorbar([e["num_train"] for e in entries], [e["accuracy_mean"] for e in entries],
-                    yerr=[e["accuracy_std"] for e in entries], marker="o", markersize=4, capsize=3,
+        ax.errorbar([e["num_train"] for e in entries], [e[f"{key}_mean"] for e in entries],
+                    yerr=[e[f"{key}_std"] for e in entries], marker="o", markersize=4, capsize=3,
                     label=name)
     ns = sorted({e["num_train"] for entries in by_method.values() for e in entries})
     if len(ns) > 1 and ns[0] > 0:
         ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("N (training examples)")
-    ax.set_ylabel("accuracy (mean ± std over seeds)")
-    ax.set_title("Accuracy by number of training examples")
+    ax.set_ylabel(f"{label} (mean ± std over seeds)")
+    ax.set_title(f"{label} by number of training examples")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def accuracy_plot(aggregated: Sequence[Mapping], path: str | Path) -> Path:
+    """Accuracy against N (see ``metric_plot``)."""
+    return metric_plot(aggregated, "accuracy", path, label="Accuracy")
+
+
+#: Pairs the findings compare: (method, reference) -> what the comparison shows.
+_COMPARISONS = (("icl", "base", "in-context demonstrations (ICL) vs the base model without them"),
+                ("ia2_then_sft", "sft", "IA2 -> SFT vs SFT"),
+                ("ia2_plus_sft", "sft", "IA2 + SFT vs SFT"),
+                ("ia2", "base", "IA2 alone vs the base model"))
+
+
+def _difference(a: Mapping, b: Mapping, key: str) -> tuple[float, float] | None:
+    if f"{key}_mean" not in a or f"{key}_mean" not in b:
+        return None
+    diff = a[f"{key}_mean"] - b[f"{key}_mean"]
+    noise = math.hypot(a.get(f"{key}_std", 0.0), b.get(f"{key}_std", 0.0))
+    return diff, noise
+
+
+def findings(aggregated: Sequence[Mapping]) -> list[str]:
+    """Plain statements of what the numbers show, per N: each comparison's accuracy and ECE
+    difference, called a gain/loss only when it exceeds the seeds' spread (std of the difference
+    of independent means), otherwise 'no clear difference'."""
+    by_key = {(e["num_train"], e["method"]): e for e in aggregated}
+    ns = sorted({n for n, _ in by_key if n is not None})
+    lines = []
+    for a, b, what in _COMPARISONS:
+        parts = []
+        for n in ns:
+            if (n, a) not in by_key or (n, b) not in by_key:
+                continue
+            acc = _difference(by_key[(n, a)], by_key[(n, b)], "accuracy")
+            ece = _difference(by_key[(n, a)], by_key[(n, b)], "ece")
+            if acc is None:
+                continue
+            verdict = ("better" if acc[0] > acc[1] else "worse" if -acc[0] > acc[1]
+                       else "no clear difference")
+            text = f"N={n}: accuracy {acc[0]:+.3f} ({verdict}; seed spread ±{acc[1]:.3f})"
+            if ece is not None:
+                calib = ("better calibrated" if -ece[0] > ece[1] else "worse calibrated"
+                         if ece[0] > ece[1] else "similar calibration")
+                text += f", ECE {ece[0]:+.3f} ({calib})"
+            parts.append(text)
+        if parts:
+            lines.append(f"- {what}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def _pooled_predictions(results: Sequence[Mapping], run_dir: Path, num_train) -> dict[str, tuple]:
@@ -243,21 +294,30 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
     title = f"# {task} results\n\n" if task else "# Results\n\n"
     note = ("\nMean ± std over seeds; N = training examples; Similarity = mean over layers of the "
             "cosine similarity to the ICL teacher's attention outputs.\n")
-    (run_dir / "summary.md").write_text(title + summary_table(results) + note)
-
+    figures: dict[str, Path] = {}
     ns = sorted({e["num_train"] for e in aggregated if e["num_train"] is not None})
     if ns:
-        accuracy_plot(aggregated, run_dir / "accuracy.png")
+        figures["accuracy"] = accuracy_plot(aggregated, run_dir / "accuracy.png")
+        if any("ece_mean" in e for e in aggregated):
+            figures["ece"] = metric_plot(aggregated, "ece", run_dir / "ece.png", label="ECE")
     for n in ns:
         pooled = _pooled_predictions(results, run_dir, n)
         if pooled and len(ns) > 1:
             reliability_diagram(pooled, run_dir / f"reliability_N{n}.png", n_bins)
         if pooled and n == ns[-1]:
-            reliability_diagram(pooled, run_dir / "reliability.png", n_bins)
+            figures["reliability"] = reliability_diagram(pooled, run_dir / "reliability.png", n_bins)
     layers = {e["method"]: e["similarity_layers"] for e in aggregated
               if e["num_train"] == (ns[-1] if ns else None) and "similarity_layers" in e}
     if layers:
-        similarity_plot(layers, run_dir / "similarity.png")
+        figures["similarity"] = similarity_plot(layers, run_dir / "similarity.png")
+    statements = findings(aggregated)
+    body = title + summary_table(results) + note
+    if statements:
+        body += "\n## What the numbers show\n\n" + "\n".join(statements) + "\n"
+    if figures:
+        body += "\n## Figures\n\n" + "".join(f"![{name}]({path.name})\n\n"
+                                             for name, path in figures.items())
+    (run_dir / "summary.md").write_text(body)
 
     return {f"N{e['num_train']}/{e['method']}/{key}": value for e in aggregated
             for key, value in e.items() if key.endswith("_mean") and math.isfinite(value)}

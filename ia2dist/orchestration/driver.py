@@ -130,71 +130,110 @@ class RayBackend:
 
         return teacher_prompt(demos, ex)
 
-    def train_unit(self, unit, methods: list[str],
-                   on_trained: Callable[[str, Path], None] | None = None) -> None:
-        exp, d = self.exp, self.exp.cfg.dist
+    def _unit_inputs(self, unit) -> dict:
+        """Teacher prompts in read order, item specs and the unit's broker."""
+        d = self.exp.cfg.dist
         order = self._ordered(unit)
         pick = {"train": (unit.train, unit.train_demo_lists), "dev": (unit.dev, unit.dev_demo_lists)}
         prompts = [self._teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
         uids = [pick[k][0][i].uid for k, i in order]
         specs = self._specs(unit, order)
-        num_shards = math.ceil(len(order) / d.shard_size)
-        broker = ShardBroker.remote(num_shards, d.num_workers)
+        broker = ShardBroker.remote(math.ceil(len(order) / d.shard_size), d.num_workers)
+        out = {"unit": unit, "prompts": prompts, "uids": uids, "specs": specs, "broker": broker}
+        if self.stage is None:  # online teacher: workers need the ICL prompts in item order
+            by_uid = dict(zip(uids, prompts))
+            out["teacher_prompts"] = [by_uid[s.uid] for s in specs]
+        return out
+
+    def train_units(self, units, methods: list[str],
+                    on_trained: Callable[[object, str, Path], None] | None = None) -> None:
+        """Train every method on every unit in ONE Ray Train run (workers start once), while the
+        teacher stage extracts unit after unit; then publish each method folder and call
+        ``on_trained(unit, method, dir)`` (the driver evaluates there)."""
+        exp, d = self.exp, self.exp.cfg.dist
+        inputs = [self._unit_inputs(unit) for unit in units]
         pump = None
         if self.stage is not None:
             sequential = not d.pipeline or d.colocate
-            pump = _Pump(self.stage, broker, prompts, uids, unit.dir / "teacher_shards",
-                         exp.teacher_meta(unit, []), eager_release=sequential)
+            pump = _Pump(self.stage, [(x["broker"], x["prompts"], x["uids"],
+                                       x["unit"].dir / "teacher_shards",
+                                       exp.teacher_meta(x["unit"], [])) for x in inputs],
+                         eager_release=sequential)
             pump.start()
             if sequential:
                 pump.join_production()
                 if d.colocate:
                     self.stage.close()
-        base = {"cfg": exp.cfg, "seed": exp.cfg.seed * 1000 + unit.seed, "broker": broker,
-                "specs": specs, "num_train": len(unit.train), "ds_template": str(self.ds_template),
-                "online": self.stage is None, "max_new_tokens": exp.max_new_tokens}
-        if self.stage is None:  # online teacher: workers need the ICL prompts in item order
-            by_uid = dict(zip(uids, prompts))
-            base["teacher_prompts"] = [by_uid[s.uid] for s in specs]
-            base["uids"] = [s.uid for s in specs]
-        try:
+        jobs, finals = [], []
+        for x in inputs:
+            unit = x["unit"]
             for method in methods:
-                t0 = time.perf_counter()
                 final = unit.dir / method
                 tmp = rundir.staging_dir(final)
-                ray.get(broker.reset_consumers.remote(d.num_workers))
-                self._fit({**base, "method": method, "out_dir": str(tmp.resolve())}, unit, method)
-                rundir.commit_dir(tmp, final)
-                self.stats.append({"n": unit.n, "seed": unit.seed, "method": method,
-                                   "train_s": time.perf_counter() - t0})
-                if on_trained is not None:
-                    on_trained(method, final)
+                finals.append((unit, method, tmp, final))
+                job = {"key": unit.dir.name, "method": method, "seed": exp.cfg.seed * 1000 + unit.seed,
+                       "broker": x["broker"], "specs": x["specs"], "num_train": len(unit.train),
+                       "out_dir": str(tmp.resolve())}
+                if "teacher_prompts" in x:
+                    job["teacher_prompts"] = x["teacher_prompts"]
+                jobs.append(job)
+        config = {"cfg": exp.cfg, "ds_template": str(self.ds_template),
+                  "online": self.stage is None, "max_new_tokens": exp.max_new_tokens, "jobs": jobs}
+        t0 = time.perf_counter()
+        try:
+            self._fit(config, len(jobs), [tmp for _, _, tmp, _ in finals])
         finally:
             if pump is not None:
                 pump.stop()
-                self.stats.append({"n": unit.n, "seed": unit.seed, "teacher": pump.summary()})
-            ray.kill(broker)
+                self.stats.append({"teacher": pump.summary()})
+            for x in inputs:
+                ray.kill(x["broker"])
+        self.stats.append({"student": {"jobs": len(jobs), "train_s": time.perf_counter() - t0,
+                                       "num_workers": d.num_workers,
+                                       "examples": sum(len(j["specs"]) for j in jobs)}})
+        for unit, method, tmp, final in finals:
+            rundir.commit_dir(tmp, final)
+            if on_trained is not None:
+                on_trained(unit, method, final)
 
-    def _fit(self, config: dict, unit, method: str) -> None:
+    def _fit(self, config: dict, num_jobs: int, out_dirs: list[Path]) -> None:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         d = self.exp.cfg.dist
-        storage = (unit.dir / ".ray_train").resolve()
+        storage = (self.exp.run_dir / ".ray_train").resolve()
         trainer = TorchTrainer(
             student_worker, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                          resources_per_worker={"CPU": d.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-            run_config=RunConfig(name=f"{unit.dir.name}-{method}-{time.time_ns()}",
-                                 storage_path=str(storage)))
-        log.info("N=%d seed=%d: training %s on %d Ray Train workers (DeepSpeed %s)", unit.n,
-                 unit.seed, method, d.num_workers, self.ds_template.stem)
+            run_config=RunConfig(name=f"students-{time.time_ns()}", storage_path=str(storage)))
+        log.info("training %d (unit, method) jobs on %d Ray Train workers (DeepSpeed %s)", num_jobs,
+                 d.num_workers, self.ds_template.stem)
+        done = threading.Event()
+        watcher = threading.Thread(target=_watch_jobs, args=(out_dirs, done), daemon=True)
+        watcher.start()
         try:
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; surface the worker's own message
-            raise IA2Error(f"student stage ({method}, N={unit.n}, seed={unit.seed}) failed: "
-                           f"{_root_message(exc)}") from None
+            raise IA2Error(f"student stage failed: {_root_message(exc)}") from None
+        finally:
+            done.set()
+            watcher.join(2)
+
+
+def _watch_jobs(out_dirs: list[Path], done: threading.Event) -> None:
+    """Progress bar over the students' jobs (rank 0 writes history.json when one finishes)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(out_dirs), desc="students", unit="job")
+    seen = 0
+    while not done.wait(0.5):
+        finished = sum((p / "history.json").exists() for p in out_dirs)
+        bar.update(finished - seen)
+        seen = finished
+    bar.update(sum((p / "history.json").exists() for p in out_dirs) - seen)
+    bar.close()
 
 
 def _root_message(exc: BaseException) -> str:
@@ -207,16 +246,16 @@ def _root_message(exc: BaseException) -> str:
 
 
 class _Pump:
-    """Drives the teacher stage in a thread: publishes shards to the broker, returns consumed
-    shards to the byte budget."""
+    """Drives the teacher stage in a thread, unit after unit: publishes each finished shard to its
+    unit's broker, and returns shards every worker has read to the byte budget."""
 
-    def __init__(self, stage: TeacherStage, broker, prompts, uids, cache_dir: Path, meta: dict,
-                 eager_release: bool = False):
-        self.stage, self.broker, self.eager_release = stage, broker, eager_release
-        self.prompts, self.uids, self.cache_dir, self.meta = prompts, uids, cache_dir, meta
+    def __init__(self, stage: TeacherStage, units: list[tuple], eager_release: bool = False):
+        self.stage, self.units, self.eager_release = stage, units, eager_release
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._stop = threading.Event()
+        self._current = None
+        self.per_unit: list[dict] = []
         self._threads = [threading.Thread(target=self._produce, daemon=True),
                          threading.Thread(target=self._release, daemon=True)]
         self.started = self.finished = None
@@ -229,27 +268,37 @@ class _Pump:
 
     def _produce(self) -> None:
         try:
-            for index, ref in self.stage.run(self.prompts, self.uids, cache_dir=self.cache_dir,
-                                             cache_meta=self.meta):
-                if self.first_shard_at is None:
-                    self.first_shard_at = time.perf_counter()
-                self.broker.put.remote(index, [ref])
-                if self.eager_release:  # stage after stage: the broker's ref keeps the shard
-                    self.stage.release(index)
-        except BaseException as exc:  # reaches the workers through the broker
+            for broker, prompts, uids, cache_dir, meta in self.units:
+                self._current = broker
+                for index, ref in self.stage.run(prompts, uids, cache_dir=cache_dir, cache_meta=meta):
+                    if self.first_shard_at is None:
+                        self.first_shard_at = time.perf_counter()
+                    broker.put.remote(index, [ref])
+                    if self.eager_release:  # stage after stage: the broker's ref keeps the shard
+                        self.stage.release(index)
+                stats = self.stage.stats
+                self.per_unit.append({"cache_dir": str(cache_dir), "shards": stats.num_shards,
+                                      "act_bytes": sum(stats.act_bytes), "reruns": stats.reruns,
+                                      "from_cache": sum(stats.from_cache),
+                                      "peak_inflight_bytes": stats.peak_inflight_bytes})
+        except BaseException as exc:  # reaches the workers through the brokers
             self.error = exc
-            self.broker.fail.remote(f"teacher stage failed: {str(exc).splitlines()[0] if str(exc) else exc}")
+            message = f"teacher stage failed: {str(exc).splitlines()[0] if str(exc) else exc}"
+            for broker, *_ in self.units:
+                broker.fail.remote(message)
         finally:
             self.finished = time.perf_counter()
             self._done.set()
 
     def _release(self) -> None:
         while not self._stop.is_set():
-            try:
-                for index in ray.get(self.broker.take_released.remote()):
-                    self.stage.release(index)
-            except Exception:  # the broker is gone at the end of the unit
-                return
+            broker = self._current
+            if broker is not None:
+                try:
+                    for index in ray.get(broker.take_released.remote()):
+                        self.stage.release(index)
+                except Exception:  # the broker is gone at the end of the run
+                    return
             self._stop.wait(0.1)
 
     def join_production(self) -> None:
@@ -267,10 +316,12 @@ class _Pump:
             log.warning("teacher stage: %s", self.error)
 
     def summary(self) -> dict:
-        stats = self.stage.stats
+        units = self.per_unit
         return {"extract_s": (self.finished or time.perf_counter()) - self.started,
                 "first_shard_s": None if self.first_shard_at is None else
                 self.first_shard_at - self.started,
-                "peak_inflight_bytes": stats.peak_inflight_bytes,
-                "act_bytes": sum(stats.act_bytes), "reruns": stats.reruns,
-                "shards": stats.num_shards}
+                "byte_budget": self.stage._budget() if units else None,
+                "peak_inflight_bytes": max((u["peak_inflight_bytes"] for u in units), default=0),
+                "act_bytes": sum(u["act_bytes"] for u in units),
+                "reruns": sum(u["reruns"] for u in units),
+                "shards": sum(u["shards"] for u in units), "units": units}

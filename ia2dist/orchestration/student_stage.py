@@ -58,10 +58,6 @@ class ShardBroker:
             self._released.add(index)
             self._to_report.append(index)
 
-    def reset_consumers(self, num_consumers: int) -> None:
-        """A new training run (next method) reads the same shards again; nothing is re-extracted."""
-        self._num_consumers = num_consumers
-
     def take_released(self) -> list[int]:
         out, self._to_report = self._to_report, []
         return out
@@ -146,52 +142,78 @@ def resolve_ds_template(name: str) -> Path:
 
 
 def student_worker(config: dict) -> None:
-    """Ray Train worker: build the student, train ``method`` with DeepSpeed, save consolidated."""
+    """Ray Train worker: load the base model once, then for every (unit, method) job build a fresh
+    student (same seeded adapter init as the one-process path), train it with DeepSpeed and save it
+    consolidated. Every rank runs every job, so ZeRO collectives stay aligned."""
+    import copy
+    import gc
+
     import torch
     import torch.distributed as dist
 
     cfg = config["cfg"]
-    use_gpu = cfg.dist.use_gpu
-    if not use_gpu:
+    if not cfg.dist.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
-    from ia2dist.modeling import apply_adapter, attention_sites, load_model
-    from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory, init_distributed
-    from ia2dist.student.trainer import METHOD_PHASES, OBJECTIVE_TERMS, train
+    from ia2dist.modeling import attention_sites, load_model
+    from ia2dist.student.deepspeed_engine import init_distributed
 
     init_distributed()
-    rank = dist.get_rank()
     device = None
-    if use_gpu:
+    if cfg.dist.use_gpu:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
-    model = load_model(cfg.model, device=device)
-    seed = config["seed"]
-    torch.manual_seed(seed)
-    model = apply_adapter(model, cfg.train.adapter, seed=seed)
-    terms = {t for obj in METHOD_PHASES[config["method"]] for t in OBJECTIVE_TERMS[obj]}
-    if config["online"]:
-        train_items, dev_items = _online_items(model, config)
-    else:
-        lazy = LazyItems(config["specs"], config["broker"], rank, len(attention_sites(model)),
-                         "kl" in terms)
-        n_train = config["num_train"]
-        train_items = _View(lazy, 0, n_train)
-        dev_items = _View(lazy, n_train, len(lazy))
-    factory = DeepSpeedEngineFactory(str(config["ds_template"]), model_dtype=cfg.model.dtype)
-    result = train(model, train_items, dev_items, config["method"], cfg.train, seed=seed,
-                   engine_factory=factory, progress=rank == 0, validate_items=False)
-    out_dir = Path(config["out_dir"])
-    factory.engine.save_consolidated(out_dir)
-    if rank == 0:
-        (out_dir / "history.json").write_text(json.dumps(
-            {"history": result.history, "phases": result.phases, "world_size": dist.get_world_size()},
-            indent=1))
-    factory.engine.destroy()
+    base = load_model(cfg.model, device=device)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    num_layers = len(attention_sites(base))
+    unit_items: dict[str, tuple] = {}
+    for job in config["jobs"]:
+        if job["key"] not in unit_items:
+            unit_items[job["key"]] = _unit_items(base, job, config, dist.get_rank(), num_layers)
+        train_items, dev_items = unit_items[job["key"]]
+        _train_job(copy.deepcopy(base), job, config, train_items, dev_items)
+        gc.collect()
     import ray.train
 
-    ray.train.report({"steps": sum(p["steps"] for p in result.phases)})
+    ray.train.report({"jobs": len(config["jobs"])})
+
+
+def _unit_items(base, job: dict, config: dict, rank: int, num_layers: int):
+    """The unit's training and dev items, shared by all its methods (records are read once)."""
+    if config["online"]:
+        return _online_items(base, job, config)
+    lazy = LazyItems(job["specs"], job["broker"], rank, num_layers,
+                     "soft_sft" in config["cfg"].train.methods)
+    n_train = job["num_train"]
+    return _View(lazy, 0, n_train), _View(lazy, n_train, len(lazy))
+
+
+def _train_job(model, job: dict, config: dict, train_items, dev_items) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ia2dist.modeling import apply_adapter
+    from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
+    from ia2dist.student.trainer import train
+
+    cfg, seed = config["cfg"], job["seed"]
+    torch.manual_seed(seed)
+    model = apply_adapter(model, cfg.train.adapter, seed=seed)
+    factory = DeepSpeedEngineFactory(config["ds_template"], model_dtype=cfg.model.dtype)
+    rank = dist.get_rank()
+    result = train(model, train_items, dev_items, job["method"], cfg.train, seed=seed,
+                   engine_factory=factory, validate_items=False)
+    out_dir = Path(job["out_dir"])
+    factory.engine.save_consolidated(out_dir)
+    if rank == 0:
+        tmp = out_dir / ".history.json.tmp"
+        tmp.write_text(json.dumps({"history": result.history, "phases": result.phases,
+                                   "world_size": dist.get_world_size()}, indent=1))
+        os.replace(tmp, out_dir / "history.json")
+    factory.engine.destroy()
+    dist.barrier()
 
 
 class _View(Sequence):
@@ -213,33 +235,26 @@ class _View(Sequence):
         return self.items[self.start + index]
 
 
-def _online_items(model, config: dict):
-    """Online teacher: this worker runs the frozen base (adapter disabled) on the ICL prompts
-    itself, before any training step; every rank runs the same prompts, so ZeRO-3 collectives stay
-    aligned and no activations cross the network."""
-    import contextlib
-
+def _online_items(base, job: dict, config: dict):
+    """Online teacher: this worker runs the frozen base model on the ICL prompts itself, before
+    any training (every rank runs the same prompts, so collectives stay aligned and no activations
+    cross the network)."""
     import torch
 
+    from ia2dist.modeling import load_tokenizer
     from ia2dist.student.batching import StudentItem
     from ia2dist.teacher.extract import extract
 
     cfg = config["cfg"]
-    from ia2dist.modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model)
-    disable = getattr(model, "disable_adapter", None)
-    ctx = disable() if disable is not None else contextlib.nullcontext()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    with ctx:
-        records = extract(model, tokenizer, config["teacher_prompts"], config["uids"],
-                          max_new_tokens=config["max_new_tokens"],
-                          stop_strings=tuple(cfg.extract.stop_strings),
-                          batch_size=cfg.extract.batch_size, act_dtype=dtypes[cfg.extract.act_dtype],
-                          topk=cfg.extract.topk)
+    records = extract(base, load_tokenizer(cfg.model), job["teacher_prompts"],
+                      [s.uid for s in job["specs"]], max_new_tokens=config["max_new_tokens"],
+                      stop_strings=tuple(cfg.extract.stop_strings),
+                      batch_size=cfg.extract.batch_size, act_dtype=dtypes[cfg.extract.act_dtype],
+                      topk=cfg.extract.topk)
     items = [StudentItem(uid=s.uid, prompt_ids=s.prompt_ids,
                          target_ids=s.target_ids if s.target_ids is not None
                          else rec.response_ids.tolist(), teacher=rec)
-             for s, rec in zip(config["specs"], records)]
-    n_train = config["num_train"]
+             for s, rec in zip(job["specs"], records)]
+    n_train = job["num_train"]
     return items[:n_train], items[n_train:]
