@@ -426,8 +426,31 @@ def write_report(exp: Experiment, results: list[dict]) -> dict:
     from ia2dist.eval.report import write_report as render
 
     summary = render(results, exp.run_dir, task=exp.spec.name, n_bins=exp.cfg.eval.ece_bins)
+    if exp.cfg.model.name_or_path == "embedded":
+        with open(exp.run_dir / "summary.md", "a") as fh:
+            fh.write(_embedded_section(exp.cfg.model.cache_dir))
     log.info("report: %s", exp.run_dir / "summary.md")
     return summary
+
+
+def _embedded_section(cache_dir: str | None) -> str:
+    """How well the embedded model learns in context (from its pretraining report)."""
+    from ia2dist.embedded import get_embedded_model_dir
+
+    path = get_embedded_model_dir(cache_dir, progress=False) / "pretrain_report.json"
+    if not path.is_file():
+        return ""
+    report = json.loads(path.read_text())
+    rows = report.get("heldout_icl", {})
+    lines = ["", "## The embedded model", "",
+             f"A {report.get('num_parameters', 0) / 1e3:.0f}k-parameter Llama pretrained for "
+             f"{report.get('steps')} steps ({report.get('wall_s', 0):.0f} s) on the synthetic family. "
+             "In-context accuracy on held-out tasks (query word never among the demos; chance "
+             f"{report.get('chance', 0):.2f}):", "",
+             "| demos k | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows),
+             "| label-set accuracy | " + " | ".join(f"{v['accuracy']:.3f}" for v in rows.values()) + " |",
+             "| top-1 accuracy | " + " | ".join(f"{v['top1']:.3f}" for v in rows.values()) + " |", ""]
+    return "\n".join(lines)
 
 
 def _json_default(obj):
