@@ -459,6 +459,9 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML, with anything that looks like a credential redacted."""
     import yaml
 
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    from ia2dist.secrets import redact
+
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, allow_unicode=True)

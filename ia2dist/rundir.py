@@ -87,6 +87,8 @@ def create_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # user-only: run directories hold the config, logs and model weights
+    os.chmod(run_dir, 0o700)
     save_config(run_dir, cfg)
 
 
@@ -105,13 +107,17 @@ def setup_logging(run_dir: Path | None) -> None:
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
+    from ia2dist.secrets import RedactingFilter
+
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler()
     stream.setFormatter(fmt)
+    stream.addFilter(RedactingFilter())
     log.addHandler(stream)
     if run_dir is not None:
         file_handler = logging.FileHandler(run_dir / "run.log")
         file_handler.setFormatter(fmt)
+        file_handler.addFilter(RedactingFilter())
         log.addHandler(file_handler)
     log.propagate = False
 

@@ -24,9 +24,15 @@ class Tracker:
         try:
             import wandb
 
+            from ia2dist.secrets import redact, redact_text
+
+            def clean(text):  # names reach wandb's own logs: no credential may ride along
+                return None if text is None else redact_text(text).replace("<redacted>", "redacted")
+
             os.environ.setdefault("WANDB_SILENT", "true")
-            self._run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode,
-                                   dir=str(run_dir), config=config, name=name, reinit="finish_previous")
+            self._run = wandb.init(project=clean(cfg.project), entity=clean(cfg.entity),
+                                   mode=cfg.mode, dir=str(run_dir), config=redact(config),
+                                   name=clean(name), reinit="finish_previous")
         except Exception as exc:  # tracking must never take a training run down
             log.warning("wandb disabled: %s", str(exc).splitlines()[0] if str(exc) else exc)
             self._run = None
