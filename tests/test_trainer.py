@@ -335,3 +335,28 @@ def test_prompt_tuning_shifts_positions_to_real_tokens(setup):
     losses = [h["loss"] for h in result.history]
     assert losses[0] == pytest.approx(float(total) / count, rel=1e-5)
     assert losses[-1] < losses[0]
+
+
+class _AccessLog(list):
+    """A list of items that records the order in which the loop first reads each index."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.first_reads = []
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index not in self.first_reads:
+            self.first_reads.append(index)
+        return super().__getitem__(index)
+
+
+def test_first_epoch_order_is_the_loops_read_order(setup):
+    """The distributed teacher stage extracts in ``first_epoch_order``; if the loop read items in
+    another order, pipelined training would wait on shards extracted last."""
+    from ia2dist.student.trainer import first_epoch_order
+
+    items = _AccessLog(setup["cls"] + setup["cls"])
+    train(lora_student(setup["base"]), items, [], "sft", cfg(max_steps=3, batch_size=2,
+          micro_batch_size=2, epochs=1), seed=11, validate_items=False)
+    assert items.first_reads == first_epoch_order(len(items), 11)[:len(items.first_reads)]
+    assert len(items.first_reads) == 6

@@ -267,6 +267,11 @@ class _Pump:
             thread.start()
 
     def _produce(self) -> None:
+        from tqdm import tqdm
+
+        size = self.stage.options.shard_size
+        bar = tqdm(total=sum(math.ceil(len(u[1]) / size) for u in self.units), desc="teacher shards",
+                   unit="shard")
         try:
             for broker, prompts, uids, cache_dir, meta in self.units:
                 self._current = broker
@@ -274,6 +279,7 @@ class _Pump:
                     if self.first_shard_at is None:
                         self.first_shard_at = time.perf_counter()
                     broker.put.remote(index, [ref])
+                    bar.update(1)
                     if self.eager_release:  # stage after stage: the broker's ref keeps the shard
                         self.stage.release(index)
                 stats = self.stage.stats
@@ -287,6 +293,7 @@ class _Pump:
             for broker, *_ in self.units:
                 broker.fail.remote(message)
         finally:
+            bar.close()
             self.finished = time.perf_counter()
             self._done.set()
 
