@@ -1,0 +1,186 @@
+"""The SLURM launchers on a real SLURM cluster: slurmctld + two slurmd "nodes" on this host, started
+by the project's own slurm/local/up.sh (installs Debian's slurm-wlm + munge when missing; needs
+root). The project's sbatch scripts are submitted as users submit them, for a tiny run:
+
+* one node: the Ray bootstrap with a head only, the run completes with an adapter and metrics;
+* two nodes: the head plus one worker joined via srun (the job log says 2/2 nodes joined);
+* requeue: `scontrol requeue` of the running job after its first teacher shard is on disk; the job
+  starts again, resumes, completes, and the teacher shards written before the requeue are reused
+  (same files, not extracted again). Training itself restarts: checkpoint resume is not built yet.
+
+The jobs are submitted together and run side by side (the cluster advertises more CPUs than the
+host has), so the tier takes about as long as its longest job. Skips only when SLURM cannot be
+installed or started here (not root, no apt).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "data"
+UP, DOWN, WAIT = (REPO / "slurm" / "local" / f"{n}.sh" for n in ("up", "down", "wait"))
+BASE = "/tmp/ia2dist-slurm-test"
+
+
+def _tiny(*extra):
+    return " ".join([
+        "model.name_or_path=tiny:llama", "data.task=sst2",
+        f"data.train_path={FIXTURES / 'sst2_train.jsonl'}",
+        f"data.eval_path={FIXTURES / 'sst2_validation.jsonl'}",
+        "data.num_train=[4]", "data.seeds=[0]", "train.epochs=2", "train.micro_batch_size=2",
+        "train.methods=[ia2_then_sft]", "eval.similarity_items=4", "wandb.mode=disabled", *extra])
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A running 2-node local SLURM cluster; yields the environment for its clients."""
+    if os.geteuid() != 0:
+        pytest.skip("SLURM tier: slurm/local/up.sh must run as root (apt, daemons)")
+    env = {**os.environ, "IA2_SLURM_BASE": BASE, "IA2_SLURM_NODES": "2", "IA2_SLURM_CPUS": "8",
+           "IA2_SLURM_MEM_MB": "16000", "IA2_SLURM_PORT": "16917"}
+    up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        if shutil.which("apt-get") is None or "Unable to locate package" in up.stderr:
+            pytest.skip(f"SLURM tier: slurm-wlm/munge cannot be installed here: {up.stderr[-300:]}")
+        pytest.fail(f"slurm/local/up.sh failed:\n{up.stderr[-3000:]}")
+    env["SLURM_CONF"] = f"{BASE}/etc/slurm.conf"
+    env.update(RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".torch_ext"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", IA2_RAY_TOKEN_DIR=str(tmp_path_factory.mktemp("auth")))
+    yield env
+    subprocess.run(["bash", str(DOWN), "--purge"], env=env, capture_output=True, timeout=300)
+
+
+def _submit(env, script, out_dir: Path, run_dir: Path, *sbatch_args, extra=""):
+    out_dir.mkdir(parents=True, exist_ok=True)  # --output into a missing dir fails silently
+    job_env = {**env, "CONFIG": "", "RUN_DIR": str(run_dir), "EXTRA": _tiny(extra)}
+    done = subprocess.run(["sbatch", "--parsable", f"--output={out_dir}/%x-%j.out", *sbatch_args,
+                           str(REPO / "slurm" / script)], env=job_env, cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip().split(";")[0]
+
+
+def _wait(env, job, timeout_s=420):
+    done = subprocess.run(["bash", str(WAIT), job, str(timeout_s)], env=env, capture_output=True,
+                          text=True)
+    return done.stdout.strip()
+
+
+def _log(out_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(out_dir.glob("*.out")))
+
+
+def _shard_ids(run_dir: Path) -> dict:
+    shards = run_dir / "N4_seed0" / "teacher_shards"
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(shards.glob("shard_*/manifest.json"))} if shards.is_dir() else {}
+
+
+def _assert_finished_run(run_dir: Path):
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+    method = run_dir / "N4_seed0" / "ia2_then_sft"
+    assert (method / "adapter_model.safetensors").stat().st_size > 0
+    assert "accuracy" in json.loads((method / "metrics.json").read_text())
+    assert (run_dir / "metrics.json").is_file() and "ia2_then_sft" in (run_dir / "summary.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, tmp_path_factory):
+    """Submit the three jobs at once; each test waits for its own."""
+    root = tmp_path_factory.mktemp("slurm")
+    out = {}
+    for name, script, args in (
+            ("one", "ia2dist_ray.sbatch", ["--nodes=1", "--cpus-per-task=4"]),
+            ("two", "ia2dist_ray.sbatch", ["--nodes=2", "--cpus-per-task=2"]),
+            ("requeue", "ia2dist_single.sbatch", ["--cpus-per-task=4"])):
+        out[name] = (_submit(slurm, script, root / name / "logs", root / name / "run", *args),
+                     root / name / "logs", root / name / "run")
+    watcher = _Requeuer(slurm, *out["requeue"])
+    watcher.start()
+    out["requeuer"] = watcher
+    yield out
+    watcher.join(timeout=5)
+
+
+class _Requeuer(threading.Thread):
+    """Requeues the job once its first teacher shard is on disk (while it trains); records the
+    shard files' identities at that moment."""
+
+    def __init__(self, env, job, logs, run_dir, timeout_s=300):
+        super().__init__(daemon=True)
+        self.env, self.job, self.run_dir, self.timeout_s = env, job, run_dir, timeout_s
+        self.before, self.error = {}, None
+
+    def run(self):
+        deadline = time.monotonic() + self.timeout_s
+        while not _shard_ids(self.run_dir):
+            if time.monotonic() > deadline:
+                self.error = "no teacher shard appeared"
+                return
+            time.sleep(0.2)
+        self.before = _shard_ids(self.run_dir)
+        state = subprocess.run(["scontrol", "show", "job", self.job], env=self.env,
+                               capture_output=True, text=True).stdout
+        if "JobState=RUNNING" not in state:
+            self.error = f"job not running when its shard appeared: {state[:200]}"
+            return
+        done = subprocess.run(["scontrol", "requeue", self.job], env=self.env, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            self.error = f"scontrol requeue failed: {done.stderr}"
+
+
+def test_one_node_ray_job_completes(slurm, jobs):
+    """ia2dist_ray.sbatch on one node: Ray head with token auth, the tiny run, adapter + metrics,
+    the cluster torn down and the per-job token deleted."""
+    job, logs, run_dir = jobs["one"]
+    state = _wait(slurm, job)
+    log = _log(logs)
+    assert state == "COMPLETED 0:0", log[-4000:]
+    assert "ray cluster: 1/1 nodes joined" in log
+    assert "Ray token authentication on" in log
+    _assert_finished_run(run_dir)
+    assert not list(Path(slurm["IA2_RAY_TOKEN_DIR"]).glob(f"job-{job}.token"))
+    assert not Path(f"/tmp/ray_{job}_0").exists()
+    token_lines = [line for line in log.splitlines() if len(line) >= 64]
+    assert not any(part.isalnum() and len(part) == 64 for line in token_lines for part in line.split())
+
+
+def test_two_node_ray_job_bootstraps_and_completes(slurm, jobs):
+    """ia2dist_ray.sbatch on two SLURM nodes: the worker joins the head through srun (the job log
+    shows 2/2 nodes) and the run on that cluster completes."""
+    job, logs, run_dir = jobs["two"]
+    state = _wait(slurm, job)
+    log = _log(logs)
+    assert state == "COMPLETED 0:0", log[-4000:]
+    assert "ray cluster: 2/2 nodes joined" in log
+    assert "Ray head on node1" in log
+    _assert_finished_run(run_dir)
+    assert not Path(f"/tmp/ray_{job}_1").exists()
+
+
+def test_requeued_job_resumes_and_reuses_teacher_shards(slurm, jobs):
+    """`scontrol requeue` while the job trains: the job restarts (SLURM_RESTART_COUNT=1), resumes in
+    the same run dir and completes; the teacher shards written before the requeue are the same files
+    afterwards (reused, not extracted again). Training restarts from scratch (no checkpoints yet)."""
+    job, logs, run_dir = jobs["requeue"]
+    requeuer = jobs["requeuer"]
+    requeuer.join(timeout=360)
+    assert requeuer.error is None and requeuer.before, (requeuer.error, _log(logs)[-4000:])
+    state = _wait(slurm, job)
+    log = _log(logs)
+    assert state == "COMPLETED 0:0", log[-4000:]
+    assert "start 2 on" in log and "SIGTERM: stopping the run" in log
+    assert "resuming in" in log
+    _assert_finished_run(run_dir)
+    after = _shard_ids(run_dir)
+    assert all(after.get(name) == ident for name, ident in requeuer.before.items())
