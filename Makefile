@@ -15,11 +15,12 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
-.PHONY: venv demo test test-fast clean help
+.PHONY: venv demo test test-fast bench bench-quick clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make bench  - run the CPU benchmarks (results in benchmarks/results/latest.{json,md})"
 
 venv: $(STAMP)
 
@@ -39,6 +40,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# CPU set in under 10 minutes on 2 cores; the GPU tier runs too when CUDA is available.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.run_all --quick --out benchmarks/results/quick
 
 clean:
 	rm -rf $(VENV) .torch_ext .pytest_cache
