@@ -374,12 +374,9 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
                 model = exp.train_method(unit, method, records, tracker)
                 results.append(exp.evaluate(model, unit, method, False, sim))
                 del model
-        summary = write_report(exp, results)
-        tracker.summary(summary)
-        tracker.log_images({name: exp.run_dir / f"{name}.png"
-                            for name in ("reliability", "similarity", "accuracy", "ece")})
+        _report_and_track(exp, results, tracker)
     try:
-        _guarded(exp, body)
+        _run_guarded(exp, body)
     finally:
         tracker.finish()
     return exp.run_dir
@@ -410,15 +407,19 @@ def _run_all_ray(exp: Experiment) -> Path:
 
         backend.train_units(exp.units, list(cfg.train.methods), on_trained=evaluate)
         write_json_atomic(exp.run_dir / "distributed_stats.json", backend.stats)
-        summary = write_report(exp, results)
-        tracker.summary(summary)
-        tracker.log_images({name: exp.run_dir / f"{name}.png"
-                            for name in ("reliability", "similarity", "accuracy", "ece")})
+        _report_and_track(exp, results, tracker)
     try:
         _run_guarded(exp, body)
     finally:
         tracker.finish()
     return exp.run_dir
+
+
+def _report_and_track(exp: Experiment, results: list[dict], tracker) -> None:
+    """The report in the run directory, and the same metrics and figures to wandb."""
+    tracker.summary(write_report(exp, results))
+    tracker.log_images({name: exp.run_dir / f"{name}.png"
+                        for name in ("reliability", "similarity", "accuracy", "ece")})
 
 
 def write_report(exp: Experiment, results: list[dict]) -> dict:
