@@ -252,7 +252,9 @@ def _start(cfg: RunConfig, overwrite: bool, fresh: bool, prepare=None) -> Experi
     return exp
 
 
-def _guarded(exp: Experiment, body) -> None:
+def _guarded(exp: Experiment, body, tracker=None) -> None:
+    """Run ``body`` with status.json saying running -> complete (or failed, with the error), then
+    always close the distributed backend and the tracker."""
     rundir.set_status(exp.run_dir, "running")
     try:
         body()
@@ -260,6 +262,11 @@ def _guarded(exp: Experiment, body) -> None:
         rundir.set_status(exp.run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else
                           type(exc).__name__)
         raise
+    finally:
+        if exp.backend is not None:
+            exp.backend.close()
+        if tracker is not None:
+            tracker.finish()
     rundir.set_status(exp.run_dir, "complete")
 
 
@@ -275,7 +282,7 @@ def run_extract(cfg: RunConfig, overwrite: bool = False) -> Path:
                 exp.teacher_records(unit)
             if cfg.eval.similarity:
                 exp.similarity_records(unit)
-    _run_guarded(exp, body)
+    _guarded(exp, body)
     return exp.run_dir
 
 
@@ -287,15 +294,6 @@ def _ray_backend(exp: Experiment):
     from ia2dist.orchestration.driver import RayBackend
 
     return RayBackend(exp)
-
-
-def _run_guarded(exp: Experiment, body) -> None:
-    """``_guarded`` plus shutting the distributed backend down, whatever happens."""
-    try:
-        _guarded(exp, body)
-    finally:
-        if exp.backend is not None:
-            exp.backend.close()
 
 
 def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool = False) -> Path:
@@ -319,7 +317,7 @@ def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool 
             records = exp.teacher_records(unit)
             for method in methods:
                 exp.train_method(unit, method, records)
-    _run_guarded(exp, body)
+    _guarded(exp, body)
     return exp.run_dir
 
 
@@ -375,10 +373,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
                 results.append(exp.evaluate(model, unit, method, False, sim))
                 del model
         _report_and_track(exp, results, tracker)
-    try:
-        _run_guarded(exp, body)
-    finally:
-        tracker.finish()
+    _guarded(exp, body, tracker)
     return exp.run_dir
 
 
@@ -408,10 +403,7 @@ def _run_all_ray(exp: Experiment) -> Path:
         backend.train_units(exp.units, list(cfg.train.methods), on_trained=evaluate)
         write_json_atomic(exp.run_dir / "distributed_stats.json", backend.stats)
         _report_and_track(exp, results, tracker)
-    try:
-        _run_guarded(exp, body)
-    finally:
-        tracker.finish()
+    _guarded(exp, body, tracker)
     return exp.run_dir
 
 
@@ -452,13 +444,3 @@ def _embedded_section(cache_dir: str | None) -> str:
              "| label-set accuracy | " + " | ".join(f"{v['accuracy']:.3f}" for v in rows.values()) + " |",
              "| top-1 accuracy | " + " | ".join(f"{v['top1']:.3f}" for v in rows.values()) + " |", ""]
     return "\n".join(lines)
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(type(obj).__name__)
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, default=_json_default)
