@@ -15,7 +15,8 @@ VERBS = {
     "extract": "extract ICL teacher responses and per-layer activations for every (N, seed)",
     "train": "train methods on the teacher outputs (extracting them first when absent)",
     "eval": "evaluate baselines and the trained methods of a run directory, write the report",
-    "run": "the whole experiment: extract -> train each method -> eval -> report",
+    "run": "the whole experiment: extract -> train each method -> eval -> report; on a run_dir "
+           "it made before, resume it (finished work reused, jobs continue from checkpoints)",
 }
 
 EPILOG = """\
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         if verb == "train":
             p.add_argument("--method", action="append", metavar="METHOD",
                            help="method to train (repeatable); default: train.methods from config")
+        if verb in ("train", "run"):
+            p.add_argument("--resume-from", metavar="CHECKPOINT",
+                           help="continue the job this checkpoint belongs to from it (e.g. "
+                                "RUN/N4_seed0/checkpoints/ia2/p0_s0000050) instead of from the job's "
+                                "latest checkpoint; other jobs resume from their latest as usual")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit without running")
     return parser
@@ -90,11 +96,12 @@ def _dispatch(ns) -> int:
     if ns.verb == "extract":
         out = pipeline.run_extract(cfg, overwrite=ns.overwrite)
     elif ns.verb == "train":
-        out = pipeline.run_train(cfg, methods=ns.method, overwrite=ns.overwrite)
+        out = pipeline.run_train(cfg, methods=ns.method, overwrite=ns.overwrite,
+                                 resume_from=ns.resume_from)
     elif ns.verb == "eval":
         out = pipeline.run_eval(cfg, overwrite=ns.overwrite)
     else:
-        out = pipeline.run_all(cfg, overwrite=ns.overwrite)
+        out = pipeline.run_all(cfg, overwrite=ns.overwrite, resume_from=ns.resume_from)
     final = out / "summary.md"
     print(f"done: {final if final.exists() else out}")
     return 0

@@ -126,6 +126,11 @@ class TrainConfig:
     max_steps: int | None = None
     """Cap on optimizer steps per phase (None: epochs decide)."""
     grad_clip: float | None = None
+    checkpoint_every: int = 50
+    """Optimizer steps between checkpoints inside a phase (each phase end is always checkpointed;
+    0: phase ends only; -1: no checkpoints). A rerun of the same run_dir resumes from them."""
+    checkpoint_keep: int = 2
+    """Complete checkpoints kept per (N, seed, method) job; older ones are deleted."""
 
 
 @dataclass(kw_only=True)
@@ -191,6 +196,9 @@ class DistConfig:
     """Object store size of a local Ray (None: Ray's default); spills to disk beyond it."""
     num_cpus: int | None = None
     """CPUs a local Ray advertises (None: enough for the teacher actors and workers)."""
+    max_failures: int = 2
+    """Student worker failures tolerated: the Ray Train worker group restarts and every job
+    continues from its latest checkpoint (0: the first failure fails the run)."""
 
 
 @dataclass(kw_only=True)
@@ -367,6 +375,10 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("train.eval_every: must be >= 1")
     if t.patience < 0:
         p.append("train.patience: must be >= 0 (0 disables early stopping)")
+    if t.checkpoint_every < -1:
+        p.append("train.checkpoint_every: must be >= 0 steps (0: phase ends only) or -1 (none)")
+    if t.checkpoint_keep < 1:
+        p.append("train.checkpoint_keep: must be >= 1")
     a = t.adapter
     if a.type in ("lora",) and (a.r < 1 or a.alpha <= 0):
         p.append("train.adapter.r/alpha: must be positive for LoRA")
@@ -399,6 +411,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("dist.teacher_actors: must be >= 1")
     if d.shard_size < 1:
         p.append("dist.shard_size: must be >= 1")
+    if d.max_failures < 0:
+        p.append("dist.max_failures: must be >= 0")
     if d.teacher_gpus < 0 or d.teacher_cpus < 0 or d.cpus_per_worker <= 0:
         p.append("dist.teacher_gpus/teacher_cpus/cpus_per_worker: must be >= 0 (cpus_per_worker > 0)")
     if d.teacher_gpus > 1 and d.teacher_gpus != int(d.teacher_gpus):

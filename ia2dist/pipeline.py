@@ -63,6 +63,8 @@ class Experiment:
         self.max_new_tokens = cfg.extract.max_new_tokens or self.spec.max_new_tokens
         self.units = [self._make_unit(n, r) for n in cfg.data.num_train for r in cfg.data.seeds]
         self.eval_items = self.task.eval_items
+        self.resume_from = None
+        self.resuming = False
         if not self.eval_items:
             raise IA2Error(f"data: task {self.spec.name} has no evaluation items; set data.eval_path")
 
@@ -152,6 +154,44 @@ class Experiment:
         return [StudentItem(uid=ex.uid, prompt_ids=ids, target_ids=self.target_ids(ex, rec), teacher=rec)
                 for ex, ids, rec in zip(examples, prompt_ids, records)]
 
+    # ------------------------------------------------------------------ checkpoints
+    def job_identity(self, unit: Unit, method: str) -> dict:
+        """What a job's checkpoint must agree on to be resumed (see ``ia2dist.checkpoint``)."""
+        d = to_dict(self.cfg)
+        skip = {"model": ("device", "cache_dir"), "data": ("num_train", "seeds"),
+                "extract": ("batch_size",),
+                "train": ("methods", "checkpoint_every", "checkpoint_keep", "micro_batch_size")}
+        sections = {name: {k: v for k, v in d[name].items() if k not in skip[name]} for name in skip}
+        return {"method": method, "n": unit.n, "seed": unit.seed, "run_seed": self.cfg.seed,
+                **sections}
+
+    def checkpoint_options(self, unit: Unit, method: str) -> dict | None:
+        """Keyword arguments of ``Checkpointer`` for a job (None: checkpoints are off)."""
+        t = self.cfg.train
+        if t.checkpoint_every < 0:
+            return None
+        explicit = None
+        if self.resume_from is not None and self.resume_from[0] == (unit.n, unit.seed, method):
+            explicit = str(self.resume_from[1])
+        return {"root": str((unit.dir / "checkpoints" / method).resolve()),
+                "every": t.checkpoint_every, "keep": t.checkpoint_keep,
+                "identity": self.job_identity(unit, method), "resume_from": explicit}
+
+    def set_resume_from(self, path: str | None) -> None:
+        """--resume-from CHECKPOINT: that job continues from it instead of its latest checkpoint."""
+        self.resume_from = None
+        if path is None:
+            return
+        from ia2dist.checkpoint import read_identity
+
+        ident = read_identity(Path(path).expanduser())["identity"]
+        key = (ident.get("n"), ident.get("seed"), ident.get("method"))
+        if not any((u.n, u.seed) == key[:2] for u in self.units) or key[2] not in self.cfg.train.methods:
+            raise IA2Error(f"--resume-from: {path} is a checkpoint of N={key[0]} seed={key[1]} "
+                           f"{key[2]}, which this run does not train; check data.num_train, "
+                           "data.seeds and train.methods")
+        self.resume_from = (key, Path(path).expanduser().resolve())
+
     def new_student(self, unit: Unit):
         from ia2dist.modeling import apply_adapter
 
@@ -176,8 +216,12 @@ class Experiment:
 
         log.info("N=%d seed=%d: training %s on %d examples (%d dev)", unit.n, unit.seed, method,
                  len(train_items), len(dev_items))
+        from ia2dist.checkpoint import Checkpointer
+
+        options = self.checkpoint_options(unit, method)
         result = train(model, train_items, dev_items, method, self.cfg.train,
-                       seed=self.cfg.seed * 1000 + unit.seed, log=log_step, progress=True)
+                       seed=self.cfg.seed * 1000 + unit.seed, log=log_step, progress=True,
+                       checkpointer=Checkpointer(**options) if options is not None else None)
         final = unit.dir / method
         tmp = rundir.staging_dir(final)
         save_trained(model, tmp)
@@ -186,6 +230,20 @@ class Experiment:
         return model
 
     # ------------------------------------------------------------------ evaluation
+    def evaluate_once(self, get_model, unit: Unit, name: str, with_demos: bool,
+                      sim_records: list[TeacherRecord] | None) -> dict:
+        """``evaluate``, or on a resumed run the metrics an earlier attempt already wrote."""
+        path = unit.dir / name / "metrics.json"
+        if self.resuming and path.is_file():
+            log.info("N=%d seed=%d %-14s metrics from the earlier attempt", unit.n, unit.seed, name)
+            return json.loads(path.read_text())
+        return self.evaluate(get_model(), unit, name, with_demos, sim_records)
+
+    def trained_dir(self, unit: Unit, method: str) -> Path | None:
+        """The method's published folder when an earlier attempt finished training it."""
+        final = unit.dir / method
+        return final if (final / "history.json").is_file() else None
+
     def evaluate(self, model, unit: Unit, name: str, with_demos: bool,
                  sim_records: list[TeacherRecord] | None) -> dict:
         from ia2dist.data.prompts import student_prompt, teacher_prompt
@@ -229,27 +287,49 @@ class Experiment:
 
 # ---------------------------------------------------------------------- verbs
 
-def _start(cfg: RunConfig, overwrite: bool, fresh: bool, prepare=None) -> Experiment:
+def _start(cfg: RunConfig, overwrite: bool, fresh: bool, prepare=None,
+           resume_from: str | None = None) -> Experiment:
     """Validate everything that can fail on user input BEFORE writing anything. ``prepare(exp)``
     runs last before the run directory is created (e.g. connecting to the Ray cluster) and its
-    result is stored as ``exp.backend``."""
+    result is stored as ``exp.backend``. ``fresh`` verbs (extract, run) resume a run directory they
+    made earlier when its config matches (``exp.resuming``)."""
     run_dir = Path(cfg.run_dir).expanduser()
-    if fresh:
+    resuming = False
+    if fresh and not overwrite and rundir.is_run_dir(run_dir):
+        rundir.check_resumable(run_dir, cfg)
+        resuming = True
+    elif fresh:
         rundir.check_fresh_run_dir(run_dir, overwrite)
     else:
         rundir.check_existing_run_dir(run_dir, cfg)
     rundir.setup_logging(None)
     exp = Experiment(cfg)
+    exp.resuming = resuming
+    exp.set_resume_from(resume_from)
     exp.check_context()
     exp.backend = prepare(exp) if prepare is not None else None
-    if fresh:
+    if fresh and not resuming:
         rundir.create_run_dir(run_dir, cfg, overwrite)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.yaml").exists():
             rundir.save_config(run_dir, cfg)
     rundir.setup_logging(run_dir)
+    if resuming:
+        log.info("resuming %s (status was %s): finished work is reused, unfinished jobs continue "
+                 "from their latest checkpoints", run_dir, rundir.read_status(run_dir))
     return exp
+
+
+def _already_complete(cfg: RunConfig, overwrite: bool) -> Path | None:
+    """The run directory when it holds a COMPLETE run of this config (nothing to do)."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    if overwrite or not rundir.is_run_dir(run_dir) or rundir.read_status(run_dir) != "complete":
+        return None
+    rundir.check_resumable(run_dir, cfg)
+    rundir.setup_logging(None)
+    log.info("%s is already complete; nothing to do (--overwrite starts it over)", run_dir)
+    return run_dir
 
 
 def _guarded(exp: Experiment, body, tracker=None) -> None:
@@ -272,6 +352,9 @@ def _guarded(exp: Experiment, body, tracker=None) -> None:
 
 def run_extract(cfg: RunConfig, overwrite: bool = False) -> Path:
     """`ia2dist extract`: teacher responses + activations for every (N, seed)."""
+    done = _already_complete(cfg, overwrite)
+    if done is not None:
+        return done
     exp = _start(cfg, overwrite, fresh=True, prepare=_ray_backend if _is_ray(cfg) else None)
 
     def body():
@@ -296,7 +379,8 @@ def _ray_backend(exp: Experiment):
     return RayBackend(exp)
 
 
-def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool = False) -> Path:
+def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool = False,
+              resume_from: str | None = None) -> Path:
     """`ia2dist train`: train methods (teacher cache reused or extracted) without evaluating."""
     methods = methods or list(cfg.train.methods)
     run_dir = Path(cfg.run_dir).expanduser()
@@ -307,7 +391,14 @@ def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool 
                 if path.exists() and not overwrite:
                     raise IA2Error(f"{path} already exists; pass --overwrite to retrain it or use "
                                    "another run_dir")
-    exp = _start(cfg, overwrite, fresh=False, prepare=_ray_backend if _is_ray(cfg) else None)
+    exp = _start(cfg, overwrite, fresh=False, prepare=_ray_backend if _is_ray(cfg) else None,
+                 resume_from=resume_from)
+    if overwrite:  # retraining from scratch: older checkpoints of these jobs must not be resumed
+        import shutil
+
+        for unit in exp.units:
+            for method in methods:
+                shutil.rmtree(unit.dir / "checkpoints" / method, ignore_errors=True)
 
     def body():
         if exp.backend is not None:
@@ -347,19 +438,26 @@ def run_eval(cfg: RunConfig, overwrite: bool = False) -> Path:
 def _eval_baselines(exp: Experiment, unit: Unit, sim: list[TeacherRecord] | None) -> list[dict]:
     out = []
     if "base" in exp.cfg.baselines:
-        out.append(exp.evaluate(exp.base, unit, "base", False, sim))
+        out.append(exp.evaluate_once(lambda: exp.base, unit, "base", False, sim))
     if "icl" in exp.cfg.baselines:
-        out.append(exp.evaluate(exp.base, unit, "icl", True, None))
+        out.append(exp.evaluate_once(lambda: exp.base, unit, "icl", True, None))
     return out
 
 
-def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
-    """`ia2dist run`: the whole experiment, ending with the report."""
+def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = None) -> Path:
+    """`ia2dist run`: the whole experiment, ending with the report. On a run directory it made
+    before (same config), it resumes: finished teacher shards, methods and metrics are reused and
+    unfinished methods continue from their latest checkpoint (or ``resume_from``)."""
+    from ia2dist.modeling import load_trained
     from ia2dist.tracking import Tracker
 
+    done = _already_complete(cfg, overwrite)
+    if done is not None and resume_from is None:
+        return done
     if _is_ray(cfg):
-        return _run_all_ray(_start(cfg, overwrite, fresh=True, prepare=_ray_backend))
-    exp = _start(cfg, overwrite, fresh=True)
+        return _run_all_ray(_start(cfg, overwrite, fresh=True, prepare=_ray_backend,
+                                   resume_from=resume_from))
+    exp = _start(cfg, overwrite, fresh=True, resume_from=resume_from)
     tracker = Tracker(cfg.wandb, exp.run_dir, to_dict(cfg), name=exp.run_dir.name)
 
     def body():
@@ -369,6 +467,13 @@ def run_all(cfg: RunConfig, overwrite: bool = False) -> Path:
             sim = exp.similarity_records(unit) if cfg.eval.similarity else None
             results += _eval_baselines(exp, unit, sim)
             for method in cfg.train.methods:
+                trained = exp.trained_dir(unit, method)
+                if trained is not None:
+                    log.info("N=%d seed=%d: %s was trained by an earlier attempt", unit.n,
+                             unit.seed, method)
+                    results.append(exp.evaluate_once(lambda: load_trained(exp.base, trained), unit,
+                                                     method, False, sim))
+                    continue
                 model = exp.train_method(unit, method, records, tracker)
                 results.append(exp.evaluate(model, unit, method, False, sim))
                 del model
@@ -397,8 +502,8 @@ def _run_all_ray(exp: Experiment) -> Path:
             for row in history:
                 tracker.log({f"N{unit.n}/seed{unit.seed}/{method}/{k}": v for k, v in row.items()
                              if isinstance(v, (int, float))})
-            model = load_trained(exp.base, method_dir)
-            results.append(exp.evaluate(model, unit, method, False, sims[unit.dir]))
+            results.append(exp.evaluate_once(lambda: load_trained(exp.base, method_dir), unit,
+                                             method, False, sims[unit.dir]))
 
         backend.train_units(exp.units, list(cfg.train.methods), on_trained=evaluate)
         write_json_atomic(exp.run_dir / "distributed_stats.json", backend.stats)

@@ -82,6 +82,57 @@ def check_existing_run_dir(run_dir: Path, cfg: RunConfig) -> None:
                        "use the same settings or another run_dir")
 
 
+#: Config fields that may change when a run is resumed (placement, tracking, checkpoint cadence).
+RESUME_MAY_CHANGE = ("dist", "wandb", "run_dir", "train.checkpoint_every", "train.checkpoint_keep",
+                     "train.micro_batch_size", "extract.batch_size", "eval.batch_size",
+                     "model.device", "model.cache_dir")
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """A directory made by ``ia2dist run``/``extract`` (it holds the saved config)."""
+    return (run_dir / "config.yaml").is_file() and (run_dir / "config_hash.txt").is_file()
+
+
+def read_status(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    """Resuming ``run_dir`` needs the config it was started with (up to ``RESUME_MAY_CHANGE``);
+    otherwise fail listing every difference."""
+    import yaml
+
+    _check_writable(run_dir)
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise IA2Error(f"{run_dir / 'config.yaml'}: unreadable ({exc}); the run cannot be resumed, "
+                       "use another run_dir") from None
+    diffs = _differences(saved, to_dict(cfg), "")
+    if diffs:
+        raise IA2Error(f"run_dir: {run_dir} holds a run with a different config, it cannot be "
+                       f"resumed with this one ({'; '.join(diffs)}); use its config "
+                       f"({run_dir / 'config.yaml'}), another run_dir, or --overwrite to replace it")
+
+
+def _differences(old, new, prefix: str) -> list[str]:
+    if prefix.rstrip(".") in RESUME_MAY_CHANGE:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    if old != new and not (old == "<redacted>"):
+        return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+    return []
+
+
 def create_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
     """Make (or replace, with overwrite) the run directory and save the resolved config."""
     if overwrite and run_dir.exists():

@@ -25,6 +25,10 @@ way.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -52,6 +56,8 @@ class DeepSpeedEngine:
     ds_config: a template (dict or JSON path, e.g. ds_configs/zero3.json), filled by
         ``fill_ds_config`` from ``train_cfg``, ``model_dtype`` and the world size.
     """
+
+    kind = "deepspeed"
 
     def __init__(self, model: nn.Module, train_cfg: TrainConfig,
                  ds_config: dict | str | os.PathLike, *, model_dtype: str = "float32"):
@@ -141,9 +147,59 @@ class DeepSpeedEngine:
                 self.model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         dist.barrier()
 
+    # ------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """DeepSpeed's own checkpoint of this engine under ``path/ds`` (every rank writes its ZeRO
+        partition of the fp32 master weights and optimiser state; frozen base weights are not
+        saved). Collective."""
+        self.ds.save_checkpoint(os.fspath(path), tag="ds", client_state={}, save_latest=False,
+                                exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, path: str | os.PathLike, saved_world_size: int) -> None:
+        """Restore weights and optimiser state saved by ``save_checkpoint``. From another world size
+        the checkpoint is first converted to DeepSpeed's universal format (once, next to it), then
+        loaded with ``load_universal``. Collective."""
+        path = Path(path)
+        load_dir, tag = path, "ds"
+        if saved_world_size != self.world_size:
+            load_dir, tag = universal_checkpoint(path, self.rank), "universal"
+            self.ds._config.load_universal_checkpoint = True
+        try:
+            loaded, _ = self.ds.load_checkpoint(os.fspath(load_dir), tag=tag, load_module_strict=False,
+                                                load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if loaded is None:
+            raise IA2Error(f"{path}: DeepSpeed could not load the checkpoint; delete it to fall back "
+                           "to the previous one")
+
     def destroy(self) -> None:
         """Release DeepSpeed's hooks and buffers (the model keeps its current weights)."""
         self.ds.destroy()
+
+
+def universal_checkpoint(engine_dir: Path, rank: int) -> Path:
+    """``engine_dir/../.universal/`` holding ``universal/``: the DeepSpeed checkpoint in
+    ``engine_dir/ds`` converted by ``deepspeed.checkpoint.ds_to_universal`` (rank 0 converts into a
+    temporary folder and renames it; every rank waits). Loadable on any world size."""
+    out_root = engine_dir.parent.parent / f".{engine_dir.parent.name}.universal"
+    if rank == 0 and not (out_root / "universal").is_dir():
+        tmp = out_root.with_name(out_root.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.fspath(engine_dir / "ds"), "--output_folder", os.fspath(tmp / "universal"),
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise IA2Error(f"converting {engine_dir} to a universal checkpoint failed: {tail[0]}; "
+                           f"resume with the world size it was written with")
+        shutil.rmtree(out_root, ignore_errors=True)
+        os.replace(tmp, out_root)
+    dist.barrier()
+    return out_root
 
 
 class DeepSpeedEngineFactory:

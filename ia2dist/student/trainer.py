@@ -26,14 +26,17 @@ state and one collective (``all_reduce_sum``). ``TorchEngine`` is the single-pro
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ia2dist.checkpoint import Checkpointer, LoopState, Resume, restore_rng
 from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
@@ -76,6 +79,8 @@ class Engine(Protocol):
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def save_checkpoint(self, path: Path) -> None: ...
+    def load_checkpoint(self, path: Path, saved_world_size: int) -> None: ...
 
 
 class TorchEngine:
@@ -87,6 +92,7 @@ class TorchEngine:
 
     rank = 0
     world_size = 1
+    kind = "torch"
 
     def __init__(self, model: nn.Module, optimizer: str = "adam", lr: float = 1e-3,
                  weight_decay: float = 0.0, grad_clip: float | None = None):
@@ -139,6 +145,44 @@ class TorchEngine:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def save_checkpoint(self, path: Path) -> None:
+        """Trainable weights and the optimiser state as safetensors (+ JSON for hyper-parameters)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in self.params.items()},
+                  str(path / "trainable.safetensors"))
+        names = list(self.params)
+        sd = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, slots in sd["state"].items():
+            for slot, value in slots.items():
+                key = f"{names[index]}::{slot}"
+                if torch.is_tensor(value):
+                    tensors[key] = value.detach().contiguous()
+                else:
+                    scalars[key] = value
+        save_file(tensors, str(path / "optimizer.safetensors"))
+        (path / "optimizer.json").write_text(json.dumps(
+            {"names": names, "param_groups": sd["param_groups"], "scalars": scalars}))
+
+    def load_checkpoint(self, path: Path, saved_world_size: int = 1) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        self.load_trainable_state(load_file(str(path / "trainable.safetensors")))
+        meta = json.loads((path / "optimizer.json").read_text())
+        if meta["names"] != list(self.params):
+            raise IA2Error(f"{path}: optimiser state is for other parameters; resume with the "
+                           "adapter and model the checkpoint was written with")
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        state: dict[int, dict] = {}
+        for key, value in [*tensors.items(), *meta["scalars"].items()]:
+            name, slot = key.split("::", 1)
+            state.setdefault(meta["names"].index(name), {})[slot] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
 
 @dataclass
 class TrainResult:
@@ -168,7 +212,7 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
           log: Callable[[dict], None] | None = None, progress: bool = False,
           engine_factory: Callable[[nn.Module, TrainConfig], Engine] = TorchEngine.from_config,
           pad_id: int | None = None, padding_side: str = "right",
-          validate_items: bool = True) -> TrainResult:
+          validate_items: bool = True, checkpointer: Checkpointer | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters in place with ``method`` (see ``METHOD_PHASES``).
 
     Each phase builds a fresh engine (hence a fresh optimiser) with ``engine_factory``. On return
@@ -178,6 +222,9 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     padding_side: right by default; prompt-tuned models are always right-padded.
     validate_items: check every item's teacher record up front; a caller whose items arrive while
         training runs (the pipelined distributed student) validates each record on arrival instead.
+    checkpointer: save the complete loop + engine state every ``checkpointer.every`` steps and at
+        each phase end, and first continue from its newest complete checkpoint when there is one;
+        the resumed run ends with the same weights and history as an uninterrupted one.
     """
     if method not in METHOD_PHASES:
         raise IA2Error(f"train.methods: unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -192,20 +239,57 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
                    pad_id=_pad_id(model) if pad_id is None else pad_id,
                    padding_side="right" if shift else padding_side, num_virtual_tokens=shift,
                    cfg=train_cfg, logits_kwargs=_logits_to_keep_kwargs(model))
+    resume = checkpointer.load() if checkpointer is not None else None
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()
+    if resume is not None:
+        result.history = list(resume.state.history)
+        result.phases = list(resume.state.phases)
     was_training = model.training
     try:
         for index, objective in enumerate(phases):
+            if resume is not None and index < resume.state.phase:
+                continue
             engine = engine_factory(model, train_cfg)
             ctx.device = engine.device
+            start = None
+            if resume is not None and index == resume.state.phase:
+                _check_engine_kind(engine, resume)
+                engine.load_checkpoint(resume.engine_dir, resume.identity.get("world_size", 1))
+                generator.set_state(resume.generator_state)
+                restore_rng(resume)
+                start, resume = resume, None
+                if start.state.phase_done:
+                    continue
             summary = _run_phase(engine, train_items, dev_items, objective, index, ctx, generator,
-                                 result.history, log, progress)
+                                 result, log, progress, checkpointer, start)
             result.phases.append(summary)
+            if checkpointer is not None:
+                state = LoopState(phase=index, phase_done=True, step=summary["steps"], epoch=0,
+                                  position=0, best_dev=None, best_step=None, stale=0,
+                                  stopped=summary["stopped_early"], history=result.history,
+                                  phases=result.phases)
+                checkpointer.save(engine, state, generator, None, _barrier(engine))
     finally:
         model.train(was_training)
     return result
+
+
+def _check_engine_kind(engine: Engine, resume: Resume) -> None:
+    saved = resume.identity.get("engine")
+    kind = getattr(engine, "kind", "torch")
+    if saved is not None and saved != kind:
+        raise IA2Error(f"{resume.path}: written by the {saved} engine, cannot be resumed by the "
+                       f"{kind} engine; resume with the dist.backend it was written with")
+
+
+def _barrier(engine: Engine) -> Callable[[], None]:
+    """A barrier out of the engine's one collective."""
+    def barrier() -> None:
+        if engine.world_size > 1:
+            engine.all_reduce_sum(torch.zeros(1))
+    return barrier
 
 
 def first_epoch_order(num_items: int, seed: int) -> list[int]:
@@ -216,20 +300,32 @@ def first_epoch_order(num_items: int, seed: int) -> list[int]:
 
 
 def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: int, ctx: _Context,
-               generator: torch.Generator, history: list[dict], log, progress: bool) -> dict:
+               generator: torch.Generator, result: TrainResult, log, progress: bool,
+               checkpointer: Checkpointer | None, start: Resume | None) -> dict:
+    """One phase from its start or from a mid-phase checkpoint ``start`` (whose engine state,
+    generator and RNG states are already restored)."""
     cfg = ctx.cfg
+    history = result.history
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     best_dev, best_step, best_state, stale, stopped = math.inf, None, None, 0, False
+    step, position = 0, 0
+    if start is not None:
+        s = start.state
+        step, position, stale, stopped = s.step, s.position, s.stale, s.stopped
+        best_step = s.best_step
+        best_dev = math.inf if s.best_dev is None else s.best_dev
+        best_state = start.best_state
     bar = _progress_bar(total, f"phase {index} ({objective})", progress)
-    step = 0
+    bar.update(step)
     while step < total and not stopped:
         epoch = step // steps_per_epoch
+        epoch_start = generator.get_state()
         order = torch.randperm(len(train_items), generator=generator).tolist()
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = [train_items[i] for i in order[start:start + cfg.batch_size]]
+        for begin in range(position, len(order), cfg.batch_size):
+            chunk = [train_items[i] for i in order[begin:begin + cfg.batch_size]]
             entry = {"phase": index, "objective": objective, "step": step + 1, "epoch": epoch}
             entry.update(_train_step(engine, chunk, objective, ctx))
             step += 1
@@ -248,12 +344,35 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
             bar.set_postfix(loss=f"{entry['loss']:.4g}")
             if stopped or step >= total:
                 break
+            if checkpointer is not None and checkpointer.due(step):
+                next_pos = begin + cfg.batch_size
+                in_epoch = next_pos < len(order)
+                state = LoopState(phase=index, phase_done=False, step=step,
+                                  epoch=epoch if in_epoch else epoch + 1,
+                                  position=next_pos if in_epoch else 0,
+                                  best_dev=None if best_step is None else best_dev,
+                                  best_step=best_step, stale=stale, stopped=stopped,
+                                  history=history, phases=result.phases)
+                # the order of an unfinished epoch is re-drawn from its start state on resume
+                saved_gen = _Gen(epoch_start) if in_epoch else generator
+                checkpointer.save(engine, state, saved_gen, best_state, _barrier(engine))
+        position = 0
     bar.close()
     if best_state is not None:
         engine.load_trainable_state(best_state)
     return {"objective": objective, "best_step": best_step,
             "best_dev": None if best_step is None else best_dev, "stopped_early": stopped,
             "steps": step}
+
+
+class _Gen:
+    """A saved generator state that quacks like a generator for ``Checkpointer.save``."""
+
+    def __init__(self, state: torch.Tensor):
+        self._state = state
+
+    def get_state(self) -> torch.Tensor:
+        return self._state
 
 
 def _train_step(engine: Engine, chunk: list[StudentItem], objective: str, ctx: _Context) -> dict:
