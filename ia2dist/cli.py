@@ -1,7 +1,8 @@
 """Command line: ``ia2dist <verb> [CONFIG.yaml] [key=value ...] [flags]``.
 
 Verbs: extract (teacher responses + activations), train (methods), eval (baselines + trained
-methods, report), run (the whole experiment). Overrides use dotted config paths, e.g.
+methods, report), run (the whole experiment; resumes a run directory it made before), export (a
+checkpoint -> adapter / full model). Overrides use dotted config paths, e.g.
 ``train.lr=3e-4 data.num_train=[2,4,8] model.name_or_path=/models/llama-3.2-1b``.
 Errors caused by input print one line ``error: ...`` and exit with status 2.
 """
@@ -51,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
                                 "latest checkpoint; other jobs resume from their latest as usual")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit without running")
+    exp = sub.add_parser("export", help="turn a training checkpoint into a consolidated PEFT adapter "
+                         "or full HF model (safetensors), optionally merged",
+                         description="Write the student of CHECKPOINT (RUN/N*_seed*/checkpoints/"
+                         "METHOD/NAME, one-process or DeepSpeed ZeRO) as a PEFT adapter or a full "
+                         "model in safetensors, built from the run's saved config.")
+    exp.add_argument("checkpoint", metavar="CHECKPOINT")
+    exp.add_argument("--out", metavar="DIR", help="output directory (default: "
+                     "RUN/exports/N{n}_seed{r}-METHOD-NAME)")
+    exp.add_argument("--merge", action="store_true",
+                     help="also write the base model with the adapter merged in (DIR/merged)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
 
 
@@ -86,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(ns) -> int:
     from ia2dist.config import dump_yaml, load_config
 
+    if ns.verb == "export":
+        from ia2dist.export import export
+
+        out = export(ns.checkpoint, ns.out, merge=ns.merge, overwrite=ns.overwrite)
+        print(f"done: {out}")
+        return 0
     config_path, overrides = _split_args(ns.args)
     cfg = load_config(config_path, overrides)
     if ns.print_config:

@@ -151,7 +151,24 @@ class RayBackend:
         teacher stage extracts unit after unit; then publish each method folder and call
         ``on_trained(unit, method, dir)`` (the driver evaluates there)."""
         exp, d = self.exp, self.exp.cfg.dist
-        inputs = [self._unit_inputs(unit) for unit in units]
+        done, pending = [], {}
+        for unit in units:  # a resumed run: methods an earlier attempt finished are not retrained
+            for method in methods:
+                final, tmp = unit.dir / method, unit.dir / f".{method}.partial"
+                if not (final / "history.json").is_file() and (tmp / "history.json").is_file():
+                    rundir.commit_dir(tmp, final)  # trained, killed before it was published
+                if (final / "history.json").is_file():
+                    log.info("N=%d seed=%d: %s was trained by an earlier attempt", unit.n,
+                             unit.seed, method)
+                    done.append((unit, method, final))
+                else:
+                    pending.setdefault(unit.dir, (unit, []))[1].append(method)
+        if on_trained is not None:
+            for unit, method, final in done:
+                on_trained(unit, method, final)
+        if not pending:
+            return
+        inputs = [self._unit_inputs(unit) for unit, _ in pending.values()]
         pump = None
         if self.stage is not None:
             sequential = not d.pipeline or d.colocate
@@ -165,15 +182,15 @@ class RayBackend:
                 if d.colocate:
                     self.stage.close()
         jobs, finals = [], []
-        for x in inputs:
-            unit = x["unit"]
-            for method in methods:
+        for x, (unit, unit_methods) in zip(inputs, pending.values()):
+            for method in unit_methods:
                 final = unit.dir / method
                 tmp = rundir.staging_dir(final)
                 finals.append((unit, method, tmp, final))
                 job = {"key": unit.dir.name, "method": method, "seed": exp.cfg.seed * 1000 + unit.seed,
                        "broker": x["broker"], "specs": x["specs"], "num_train": len(unit.train),
-                       "out_dir": str(tmp.resolve())}
+                       "out_dir": str(tmp.resolve()),
+                       "checkpoint": exp.checkpoint_options(unit, method)}
                 if "teacher_prompts" in x:
                     job["teacher_prompts"] = x["teacher_prompts"]
                 jobs.append(job)
@@ -197,7 +214,7 @@ class RayBackend:
                 on_trained(unit, method, final)
 
     def _fit(self, config: dict, num_jobs: int, out_dirs: list[Path]) -> None:
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         d = self.exp.cfg.dist
@@ -207,7 +224,8 @@ class RayBackend:
             scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                          resources_per_worker={"CPU": d.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-            run_config=RunConfig(name=f"students-{time.time_ns()}", storage_path=str(storage)))
+            run_config=RunConfig(name=f"students-{time.time_ns()}", storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=d.max_failures)))
         log.info("training %d (unit, method) jobs on %d Ray Train workers (DeepSpeed %s)", num_jobs,
                  d.num_workers, self.ds_template.stem)
         done = threading.Event()

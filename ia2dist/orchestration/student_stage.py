@@ -170,6 +170,8 @@ def student_worker(config: dict) -> None:
     num_layers = len(attention_sites(base))
     unit_items: dict[str, tuple] = {}
     for job in config["jobs"]:
+        if (Path(job["out_dir"]) / "history.json").is_file():
+            continue  # finished before this worker group was restarted
         if job["key"] not in unit_items:
             unit_items[job["key"]] = _unit_items(base, job, config, dist.get_rank(), num_layers)
         train_items, dev_items = unit_items[job["key"]]
@@ -194,6 +196,7 @@ def _train_job(model, job: dict, config: dict, train_items, dev_items) -> None:
     import torch
     import torch.distributed as dist
 
+    from ia2dist.checkpoint import Checkpointer
     from ia2dist.modeling import apply_adapter
     from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
     from ia2dist.student.trainer import train
@@ -203,8 +206,10 @@ def _train_job(model, job: dict, config: dict, train_items, dev_items) -> None:
     model = apply_adapter(model, cfg.train.adapter, seed=seed)
     factory = DeepSpeedEngineFactory(config["ds_template"], model_dtype=cfg.model.dtype)
     rank = dist.get_rank()
+    options = job.get("checkpoint")
+    checkpointer = Checkpointer(**options, rank=rank) if options is not None else None
     result = train(model, train_items, dev_items, job["method"], cfg.train, seed=seed,
-                   engine_factory=factory, validate_items=False)
+                   engine_factory=factory, validate_items=False, checkpointer=checkpointer)
     out_dir = Path(job["out_dir"])
     factory.engine.save_consolidated(out_dir)
     if rank == 0:
