@@ -245,7 +245,10 @@ class Checkpointer:
         warning). None when there is none. Raises IA2Error when the config is incompatible."""
         if self.resume_from is not None:
             try:
-                return self._read(self.resume_from)
+                resume = self._read(self.resume_from)
+                if self.rank == 0:
+                    log.info("resuming from checkpoint %s (--resume-from)", self.resume_from)
+                return resume
             except CorruptCheckpoint as exc:
                 raise IA2Error(f"--resume-from: {exc}; pick another checkpoint") from None
         candidates = list(reversed(list_checkpoints(self.root)))
@@ -257,7 +260,10 @@ class Checkpointer:
                 candidates.insert(0, named)
         for path in candidates:
             try:
-                return self._read(path)
+                resume = self._read(path)
+                if self.rank == 0:
+                    log.info("resuming from checkpoint %s", path)
+                return resume
             except CorruptCheckpoint as exc:
                 log.warning("skipping checkpoint %s: %s; trying the previous one", path.name, exc)
         return None
