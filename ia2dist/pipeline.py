@@ -225,7 +225,8 @@ class Experiment:
         final = unit.dir / method
         tmp = rundir.staging_dir(final)
         save_trained(model, tmp)
-        write_json_atomic(tmp / "history.json", {"history": result.history, "phases": result.phases})
+        write_json_atomic(tmp / "history.json", {"history": result.history, "phases": result.phases,
+                                                 "resumed_from": result.resumed_from})
         rundir.commit_dir(tmp, final)
         return model
 

@@ -116,3 +116,113 @@ def test_bad_cluster_input_fails_fast(tmp_path, capsys):
     _fails_fast(capsys, ["run", *_args(run, "dist.backend=ray", f"dist.ds_config={template}")],
                 "train_batch_size")
     assert not run.exists()
+
+
+# ------------------------------------------------------------------------------ fault tolerance
+
+CKPT = ("train.methods=[ia2_then_sft]", "train.checkpoint_every=2", "train.epochs=4")
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("local") / "run"
+    assert main(["run", *_args(run, *CKPT)]) == 0
+    return _history(run, "ia2_then_sft")
+
+
+def _train_workers() -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline and "ray::" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_killed_train_worker_is_replaced_and_resumes_from_checkpoint(tmp_path, local_reference):
+    """SIGKILL of one Ray Train worker mid-training: the worker group restarts (dist.max_failures)
+    and the job continues from its latest checkpoint to the one-process losses."""
+    import threading
+
+    run = tmp_path / "ray"
+    latest = run / "N8_seed0" / "checkpoints" / "ia2_then_sft" / "latest"
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not latest.is_file():
+            time.sleep(0.01)
+        workers = _train_workers()
+        if workers:
+            killed.append((latest.read_text().strip(), workers[-1].pid))
+            os.kill(workers[-1].pid, 9)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    assert main(["run", *_args(run, *CKPT, "dist.backend=ray", "dist.max_failures=1")]) == 0
+    thread.join(5)
+    assert killed, "no train worker was found to kill"
+    result = _history(run, "ia2_then_sft")
+    assert result["resumed_from"] is not None and "checkpoints/ia2_then_sft/p" in \
+        result["resumed_from"]
+    _assert_same_losses(result["history"], local_reference["history"])
+
+
+def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
+    """The whole distributed job (driver, local Ray, workers) killed mid-training; `ia2dist run` on
+    the same run directory resumes the job from its checkpoint (teacher shards reused) and ends
+    with the one-process losses."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    run = tmp_path / "ray"
+    latest = run / "N8_seed0" / "checkpoints" / "ia2_then_sft" / "latest"
+    argv = [sys.executable, "-m", "ia2dist.cli", "run", *_args(run, *CKPT, "dist.backend=ray")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not latest.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+        time.sleep(0.01)
+    # everything of the job at once, as a scheduler's cgroup kill: the driver's process group and
+    # the local Ray it started (raylet, GCS, workers), found by the Ray temp dir it logged
+    temp_dir = log_path.read_text().split("(temp dir ")[1].split(")")[0]
+    victims = {p.pid: p for p in psutil.process_iter(["cmdline"])
+               if _pgid(p.pid) == proc.pid or temp_dir in " ".join(p.info["cmdline"] or [])}
+    for p in list(victims.values()):
+        try:
+            victims.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for p in victims.values():
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+    psutil.wait_procs(list(victims.values()), timeout=30)
+    at_kill = latest.read_text().strip()
+    assert not (run / "N8_seed0" / ".ia2_then_sft.partial" / "history.json").exists()
+    shards = {p: p.stat().st_mtime_ns for p in (run / "N8_seed0" / "teacher_shards").rglob("*")
+              if p.is_file()}
+    assert main(["run", *_args(run, *CKPT, "dist.backend=ray")]) == 0
+    result = _history(run, "ia2_then_sft")
+    assert result["resumed_from"].endswith(f"/{at_kill}")
+    _assert_same_losses(result["history"], local_reference["history"])
+    still = {p: p.stat().st_mtime_ns for p in shards if p.exists()}
+    assert still == shards  # teacher shards reused, not rewritten
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

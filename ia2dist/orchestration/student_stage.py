@@ -215,7 +215,8 @@ def _train_job(model, job: dict, config: dict, train_items, dev_items) -> None:
     if rank == 0:
         tmp = out_dir / ".history.json.tmp"
         tmp.write_text(json.dumps({"history": result.history, "phases": result.phases,
-                                   "world_size": dist.get_world_size()}, indent=1))
+                                   "world_size": dist.get_world_size(),
+                                   "resumed_from": result.resumed_from}, indent=1))
         os.replace(tmp, out_dir / "history.json")
     factory.engine.destroy()
     dist.barrier()

@@ -192,6 +192,8 @@ class TrainResult:
 
     history: list[dict] = field(default_factory=list)
     phases: list[dict] = field(default_factory=list)
+    resumed_from: str | None = None
+    """The checkpoint this call continued from (None: trained from the start)."""
 
 
 @dataclass
@@ -246,6 +248,7 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     if resume is not None:
         result.history = list(resume.state.history)
         result.phases = list(resume.state.phases)
+        result.resumed_from = str(resume.path)
     was_training = model.training
     try:
         for index, objective in enumerate(phases):
