@@ -95,6 +95,22 @@ class Resume:
         return self.path / "engine"
 
 
+class Preempted(Exception):
+    """Training stopped on request (SIGTERM/SIGUSR1 from a scheduler) after saving a checkpoint."""
+
+
+#: File in the run directory whose presence asks every training job to checkpoint and stop.
+STOP_FILE = ".stop_requested"
+
+
+def request_stop(run_dir: str | os.PathLike) -> None:
+    """Ask the jobs of ``run_dir`` (in this process or on Ray workers sharing the filesystem) to
+    checkpoint and stop after their current optimizer step."""
+    path = Path(run_dir) / STOP_FILE
+    if path.parent.is_dir():
+        path.write_text("stop\n")
+
+
 class CorruptCheckpoint(Exception):
     """A checkpoint that is partial or does not match its manifest (skipped on load)."""
 
@@ -180,8 +196,10 @@ class Checkpointer:
     """
 
     def __init__(self, root: str | os.PathLike, *, every: int, keep: int, identity: dict,
-                 rank: int = 0, resume_from: str | os.PathLike | None = None):
+                 rank: int = 0, resume_from: str | os.PathLike | None = None,
+                 stop_file: str | os.PathLike | None = None):
         self.root = Path(root)
+        self.stop_file = Path(stop_file) if stop_file is not None else None
         self.every, self.keep = every, max(1, keep)
         self.identity = json.loads(json.dumps(identity))
         self.rank = rank
@@ -190,6 +208,15 @@ class Checkpointer:
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
+
+    def stop_requested(self, engine) -> bool:
+        """True on every rank when a stop was requested (rank 0 looks, all ranks agree)."""
+        if self.stop_file is None:
+            return False
+        flag = float(self.rank == 0 and self.stop_file.exists())
+        if engine.world_size > 1:
+            flag = float(engine.all_reduce_sum(torch.tensor([flag]))[0])
+        return flag > 0
 
     # ------------------------------------------------------------------------------- save
     def save(self, engine, state: LoopState, generator: torch.Generator,

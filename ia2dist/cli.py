@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the run directory's status.json says 'failed'", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from ia2dist.checkpoint import Preempted
+
+        if isinstance(exc, Preempted):
+            print(f"stopped: {exc}", file=sys.stderr)
+            return 143
+        raise
 
 
 def _dispatch(ns) -> int:
@@ -111,6 +118,8 @@ def _dispatch(ns) -> int:
         return 0
     from ia2dist import pipeline
 
+    if ns.verb in ("train", "run"):
+        _stop_on_signals(cfg.run_dir)
     if ns.verb == "extract":
         out = pipeline.run_extract(cfg, overwrite=ns.overwrite)
     elif ns.verb == "train":
@@ -123,6 +132,27 @@ def _dispatch(ns) -> int:
     final = out / "summary.md"
     print(f"done: {final if final.exists() else out}")
     return 0
+
+
+def _stop_on_signals(run_dir: str) -> None:
+    """SIGTERM / SIGUSR1 (a scheduler preempting or requeueing the job): every training job saves a
+    checkpoint after its current optimizer step and stops; a second signal exits at once."""
+    import signal
+    from pathlib import Path
+
+    from ia2dist.checkpoint import request_stop
+
+    def handler(signum, frame):
+        if getattr(handler, "fired", False):
+            raise SystemExit(128 + signum)
+        handler.fired = True
+        print(f"ia2dist: {signal.Signals(signum).name}: checkpointing and stopping after the "
+              "current step (send it again to exit now)", file=sys.stderr, flush=True)
+        request_stop(Path(run_dir).expanduser())
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

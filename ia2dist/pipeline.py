@@ -173,9 +173,12 @@ class Experiment:
         explicit = None
         if self.resume_from is not None and self.resume_from[0] == (unit.n, unit.seed, method):
             explicit = str(self.resume_from[1])
+        from ia2dist.checkpoint import STOP_FILE
+
         return {"root": str((unit.dir / "checkpoints" / method).resolve()),
                 "every": t.checkpoint_every, "keep": t.checkpoint_keep,
-                "identity": self.job_identity(unit, method), "resume_from": explicit}
+                "identity": self.job_identity(unit, method), "resume_from": explicit,
+                "stop_file": str((self.run_dir / STOP_FILE).resolve())}
 
     def set_resume_from(self, path: str | None) -> None:
         """--resume-from CHECKPOINT: that job continues from it instead of its latest checkpoint."""
@@ -316,6 +319,9 @@ def _start(cfg: RunConfig, overwrite: bool, fresh: bool, prepare=None,
         if not (run_dir / "config.yaml").exists():
             rundir.save_config(run_dir, cfg)
     rundir.setup_logging(run_dir)
+    from ia2dist.checkpoint import STOP_FILE
+
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
     if resuming:
         log.info("resuming %s (status was %s): finished work is reused, unfinished jobs continue "
                  "from their latest checkpoints", run_dir, rundir.read_status(run_dir))
@@ -336,9 +342,14 @@ def _already_complete(cfg: RunConfig, overwrite: bool) -> Path | None:
 def _guarded(exp: Experiment, body, tracker=None) -> None:
     """Run ``body`` with status.json saying running -> complete (or failed, with the error), then
     always close the distributed backend and the tracker."""
+    from ia2dist.checkpoint import Preempted
+
     rundir.set_status(exp.run_dir, "running")
     try:
         body()
+    except Preempted as exc:
+        rundir.set_status(exp.run_dir, "preempted", error=str(exc))
+        raise
     except BaseException as exc:
         rundir.set_status(exp.run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else
                           type(exc).__name__)

@@ -71,7 +71,8 @@ def _outcome(run_dir):
 
 
 def _assert_same_outcome(a, b):
-    assert a["history"] == b["history"]
+    assert a["history"]["history"] == b["history"]["history"]
+    assert a["history"]["phases"] == b["history"]["phases"]
     for key in ("accuracy", "ece", "mean_confidence"):
         assert a["metrics"].get(key) == b["metrics"].get(key), key
     assert a["adapter"].keys() == b["adapter"].keys()
@@ -108,6 +109,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(uninterrupted, tmp_path, kill_p
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
+    resumed = _outcome(run)["history"]["resumed_from"]
+    assert resumed == (None if at_kill is None else str(run.resolve() / UNIT / "checkpoints" / METHOD
+                                                        / at_kill))
     if at_kill is not None:
         assert f"resuming from checkpoint {run.resolve() / UNIT / 'checkpoints' / METHOD / at_kill}" \
             in out
@@ -175,3 +179,26 @@ def test_resume_from_an_explicit_checkpoint(uninterrupted, tmp_path):
     assert main(["run", *_args(run), "--resume-from", str(keep)]) == 0
     _assert_same_outcome(_outcome(run), _outcome(uninterrupted))
     assert f"resuming from checkpoint {keep} (--resume-from)" in _log(run)
+
+
+def test_sigterm_checkpoints_and_stops_then_rerun_resumes(uninterrupted, tmp_path):
+    """SIGTERM (a scheduler preempting the job): the run saves a checkpoint after its current step,
+    says so, exits 143 with status 'preempted'; the rerun resumes from that checkpoint."""
+    run = tmp_path / "run"
+    proc = _popen(run, "train.checkpoint_every=100")  # only the stop request makes a mid-phase one
+    deadline = time.monotonic() + 240
+    while "training ia2_then_sft" not in _log(run):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM: checkpointing and stopping" in out and "stopped: " in out
+    assert json.loads((run / "status.json").read_text())["state"] == "preempted"
+    saved = _latest(run)
+    assert saved is not None and saved.startswith("p0_s") and not saved.endswith("_end"), saved
+    proc = _popen(run, "train.checkpoint_every=100")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resuming from checkpoint {run.resolve() / UNIT / 'checkpoints' / METHOD / saved}" in out
+    _assert_same_outcome(_outcome(run), _outcome(uninterrupted))

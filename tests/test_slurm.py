@@ -4,9 +4,11 @@ root). The project's sbatch scripts are submitted as users submit them, for a ti
 
 * one node: the Ray bootstrap with a head only, the run completes with an adapter and metrics;
 * two nodes: the head plus one worker joined via srun (the job log says 2/2 nodes joined);
-* requeue: `scontrol requeue` of the running job after its first teacher shard is on disk; the job
-  starts again, resumes, completes, and the teacher shards written before the requeue are reused
-  (same files, not extracted again). Training itself restarts: checkpoint resume is not built yet.
+* requeue: `scontrol requeue` of the running job once it has a training checkpoint; the job starts
+  again, resumes training from its checkpoint, completes, and the teacher shards written before the
+  requeue are reused (same files, not extracted again);
+* time limit: SIGUSR1 to the batch script (what `--signal=B:USR1@120` sends): ia2dist saves a
+  checkpoint and stops, the script requeues the job, the new start resumes from that checkpoint.
 
 The jobs are submitted together and run side by side (the cluster advertises more CPUs than the
 host has), so the tier takes about as long as its longest job. Skips only when SLURM cannot be
@@ -60,6 +62,10 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(DOWN), "--purge"], env=env, capture_output=True, timeout=300)
 
 
+#: long enough that the signals land while the job trains; a checkpoint every 2 steps
+TRAINING = "train.epochs=40 train.patience=0 train.checkpoint_every=2"
+
+
 def _submit(env, script, out_dir: Path, run_dir: Path, *sbatch_args, extra=""):
     out_dir.mkdir(parents=True, exist_ok=True)  # --output into a missing dir fails silently
     job_env = {**env, "CONFIG": "", "RUN_DIR": str(run_dir), "EXTRA": _tiny(extra)}
@@ -98,45 +104,60 @@ def jobs(slurm, tmp_path_factory):
     """Submit the three jobs at once; each test waits for its own."""
     root = tmp_path_factory.mktemp("slurm")
     out = {}
-    for name, script, args in (
-            ("one", "ia2dist_ray.sbatch", ["--nodes=1", "--cpus-per-task=4"]),
-            ("two", "ia2dist_ray.sbatch", ["--nodes=2", "--cpus-per-task=2"]),
-            ("requeue", "ia2dist_single.sbatch", ["--cpus-per-task=4"])):
-        out[name] = (_submit(slurm, script, root / name / "logs", root / name / "run", *args),
-                     root / name / "logs", root / name / "run")
-    watcher = _Requeuer(slurm, *out["requeue"])
-    watcher.start()
-    out["requeuer"] = watcher
+    for name, script, args, extra in (
+            ("one", "ia2dist_ray.sbatch", ["--nodes=1", "--cpus-per-task=4"], ""),
+            ("two", "ia2dist_ray.sbatch", ["--nodes=2", "--cpus-per-task=2"], ""),
+            ("requeue", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING),
+            ("usr1", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING)):
+        out[name] = (_submit(slurm, script, root / name / "logs", root / name / "run", *args,
+                             extra=extra), root / name / "logs", root / name / "run")
+    out["requeuer"] = _Requeuer(slurm, *out["requeue"], action=["scontrol", "requeue"])
+    out["usr1"] += (_Requeuer(slurm, *out["usr1"],
+                              action=["scancel", "--signal=USR1", "--batch"]),)
+    out["requeuer"].start()
+    out["usr1"][3].start()
     yield out
-    watcher.join(timeout=5)
+    out["requeuer"].join(timeout=5)
+    out["usr1"][3].join(timeout=5)
+
+
+def _latest(run_dir: Path) -> str | None:
+    marker = run_dir / "N4_seed0" / "checkpoints" / "ia2_then_sft" / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
 
 
 class _Requeuer(threading.Thread):
-    """Requeues the job once its first teacher shard is on disk (while it trains); records the
-    shard files' identities at that moment."""
+    """Runs ``action`` on the job once it has a training checkpoint (while it trains); records the
+    teacher shard files' identities and the latest checkpoint at that moment."""
 
-    def __init__(self, env, job, logs, run_dir, timeout_s=300):
+    def __init__(self, env, job, logs, run_dir, action, timeout_s=300):
         super().__init__(daemon=True)
         self.env, self.job, self.run_dir, self.timeout_s = env, job, run_dir, timeout_s
-        self.before, self.error = {}, None
+        self.action = action
+        self.before, self.checkpoint, self.error = {}, None, None
 
     def run(self):
         deadline = time.monotonic() + self.timeout_s
-        while not _shard_ids(self.run_dir):
+        while _latest(self.run_dir) is None:
             if time.monotonic() > deadline:
-                self.error = "no teacher shard appeared"
+                self.error = "no training checkpoint appeared"
                 return
-            time.sleep(0.2)
-        self.before = _shard_ids(self.run_dir)
+            time.sleep(0.1)
+        self.before, self.checkpoint = _shard_ids(self.run_dir), _latest(self.run_dir)
         state = subprocess.run(["scontrol", "show", "job", self.job], env=self.env,
                                capture_output=True, text=True).stdout
         if "JobState=RUNNING" not in state:
-            self.error = f"job not running when its shard appeared: {state[:200]}"
+            self.error = f"job not running at its first checkpoint: {state[:200]}"
             return
-        done = subprocess.run(["scontrol", "requeue", self.job], env=self.env, capture_output=True,
+        done = subprocess.run([*self.action, self.job], env=self.env, capture_output=True,
                               text=True)
         if done.returncode != 0:
-            self.error = f"scontrol requeue failed: {done.stderr}"
+            self.error = f"{' '.join(self.action)} failed: {done.stderr}"
+
+
+def _resumed_from(run_dir: Path) -> str | None:
+    history = run_dir / "N4_seed0" / "ia2_then_sft" / "history.json"
+    return json.loads(history.read_text())["resumed_from"]
 
 
 def test_one_node_ray_job_completes(slurm, jobs):
@@ -170,8 +191,8 @@ def test_two_node_ray_job_bootstraps_and_completes(slurm, jobs):
 
 def test_requeued_job_resumes_and_reuses_teacher_shards(slurm, jobs):
     """`scontrol requeue` while the job trains: the job restarts (SLURM_RESTART_COUNT=1), resumes in
-    the same run dir and completes; the teacher shards written before the requeue are the same files
-    afterwards (reused, not extracted again). Training restarts from scratch (no checkpoints yet)."""
+    the same run dir from its latest checkpoint and completes; the teacher shards written before the
+    requeue are the same files afterwards (reused, not extracted again)."""
     job, logs, run_dir = jobs["requeue"]
     requeuer = jobs["requeuer"]
     requeuer.join(timeout=360)
@@ -184,3 +205,23 @@ def test_requeued_job_resumes_and_reuses_teacher_shards(slurm, jobs):
     _assert_finished_run(run_dir)
     after = _shard_ids(run_dir)
     assert all(after.get(name) == ident for name, ident in requeuer.before.items())
+    resumed = _resumed_from(run_dir)
+    assert resumed is not None and "/checkpoints/ia2_then_sft/" in resumed
+    # not from scratch: from the checkpoint seen at the requeue or a later one
+    assert Path(resumed).name >= requeuer.checkpoint, (resumed, requeuer.checkpoint)
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, jobs):
+    """SIGUSR1 to the batch script (the time-limit warning): ia2dist saves a checkpoint after its
+    current step and stops, the script requeues the job, the new start resumes from it."""
+    job, logs, run_dir, signaller = jobs["usr1"]
+    signaller.join(timeout=360)
+    assert signaller.error is None, (signaller.error, _log(logs)[-4000:])
+    state = _wait(slurm, job)
+    log = _log(logs)
+    assert state == "COMPLETED 0:0", log[-4000:]
+    assert "SIGUSR1: time limit near" in log and "(checkpoint saved)" in log
+    assert "SIGUSR1: checkpointing and stopping" in log and "start 2 on" in log
+    _assert_finished_run(run_dir)
+    resumed = _resumed_from(run_dir)
+    assert resumed is not None and Path(resumed).name >= signaller.checkpoint

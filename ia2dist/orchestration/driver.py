@@ -208,10 +208,21 @@ class RayBackend:
         self.stats.append({"student": {"jobs": len(jobs), "train_s": time.perf_counter() - t0,
                                        "num_workers": d.num_workers,
                                        "examples": sum(len(j["specs"]) for j in jobs)}})
+        unfinished = []
         for unit, method, tmp, final in finals:
+            if not (tmp / "history.json").is_file():
+                unfinished.append(f"N={unit.n} seed={unit.seed} {method}")
+                continue
             rundir.commit_dir(tmp, final)
             if on_trained is not None:
                 on_trained(unit, method, final)
+        if unfinished:
+            from ia2dist.checkpoint import STOP_FILE, Preempted
+
+            if (exp.run_dir / STOP_FILE).exists():
+                raise Preempted(f"stopped on request with {len(unfinished)} job(s) unfinished "
+                                f"({', '.join(unfinished[:3])}); checkpoints saved, rerun to resume")
+            raise IA2Error(f"student stage ended without finishing {', '.join(unfinished[:3])}")
 
     def _fit(self, config: dict, num_jobs: int, out_dirs: list[Path]) -> None:
         from ray.train import FailureConfig, RunConfig, ScalingConfig

@@ -175,7 +175,12 @@ def student_worker(config: dict) -> None:
         if job["key"] not in unit_items:
             unit_items[job["key"]] = _unit_items(base, job, config, dist.get_rank(), num_layers)
         train_items, dev_items = unit_items[job["key"]]
-        _train_job(copy.deepcopy(base), job, config, train_items, dev_items)
+        from ia2dist.checkpoint import Preempted
+
+        try:
+            _train_job(copy.deepcopy(base), job, config, train_items, dev_items)
+        except Preempted:  # checkpoint saved: end normally, the driver reports the stop
+            break
         gc.collect()
     import ray.train
 
@@ -208,8 +213,13 @@ def _train_job(model, job: dict, config: dict, train_items, dev_items) -> None:
     rank = dist.get_rank()
     options = job.get("checkpoint")
     checkpointer = Checkpointer(**options, rank=rank) if options is not None else None
-    result = train(model, train_items, dev_items, job["method"], cfg.train, seed=seed,
-                   engine_factory=factory, validate_items=False, checkpointer=checkpointer)
+    try:
+        result = train(model, train_items, dev_items, job["method"], cfg.train, seed=seed,
+                       engine_factory=factory, validate_items=False, checkpointer=checkpointer)
+    except BaseException:
+        if factory.engine is not None:
+            factory.engine.destroy()
+        raise
     out_dir = Path(job["out_dir"])
     factory.engine.save_consolidated(out_dir)
     if rank == 0:

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ia2dist.checkpoint import Checkpointer, LoopState, Resume, restore_rng
+from ia2dist.checkpoint import Checkpointer, LoopState, Preempted, Resume, restore_rng
 from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
@@ -347,7 +347,8 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
             bar.set_postfix(loss=f"{entry['loss']:.4g}")
             if stopped or step >= total:
                 break
-            if checkpointer is not None and checkpointer.due(step):
+            preempt = checkpointer is not None and checkpointer.stop_requested(engine)
+            if checkpointer is not None and (preempt or checkpointer.due(step)):
                 next_pos = begin + cfg.batch_size
                 in_epoch = next_pos < len(order)
                 state = LoopState(phase=index, phase_done=False, step=step,
@@ -359,6 +360,10 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
                 # the order of an unfinished epoch is re-drawn from its start state on resume
                 saved_gen = _Gen(epoch_start) if in_epoch else generator
                 checkpointer.save(engine, state, saved_gen, best_state, _barrier(engine))
+                if preempt:
+                    bar.close()
+                    raise Preempted(f"stopped on request after step {step} of phase {index}; "
+                                    "checkpoint saved, rerun to resume")
         position = 0
     bar.close()
     if best_state is not None:

@@ -9,8 +9,10 @@
 #                (dist.backend=$IA2_BACKEND, default ray = a private Ray in the driver process).
 #   Both: resume-or-run (slurm/lib/run_or_resume.sh), a fresh per-job Ray auth token, and
 #   preemption handling: SIGUSR1 (sent before the time limit by `#SBATCH --signal=B:USR1@...`)
-#   requeues the job; SIGTERM (preemption, `scontrol requeue`, scancel) stops the run and the
-#   cluster cleanly. A requeued job starts the script again and resumes (see run_or_resume.sh).
+#   makes ia2dist save a checkpoint after its current optimizer step and stop (waits up to
+#   IA2_STOP_GRACE=90 s), then requeues the job; SIGTERM (preemption, `scontrol requeue`, scancel)
+#   reaches ia2dist too (it checkpoints if it gets the time) and stops the run and the cluster.
+#   A requeued job starts the script again and resumes (see run_or_resume.sh).
 #
 # Environment (all optional):
 #   IA2_REPO            repository root (default: $SLURM_SUBMIT_DIR, i.e. submit from the repo root)
@@ -114,8 +116,16 @@ _ia2_cleanup() {
   if [ -n "${IA2_TOKEN_FILE:-}" ]; then rm -f "$IA2_TOKEN_FILE"; fi
 }
 
-_ia2_on_usr1() {  # time limit ahead: requeue, then SLURM's SIGTERM stops everything
-  _ia2_log "SIGUSR1: time limit near, requeueing job $SLURM_JOB_ID (it resumes when it restarts)"
+_ia2_on_usr1() {  # time limit ahead: checkpoint, requeue; SLURM's SIGTERM then stops the rest
+  _ia2_log "SIGUSR1: time limit near; asking ia2dist to checkpoint and stop, then requeueing job $SLURM_JOB_ID"
+  if [ -n "${IA2_DRIVER_PID:-}" ] && kill -0 "$IA2_DRIVER_PID" 2>/dev/null; then
+    kill -USR1 "$IA2_DRIVER_PID" 2>/dev/null || true
+    local waited=0
+    while kill -0 "$IA2_DRIVER_PID" 2>/dev/null && [ "$waited" -lt "${IA2_STOP_GRACE:-90}" ]; do
+      sleep 1; waited=$((waited + 1))
+    done
+    _ia2_log "ia2dist stopped after ${waited} s (checkpoint saved)"
+  fi
   scontrol requeue "$SLURM_JOB_ID" || _ia2_log "scontrol requeue failed (job submitted without --requeue?)"
 }
 
