@@ -99,11 +99,30 @@ class Experiment:
 
     # ------------------------------------------------------------------ teacher stage
     def teacher_meta(self, unit: Unit, uids: list[str]) -> dict:
+        """Everything that determines a unit's teacher outputs (not train/eval/dist settings, nor
+        the other N and seeds of the sweep)."""
         e = self.cfg.extract
-        return {"model": to_dict(self.cfg)["model"], "task": self.spec.name,
-                "data": to_dict(self.cfg)["data"], "n": unit.n, "seed": unit.seed,
+        data = {k: v for k, v in to_dict(self.cfg)["data"].items() if k not in ("num_train", "seeds")}
+        model = {k: v for k, v in to_dict(self.cfg)["model"].items() if k not in ("device", "cache_dir")}
+        return {"model": model, "model_files": _model_fingerprint(self.cfg.model.name_or_path),
+                "task": self.spec.name, "data": data, "n": unit.n, "seed": unit.seed,
                 "max_new_tokens": self.max_new_tokens, "stop_strings": list(e.stop_strings),
                 "act_dtype": e.act_dtype, "topk": e.topk, "uids": uids}
+
+    def teacher_dir(self, unit: Unit, kind: str, uids: list[str], **extra) -> Path:
+        """Where a unit's teacher outputs of ``kind`` (teacher, teacher_eval, teacher_shards) live:
+        in the unit folder, or with ``extract.cache_dir`` in a shared cache folder named by the hash
+        of everything that determines them, so other runs (a learning-rate sweep, other methods)
+        find and reuse them."""
+        if not self.cfg.extract.cache_dir:
+            return unit.dir / kind
+        import hashlib
+
+        meta = {**self.teacher_meta(unit, uids), "kind": kind, **extra}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+        root = Path(self.cfg.extract.cache_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return root / f"{kind}-{key}"
 
     def _extract_cached(self, cache_dir: Path, examples, demo_lists, unit: Unit) -> list[TeacherRecord]:
         from ia2dist.data.prompts import teacher_prompt
@@ -127,13 +146,17 @@ class Experiment:
         """ICL teacher outputs for the unit's train + dev examples (cached)."""
         log.info("N=%d seed=%d: teacher extraction for %d examples", unit.n, unit.seed,
                  len(unit.train) + len(unit.dev))
-        return self._extract_cached(unit.dir / "teacher", unit.train + unit.dev,
+        examples = unit.train + unit.dev
+        return self._extract_cached(self.teacher_dir(unit, "teacher", [e.uid for e in examples]),
+                                    examples,
                                     unit.train_demo_lists + unit.dev_demo_lists, unit)
 
     def similarity_records(self, unit: Unit) -> list[TeacherRecord]:
         """ICL teacher activations on (a prefix of) the evaluation items, for the similarity plot."""
         k = min(self.cfg.eval.similarity_items, len(self.eval_items))
-        return self._extract_cached(unit.dir / "teacher_eval", self.eval_items[:k],
+        return self._extract_cached(self.teacher_dir(unit, "teacher_eval",
+                                                     [e.uid for e in self.eval_items[:k]]),
+                                    self.eval_items[:k],
                                     unit.eval_demo_lists[:k], unit)
 
     # ------------------------------------------------------------------ student stage
@@ -159,7 +182,7 @@ class Experiment:
         """What a job's checkpoint must agree on to be resumed (see ``ia2dist.checkpoint``)."""
         d = to_dict(self.cfg)
         skip = {"model": ("device", "cache_dir"), "data": ("num_train", "seeds"),
-                "extract": ("batch_size",),
+                "extract": ("batch_size", "cache_dir"),
                 "train": ("methods", "checkpoint_every", "checkpoint_keep", "micro_batch_size")}
         sections = {name: {k: v for k, v in d[name].items() if k not in skip[name]} for name in skip}
         return {"method": method, "n": unit.n, "seed": unit.seed, "run_seed": self.cfg.seed,
@@ -287,6 +310,16 @@ class Experiment:
                  metrics.get("accuracy", float("nan")),
                  f" ece={metrics['ece']:.3f}" if "ece" in metrics else "")
         return metrics
+
+
+def _model_fingerprint(name_or_path: str) -> list | None:
+    """(file, size, mtime) of a local model directory's weights and config, so a teacher cache
+    is not reused after the files at the same path changed; None for hub ids and built-in models."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return None
+    return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(path.iterdir())
+            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file()]
 
 
 # ---------------------------------------------------------------------- verbs

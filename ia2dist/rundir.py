@@ -84,7 +84,8 @@ def check_existing_run_dir(run_dir: Path, cfg: RunConfig) -> None:
 
 #: Config fields that may change when a run is resumed (placement, tracking, checkpoint cadence).
 RESUME_MAY_CHANGE = ("dist", "wandb", "run_dir", "train.checkpoint_every", "train.checkpoint_keep",
-                     "train.micro_batch_size", "extract.batch_size", "eval.batch_size",
+                     "train.micro_batch_size", "extract.batch_size", "extract.cache_dir",
+                     "eval.batch_size",
                      "model.device", "model.cache_dir")
 
 

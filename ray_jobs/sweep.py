@@ -33,8 +33,10 @@ def cells(lrs, ns, seeds):
 
 
 def entrypoint(config: str | None, run_dir: Path, lr: str, n: int, seed: int, extra: list[str]) -> str:
+    # cells with the same (N, seed) share teacher outputs through one cache next to the cells
     args = ["python -m ia2dist.cli run", config or "", f"run_dir={run_dir}", f"train.lr={lr}",
-            f"'data.num_train=[{n}]'", f"'data.seeds=[{seed}]'", *extra,
+            f"'data.num_train=[{n}]'", f"'data.seeds=[{seed}]'",
+            f"extract.cache_dir={run_dir.parent / 'teacher_cache'}", *extra,
             "dist.backend=ray", "dist.ray_address=auto"]
     return " ".join(a for a in args if a)
 

@@ -202,3 +202,22 @@ def test_sigterm_checkpoints_and_stops_then_rerun_resumes(uninterrupted, tmp_pat
     assert proc.returncode == 0, out[-3000:]
     assert f"resuming from checkpoint {run.resolve() / UNIT / 'checkpoints' / METHOD / saved}" in out
     _assert_same_outcome(_outcome(run), _outcome(uninterrupted))
+
+
+def test_shared_teacher_cache_is_reused_by_a_learning_rate_sweep(tmp_path, capsys):
+    """With extract.cache_dir, a second run (another lr, another run_dir) finds the teacher outputs
+    by their hash and reuses the same files; a different N gets its own."""
+    cache = tmp_path / "teacher-cache"
+    first = ["run", *_args(tmp_path / "lr1"), f"extract.cache_dir={cache}"]
+    assert main(first) == 0
+    files = {p: p.stat().st_mtime_ns for p in cache.rglob("records.safetensors")}
+    assert len(files) == 2  # train+dev, and the evaluation items for the similarity analysis
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+    capsys.readouterr()
+    assert main(["run", *_args(tmp_path / "lr2", "train.lr=3e-3"), f"extract.cache_dir={cache}"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing teacher cache") == 2 and "extract:" not in err
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("records.safetensors")} == files
+    assert main(["run", *_args(tmp_path / "n4", "data.num_train=[4]"),
+                 f"extract.cache_dir={cache}"]) == 0
+    assert len(list(cache.rglob("records.safetensors"))) == 4

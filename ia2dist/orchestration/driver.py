@@ -120,9 +120,14 @@ class RayBackend:
         pick = {"train": (unit.train, unit.train_demo_lists), "dev": (unit.dev, unit.dev_demo_lists)}
         prompts = [self._teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
         uids = [pick[k][0][i].uid for k, i in order]
-        for index, _ref in self.stage.run(prompts, uids, cache_dir=unit.dir / "teacher_shards",
+        cache_dir = self._shard_dir(unit, uids)
+        for index, _ref in self.stage.run(prompts, uids, cache_dir=cache_dir,
                                           cache_meta=self.exp.teacher_meta(unit, [])):
             self.stage.release(index)
+
+    def _shard_dir(self, unit, ordered_uids: list[str]):
+        return self.exp.teacher_dir(unit, "teacher_shards", ordered_uids,
+                                    shard_size=self.exp.cfg.dist.shard_size)
 
     @staticmethod
     def _teacher_prompt(demos, ex) -> str:
@@ -173,7 +178,7 @@ class RayBackend:
         if self.stage is not None:
             sequential = not d.pipeline or d.colocate
             pump = _Pump(self.stage, [(x["broker"], x["prompts"], x["uids"],
-                                       x["unit"].dir / "teacher_shards",
+                                       self._shard_dir(x["unit"], x["uids"]),
                                        exp.teacher_meta(x["unit"], [])) for x in inputs],
                          eager_release=sequential)
             pump.start()
