@@ -1,19 +1,18 @@
-"""Ray job submission as users do it: a local `ray start --head` cluster with token authentication
-(fresh token file, mode 0600), the tiny pipeline submitted with ray_jobs/submit.sh (`ray job submit`
-with the repo as working dir), followed to success, then the cluster stopped.
+"""Ray job submission as users do it: a Ray head started by the project's own launcher
+(ray_jobs/cluster.sh: token authentication with a fresh 0600 token file, dashboard on 127.0.0.1,
+ports of its own), the tiny pipeline submitted with ray_jobs/submit.sh (`ray job submit` with the
+repo as working dir), followed to success, then the cluster stopped with `cluster.sh down`.
 
-The cluster gets its own free ports and a short private temp dir, and is stopped by terminating
-its `ray start --block` process: `ray stop` would kill every Ray process on the host, including
-other tests' clusters.
+HOME points to a private directory, so no default token (~/.ray/auth_token) can stand in for the
+cluster's: a client without the cluster's token has none.
 """
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,78 +22,95 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = "tests/fixtures/data"  # relative: resolved inside the uploaded working dir
 VENV_BIN = Path(os.sys.executable).parent
+CLUSTER = REPO / "ray_jobs" / "cluster.sh"
 
 
-def _free_ports(k):
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def _env_file(path: Path) -> dict:
+    out = {}
+    for line in path.read_text().splitlines():
+        for part in line.removeprefix("export ").split():
+            key, _, value = part.partition("=")
+            out[key] = value.strip("'")
+    return out
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A one-node Ray cluster with token auth; yields (env for clients, dashboard address)."""
-    temp_dir = tempfile.mkdtemp(prefix="rj_", dir="/tmp")  # short: unix sockets < 108 chars
-    token = tmp_path_factory.mktemp("auth") / "token"
-    token.touch(mode=0o600)
-    import secrets
-
-    token.write_text(secrets.token_hex(32))
-    gcs, dash, agent, client = _free_ports(4)
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_ext"),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("RAY_AUTH_TOKEN", None)
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-         f"--ray-client-server-port={client}", "--min-worker-port=0", "--max-worker-port=0",
-         f"--temp-dir={temp_dir}", "--num-cpus=4", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    env["RAY_ADDRESS"] = address
+    """The launcher's cluster; yields (env for clients, dashboard address, token, launcher output)."""
+    home = tmp_path_factory.mktemp("home")
+    state = home / "state"
+    base = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "HOME": str(home),
+            "IA2_CLUSTER_STATE_DIR": str(state), "IA2_RAY_CPUS": "4",
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+            "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_ext"), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
+        base.pop(key, None)
+    up = subprocess.run(["bash", str(CLUSTER), "up"], env=base, capture_output=True, text=True,
+                        timeout=180)
     try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=env,
-                             capture_output=True).returncode != 0:
-            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray Jobs API did not come up"
-            time.sleep(1)
-        yield env, address
+        assert up.returncode == 0, up.stdout + up.stderr
+        env = {**base, **_env_file(state / "cluster.env")}
+        token = (state / "token").read_text()
+        yield env, env["RAY_ADDRESS"], token, up.stdout + up.stderr, state
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops this node's processes
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        subprocess.run(["rm", "-rf", temp_dir])
+        down = subprocess.run(["bash", str(CLUSTER), "down"], env=base, capture_output=True,
+                              text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert not (state / "token").exists()
 
 
-def test_jobs_api_refuses_a_client_without_the_token(cluster):
-    """Token auth is really on: a client without the token is turned away."""
-    env, address = cluster
-    bad = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH",)}
-    bad.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
-    done = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=bad,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "auth" in (done.stdout + done.stderr).lower()
+def _jobs_api(address: str, token: str | None) -> int:
+    request = urllib.request.Request(f"{address}/api/jobs/")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_launcher_cluster_is_token_protected_and_private(cluster):
+    """The Jobs API turns away requests without the token or with a wrong one and serves the
+    token holder; the token file is user-only; the dashboard listens on 127.0.0.1 only; the
+    launcher never printed the token."""
+    env, address, token, output, state = cluster
+    assert address.startswith("http://127.0.0.1:")
+    assert _jobs_api(address, None) in (401, 403)
+    assert _jobs_api(address, "0" * 64) in (401, 403)
+    assert _jobs_api(address, token) == 200
+    assert oct((state / "token").stat().st_mode & 0o777) == "0o600"
+    assert oct(state.stat().st_mode & 0o777) == "0o700"
+    assert token not in output and token not in (state / "cluster.env").read_text()
+    import psutil
+
+    port = int(address.rsplit(":", 1)[1])
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and set(listening) == {"127.0.0.1"}, listening
+
+
+def test_ray_cli_without_the_token_is_refused(cluster):
+    """`ray job submit` with a wrong token, or none at all, is turned away; nothing runs."""
+    env, address, *_ = cluster
+    for extra in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {}):
+        bad = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        bad.update(extra)
+        done = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address,
+                               "--", "touch", "/tmp/ia2dist-should-not-exist"], env=bad,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0, done.stdout
+        assert "auth" in (done.stdout + done.stderr).lower() or "token" in \
+            (done.stdout + done.stderr).lower()
+    assert not Path("/tmp/ia2dist-should-not-exist").exists()
 
 
 def test_submitted_tiny_pipeline_succeeds(cluster, tmp_path):
     """ray_jobs/submit.sh: the tiny run as a Ray job on the cluster succeeds and writes the adapter,
     the metrics and the report into RUN_DIR."""
-    env, _ = cluster
+    env, _, token, _, _ = cluster
     run_dir = tmp_path / "run"
     job_id = f"ia2dist-test-{os.getpid()}"
     extra = " ".join([
@@ -123,3 +139,8 @@ def test_submitted_tiny_pipeline_succeeds(cluster, tmp_path):
     assert (method / "adapter_model.safetensors").stat().st_size > 0
     assert "accuracy" in json.loads((method / "metrics.json").read_text())
     assert "ia2_then_sft" in (run_dir / "summary.md").read_text()
+    # the cluster's token is nowhere in what the run wrote or the job printed
+    assert token not in logs
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
