@@ -120,6 +120,8 @@ def _dispatch(ns) -> int:
 
     if ns.verb in ("train", "run"):
         _stop_on_signals(cfg.run_dir)
+    if cfg.dist.backend == "ray" and cfg.dist.ray_address is None:
+        _private_ray_auth()
     if ns.verb == "extract":
         out = pipeline.run_extract(cfg, overwrite=ns.overwrite)
     elif ns.verb == "train":
@@ -132,6 +134,38 @@ def _dispatch(ns) -> int:
     final = out / "summary.md"
     print(f"done: {final if final.exists() else out}")
     return 0
+
+
+def _private_ray_auth() -> None:
+    """The private local Ray of this run gets token authentication with a FRESH token in a
+    user-only file (0600 in a 0700 temp dir, deleted at exit), handed to its processes through the
+    environment. Ray reads these settings when it is imported, so this must run first; when Ray
+    is already imported (ia2dist used as a library), Ray's own default applies and a warning says so.
+    IA2_RAY_AUTH=off turns authentication off explicitly (with a warning)."""
+    import atexit
+    import os
+    import secrets
+    import shutil
+    import tempfile
+
+    if os.environ.get("IA2_RAY_AUTH", "token") == "off":
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        print("ia2dist: WARNING: Ray token authentication is OFF (IA2_RAY_AUTH=off): anyone who "
+              "can reach this machine's Ray ports can run code as you", file=sys.stderr)
+        return
+    if "ray" in sys.modules:
+        print("ia2dist: note: Ray was imported before ia2dist could give the local Ray a per-run "
+              "token; it uses Ray's default token authentication (~/.ray/auth_token)",
+              file=sys.stderr)
+        return
+    directory = tempfile.mkdtemp(prefix="ia2auth_")  # 0700
+    path = os.path.join(directory, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=path)
+    atexit.register(shutil.rmtree, directory, True)
 
 
 def _stop_on_signals(run_dir: str) -> None:

@@ -137,10 +137,21 @@ def test_planted_pickle_is_never_loaded(setup, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    (tmp_path / "p0_s0000002" / "engine" / "extra.pt").write_bytes(pickle.dumps(Payload()))
+    planted = tmp_path / "p0_s0000002" / "engine" / "extra.pt"
+    planted.write_bytes(pickle.dumps(Payload()))
     with pytest.raises(IA2Error, match="not in the manifest"):
         _run(setup, tmp_path, resume_from=tmp_path / "p0_s0000002")
-    assert not marker.exists()
+    planted.unlink()
+    # in place of a file the checkpoint has: the checksum refuses it
+    (tmp_path / "p0_s0000002" / "engine" / "trainable.safetensors").write_bytes(
+        pickle.dumps(Payload()))
+    with pytest.raises(IA2Error, match="checksum"):
+        _run(setup, tmp_path, resume_from=tmp_path / "p0_s0000002")
+    from ia2dist.export import export
+
+    with pytest.raises(IA2Error, match="checksum"):
+        export(tmp_path / "p0_s0000002", tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_failed_deletion_of_an_old_checkpoint_does_not_stop_training(setup, tmp_path, monkeypatch,

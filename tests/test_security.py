@@ -76,3 +76,59 @@ def test_credentials_in_env_and_config_never_reach_the_run_dir(tmp_path, monkeyp
             assert secret.encode() not in data and FAKE_HF.encode() not in data, path
     assert secret not in out.err + out.out and FAKE_HF not in out.err + out.out
     assert REDACTED in (run / "config.yaml").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_private_local_ray_of_a_run_uses_a_fresh_per_run_token(tmp_path):
+    """`ia2dist run` with a private local Ray: its Ray processes get token auth with a fresh
+    user-only token file (not ~/.ray/auth_token, which stays absent), deleted when the run ends;
+    the token is in no file of the run directory."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    repo = Path(__file__).resolve().parents[1]
+    fixtures = repo / "tests" / "fixtures" / "data"
+    run = tmp_path / "run"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), PYTHONPATH=str(repo), RAY_USAGE_STATS_ENABLED="0",
+               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=str(repo / ".torch_ext"))
+    argv = [sys.executable, "-m", "ia2dist.cli", "run", f"run_dir={run}",
+            "model.name_or_path=tiny:llama", "data.task=sst2",
+            f"data.train_path={fixtures / 'sst2_train.jsonl'}",
+            f"data.eval_path={fixtures / 'sst2_validation.jsonl'}", "data.num_train=[4]",
+            "data.seeds=[0]", "train.epochs=2", "train.micro_batch_size=2",
+            "train.methods=[ia2_then_sft]", "eval.similarity_items=4", "wandb.mode=disabled",
+            "dist.backend=ray"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = {}
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and not seen:
+        for p in psutil.process_iter(["name", "cmdline", "environ"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "raylet" in cmd and p.info["environ"] and str(home) in p.info["environ"].get(
+                    "HOME", ""):
+                path = Path(p.info["environ"].get("RAY_AUTH_TOKEN_PATH", ""))
+                seen = {"mode": p.info["environ"].get("RAY_AUTH_MODE"), "path": path,
+                        "perm": oct(path.stat().st_mode & 0o777) if path.is_file() else None,
+                        "token": path.read_text() if path.is_file() else None}
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert seen, "the run's raylet was never seen"
+    assert seen["mode"] == "token" and seen["perm"] == "0o600", seen
+    assert str(home) not in str(seen["path"]) and len(seen["token"]) == 64
+    assert not (home / ".ray" / "auth_token").exists()
+    assert not seen["path"].exists()  # deleted with the run
+    assert seen["token"] not in out
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert seen["token"].encode() not in path.read_bytes(), path
