@@ -376,3 +376,39 @@ def load_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.Mo
         model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=param.dtype,
                                                      attn_implementation=attn)
     return model.to(param.device).eval()
+
+
+class last_position_mlp:
+    """Within the context, the LAST decoder block's MLP runs on the last position only.
+
+    For forwards where nothing reads the last block's output at the other positions: a teacher
+    prefill (the keys and values cached for decoding come from the blocks' inputs, the captured
+    attention outputs from before the MLP, and only the last position's logits are used) and an
+    IA2-only student forward (the loss reads attention outputs only). The MLP's (B, 1, D) output is broadcast into the
+    residual sum, so the last position is exact and the others (never read) are not computed.
+    Applies to blocks with an ``mlp`` child (Llama, Qwen, Mistral, GPT-2, GPT-NeoX, ...)."""
+
+    def __init__(self, model: nn.Module | None):
+        self.mlp = None
+        if model is not None:
+            try:
+                self.mlp = getattr(decoder_layers(model)[-1], "mlp", None)
+            except ValueError:
+                self.mlp = None
+        self.handle = None
+
+    @staticmethod
+    def _hook(module, args, kwargs):
+        if args:
+            return (args[0][:, -1:], *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: kwargs[key][:, -1:]}
+
+    def __enter__(self):
+        if isinstance(self.mlp, nn.Module):
+            self.handle = self.mlp.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()

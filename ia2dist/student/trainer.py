@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from ia2dist.checkpoint import Checkpointer, LoopState, Preempted, Resume, resto
 from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
-from ia2dist.modeling import attention_sites, num_virtual_tokens
+from ia2dist.modeling import attention_sites, last_position_mlp, num_virtual_tokens
 from ia2dist.student.batching import StudentBatch, StudentItem, collate, item_counts
 from ia2dist.teacher.capture import ActivationCapture
 
@@ -473,7 +474,9 @@ def _term_pairs(engine: Engine, batch: StudentBatch, terms: Sequence[str],
     pairs: dict[str, Pair] = {}
     if "ia2" in terms:
         sel = batch.teacher.to(ctx.device)
-        with ActivationCapture(ctx.sites) as capture:
+        # an IA2-only forward reads attention outputs only: the last block's MLP is not needed
+        skip = last_position_mlp(engine.model) if not logits_needed else nullcontext()
+        with ActivationCapture(ctx.sites) as capture, skip:
             capture.select(sel.b_idx_K, sel.pos_idx_K)
             output = engine.forward(**inputs)
             student_LKD = capture.stacked()

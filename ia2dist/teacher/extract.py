@@ -37,6 +37,7 @@ from torch import nn
 
 from ia2dist.errors import IA2Error
 from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
+                              last_position_mlp,
                               num_prefix_positions)
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
@@ -98,10 +99,18 @@ def _check_fits(model: nn.Module, prompt_ids: list[list[int]], names: Sequence[s
                            f"shorter inputs or a smaller max_new_tokens")
 
 
-def _length_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar prompt length (less padding)."""
+def _length_batches(prompt_ids: list[list[int]], batch_size: int,
+                    pad_free: bool = False) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length (less padding). ``pad_free``: only
+    prompts of exactly the same length share a batch (no padding at all)."""
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
+    step = max(1, batch_size)
+    if not pad_free:
+        return [order[i:i + step] for i in range(0, len(order), step)]
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(len(prompt_ids[i]), []).append(i)
+    return [g[i:i + step] for g in groups.values() for i in range(0, len(g), step)]
 
 
 class _Runner:
@@ -118,15 +127,32 @@ class _Runner:
         self.model = model.get_base_model() if self.num_prefix else model
         params = inspect.signature(self.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # only the last position's logits are read: skip the LM head everywhere else
+        self.keep_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # a cache preallocated for prompt + T: decode steps write into it instead of re-concatenating
+        # every layer's keys and values at each step (falls back to the dynamic cache if the
+        # architecture's forward does not take one)
+        self.static_cache = self.cache_kwarg == "past_key_values"
 
     def prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
+        with last_position_mlp(self.model if self.peft_model is None else None):
+            return self._prefill(ids_BS, mask_BS, max_new_tokens)
+
+    def _prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
         B, S = ids_BS.shape
         P = self.num_prefix
         mask_BP = torch.cat([mask_BS.new_ones(B, P), mask_BS], dim=1)
         pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
-        kwargs = dict(attention_mask=mask_BP, use_cache=True)
+        # one token to generate: no decode step follows, so no KV cache to build
+        kwargs = dict(attention_mask=mask_BP, use_cache=max_new_tokens > 1 or P > 0,
+                      **self.keep_kwargs)
         if self.peft_model is None:
             kwargs.update(input_ids=ids_BS, position_ids=pos_BP)
+            if max_new_tokens > 1 and self.static_cache:
+                from transformers import StaticCache
+
+                kwargs[self.cache_kwarg] = StaticCache(config=self.model.config,
+                                                       max_cache_len=S + max_new_tokens)
         elif is_prefix_tuned(self.peft_model):
             prefix = self.peft_model.get_prompt(B, max_cache_len=P + S + max_new_tokens)
             kwargs.update(input_ids=ids_BS, position_ids=pos_BP[:, P:])
@@ -234,7 +260,10 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
     try:
         with torch.no_grad(), hooks as cap, tqdm(total=len(prompt_ids), disable=not progress,
                                                  desc=desc) as bar:
-            for batch in _length_batches(prompt_ids, batch_size):
+            # one token per prompt on a CPU: a padded batch costs more (masked attention, padding)
+            # than it saves, so only prompts of equal length are batched
+            pad_free = max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
+            for batch in _length_batches(prompt_ids, batch_size, pad_free=pad_free):
                 decoded = _decode_batch(model, [prompt_ids[i] for i in batch], pad_id, stop,
                                         max_new_tokens=max_new_tokens, capture=cap,
                                         act_dtype=act_dtype, topk=topk)
