@@ -127,7 +127,7 @@ def run(*, quick: bool = False, keep_dir: str | None = None) -> dict:
     from ia2dist.modeling import encode
     from transformers import AutoTokenizer
 
-    n, epochs, shard = (8, 2, 4) if quick else (16, 2, 4)
+    n, epochs, shard = (8, 2, 4) if quick else (32, 1, 4)
     work = Path(keep_dir or tempfile.mkdtemp(prefix="ia2bench-"))
     model_dir = save_bench_model(work / "model")
     train_path, eval_path = write_data(work / "data")

@@ -262,6 +262,8 @@ class Checkpointer:
         for old in complete[:max(0, len(complete) - (self.keep - 1))]:
             try:
                 shutil.rmtree(old)
+                # its universal conversion (made when resuming on another world size), if any
+                shutil.rmtree(old.with_name(f".{old.name}.universal"), ignore_errors=True)
             except OSError as exc:
                 log.warning("could not delete old checkpoint %s (%s); training goes on", old, exc)
 

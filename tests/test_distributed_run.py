@@ -171,9 +171,10 @@ def test_killed_train_worker_is_replaced_and_resumes_from_checkpoint(tmp_path, l
 
 
 def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
-    """The whole distributed job (driver, local Ray, workers) killed mid-training; `ia2dist run` on
-    the same run directory resumes the job from its checkpoint (teacher shards reused) and ends
-    with the one-process losses."""
+    """The whole distributed job (driver, local Ray, 2 workers) killed mid-training; `ia2dist run`
+    on the same run directory with ONE worker resumes the job from its 2-rank checkpoint (converted
+    to DeepSpeed's universal format on the way; teacher shards reused) and ends with the
+    one-process losses."""
     import signal
     import subprocess
     import sys
@@ -213,9 +214,10 @@ def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
     assert not (run / "N8_seed0" / ".ia2_then_sft.partial" / "history.json").exists()
     shards = {p: p.stat().st_mtime_ns for p in (run / "N8_seed0" / "teacher_shards").rglob("*")
               if p.is_file()}
-    assert main(["run", *_args(run, *CKPT, "dist.backend=ray")]) == 0
+    assert main(["run", *_args(run, *CKPT, "dist.backend=ray", "dist.num_workers=1")]) == 0
     result = _history(run, "ia2_then_sft")
-    assert result["resumed_from"].endswith(f"/{at_kill}")
+    assert result["resumed_from"].endswith(f"/{at_kill}") and result["world_size"] == 1
+    assert (run / "N8_seed0" / "checkpoints" / "ia2_then_sft" / f".{at_kill}.universal").is_dir()
     _assert_same_losses(result["history"], local_reference["history"])
     still = {p: p.stat().st_mtime_ns for p in shards if p.exists()}
     assert still == shards  # teacher shards reused, not rewritten

@@ -111,6 +111,17 @@ def jobs(slurm, tmp_path_factory):
             ("usr1", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING)):
         out[name] = (_submit(slurm, script, root / name / "logs", root / name / "run", *args,
                              extra=extra), root / name / "logs", root / name / "run")
+    # a 2-cell learning-rate sweep as a job array (lr 1e-2 and 3e-3 at N=4, seed 0)
+    sweep_root = root / "sweep" / "runs"
+    (root / "sweep" / "logs").mkdir(parents=True)
+    extra = " ".join(a for a in _tiny().split() if not a.startswith(("data.num_train", "data.seeds")))
+    done = subprocess.run(
+        ["sbatch", "--parsable", f"--output={root / 'sweep' / 'logs'}/%x-%A_%a.out", "--array=0-1",
+         "--cpus-per-task=2", str(REPO / "slurm" / "sweep_array.sbatch")],
+        env={**slurm, "CONFIG": "", "LRS": "1e-2 3e-3", "NS": "4", "SEEDS": "0",
+             "SWEEP_ROOT": str(sweep_root), "EXTRA": extra},
+        cwd=REPO, capture_output=True, text=True, check=True)
+    out["sweep"] = (done.stdout.strip().split(";")[0], root / "sweep" / "logs", sweep_root)
     out["requeuer"] = _Requeuer(slurm, *out["requeue"], action=["scontrol", "requeue"])
     out["usr1"] += (_Requeuer(slurm, *out["usr1"],
                               action=["scancel", "--signal=USR1", "--batch"]),)
@@ -225,3 +236,18 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, jobs):
     _assert_finished_run(run_dir)
     resumed = _resumed_from(run_dir)
     assert resumed is not None and Path(resumed).name >= signaller.checkpoint
+
+
+def test_sweep_array_runs_every_cell_sharing_teacher_outputs(slurm, jobs):
+    """slurm/sweep_array.sbatch as a 2-task array: each task runs its (lr, N, seed) cell to the end
+    in its own run dir; the two cells (same N and seed) share one teacher cache."""
+    job, logs, root = jobs["sweep"]
+    states = [_wait(slurm, f"{job}_{task}") for task in (0, 1)]
+    assert states == ["COMPLETED 0:0"] * 2, _log(logs)[-4000:]
+    for lr in ("1e-2", "3e-3"):
+        run_dir = root / f"lr{lr}_N4_seed0"
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+        assert f"lr: {float(lr)}" in (run_dir / "config.yaml").read_text()
+        assert (run_dir / "N4_seed0" / "ia2_then_sft" / "metrics.json").is_file()
+    shared = sorted(p.name.split("-")[0] for p in (root / "teacher_cache").iterdir())
+    assert shared == ["teacher_eval", "teacher_shards"]  # one of each for both cells

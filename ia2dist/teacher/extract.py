@@ -132,7 +132,7 @@ class _Runner:
         # a cache preallocated for prompt + T: decode steps write into it instead of re-concatenating
         # every layer's keys and values at each step (falls back to the dynamic cache if the
         # architecture's forward does not take one)
-        self.static_cache = self.cache_kwarg == "past_key_values"
+        self.static_cache = "cache" in params or "past_key_values" in params
 
     def prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
         with last_position_mlp(self.model if self.peft_model is None else None):
@@ -162,6 +162,51 @@ class _Runner:
             virtual = self.peft_model.get_prompt(batch_size=B).to(embed.dtype)
             kwargs.update(inputs_embeds=torch.cat([virtual, embed], dim=1), position_ids=pos_BP)
         return self.model(**kwargs), mask_BP, pos_BP[:, -1] + 1
+
+    def prefill_separately(self, prompt_ids: list[list[int]], capture, device: torch.device,
+                           max_new_tokens: int):
+        """The prefill of a batch one prompt at a time, then merged into one left-padded cache.
+
+        Each prompt runs alone, unpadded, so attention takes the causal fast path (a padded
+        batch needs an explicit mask, and computes every query against every key); the decode
+        steps that follow run batched on the merged cache. Plain (and LoRA/IA3) models only.
+        Returns (an output with .logits [B, 1, V] and .past_key_values, mask [B, S], positions [B],
+        captured activations [L, B, D] or None)."""
+        from types import SimpleNamespace
+
+        from transformers import DynamicCache, StaticCache
+
+        B, S = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+        logits, caches, acts = [], [], []
+        with last_position_mlp(self.model):
+            for ids in prompt_ids:
+                if capture is not None:
+                    capture.select(torch.zeros(1, dtype=torch.long, device=device),
+                                   torch.full((1,), -1, device=device))
+                out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                                 **self.keep_kwargs)
+                logits.append(out.logits[:, -1:])
+                cache = getattr(out, "cache", None)
+                caches.append(cache if cache is not None else out.past_key_values)
+                if capture is not None:
+                    acts.append(capture.stacked())
+        merged = (StaticCache(config=self.model.config, max_cache_len=S + max_new_tokens)
+                  if self.static_cache else DynamicCache())
+        for layer in range(len(caches[0].layers)):
+            rows_k = [c.layers[layer].keys for c in caches]
+            rows_v = [c.layers[layer].values for c in caches]
+            keys = rows_k[0].new_zeros((B, *rows_k[0].shape[1:2], S, rows_k[0].shape[-1]))
+            values = rows_v[0].new_zeros((B, *rows_v[0].shape[1:2], S, rows_v[0].shape[-1]))
+            for b, (k, v) in enumerate(zip(rows_k, rows_v)):
+                keys[b, :, S - k.shape[2]:] = k[0]
+                values[b, :, S - v.shape[2]:] = v[0]
+            merged.update(keys, values, layer)
+        mask_BS = torch.zeros((B, S), dtype=torch.long, device=device)
+        for b, ids in enumerate(prompt_ids):
+            mask_BS[b, S - len(ids):] = 1
+        pos_B = torch.tensor([len(ids) for ids in prompt_ids], device=device)
+        out = SimpleNamespace(logits=torch.cat(logits), cache=merged)
+        return out, mask_BS, pos_B, (torch.cat(acts, dim=1) if acts else None)
 
     def step(self, out, next_B: torch.Tensor, mask_BP: torch.Tensor, pos_B: torch.Tensor):
         cache = getattr(out, "cache", None)
@@ -197,17 +242,27 @@ def _decode_batch(model: nn.Module, prompt_ids: list[list[int]], pad_id: int, st
     acts_T_LBD, topk_ids_T_Bk, topk_lp_T_Bk = [], [], []
     rows_B, last_B = torch.arange(B, device=device), torch.full((B,), -1, device=device)
     out = pos_B = mask = None
+    # on a CPU, prompts of different lengths are prefilled one by one (see prefill_separately)
+    separate = (device.type == "cpu" and runner.peft_model is None and max_new_tokens > 1
+                and len({len(ids) for ids in prompt_ids}) > 1)
     for step in range(max_new_tokens):
-        if capture is not None:
-            capture.select(rows_B, last_B)
-        if step == 0:
-            out, mask, pos_B = runner.prefill(ids_BS.to(device), mask_BS.to(device), max_new_tokens)
+        prefill_acts = None
+        if step == 0 and separate:
+            out, mask, pos_B, prefill_acts = runner.prefill_separately(prompt_ids, capture, device,
+                                                                       max_new_tokens)
         else:
-            out, mask, pos_B = runner.step(out, next_B, mask, pos_B)
+            if capture is not None:
+                capture.select(rows_B, last_B)
+            if step == 0:
+                out, mask, pos_B = runner.prefill(ids_BS.to(device), mask_BS.to(device),
+                                                  max_new_tokens)
+            else:
+                out, mask, pos_B = runner.step(out, next_B, mask, pos_B)
         logits_BV = out.logits[:, -1]
         next_B = logits_BV.argmax(dim=-1)
         if capture is not None:
-            acts_T_LBD.append(capture.stacked().to(act_dtype))
+            acts = prefill_acts if prefill_acts is not None else capture.stacked()
+            acts_T_LBD.append(acts.to(act_dtype))
         if topk:
             ids_Bk, lp_Bk = _topk(logits_BV, topk)
             topk_ids_T_Bk.append(ids_Bk)
