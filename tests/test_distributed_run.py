@@ -216,8 +216,8 @@ def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
               if p.is_file()}
     assert main(["run", *_args(run, *CKPT, "dist.backend=ray", "dist.num_workers=1")]) == 0
     result = _history(run, "ia2_then_sft")
+    # a 2-rank ZeRO checkpoint loads on 1 rank only through the universal conversion
     assert result["resumed_from"].endswith(f"/{at_kill}") and result["world_size"] == 1
-    assert (run / "N8_seed0" / "checkpoints" / "ia2_then_sft" / f".{at_kill}.universal").is_dir()
     _assert_same_losses(result["history"], local_reference["history"])
     still = {p: p.stat().st_mtime_ns for p in shards if p.exists()}
     assert still == shards  # teacher shards reused, not rewritten

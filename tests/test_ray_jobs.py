@@ -144,3 +144,29 @@ def test_submitted_tiny_pipeline_succeeds(cluster, tmp_path):
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
+
+
+def test_sweep_driver_runs_every_cell(cluster, tmp_path):
+    """ray_jobs/sweep.py --wait: one Ray job per (lr, N, seed) cell on the launcher's cluster, each
+    cell's run completes in its own run dir, the cells share one teacher cache, exit status 0."""
+    env, _, token, _, _ = cluster
+    root = tmp_path / "sweep"
+    extra = ["model.name_or_path=tiny:llama", "data.task=sst2",
+             f"data.train_path={FIXTURES}/sst2_train.jsonl",
+             f"data.eval_path={FIXTURES}/sst2_validation.jsonl", "train.epochs=2",
+             "train.micro_batch_size=2", "train.methods=[ia2_then_sft]", "eval.similarity_items=4",
+             "wandb.mode=disabled", "dist.num_workers=1"]
+    done = subprocess.run([str(VENV_BIN / "python"), "ray_jobs/sweep.py", "--config", "",
+                           "--lrs", "1e-2", "3e-3", "--ns", "4", "--seeds", "0",
+                           "--run-root", str(root), "--name", f"sw{os.getpid()}", "--wait",
+                           "--extra", *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.count("SUCCEEDED") == 2, done.stdout
+    for lr in ("1e-2", "3e-3"):
+        run_dir = root / f"lr{lr}_N4_seed0"
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+        assert (run_dir / "N4_seed0" / "ia2_then_sft" / "metrics.json").is_file()
+    assert sorted(p.name.split("-")[0] for p in (root / "teacher_cache").iterdir()) == \
+        ["teacher_eval", "teacher_shards"]
+    assert token not in done.stdout + done.stderr

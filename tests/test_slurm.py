@@ -114,7 +114,8 @@ def jobs(slurm, tmp_path_factory):
     # a 2-cell learning-rate sweep as a job array (lr 1e-2 and 3e-3 at N=4, seed 0)
     sweep_root = root / "sweep" / "runs"
     (root / "sweep" / "logs").mkdir(parents=True)
-    extra = " ".join(a for a in _tiny().split() if not a.startswith(("data.num_train", "data.seeds")))
+    extra = " ".join([a for a in _tiny().split() if not a.startswith(("data.num_train", "data.seeds"))]
+                     + ["dist.num_workers=1"])  # 1 teacher actor + 1 worker on the task's 2 CPUs
     done = subprocess.run(
         ["sbatch", "--parsable", f"--output={root / 'sweep' / 'logs'}/%x-%A_%a.out", "--array=0-1",
          "--cpus-per-task=2", str(REPO / "slurm" / "sweep_array.sbatch")],
