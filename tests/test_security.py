@@ -81,9 +81,10 @@ def test_credentials_in_env_and_config_never_reach_the_run_dir(tmp_path, monkeyp
 @pytest.mark.ray
 @pytest.mark.slow
 def test_private_local_ray_of_a_run_uses_a_fresh_per_run_token(tmp_path):
-    """`ia2dist run` with a private local Ray: its Ray processes get token auth with a fresh
-    user-only token file (not ~/.ray/auth_token, which stays absent), deleted when the run ends;
-    the token is in no file of the run directory."""
+    """`ia2dist` with a private local Ray (here `extract`, the teacher stage on Ray; `run` and
+    `train` take the same path): its Ray processes get token auth with a fresh user-only token file
+    (not ~/.ray/auth_token, which stays absent), deleted when the command ends; the token is in no
+    file of the run directory."""
     import os
     import subprocess
     import sys
@@ -100,7 +101,7 @@ def test_private_local_ray_of_a_run_uses_a_fresh_per_run_token(tmp_path):
     env.update(HOME=str(home), PYTHONPATH=str(repo), RAY_USAGE_STATS_ENABLED="0",
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=str(repo / ".torch_ext"))
-    argv = [sys.executable, "-m", "ia2dist.cli", "run", f"run_dir={run}",
+    argv = [sys.executable, "-m", "ia2dist.cli", "extract", f"run_dir={run}",
             "model.name_or_path=tiny:llama", "data.task=sst2",
             f"data.train_path={fixtures / 'sst2_train.jsonl'}",
             f"data.eval_path={fixtures / 'sst2_validation.jsonl'}", "data.num_train=[4]",

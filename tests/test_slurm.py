@@ -63,7 +63,7 @@ def slurm(tmp_path_factory):
 
 
 #: long enough that the signals land while the job trains; a checkpoint every 2 steps
-TRAINING = "train.epochs=40 train.patience=0 train.checkpoint_every=2"
+TRAINING = "train.epochs=24 train.patience=0 train.checkpoint_every=2"
 
 
 def _submit(env, script, out_dir: Path, run_dir: Path, *sbatch_args, extra=""):
