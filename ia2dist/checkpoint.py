@@ -52,7 +52,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^p(\d+)_s(\d{7})(_end)?$")
 #: Identity fields that may differ on resume (world size goes through conversion).
-_MAY_DIFFER = {"world_size", "engine"}
+_MAY_DIFFER = {"world_size", "engine", "config_hash"}
 
 
 @dataclass

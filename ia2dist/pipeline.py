@@ -185,8 +185,11 @@ class Experiment:
                 "extract": ("batch_size", "cache_dir"),
                 "train": ("methods", "checkpoint_every", "checkpoint_keep", "micro_batch_size")}
         sections = {name: {k: v for k, v in d[name].items() if k not in skip[name]} for name in skip}
+        from ia2dist.config import config_hash
+
+        # config_hash: the whole run config's (informational; dist/wandb may differ on resume)
         return {"method": method, "n": unit.n, "seed": unit.seed, "run_seed": self.cfg.seed,
-                **sections}
+                "config_hash": config_hash(self.cfg), **sections}
 
     def checkpoint_options(self, unit: Unit, method: str) -> dict | None:
         """Keyword arguments of ``Checkpointer`` for a job (None: checkpoints are off)."""

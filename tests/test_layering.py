@@ -11,6 +11,7 @@ CORE = ["ia2dist.config", "ia2dist.records", "ia2dist.errors", "ia2dist.secrets"
         "ia2dist.losses", "ia2dist.student.batching", "ia2dist.student.trainer",
         "ia2dist.student.dsconfig", "ia2dist.eval.metrics", "ia2dist.eval.evaluate",
         "ia2dist.eval.report", "ia2dist.rundir", "ia2dist.tracking", "ia2dist.pipeline",
+        "ia2dist.checkpoint", "ia2dist.export",
         "ia2dist.cli"]
 
 
