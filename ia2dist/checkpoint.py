@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ia2dist.activations import _sha256, write_json_atomic
+from ia2dist.activations import _sha256, write_json_atomic, write_text_atomic
+from ia2dist.config import differences
 from ia2dist.errors import IA2Error
 from ia2dist.records import ACTIVATION_SCHEMA_VERSION
 
@@ -52,7 +53,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^p(\d+)_s(\d{7})(_end)?$")
 #: Identity fields that may differ on resume (world size goes through conversion).
-_MAY_DIFFER = {"world_size", "engine", "config_hash"}
+_MAY_DIFFER = frozenset({"world_size", "engine", "config_hash"})
 
 
 @dataclass
@@ -170,20 +171,6 @@ def write_manifest(path: Path) -> None:
                                               "files": files})
 
 
-def identity_differences(saved: dict, current: dict) -> list[str]:
-    """'key: saved -> current' for every identity field that must match but differs."""
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        if key in _MAY_DIFFER:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{d}" for d in identity_differences(a, b)]
-        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    return diffs
-
-
 class Checkpointer:
     """Saves and finds the checkpoints of one job under ``root``.
 
@@ -191,8 +178,8 @@ class Checkpointer:
     keep: complete checkpoints kept (the newest ``keep``; at least 1).
     identity: what must match on resume (config sections, method, seed, engine kind, ...).
     rank: this process's rank; rank 0 writes the shared files, every rank its engine shards.
-    barrier: a collective every rank calls (engine-provided); None in one process.
     resume_from: an explicit checkpoint directory to resume from instead of the latest.
+    stop_file: a file whose presence asks the loop to checkpoint and stop (preemption).
     """
 
     def __init__(self, root: str | os.PathLike, *, every: int, keep: int, identity: dict,
@@ -204,7 +191,6 @@ class Checkpointer:
         self.identity = json.loads(json.dumps(identity))
         self.rank = rank
         self.resume_from = Path(resume_from) if resume_from is not None else None
-        self.saved: list[Path] = []
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -219,9 +205,11 @@ class Checkpointer:
         return flag > 0
 
     # ------------------------------------------------------------------------------- save
-    def save(self, engine, state: LoopState, generator: torch.Generator,
+    def save(self, engine, state: LoopState, generator_state: torch.Tensor,
              best_state: dict[str, torch.Tensor] | None, barrier: Callable[[], None]) -> Path:
-        """Write one checkpoint (collective: every rank calls it with the same state)."""
+        """Write one checkpoint (collective: every rank calls it with the same state).
+        generator_state: the data-order generator's state to resume from (for an unfinished epoch,
+        its state before that epoch's order was drawn)."""
         name = checkpoint_name(state.phase, state.step, state.phase_done)
         final = self.root / name
         tmp = self.root / f".{name}.partial"
@@ -234,7 +222,7 @@ class Checkpointer:
         engine.save_checkpoint(tmp / "engine")
         barrier()
         if self.rank == 0:
-            tensors = {"generator_state": generator.get_state(), "torch_rng": torch.get_rng_state()}
+            tensors = {"generator_state": generator_state, "torch_rng": torch.get_rng_state()}
             if torch.cuda.is_available():
                 for i, s in enumerate(torch.cuda.get_rng_state_all()):
                     tensors[f"cuda_rng.{i}"] = s
@@ -254,7 +242,6 @@ class Checkpointer:
             write_text_atomic(self.root / LATEST, name + "\n")
             self._prune(final)
         barrier()
-        self.saved.append(final)
         return final
 
     def _prune(self, newest: Path) -> None:
@@ -312,7 +299,7 @@ class Checkpointer:
                            f"{CHECKPOINT_SCHEMA_VERSION}; resume with the ia2dist version that "
                            "wrote it or start a new run_dir")
         saved = payload["identity"]
-        diffs = identity_differences(saved, self.identity)
+        diffs = differences(saved, self.identity, _MAY_DIFFER)
         if diffs:
             raise IA2Error(f"{path}: cannot resume, the config differs from the checkpoint's: "
                            f"{'; '.join(diffs)}; use the original settings or another run_dir")
@@ -322,13 +309,6 @@ class Checkpointer:
         return Resume(path=path, state=state, identity=saved,
                       generator_state=tensors["generator_state"], torch_rng=tensors["torch_rng"],
                       cuda_rng=cuda, best_state=best if payload.get("has_best_state") else None)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def restore_rng(resume: Resume) -> None:

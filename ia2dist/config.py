@@ -471,6 +471,22 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def differences(old, new, ignore=frozenset(), _prefix: str = "") -> list[str]:
+    """'dotted.path: old -> new' for every leaf where two config-like dicts differ, skipping the
+    dotted paths (or whole sections) in ``ignore`` and values a saved config holds redacted."""
+    path = _prefix.rstrip(".")
+    if path in ignore:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += differences(old.get(key), new.get(key), ignore, f"{_prefix}{key}.")
+        return out
+    if old != new and old != "<redacted>":
+        return [f"{path}: {old!r} -> {new!r}"]
+    return []
+
+
 def config_hash(cfg: RunConfig) -> str:
     """Stable hash of the resolved config (sorted JSON), first 16 hex digits of sha256."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))

@@ -23,10 +23,14 @@ from ia2dist.errors import IA2Error
 
 
 def checkpoint_trainable_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full (consolidated, fp32 for DeepSpeed) trainable weights saved in checkpoint ``ckpt``."""
+    """The full (consolidated, fp32 for DeepSpeed) trainable weights saved in checkpoint ``ckpt``
+    (verified against its manifest first)."""
     ckpt = Path(ckpt)
-    payload = read_identity(ckpt)
-    engine = payload["identity"].get("engine", "torch")
+    return _trainable_state(ckpt, read_identity(ckpt)["identity"].get("engine", "torch"))
+
+
+def _trainable_state(ckpt: Path, engine: str) -> dict[str, torch.Tensor]:
+    """``checkpoint_trainable_state`` of an already verified checkpoint written by ``engine``."""
     if engine == "torch":
         from safetensors.torch import load_file
 
@@ -71,7 +75,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise IA2Error(f"export: {out} already exists; pass --overwrite or choose --out")
-    state = checkpoint_trainable_state(ckpt)
+    state = _trainable_state(ckpt, ident.get("engine", "torch"))
     base = load_model(cfg.model, device="cpu")
     seed = cfg.seed * 1000 + ident["seed"]
     torch.manual_seed(seed)

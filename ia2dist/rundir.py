@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ia2dist.activations import write_json_atomic
-from ia2dist.config import RunConfig, config_hash, dump_yaml, to_dict
+from ia2dist.config import RunConfig, config_hash, differences, dump_yaml, to_dict
 from ia2dist.errors import IA2Error
 
 log = logging.getLogger("ia2dist")
@@ -71,12 +71,8 @@ def check_existing_run_dir(run_dir: Path, cfg: RunConfig) -> None:
 
     saved = yaml.safe_load(saved_path.read_text()) or {}
     current = to_dict(cfg)
-    diffs = []
-    for section in TEACHER_SECTIONS:
-        old, new = saved.get(section, {}), current[section]
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                diffs.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    diffs = differences({s: saved.get(s, {}) for s in TEACHER_SECTIONS},
+                        {s: current[s] for s in TEACHER_SECTIONS})
     if diffs:
         raise IA2Error(f"run_dir: {run_dir} was made with a different config ({'; '.join(diffs)}); "
                        "use the same settings or another run_dir")
@@ -114,24 +110,11 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     except yaml.YAMLError as exc:
         raise IA2Error(f"{run_dir / 'config.yaml'}: unreadable ({exc}); the run cannot be resumed, "
                        "use another run_dir") from None
-    diffs = _differences(saved, to_dict(cfg), "")
+    diffs = differences(saved, to_dict(cfg), frozenset(RESUME_MAY_CHANGE))
     if diffs:
         raise IA2Error(f"run_dir: {run_dir} holds a run with a different config, it cannot be "
                        f"resumed with this one ({'; '.join(diffs)}); use its config "
                        f"({run_dir / 'config.yaml'}), another run_dir, or --overwrite to replace it")
-
-
-def _differences(old, new, prefix: str) -> list[str]:
-    if prefix.rstrip(".") in RESUME_MAY_CHANGE:
-        return []
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    if old != new and not (old == "<redacted>"):
-        return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-    return []
 
 
 def create_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
@@ -185,8 +168,14 @@ def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
 
 
+def staging_name(final_dir: Path) -> Path:
+    """Where ``final_dir`` is written before ``commit_dir`` publishes it."""
+    return final_dir.with_name(f".{final_dir.name}.partial")
+
+
 def staging_dir(final_dir: Path) -> Path:
-    tmp = final_dir.with_name(f".{final_dir.name}.partial")
+    """A fresh, empty ``staging_name(final_dir)``."""
+    tmp = staging_name(final_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

@@ -159,10 +159,10 @@ class RayBackend:
         done, pending = [], {}
         for unit in units:  # a resumed run: methods an earlier attempt finished are not retrained
             for method in methods:
-                final, tmp = unit.dir / method, unit.dir / f".{method}.partial"
-                if not (final / "history.json").is_file() and (tmp / "history.json").is_file():
+                final, tmp = unit.dir / method, rundir.staging_name(unit.dir / method)
+                if exp.trained_dir(unit, method) is None and (tmp / "history.json").is_file():
                     rundir.commit_dir(tmp, final)  # trained, killed before it was published
-                if (final / "history.json").is_file():
+                if exp.trained_dir(unit, method) is not None:
                     log.info("N=%d seed=%d: %s was trained by an earlier attempt", unit.n,
                              unit.seed, method)
                     done.append((unit, method, final))

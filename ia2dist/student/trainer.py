@@ -274,7 +274,7 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
                                   position=0, best_dev=None, best_step=None, stale=0,
                                   stopped=summary["stopped_early"], history=result.history,
                                   phases=result.phases)
-                checkpointer.save(engine, state, generator, None, _barrier(engine))
+                checkpointer.save(engine, state, generator.get_state(), None, _barrier(engine))
     finally:
         model.train(was_training)
     return result
@@ -359,8 +359,8 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
                                   best_step=best_step, stale=stale, stopped=stopped,
                                   history=history, phases=result.phases)
                 # the order of an unfinished epoch is re-drawn from its start state on resume
-                saved_gen = _Gen(epoch_start) if in_epoch else generator
-                checkpointer.save(engine, state, saved_gen, best_state, _barrier(engine))
+                checkpointer.save(engine, state, epoch_start if in_epoch else generator.get_state(),
+                                  best_state, _barrier(engine))
                 if preempt:
                     bar.close()
                     raise Preempted(f"stopped on request after step {step} of phase {index}; "
@@ -372,16 +372,6 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
     return {"objective": objective, "best_step": best_step,
             "best_dev": None if best_step is None else best_dev, "stopped_early": stopped,
             "steps": step}
-
-
-class _Gen:
-    """A saved generator state that quacks like a generator for ``Checkpointer.save``."""
-
-    def __init__(self, state: torch.Tensor):
-        self._state = state
-
-    def get_state(self) -> torch.Tensor:
-        return self._state
 
 
 def _train_step(engine: Engine, chunk: list[StudentItem], objective: str, ctx: _Context) -> dict:

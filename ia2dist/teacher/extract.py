@@ -163,15 +163,15 @@ class _Runner:
             kwargs.update(inputs_embeds=torch.cat([virtual, embed], dim=1), position_ids=pos_BP)
         return self.model(**kwargs), mask_BP, pos_BP[:, -1] + 1
 
-    def prefill_separately(self, prompt_ids: list[list[int]], capture, device: torch.device,
-                           max_new_tokens: int):
+    def prefill_separately(self, prompt_ids: list[list[int]], mask_BS: torch.Tensor, capture,
+                           device: torch.device, max_new_tokens: int):
         """The prefill of a batch one prompt at a time, then merged into one left-padded cache.
 
         Each prompt runs alone, unpadded, so attention takes the causal fast path (a padded
         batch needs an explicit mask, and computes every query against every key); the decode
         steps that follow run batched on the merged cache. Plain (and LoRA/IA3) models only.
-        Returns (an output with .logits [B, 1, V] and .past_key_values, mask [B, S], positions [B],
-        captured activations [L, B, D] or None)."""
+        Returns (an output with .logits [B, 1, V] and .cache (the merged cache), mask [B, S],
+        positions [B], captured activations [L, B, D] or None)."""
         from types import SimpleNamespace
 
         from transformers import DynamicCache, StaticCache
@@ -201,10 +201,8 @@ class _Runner:
                 keys[b, :, S - k.shape[2]:] = k[0]
                 values[b, :, S - v.shape[2]:] = v[0]
             merged.update(keys, values, layer)
-        mask_BS = torch.zeros((B, S), dtype=torch.long, device=device)
-        for b, ids in enumerate(prompt_ids):
-            mask_BS[b, S - len(ids):] = 1
-        pos_B = torch.tensor([len(ids) for ids in prompt_ids], device=device)
+        mask_BS = mask_BS.to(device)
+        pos_B = mask_BS.sum(-1)
         out = SimpleNamespace(logits=torch.cat(logits), cache=merged)
         return out, mask_BS, pos_B, (torch.cat(acts, dim=1) if acts else None)
 
@@ -248,8 +246,8 @@ def _decode_batch(model: nn.Module, prompt_ids: list[list[int]], pad_id: int, st
     for step in range(max_new_tokens):
         prefill_acts = None
         if step == 0 and separate:
-            out, mask, pos_B, prefill_acts = runner.prefill_separately(prompt_ids, capture, device,
-                                                                       max_new_tokens)
+            out, mask, pos_B, prefill_acts = runner.prefill_separately(prompt_ids, mask_BS, capture,
+                                                                       device, max_new_tokens)
         else:
             if capture is not None:
                 capture.select(rows_B, last_B)
