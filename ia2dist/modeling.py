@@ -412,3 +412,118 @@ class last_position_mlp:
     def __exit__(self, *exc) -> None:
         if self.handle is not None:
             self.handle.remove()
+
+
+
+_LAST_QUERY = "ia2dist_last_query"
+
+
+def _last_query_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The wrapped kernel's attention for the LAST query only, broadcast to every query position.
+
+    Exact at the last position: with no mask, sdpa is causal (upper-left aligned), so the last
+    query sees the first ``q_len`` keys; with a mask, its last row is that query's row."""
+    inner, is_sdpa = module._ia2_inner_attention
+    q_len = query.shape[2]
+    if q_len == 1 or kwargs.get("position_bias") is not None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is None:
+        if is_sdpa:
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        mask = None
+    else:
+        mask = attention_mask[..., -1:, :]
+    out, weights = inner(module, query[:, :, -1:], key, value, mask, **kwargs)
+    # (B, 1, H, hd) -> (B, q_len, H, hd): the module reshapes and projects as usual
+    return out.expand(out.shape[0], q_len, *out.shape[2:]), weights
+
+
+class last_query_attention:
+    """Within the context, the LAST decoder block's attention computes its last query only.
+
+    For a teacher prefill, where only the last position of the last block is ever read (the
+    captured attention output of the first response token, and the logits that pick it): the
+    block's keys and values are computed and cached for every position as usual, but the
+    attention of the other queries (O(S^2) work) is skipped; their rows repeat the last one and
+    are never read. Where the query and output projections are separate modules (``q_proj``,
+    ``o_proj``: Llama, Qwen, Mistral), they run on the last position only as well (the attention
+    block's output is then [B, 1, D], broadcast into the residual sum). Used together with
+    ``last_position_mlp``. Applies to self-attention modules that dispatch through transformers'
+    attention interface with the eager or sdpa kernel (Llama, Qwen, Mistral, GPT-2, GPT-NeoX, ...
+    in transformers 5); a no-op for others."""
+
+    def __init__(self, model: nn.Module | None):
+        self.attn = self.inner = self.q_proj = self.o_proj = None
+        self.handles: list = []
+        if model is None:
+            return
+        try:
+            attn = attention_sites(model)[-1]
+        except ValueError:
+            return
+        config = getattr(attn, "config", None)
+        import inspect
+
+        forward = getattr(type(attn), "forward", None)
+        code = getattr(inspect.unwrap(forward), "__code__", None) if forward else None
+        kind = getattr(config, "_attn_implementation", None)
+        if (code is None or "ALL_ATTENTION_FUNCTIONS" not in code.co_names
+                or kind not in ("eager", "sdpa") or getattr(attn, "reorder_and_upcast_attn", False)
+                or getattr(attn, "is_cross_attention", False)):
+            return
+        if kind == "sdpa":
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            import sys
+
+            inner = getattr(sys.modules.get(type(attn).__module__), "eager_attention_forward", None)
+            if inner is None:
+                return
+        self.attn, self.inner = attn, (inner, kind == "sdpa")
+        self.q_proj, self.o_proj = (getattr(attn, "q_proj", None), getattr(attn, "o_proj", None))
+        if not (isinstance(self.q_proj, nn.Module) and isinstance(self.o_proj, nn.Module)):
+            self.q_proj = self.o_proj = None
+
+    @staticmethod
+    def _last_only(module, args, kwargs):
+        if args:
+            module._ia2_full_len = args[0].shape[1]
+            return (args[0][:, -1:], *args[1:]), kwargs
+        key = next(iter(kwargs))
+        module._ia2_full_len = kwargs[key].shape[1]
+        return args, {**kwargs, key: kwargs[key][:, -1:]}
+
+    @staticmethod
+    def _expand_back(module, args, kwargs, output):
+        # the attention module views the queries as [B, S, H, hd]: a broadcast of the last row
+        return output.expand(output.shape[0], module._ia2_full_len, *output.shape[2:])
+
+    def __enter__(self):
+        if self.attn is None:
+            return self
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+        if _LAST_QUERY not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(_LAST_QUERY, _last_query_attention_forward)
+        self.config = self.attn.config
+        own = copy.copy(self.config)
+        # the internal field: the property's setter would also rewrite the shared sub-configs
+        own._attn_implementation_internal = _LAST_QUERY
+        self.attn._ia2_inner_attention = self.inner
+        self.attn.config = own
+        if self.q_proj is not None:
+            self.handles = [
+                self.q_proj.register_forward_pre_hook(self._last_only, with_kwargs=True),
+                self.q_proj.register_forward_hook(self._expand_back, with_kwargs=True),
+                self.o_proj.register_forward_pre_hook(self._last_only, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.attn is not None:
+            self.attn.config = self.config
+            del self.attn._ia2_inner_attention
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

@@ -59,6 +59,21 @@ def test_extract_matches_naive(make_tokenizer, make_model, arch, add_bos, max_ne
                              want)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("max_new_tokens", [1, 6])
+def test_extract_matches_naive_with_sdpa(make_tokenizer, make_model, arch, max_new_tokens):
+    # sdpa (what real models load with) takes the unmasked causal path in unpadded prefills: the
+    # last-query attention of the prefill must keep to it (and to its KV cache for decoding)
+    tok = make_tokenizer(add_bos=True)
+    model = make_model(arch, tok)
+    model.set_attn_implementation("sdpa")
+    kwargs = dict(max_new_tokens=max_new_tokens, act_dtype=torch.float32, topk=4)
+    want = naive_extract(model, tok, PROMPTS, UIDS, **kwargs)
+    for batch_size in (1, 3):
+        assert_records_match(extract(model, tok, PROMPTS, UIDS, batch_size=batch_size, **kwargs),
+                             want)
+
+
 def test_padding_side_and_pad_token_do_not_matter(make_tokenizer, make_model):
     left = make_tokenizer(add_bos=True, padding_side="left")
     right = make_tokenizer(add_bos=True, padding_side="right")

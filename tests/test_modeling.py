@@ -7,8 +7,10 @@ import torch
 
 from ia2dist.config import AdapterConfig, ModelConfig
 from ia2dist.errors import IA2Error
-from ia2dist.modeling import (apply_adapter, context_length, encode, load_model, load_tokenizer,
+from ia2dist.modeling import (apply_adapter, attention_sites, context_length, encode,
+                              last_position_mlp, last_query_attention, load_model, load_tokenizer,
                               load_trained, num_virtual_tokens, resolve_device, save_trained)
+from ia2dist.tiny import TINY_ARCHS
 
 TEXTS = ["Text:the movie was great\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]
 
@@ -189,3 +191,38 @@ def test_save_and_reload_gives_identical_logits(tmp_path, make_tokenizer, make_m
     assert torch.equal(got, want)
     assert not torch.allclose(got[:, -1], base[:, -1])  # the trained part really was restored
     assert torch.equal(untouched, base)  # and the base model given to load_trained is unchanged
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_last_position_prefill_is_exact_at_the_last_position(make_tokenizer, make_model, arch,
+                                                              attn):
+    """last_query_attention + last_position_mlp: the last position's logits and last attention
+    output are those of the full forward, padded or not; the model is left as it was."""
+    tok = make_tokenizer(add_bos=arch in ("llama", "mistral", "gpt2"))
+    model = make_model(arch, tok)
+    model.set_attn_implementation(attn)
+    site = attention_sites(model)[-1]
+    seen = {}
+    model_config, site_config = model.config, site.config
+    handle = site.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("out", (out[0] if isinstance(out, tuple) else out)[:, -1]))
+    ids_BS, mask_BS = _batch(tok, TEXTS + ["alpha beta gamma delta epsilon zeta eta theta"])
+    try:
+        for kwargs in (dict(attention_mask=mask_BS), {}):
+            with torch.no_grad():
+                full = model(input_ids=ids_BS, **kwargs).logits[:, -1]
+                full_attn = seen["out"]
+                fast_ctx = last_query_attention(model)
+                assert fast_ctx.attn is site  # engaged for every tiny family and both kernels
+                with fast_ctx, last_position_mlp(model):
+                    fast = model(input_ids=ids_BS, logits_to_keep=1, **kwargs).logits[:, -1]
+                fast_attn = seen["out"]
+            torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast_attn, full_attn, rtol=1e-5, atol=1e-6)
+    finally:
+        handle.remove()
+    assert model.config is model_config and site.config is site_config
+    assert site.config._attn_implementation == attn
+    assert not hasattr(site, "_ia2_inner_attention")
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in site.modules())

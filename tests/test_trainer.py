@@ -360,3 +360,53 @@ def test_first_epoch_order_is_the_loops_read_order(setup):
           micro_batch_size=2, epochs=1), seed=11, validate_items=False)
     assert items.first_reads == first_epoch_order(len(items), 11)[:len(items.first_reads)]
     assert len(items.first_reads) == 6
+
+
+@pytest.mark.parametrize("student,objective", [
+    ("lora", "ce"), ("lora", "kl"), ("lora", "ia2+ce"), ("prompt", "ce"), ("prompt", "ia2+ce"),
+    ("gpt2", "ce"), ("gpt2", "kl")])  # (teacher activations come from the Llama base)
+def test_lm_head_on_selected_positions_gives_full_logits_losses(setup, make_model, student,
+                                                                objective):
+    """CE/KL forwards send only the positions they read through the LM head (logits_to_keep with
+    the distinct positions): losses and gradients equal those from full [B, S, V] logits."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from ia2dist.config import AdapterConfig
+    from ia2dist.modeling import apply_adapter, num_virtual_tokens
+    from ia2dist.student.trainer import OBJECTIVE_TERMS, _Context, _logits_to_keep_kwargs, _term_pairs
+
+    torch.manual_seed(0)
+    if student == "lora":
+        model = lora_student(setup["base"])
+    elif student == "prompt":
+        model = get_peft_model(copy.deepcopy(setup["base"]),
+                               PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    else:
+        gpt2 = make_model("gpt2", setup["tok"])
+        for p in gpt2.parameters():
+            p.requires_grad_(False)
+        model = apply_adapter(gpt2, AdapterConfig(), seed=0)
+    items = setup["cls"][:3] + setup["qa"]
+    terms = OBJECTIVE_TERMS[objective]
+    shift = num_virtual_tokens(model)
+    engine = TorchEngine(model)
+    results = []
+    for keep_kwargs in (_logits_to_keep_kwargs(model), {}):
+        assert keep_kwargs or results  # the fast path (first) is exercised
+        ctx = _Context(sites=attention_sites(model), device=torch.device("cpu"), pad_id=0,
+                       padding_side="right", num_virtual_tokens=shift, cfg=cfg(),
+                       logits_kwargs=keep_kwargs)
+        batch = collate(items, 0, "right", shift, need=terms)
+        engine.zero_grad()
+        pairs = _term_pairs(engine, batch, terms, ctx)
+        loss = sum(total for total, _ in pairs.values())
+        loss.backward()
+        results.append(({t: (float(v[0]), v[1]) for t, v in pairs.items()},
+                        {n: p.grad.clone() for n, p in engine.params.items()}))
+    (fast, fast_grads), (full, full_grads) = results
+    assert fast.keys() == full.keys() == set(terms)
+    for term in terms:
+        assert fast[term][1] == full[term][1]
+        assert fast[term][0] == pytest.approx(full[term][0], rel=1e-5)
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-4, atol=1e-7)

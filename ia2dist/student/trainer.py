@@ -42,7 +42,8 @@ from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
 from ia2dist.modeling import attention_sites, last_position_mlp, num_virtual_tokens
-from ia2dist.student.batching import StudentBatch, StudentItem, collate, item_counts
+from ia2dist.student.batching import (Positions, StudentBatch, StudentItem, collate,
+                                      item_counts)
 from ia2dist.teacher.capture import ActivationCapture
 
 #: Objectives of the phases of each method. "ia2+ce" is (1 - w) * IA2 + w * CE in one forward.
@@ -459,8 +460,20 @@ def _term_pairs(engine: Engine, batch: StudentBatch, terms: Sequence[str],
     """One forward of ``batch``; the (sum, count) of each loss term."""
     inputs = batch.model_inputs(ctx.device)
     logits_needed = "ce" in terms or "kl" in terms
+    logit_sels = {}
     if not logits_needed:
         inputs.update(ctx.logits_kwargs)
+    elif ctx.logits_kwargs:
+        # only the distinct positions the CE/KL terms read go through the LM head (forward and
+        # backward): [B, S, V] logits become [B, U, V], U <= the number of selected positions
+        logit_sels = {t: getattr(batch, "ce" if t == "ce" else "teacher").to(ctx.device)
+                      for t in ("ce", "kl") if t in terms}
+        keep_U, inverse = torch.unique(torch.cat([s.pos_idx_K for s in logit_sels.values()]),
+                                       return_inverse=True)
+        inputs["logits_to_keep"] = keep_U
+        parts = inverse.split([s.count for s in logit_sels.values()])
+        logit_sels = {t: Positions(s.b_idx_K, part)
+                      for (t, s), part in zip(logit_sels.items(), parts)}
     pairs: dict[str, Pair] = {}
     if "ia2" in terms:
         sel = batch.teacher.to(ctx.device)
@@ -475,11 +488,11 @@ def _term_pairs(engine: Engine, batch: StudentBatch, terms: Sequence[str],
     else:
         output = engine.forward(**inputs)
     if "ce" in terms:
-        sel = batch.ce.to(ctx.device)
+        sel = logit_sels["ce"] if "ce" in logit_sels else batch.ce.to(ctx.device)
         pairs["ce"] = ce_loss(output.logits[sel.b_idx_K, sel.pos_idx_K],
                               batch.targets_K.to(ctx.device))
     if "kl" in terms:
-        sel = batch.teacher.to(ctx.device)
+        sel = logit_sels["kl"] if "kl" in logit_sels else batch.teacher.to(ctx.device)
         pairs["kl"] = soft_ce_loss(output.logits[sel.b_idx_K, sel.pos_idx_K], batch.topk_ids_Kk,
                                    batch.topk_logprobs_Kk)
     return pairs
@@ -542,7 +555,8 @@ def _pad_id(model: nn.Module) -> int:
 
 
 def _logits_to_keep_kwargs(model: nn.Module) -> dict:
-    """IA2-only forwards need no logits: ask for one position when the model supports it."""
+    """IA2-only forwards need no logits: ask for one position when the model supports it (CE/KL
+    forwards then ask for the positions they read)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         accepted = inspect.signature(base.forward).parameters

@@ -37,8 +37,7 @@ from torch import nn
 
 from ia2dist.errors import IA2Error
 from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
-                              last_position_mlp,
-                              num_prefix_positions)
+                              last_position_mlp, last_query_attention, num_prefix_positions)
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
 
@@ -135,7 +134,8 @@ class _Runner:
         self.static_cache = "cache" in params or "past_key_values" in params
 
     def prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
-        with last_position_mlp(self.model if self.peft_model is None else None):
+        plain = self.model if self.peft_model is None else None
+        with last_position_mlp(plain), last_query_attention(plain):
             return self._prefill(ids_BS, mask_BS, max_new_tokens)
 
     def _prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
@@ -178,7 +178,7 @@ class _Runner:
 
         B, S = len(prompt_ids), max(len(ids) for ids in prompt_ids)
         logits, caches, acts = [], [], []
-        with last_position_mlp(self.model):
+        with last_position_mlp(self.model), last_query_attention(self.model):
             for ids in prompt_ids:
                 if capture is not None:
                     capture.select(torch.zeros(1, dtype=torch.long, device=device),
