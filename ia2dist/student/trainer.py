@@ -209,6 +209,13 @@ class _Context:
     num_virtual_tokens: int
     cfg: TrainConfig
     logits_kwargs: dict
+    mlp_skips: dict = field(default_factory=dict)
+    """``last_position_mlp`` per model (resolved once: finding the block walks every module)."""
+
+    def last_position_mlp(self, model: nn.Module) -> last_position_mlp:
+        if id(model) not in self.mlp_skips:
+            self.mlp_skips[id(model)] = last_position_mlp(model)
+        return self.mlp_skips[id(model)]
 
 
 def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Sequence[StudentItem],
@@ -325,6 +332,7 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
         best_state = start.best_state
     bar = _progress_bar(total, f"phase {index} ({objective})", progress)
     bar.update(step)
+    engine.model.train()
     while step < total and not stopped:
         epoch = step // steps_per_epoch
         epoch_start = generator.get_state()
@@ -381,7 +389,8 @@ def _train_step(engine: Engine, chunk: list[StudentItem], objective: str, ctx: _
     terms = OBJECTIVE_TERMS[objective]
     share = _rank_share(chunk, engine.rank, engine.world_size)
     counts = _all_counts(engine, share, terms)
-    engine.model.train()
+    if not engine.model.training:  # a dev evaluation switched it off (train() walks every module)
+        engine.model.train()
     engine.zero_grad()
     sums_T = torch.zeros(1 + len(terms), dtype=torch.float64)  # loss, then each term's sum
     for micro, weight in _micro_batches(share, chunk, engine.world_size, ctx.cfg.micro_batch_size):
@@ -478,7 +487,7 @@ def _term_pairs(engine: Engine, batch: StudentBatch, terms: Sequence[str],
     if "ia2" in terms:
         sel = batch.teacher.to(ctx.device)
         # an IA2-only forward reads attention outputs only: the last block's MLP is not needed
-        skip = last_position_mlp(engine.model) if not logits_needed else nullcontext()
+        skip = ctx.last_position_mlp(engine.model) if not logits_needed else nullcontext()
         with ActivationCapture(ctx.sites) as capture, skip:
             capture.select(sel.b_idx_K, sel.pos_idx_K)
             output = engine.forward(**inputs)
