@@ -8,9 +8,11 @@ Runs when ``torch.cuda.is_available()``; otherwise returns a skipped result with
 FLOPs counted (dense, per token): forward 2 * P_matmul + 4 * L * d * ctx (attention scores and
 values over ``ctx`` positions; causal prefill averages ctx = (S + 1) / 2); P_matmul excludes the
 embedding table and includes the LM head, whose cost is counted only at positions whose logits are
-computed. Student step with LoRA (frozen base): forward + backward through the activations
-(~2x forward; the frozen weights get no gradient), i.e. 2x the forward FLOPs. MFU = FLOPs /
-(seconds x peak dense bf16 FLOP/s of the card; ``BENCH_PEAK_TFLOPS`` overrides the table).
+computed; parts of the last block that run on the last position only are counted there only
+(``forward_flops``), so MFU reflects the work done. Student step with LoRA (frozen base): forward
++ backward through the activations (~2x forward; the frozen weights get no gradient), i.e. 2x the
+forward FLOPs. MFU = FLOPs / (seconds x peak dense bf16 FLOP/s of the card;
+``BENCH_PEAK_TFLOPS`` overrides the table).
 """
 
 from __future__ import annotations
@@ -39,15 +41,25 @@ def peak_tflops(name: str) -> float | None:
     return None
 
 
-def forward_flops(cfg, seq_lens: list[int], logits_positions: int) -> float:
-    """Forward FLOPs of causal prefills of ``seq_lens`` tokens with logits at
-    ``logits_positions`` positions in all."""
+def forward_flops(cfg, seq_lens: list[int], logits_positions: int, *,
+                  last_block: str = "full") -> float:
+    """Forward FLOPs of causal prefills of ``seq_lens`` tokens with logits at ``logits_positions``
+    positions in all, counting what runs: ``last_block`` "full" (every block on every position),
+    "mlp" (the last block's MLP on the last position only: IA2-only student forwards) or "query"
+    (the last block's queries, attention, output projection and MLP on the last position only,
+    keys and values on all: teacher prefills)."""
     d, L = cfg.hidden_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * cfg.intermediate_size  # q,o + k,v + MLP
-    tokens = sum(seq_lens)
-    attn = sum(4 * L * d * s * (s + 1) / 2 for s in seq_lens)
-    return 2 * L * per_layer * tokens + attn + 2 * d * cfg.vocab_size * logits_positions
+    qo, kvp, mlp = 2 * d * d, 2 * d * kv, 3 * d * cfg.intermediate_size  # weights per token
+    total = 0.0
+    for s in seq_lens:
+        scores = 4 * d * s * (s + 1) / 2  # QK^T and AV over the causal context
+        full = 2 * (qo + kvp + mlp) * s + scores
+        last = {"full": full,
+                "mlp": 2 * (qo + kvp) * s + scores + 2 * mlp,
+                "query": 2 * kvp * s + 2 * (qo + mlp) + 4 * d * s}[last_block]
+        total += (L - 1) * full + last
+    return total + 2 * d * cfg.vocab_size * logits_positions
 
 
 def build(device: str, smoke: bool):
@@ -106,7 +118,7 @@ def run(*, quick: bool = False, smoke: bool = False) -> dict:
         sync(device)
         ref_s = time.perf_counter() - t0
         same = all(r.response_ids.tolist() == resp for r, (resp, _) in zip(records, ref))
-        flops = forward_flops(cfg, [prompt_len] * count, count)
+        flops = forward_flops(cfg, [prompt_len] * count, count, last_block="query")
         rows.append({"what": f"extract T=1, prompt {prompt_len}", "examples_per_s": count / fast_s,
                      "reference_examples_per_s": ref_count / ref_s,
                      "speedup": (count / fast_s) / (ref_count / ref_s), "target": TARGET_T1,
@@ -151,8 +163,9 @@ def _student_row(model, tok, cfg, device, peak, small: bool) -> dict:
     train(student, items, [], "ia2", tcfg, seed=0)
     sync(device)
     seconds = time.perf_counter() - t0
-    # IA2-only forwards compute logits at one position per row (logits_to_keep=1)
-    flops = 2 * forward_flops(cfg, [prompt_len] * count, count)
+    # IA2-only forwards compute logits at one position per row (logits_to_keep=1) and the last
+    # block's MLP at that position only
+    flops = 2 * forward_flops(cfg, [prompt_len] * count, count, last_block="mlp")
     return {"what": f"student IA2 step, batch {batch} x {prompt_len} tok, LoRA",
             "examples_per_s": count / seconds, "tflops": flops / seconds / 1e12,
             "mfu": None if peak is None else flops / seconds / 1e12 / peak}
