@@ -381,18 +381,20 @@ def _guarded(exp: Experiment, body, tracker=None) -> None:
     from ia2dist.checkpoint import Preempted
 
     rundir.set_status(exp.run_dir, "running")
+    failed = False
     try:
         body()
     except Preempted as exc:
         rundir.set_status(exp.run_dir, "preempted", error=str(exc))
         raise
     except BaseException as exc:
+        failed = True
         rundir.set_status(exp.run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else
                           type(exc).__name__)
         raise
     finally:
         if exp.backend is not None:
-            exp.backend.close()
+            exp.backend.close(keep_logs=failed)
         if tracker is not None:
             tracker.finish()
     rundir.set_status(exp.run_dir, "complete")

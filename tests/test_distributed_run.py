@@ -42,12 +42,14 @@ def _assert_same_losses(a, b, rel=1e-4):
             assert x["dev_loss"] == pytest.approx(y["dev_loss"], rel=rel, abs=1e-9)
 
 
-def test_ray_deepspeed_run_matches_one_process(tmp_path):
+def test_ray_deepspeed_run_matches_one_process(tmp_path, capfd):
     """2 Ray Train workers x ZeRO-3 give the per-step losses of the one-process path (same seed,
     data and global batch) for IA2 and SFT phases; the run ends with adapters, metrics, report."""
     methods = "train.methods=[ia2_then_sft,sft]"
     assert main(["run", *_args(tmp_path / "local", methods)]) == 0
+    capfd.readouterr()
     assert main(["run", *_args(tmp_path / "ray", methods, "dist.backend=ray", "dist.shard_size=3")]) == 0
+    ray_log = capfd.readouterr().err
     for method in ("ia2_then_sft", "sft"):
         local, dist = _history(tmp_path / "local", method), _history(tmp_path / "ray", method)
         assert dist["world_size"] == 2
@@ -64,6 +66,37 @@ def test_ray_deepspeed_run_matches_one_process(tmp_path):
     stats = json.loads((run / "distributed_stats.json").read_text())
     teacher = next(s["teacher"] for s in stats if "teacher" in s)
     assert teacher["reruns"] == 0 and teacher["shards"] == 4
+    # the private local Ray's temp dir (sockets, session logs, spill) is gone after the run
+    temp_dir = ray_log.split("(temp dir ")[1].split(")")[0]
+    assert temp_dir.startswith("/tmp/ray_") and not Path(temp_dir).exists()
+
+
+def test_private_ray_temp_dir_removed_unless_kept():
+    """connect() without a temp_dir makes one and shutdown deletes it; keep_temp_dir (a failed
+    run's session logs) keeps it; a temp_dir the caller gave is never deleted."""
+    import shutil
+    import tempfile
+
+    from ia2dist.orchestration.cluster import connect
+
+    ctx = connect(num_cpus=1)
+    made = Path(ctx.temp_dir)
+    assert made.is_dir() and ctx.remove_temp_dir
+    ctx.shutdown()
+    assert not made.exists()
+    ctx = connect(num_cpus=1)
+    kept = Path(ctx.temp_dir)
+    ctx.shutdown(keep_temp_dir=True)
+    assert (kept / "session_latest" / "logs").is_dir()
+    shutil.rmtree(kept)
+    given = Path(tempfile.mkdtemp(prefix="ray_g", dir="/tmp"))
+    try:
+        ctx = connect(num_cpus=1, temp_dir=str(given))
+        assert not ctx.remove_temp_dir
+        ctx.shutdown()
+        assert given.is_dir()
+    finally:
+        shutil.rmtree(given, ignore_errors=True)
 
 
 def test_pipelined_run_under_a_small_inflight_budget(tmp_path):

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,16 +46,28 @@ class RayContext:
     temp_dir: str | None = None
     spill_dir: str | None = None
     object_store_bytes: int | None = None
+    remove_temp_dir: bool = False
+    """The temp dir was made for this cluster (``connect`` without ``temp_dir``): ``shutdown``
+    deletes it unless asked to keep it (its session logs, for a failed run)."""
     _closed: bool = field(default=False, repr=False)
 
     def resources(self) -> dict[str, float]:
         """Total resources of the cluster (CPU, GPU, memory, object_store_memory, ...)."""
         return dict(ray.cluster_resources())
 
-    def shutdown(self) -> None:
-        if not self._closed:
-            self._closed = True
-            ray.shutdown()
+    def shutdown(self, keep_temp_dir: bool = False) -> None:
+        """Disconnect; a cluster this process started is stopped, and its temp dir deleted when
+        ``connect`` made it, unless ``keep_temp_dir`` (then its path is logged)."""
+        if self._closed:
+            return
+        self._closed = True
+        ray.shutdown()
+        if not (self.owns_cluster and self.remove_temp_dir and self.temp_dir):
+            return
+        if keep_temp_dir:
+            log.info("Ray session logs kept in %s", self.temp_dir)
+            return
+        _remove_tree(self.temp_dir)
 
     def __enter__(self) -> RayContext:
         return self
@@ -66,11 +80,23 @@ def _default_temp_dir() -> str:
     return tempfile.mkdtemp(prefix="ray_", dir="/tmp")
 
 
+def _remove_tree(path: str, attempts: int = 10) -> None:
+    """Delete ``path``; Ray processes that are still exiting may write into it for a moment after
+    shutdown, so it is retried for a few seconds, then left with a warning."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.3)
+        if not os.path.exists(path):
+            return
+    log.warning("could not delete the Ray temp dir %s; remove it by hand", path)
+
+
 def _start_local(num_cpus: int | None, num_gpus: int | None, object_store_bytes: int | None,
                  temp_dir: str | None, log_to_driver: bool) -> RayContext:
     if object_store_bytes is not None and object_store_bytes < MIN_OBJECT_STORE_BYTES:
         raise IA2Error(f"ray object_store_bytes: {object_store_bytes} is below Ray's minimum of "
                        f"{MIN_OBJECT_STORE_BYTES} (75 MiB); give at least that")
+    made = not temp_dir
     temp_dir = os.path.abspath(temp_dir) if temp_dir else _default_temp_dir()
     if len(temp_dir) > _MAX_TEMP_DIR_CHARS:
         raise IA2Error(f"ray temp_dir: {temp_dir} is {len(temp_dir)} characters; Ray's unix "
@@ -78,14 +104,20 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, object_store_bytes:
                        f"characters such as /tmp/ray_<name>")
     spill_dir = os.path.join(temp_dir, "spill")
     Path(spill_dir).mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-             object_store_memory=object_store_bytes, _temp_dir=temp_dir,
-             object_spilling_directory=spill_dir, include_dashboard=False,
-             log_to_driver=log_to_driver, configure_logging=False)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                 object_store_memory=object_store_bytes, _temp_dir=temp_dir,
+                 object_spilling_directory=spill_dir, include_dashboard=False,
+                 log_to_driver=log_to_driver, configure_logging=False)
+    except BaseException:
+        if made:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     address = ray.get_runtime_context().gcs_address
     log.info("started a local Ray at %s (temp dir %s)", address, temp_dir)
     return RayContext(address=address, owns_cluster=True, temp_dir=temp_dir, spill_dir=spill_dir,
-                      object_store_bytes=object_store_bytes)
+                      object_store_bytes=object_store_bytes, remove_temp_dir=made)
 
 
 def _resolve_address(address: str) -> str:

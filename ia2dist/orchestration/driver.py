@@ -73,10 +73,12 @@ class RayBackend:
                                           release_wait_s=3600.0))
         self.stats: list[dict] = []
 
-    def close(self) -> None:
+    def close(self, keep_logs: bool = False) -> None:
+        """Stop the teacher stage and disconnect (a private local Ray is stopped and its temp
+        dir deleted, unless ``keep_logs``: a failed run keeps the Ray session logs)."""
         if self.stage is not None:
             self.stage.close()
-        self.ctx.shutdown()
+        self.ctx.shutdown(keep_temp_dir=keep_logs)
 
     # ------------------------------------------------------------------ one unit
     def _ordered(self, unit):

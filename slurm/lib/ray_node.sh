@@ -21,13 +21,36 @@ if [ "$role" = head ]; then args+=(--head); fi
 # the job is ending when this node is stopped: no drain period (Ray's default is 30 s)
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
 ray start "${args[@]}" "$@" > "$tmp/ray_start.log" 2>&1 &
-pid=$! stopping=0
-trap 'stopping=1; kill -TERM $pid 2>/dev/null' TERM INT
+pid=$! stopping=0 tree=
+descendants() {  # every process below pid $1 (ps --ppid, level by level)
+  local level=$1 kids all=
+  while [ -n "$level" ]; do
+    kids=$(ps -o pid= --ppid "$(echo $level | tr ' ' ,)" 2> /dev/null | xargs)
+    all="$all $kids" level=$kids
+  done
+  echo $all
+}
+# remember the node's processes before stopping it: some (the dashboard's module processes)
+# outlive `ray start` for a moment and would otherwise write into the deleted temp dir
+trap 'stopping=1; tree=$(descendants $pid); kill -TERM $pid 2>/dev/null' TERM INT
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
 wait "$pid"; rc=$?
 if [ $stopping = 0 ]; then
   echo "ray $role on $(hostname -s) (SLURM node $node) exited with status $rc; log tail:" >&2
   tail -n 20 "$tmp/ray_start.log" >&2
+fi
+# this node's Ray processes (those seen at the stop, and any whose command line names the temp
+# dir) may still be exiting, and writing into it, after `ray start --block` returns: wait for
+# them (10 s at most, then KILL) before deleting it
+mine="--temp-dir=$tmp( |\$)|$tmp/"
+alive() {
+  local p
+  for p in $tree; do kill -0 "$p" 2> /dev/null && return 0; done
+  pgrep -f -- "$mine" > /dev/null 2>&1
+}
+for _ in $(seq 1 50); do alive || break; sleep 0.2; done
+if alive; then
+  kill -KILL $tree 2> /dev/null; pkill -KILL -f -- "$mine" 2> /dev/null; sleep 0.5
 fi
 rm -rf "$tmp"
 exit $rc
