@@ -163,6 +163,31 @@ def test_prompt_learning_models_decode_like_their_own_forward(make_tokenizer, ma
     assert_records_match(extract(model, tok, PROMPTS, UIDS, batch_size=4, **kwargs), want)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_lora_models_decode_like_their_own_forward(make_tokenizer, make_model, attn):
+    """A LoRA-adapted model (evaluation generates with the trained student): the prefill's
+    last-position shortcuts run through PEFT's wrapped q/o projections and give the naive result."""
+    tok = make_tokenizer(add_bos=True)
+    base = make_model("llama", tok)
+    base.set_attn_implementation(attn)
+    plain = naive_extract(base, tok, PROMPTS[:1], UIDS[:1], max_new_tokens=1,
+                          act_dtype=torch.float32)
+    model = apply_adapter(base, AdapterConfig(type="lora"))
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter change the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    for max_new_tokens in (1, 5):
+        kwargs = dict(max_new_tokens=max_new_tokens, act_dtype=torch.float32)
+        want = naive_extract(model, tok, PROMPTS, UIDS, **kwargs)
+        assert_records_match(extract(model, tok, PROMPTS, UIDS, batch_size=3, **kwargs), want)
+    with model.disable_adapter():
+        off = naive_extract(model, tok, PROMPTS[:1], UIDS[:1], max_new_tokens=1,
+                            act_dtype=torch.float32)
+    assert not torch.allclose(want[0].acts_LTD[:, :1], off[0].acts_LTD)  # the adapter acts
+    assert torch.allclose(off[0].acts_LTD, plain[0].acts_LTD)
+
+
 def test_context_length_error_names_the_example(make_tokenizer, make_model):
     tok = make_tokenizer(add_bos=True)
     model = make_model("llama", tok, max_positions=24)
