@@ -16,7 +16,9 @@ sub-module is the child whose name says attention (self_attn, attn, attention, s
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -397,22 +399,25 @@ class last_position_mlp:
                 self.mlp = None
         self.handle = None
 
-    @staticmethod
-    def _hook(module, args, kwargs):
-        if args:
-            return (args[0][:, -1:], *args[1:]), kwargs
-        key = next(iter(kwargs))
-        return args, {**kwargs, key: kwargs[key][:, -1:]}
-
     def __enter__(self):
         if isinstance(self.mlp, nn.Module):
-            self.handle = self.mlp.register_forward_pre_hook(self._hook, with_kwargs=True)
+            self.handle = self.mlp.register_forward_pre_hook(_to_last_position, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.handle is not None:
             self.handle.remove()
 
+
+def _to_last_position(module, args, kwargs):
+    """Forward pre-hook: the module's first input [B, S, ...] cut to its last position (the full
+    length is kept in ``module._ia2_full_len``)."""
+    if args:
+        module._ia2_full_len = args[0].shape[1]
+        return (args[0][:, -1:], *args[1:]), kwargs
+    key = next(iter(kwargs))
+    module._ia2_full_len = kwargs[key].shape[1]
+    return args, {**kwargs, key: kwargs[key][:, -1:]}
 
 
 _LAST_QUERY = "ia2dist_last_query"
@@ -462,8 +467,6 @@ class last_query_attention:
         except ValueError:
             return
         config = getattr(attn, "config", None)
-        import inspect
-
         forward = getattr(type(attn), "forward", None)
         code = getattr(inspect.unwrap(forward), "__code__", None) if forward else None
         kind = getattr(config, "_attn_implementation", None)
@@ -476,8 +479,6 @@ class last_query_attention:
 
             inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
         else:
-            import sys
-
             inner = getattr(sys.modules.get(type(attn).__module__), "eager_attention_forward", None)
             if inner is None:
                 return
@@ -485,15 +486,6 @@ class last_query_attention:
         self.q_proj, self.o_proj = (getattr(attn, "q_proj", None), getattr(attn, "o_proj", None))
         if not (isinstance(self.q_proj, nn.Module) and isinstance(self.o_proj, nn.Module)):
             self.q_proj = self.o_proj = None
-
-    @staticmethod
-    def _last_only(module, args, kwargs):
-        if args:
-            module._ia2_full_len = args[0].shape[1]
-            return (args[0][:, -1:], *args[1:]), kwargs
-        key = next(iter(kwargs))
-        module._ia2_full_len = kwargs[key].shape[1]
-        return args, {**kwargs, key: kwargs[key][:, -1:]}
 
     @staticmethod
     def _expand_back(module, args, kwargs, output):
@@ -515,9 +507,9 @@ class last_query_attention:
         self.attn.config = own
         if self.q_proj is not None:
             self.handles = [
-                self.q_proj.register_forward_pre_hook(self._last_only, with_kwargs=True),
+                self.q_proj.register_forward_pre_hook(_to_last_position, with_kwargs=True),
                 self.q_proj.register_forward_hook(self._expand_back, with_kwargs=True),
-                self.o_proj.register_forward_pre_hook(self._last_only, with_kwargs=True)]
+                self.o_proj.register_forward_pre_hook(_to_last_position, with_kwargs=True)]
         return self
 
     def __exit__(self, *exc) -> None:

@@ -372,7 +372,7 @@ def test_lm_head_on_selected_positions_gives_full_logits_losses(setup, make_mode
     from peft import PromptTuningConfig, get_peft_model
 
     from ia2dist.config import AdapterConfig
-    from ia2dist.modeling import apply_adapter, num_virtual_tokens
+    from ia2dist.modeling import apply_adapter, last_position_mlp, num_virtual_tokens
     from ia2dist.student.trainer import OBJECTIVE_TERMS, _Context, _logits_to_keep_kwargs, _term_pairs
 
     torch.manual_seed(0)
@@ -395,7 +395,7 @@ def test_lm_head_on_selected_positions_gives_full_logits_losses(setup, make_mode
         assert keep_kwargs or results  # the fast path (first) is exercised
         ctx = _Context(sites=attention_sites(model), device=torch.device("cpu"), pad_id=0,
                        padding_side="right", num_virtual_tokens=shift, cfg=cfg(),
-                       logits_kwargs=keep_kwargs)
+                       logits_kwargs=keep_kwargs, last_mlp=last_position_mlp(model))
         batch = collate(items, 0, "right", shift, need=terms)
         engine.zero_grad()
         pairs = _term_pairs(engine, batch, terms, ctx)

@@ -209,13 +209,8 @@ class _Context:
     num_virtual_tokens: int
     cfg: TrainConfig
     logits_kwargs: dict
-    mlp_skips: dict = field(default_factory=dict)
-    """``last_position_mlp`` per model (resolved once: finding the block walks every module)."""
-
-    def last_position_mlp(self, model: nn.Module) -> last_position_mlp:
-        if id(model) not in self.mlp_skips:
-            self.mlp_skips[id(model)] = last_position_mlp(model)
-        return self.mlp_skips[id(model)]
+    last_mlp: last_position_mlp
+    """For IA2-only forwards (resolved once: finding the block walks every module)."""
 
 
 def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Sequence[StudentItem],
@@ -249,7 +244,8 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     ctx = _Context(sites=sites, device=next(model.parameters()).device,
                    pad_id=_pad_id(model) if pad_id is None else pad_id,
                    padding_side="right" if shift else padding_side, num_virtual_tokens=shift,
-                   cfg=train_cfg, logits_kwargs=_logits_to_keep_kwargs(model))
+                   cfg=train_cfg, logits_kwargs=_logits_to_keep_kwargs(model),
+                   last_mlp=last_position_mlp(model))
     resume = checkpointer.load() if checkpointer is not None else None
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -487,7 +483,7 @@ def _term_pairs(engine: Engine, batch: StudentBatch, terms: Sequence[str],
     if "ia2" in terms:
         sel = batch.teacher.to(ctx.device)
         # an IA2-only forward reads attention outputs only: the last block's MLP is not needed
-        skip = ctx.last_position_mlp(engine.model) if not logits_needed else nullcontext()
+        skip = ctx.last_mlp if not logits_needed else nullcontext()
         with ActivationCapture(ctx.sites) as capture, skip:
             capture.select(sel.b_idx_K, sel.pos_idx_K)
             output = engine.forward(**inputs)

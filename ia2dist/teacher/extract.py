@@ -132,10 +132,12 @@ class _Runner:
         # every layer's keys and values at each step (falls back to the dynamic cache if the
         # architecture's forward does not take one)
         self.static_cache = "cache" in params or "past_key_values" in params
+        # prefills of plain (and LoRA/IA3) models compute the last block on the last position only
+        plain = self.model if self.peft_model is None else None
+        self.last_mlp, self.last_query = last_position_mlp(plain), last_query_attention(plain)
 
     def prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
-        plain = self.model if self.peft_model is None else None
-        with last_position_mlp(plain), last_query_attention(plain):
+        with self.last_mlp, self.last_query:
             return self._prefill(ids_BS, mask_BS, max_new_tokens)
 
     def _prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
@@ -178,7 +180,7 @@ class _Runner:
 
         B, S = len(prompt_ids), max(len(ids) for ids in prompt_ids)
         logits, caches, acts = [], [], []
-        with last_position_mlp(self.model), last_query_attention(self.model):
+        with self.last_mlp, self.last_query:
             for ids in prompt_ids:
                 if capture is not None:
                     capture.select(torch.zeros(1, dtype=torch.long, device=device),
@@ -223,18 +225,17 @@ def _topk(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids_Bk, values_Bk
 
 
-def _decode_batch(model: nn.Module, prompt_ids: list[list[int]], pad_id: int, stop: _StopRule, *,
+def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, stop: _StopRule, *,
                   max_new_tokens: int, capture: ActivationCapture | None, act_dtype: torch.dtype,
                   topk: int) -> list[_Decoded]:
     """Greedy KV-cached decoding of one left-padded batch, capturing as it goes when asked."""
-    device = next(model.parameters()).device
+    device = next(runner.model.parameters()).device
     B, S = len(prompt_ids), max(len(ids) for ids in prompt_ids)
     ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
     mask_BS = torch.zeros((B, S), dtype=torch.long)
     for b, ids in enumerate(prompt_ids):
         ids_BS[b, S - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask_BS[b, S - len(ids):] = 1
-    runner = _Runner(model)
     responses: list[list[int]] = [[] for _ in range(B)]
     live = [True] * B
     acts_T_LBD, topk_ids_T_Bk, topk_lp_T_Bk = [], [], []
@@ -316,8 +317,9 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
             # one token per prompt on a CPU: a padded batch costs more (masked attention, padding)
             # than it saves, so only prompts of equal length are batched
             pad_free = max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
+            runner = _Runner(model)
             for batch in _length_batches(prompt_ids, batch_size, pad_free=pad_free):
-                decoded = _decode_batch(model, [prompt_ids[i] for i in batch], pad_id, stop,
+                decoded = _decode_batch(runner, [prompt_ids[i] for i in batch], pad_id, stop,
                                         max_new_tokens=max_new_tokens, capture=cap,
                                         act_dtype=act_dtype, topk=topk)
                 for i, item in zip(batch, decoded):
