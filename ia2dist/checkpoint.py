@@ -9,8 +9,9 @@ Layout of a job's checkpoint root (``<unit>/checkpoints/<method>/``)::
       state.json                 loop state: phase, step, epoch, position in the epoch's data order,
                                  early-stopping state, history, identity (method, seed, config that
                                  must not change, world size, engine kind, schema versions)
-      tensors.safetensors        RNG states (torch, CUDA, the data-order generator) and the
+      tensors.safetensors        RNG states (torch, the data-order generator) and the
                                  early-stopping best-so-far trainable state
+      rng/rank{r}.safetensors    each rank's CUDA RNG state of its own device (CUDA only)
       manifest.json              sha256 of every other file; written after them
     p0_s0000037_end/             phase 0 finished (best state restored into the weights)
     .p1_s0000010.partial/        being written (never read)
@@ -88,7 +89,8 @@ class Resume:
     identity: dict
     generator_state: torch.Tensor
     torch_rng: torch.Tensor
-    cuda_rng: list[torch.Tensor]
+    cuda_rng: torch.Tensor | None
+    """This rank's CUDA RNG state (its current device), when the checkpoint has one for it."""
     best_state: dict[str, torch.Tensor] | None
 
     @property
@@ -220,12 +222,14 @@ class Checkpointer:
             tmp.mkdir()
         barrier()
         engine.save_checkpoint(tmp / "engine")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # each rank its own device's generator (ranks see different devices, or fewer)
+            (tmp / "rng").mkdir(exist_ok=True)
+            save_file({"cuda_rng": torch.cuda.get_rng_state()},
+                      str(tmp / "rng" / f"rank{self.rank}.safetensors"))
         barrier()
         if self.rank == 0:
             tensors = {"generator_state": generator_state, "torch_rng": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                    tensors[f"cuda_rng.{i}"] = s
             for key, value in (best_state or {}).items():
                 tensors[f"best.{key}"] = value.detach().to("cpu").contiguous()
             save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -305,16 +309,20 @@ class Checkpointer:
                            f"{'; '.join(diffs)}; use the original settings or another run_dir")
         tensors = load_file(str(path / "tensors.safetensors"))
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_rng."))]
+        own = path / "rng" / f"rank{self.rank}.safetensors"
+        cuda = load_file(str(own))["cuda_rng"] if own.is_file() else None
         return Resume(path=path, state=state, identity=saved,
                       generator_state=tensors["generator_state"], torch_rng=tensors["torch_rng"],
                       cuda_rng=cuda, best_state=best if payload.get("has_best_state") else None)
 
 
 def restore_rng(resume: Resume) -> None:
+    """The RNG states of the checkpoint: torch's CPU generator (the same on every rank), and this
+    rank's CUDA generator of its current device (a rank the checkpoint has none for, e.g. after
+    a change of world size, keeps its own)."""
     torch.set_rng_state(resume.torch_rng)
-    if resume.cuda_rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(resume.cuda_rng)
+    if resume.cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(resume.cuda_rng)
 
 
 def read_identity(path: str | os.PathLike) -> dict:

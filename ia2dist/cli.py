@@ -18,6 +18,8 @@ VERBS = {
     "eval": "evaluate baselines and the trained methods of a run directory, write the report",
     "run": "the whole experiment: extract -> train each method -> eval -> report; on a run_dir "
            "it made before, resume it (finished work reused, jobs continue from checkpoints)",
+    "plan": "print the memory each process role needs for the configured cluster shape (from the "
+            "model's config, no weights loaded) and whether it fits",
 }
 
 EPILOG = """\
@@ -39,12 +41,15 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value",
                        help="optional YAML config first, then overrides like train.lr=3e-4")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace existing outputs (run dir for extract/run, method folders for "
-                            "train, metrics for eval) instead of refusing")
+        if verb != "plan":
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace existing outputs (run dir for extract/run, method folders "
+                                "for train, metrics for eval) instead of refusing")
         if verb == "train":
             p.add_argument("--method", action="append", metavar="METHOD",
                            help="method to train (repeatable); default: train.methods from config")
+        if verb == "plan":
+            p.set_defaults(overwrite=False)
         if verb in ("train", "run"):
             p.add_argument("--resume-from", metavar="CHECKPOINT",
                            help="continue the job this checkpoint belongs to from it (e.g. "
@@ -118,6 +123,9 @@ def _dispatch(ns) -> int:
         return 0
     from ia2dist import pipeline
 
+    if ns.verb == "plan":
+        print(pipeline.memory_report(cfg))
+        return 0
     if ns.verb in ("train", "run"):
         _stop_on_signals(cfg.run_dir)
     if cfg.dist.backend == "ray" and cfg.dist.ray_address is None:

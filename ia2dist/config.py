@@ -170,7 +170,13 @@ class DistConfig:
     ray_address: str | None = None
     """None: start a private local Ray; 'auto' or 'host:port': join that cluster."""
     num_workers: int = 2
-    """Ray Train student workers (data-parallel DeepSpeed ranks)."""
+    """Ray Train student workers in all (a multiple of group_size)."""
+    group_size: int = 1
+    """Workers per group. Groups run DIFFERENT (unit, method) jobs at the same time, pulling them
+    from one queue; inside a group the ranks are DeepSpeed data-parallel ranks (ZeRO-3 partitions
+    the model over them). 1 (default): every worker trains its own jobs; more when the model
+    needs ZeRO-3 over several devices to fit. train.batch_size must be a multiple of
+    train.micro_batch_size x group_size."""
     use_gpu: bool = False
     """One GPU per student worker (and CUDA teacher actors when teacher_gpus > 0)."""
     cpus_per_worker: float = 1.0
@@ -201,6 +207,9 @@ class DistConfig:
     """Object store size of a local Ray (None: Ray's default); spills to disk beyond it."""
     num_cpus: int | None = None
     """CPUs a local Ray advertises (None: enough for the teacher actors and workers)."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU of the cluster in GiB, for the memory check before a run (`ia2dist plan`
+    prints it): None takes this machine's first GPU, or skips the GPU check without one."""
     max_failures: int = 2
     """Student worker failures tolerated: the Ray Train worker group restarts and every job
     continues from its latest checkpoint (0: the first failure fails the run)."""
@@ -423,12 +432,17 @@ def validate(cfg: RunConfig) -> list[str]:
     if d.teacher_gpus > 1 and d.teacher_gpus != int(d.teacher_gpus):
         p.append(f"dist.teacher_gpus: {d.teacher_gpus} is a fraction above 1; use a fraction <= 1 "
                  "(shared GPU) or a whole number (model split over GPUs)")
-    if d.backend == "ray" and (t.batch_size % (t.micro_batch_size * d.num_workers)
-                               if t.micro_batch_size * d.num_workers <= t.batch_size else True):
-        p.append(f"dist.num_workers: train.batch_size={t.batch_size} must be a multiple of "
-                 f"train.micro_batch_size x dist.num_workers = {t.micro_batch_size} x "
-                 f"{d.num_workers}; lower train.micro_batch_size (e.g. "
-                 f"{max(1, t.batch_size // d.num_workers)})")
+    if d.group_size < 1:
+        p.append("dist.group_size: must be >= 1")
+    elif d.num_workers % d.group_size:
+        p.append(f"dist.num_workers: {d.num_workers} is not a multiple of dist.group_size="
+                 f"{d.group_size}; use e.g. dist.num_workers={d.group_size * max(1, d.num_workers // d.group_size)}")
+    elif d.backend == "ray" and (t.batch_size % (t.micro_batch_size * d.group_size)
+                                 if t.micro_batch_size * d.group_size <= t.batch_size else True):
+        p.append(f"dist.group_size: train.batch_size={t.batch_size} must be a multiple of "
+                 f"train.micro_batch_size x dist.group_size = {t.micro_batch_size} x "
+                 f"{d.group_size}; lower train.micro_batch_size (e.g. "
+                 f"{max(1, t.batch_size // d.group_size)})")
     for key in ("train_path", "eval_path"):
         path = getattr(cfg.data, key)
         if path is not None and not Path(path).expanduser().exists():

@@ -90,6 +90,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IA2DIST_CACHE") or Path.home() / ".cache" / "ia2dist")
 
 
+def cached_embedded_model_dir(cache_dir=None, *, recipe: PretrainRecipe | None = None,
+                              seed: int = 0) -> Path | None:
+    """The embedded model's directory when it is already built, else None (nothing is built)."""
+    recipe = recipe or PretrainRecipe()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final_dir = root / f"embedded-{recipe.cache_key(seed)}"
+    return final_dir if (final_dir / REPORT_NAME).is_file() else None
+
+
 def get_embedded_model_dir(cache_dir=None, progress: bool = True, *,
                            recipe: PretrainRecipe | None = None, seed: int = 0) -> Path:
     """The directory of the embedded model (model + tokenizer via ``save_pretrained``).

@@ -38,6 +38,15 @@ def _num_layers(model: nn.Module) -> int | None:
     return None
 
 
+def num_layers_of(config) -> int:
+    """Decoder layers of a model config (num_hidden_layers / n_layer / num_layers)."""
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise IA2Error(f"model: {type(config).__name__} states no number of layers")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (works through PEFT wrappers)."""
     expected = _num_layers(model)
@@ -193,28 +202,209 @@ def load_tokenizer(model_cfg):
     return _finish_tokenizer(tokenizer, model_cfg.padding_side)
 
 
-def load_model(model_cfg, device: torch.device | str | None = None) -> nn.Module:
-    """The causal LM of ``model_cfg`` in eval mode, in ``model_cfg.dtype``, on ``device``
-    (default: ``model_cfg.device``). 'tiny:<arch>' models are random with seed 0."""
-    device = resolve_device(model_cfg.device) if device is None else torch.device(device)
-    dtype = _DTYPES[model_cfg.dtype]
+def model_source(model_cfg, *, build: bool = True) -> str:
+    """The local directory (or hub id) ``from_pretrained`` loads the model of ``model_cfg`` from.
+
+    'embedded' and 'tiny:<arch>' are built once into the cache (``model.cache_dir`` or
+    ``$IA2DIST_CACHE``), so every process and every loader (whole, partitioned, device map) reads
+    the same files. With ``build=False`` a source that is not built yet raises FileNotFoundError
+    instead of being built in this process (see ``build_source_elsewhere``)."""
     arch = _tiny_arch(model_cfg.name_or_path)
     if arch is not None:
-        from ia2dist.tiny import build_tiny_model
+        return str(tiny_model_dir(arch, model_cfg.cache_dir, build=build))
+    if model_cfg.name_or_path == "embedded" and not build:
+        from ia2dist.embedded import cached_embedded_model_dir
 
+        path = cached_embedded_model_dir(model_cfg.cache_dir)
+        if path is None:
+            raise FileNotFoundError("embedded model not built yet")
+        return str(path)
+    return _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path")
+
+
+def build_source_elsewhere(model_cfg) -> None:
+    """Build the model files of 'embedded' / 'tiny:<arch>' (when not cached yet) in a child
+    process, so that a process which must never hold model weights (the distributed driver) can
+    read their config and tokenizer. Raises IA2Error with the child's last line on failure."""
+    try:
+        model_source(model_cfg, build=False)
+        return
+    except FileNotFoundError:
+        pass
+    import json
+    import subprocess
+
+    code = ("import json, sys\nfrom ia2dist.config import ModelConfig\n"
+            "from ia2dist.modeling import model_source\n"
+            "model_source(ModelConfig(**json.loads(sys.argv[1])))\n")
+    fields = {"name_or_path": model_cfg.name_or_path, "cache_dir": model_cfg.cache_dir}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(fields)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise IA2Error(f"model.name_or_path: building {model_cfg.name_or_path!r} failed ({last}); "
+                       f"check model.cache_dir / $IA2DIST_CACHE is writable")
+
+
+def tiny_model_dir(arch: str, cache_dir: str | None = None, *, build: bool = True):
+    """The directory of the 'tiny:<arch>' model (random weights, seed 0, and its tokenizer),
+    written once under a file lock into a temporary directory renamed when complete."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    from ia2dist.embedded import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / f"tiny-{arch}-v1"
+    if (final / "config.json").is_file():
+        return final
+    if not build:
+        raise FileNotFoundError(final)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"tiny-{arch}.lock")):
+        if (final / "config.json").is_file():
+            return final
+        from ia2dist.tiny import build_tiny_model, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer(TINY_TOKENIZER_TEXTS, vocab_size=384,
+                                         add_bos=arch not in _NO_BOS_ARCHS)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
-            model = build_tiny_model(arch, load_tokenizer(model_cfg), seed=0)
-    else:
-        source = _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path")
-        from transformers import AutoModelForCausalLM
-
+            model = build_tiny_model(arch, tokenizer, seed=0)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}.tmp-", dir=root))
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
-                trust_remote_code=model_cfg.trust_remote_code)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise _hub_error("model.name_or_path", source, exc) from None
-    return model.to(device=device, dtype=dtype).eval()
+            tokenizer.save_pretrained(tmp)
+            model.save_pretrained(tmp, safe_serialization=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _attn_implementation(source: str) -> str:
+    """sdpa for real models; the 'tiny:' toys keep the eager kernel they were tested with."""
+    return "eager" if os.path.basename(os.path.normpath(source)).startswith("tiny-") \
+        else ATTN_IMPLEMENTATION
+
+
+def load_model_config(model_cfg):
+    """The transformers config of ``model_cfg``'s model: sizes, layers, context length, without
+    loading (or building) weights."""
+    from transformers import AutoConfig
+
+    try:
+        source = model_source(model_cfg, build=False)
+    except FileNotFoundError:
+        build_source_elsewhere(model_cfg)
+        source = model_source(model_cfg, build=False)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _hub_error("model.name_or_path", source, exc) from None
+
+
+def load_model(model_cfg, device: torch.device | str | None = None, *,
+               device_map: dict | None = None, source: str | None = None) -> nn.Module:
+    """The causal LM of ``model_cfg`` in eval mode, in ``model_cfg.dtype``, on ``device``
+    (default: ``model_cfg.device``). 'tiny:<arch>' models are random with seed 0.
+
+    device_map: place the layers over several devices instead ({module name: device}, as
+    ``plan_device_map`` computes; accelerate moves activations between them). source: a model
+    directory to load instead of the configured model (e.g. a fully fine-tuned student)."""
+    dtype = _DTYPES[model_cfg.dtype]
+    source = source or model_source(model_cfg)
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"device_map": device_map} if device_map is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=_attn_implementation(source),
+            trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _hub_error("model.name_or_path", source, exc) from None
+    if device_map is None:
+        device = resolve_device(model_cfg.device) if device is None else torch.device(device)
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def placement_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's modules in forward order at the granularity a device map places them: every
+    module beside the decoder layer stack (embeddings, final norm, LM head, ...) and each decoder
+    layer whole."""
+    layers = decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    stack = names[id(layers)]
+    path = stack.split(".")
+    units: list[tuple[str, nn.Module]] = []
+
+    def visit(module: nn.Module, prefix: str, depth: int) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if child is layers:
+                units.extend((f"{full}.{i}", layer) for i, layer in enumerate(layers))
+            elif depth < len(path) - 1 and name == path[depth]:
+                visit(child, full + ".", depth + 1)
+            else:
+                units.append((full, child))
+    visit(model, "", 0)
+    return units
+
+
+def plan_device_map(model_config, dtype: str, budgets: Sequence[int],
+                    devices: Sequence[int | str] | None = None) -> dict[str, int | str]:
+    """A device map that splits one model over several devices: modules in forward order, whole
+    decoder layers, balanced so that each device holds about 1/k of the weights, never more than
+    its budget (bytes of weights; the caller leaves room for activations and the KV cache).
+    ``devices`` default to 0..k-1 (CUDA indices). Built from the config alone (no weights).
+    Tied weights stay with the module that owns them. Raises IA2Error when the weights do not fit.
+    accelerate dispatches the map (``from_pretrained(device_map=...)``) and moves activations
+    between devices."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    devices = list(devices) if devices is not None else list(range(len(budgets)))
+    if len(devices) != len(budgets) or not budgets:
+        raise ValueError("plan_device_map: one budget per device")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=_DTYPES[dtype])
+    # tied weights (e.g. the LM head sharing the embeddings): {tied name: source name}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    owner: dict[str, str] = {}
+    units = []
+    for name, module in placement_units(model):
+        size, tied_to = 0, None
+        for pname, param in module.named_parameters():
+            full = f"{name}.{pname}"
+            if full in tied:
+                tied_to = tied_to or owner.get(tied[full])
+            else:
+                owner[full] = name
+                size += param.numel() * param.element_size()
+        units.append((name, size, tied_to))
+    total = sum(size for _, size, _ in units)
+    plan: dict[str, int | str] = {}
+    d, used, placed = 0, 0, 0
+    for name, size, tied_to in units:
+        if size == 0 and tied_to is not None:  # its weights live with the module that owns them
+            plan[name] = plan[tied_to]
+            continue
+        fair_end = total * (d + 1) / len(devices)
+        over_fair = placed + size / 2 > fair_end and used > 0
+        while d < len(devices) - 1 and (used + size > budgets[d] or over_fair):
+            d, used, over_fair = d + 1, 0, False
+        if used + size > budgets[d]:
+            raise IA2Error(
+                f"dist.teacher_gpus: the model's weights ({total / 2**30:.2f} GiB in {dtype}) do "
+                f"not fit {len(devices)} device(s) with {min(budgets) / 2**30:.2f} GiB for weights "
+                f"each; give each teacher replica more GPUs or use model.dtype=bfloat16")
+        plan[name] = devices[d]
+        used += size
+        placed += size
+    return plan
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -227,15 +417,16 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in encoded["input_ids"]]
 
 
-def context_length(model: nn.Module) -> int:
-    """The most positions the model accepts (max_position_embeddings / n_positions / n_ctx)."""
-    cfg = model.config
+def context_length(model) -> int:
+    """The most positions the model (or its config) accepts (max_position_embeddings /
+    n_positions / n_ctx)."""
+    cfg = getattr(model, "config", model)
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
                  "seq_length"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise IA2Error(f"model: {type(model).__name__}'s config states no context length "
+    raise IA2Error(f"model: {type(cfg).__name__} states no context length "
                    f"(max_position_embeddings); set it in the model's config.json")
 
 
@@ -361,22 +552,41 @@ def save_trained(model: nn.Module, out_dir: str | os.PathLike) -> None:
     model.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def load_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.Module:
-    """Inverse of ``save_trained``: the adapter in ``trained_dir`` on a copy of ``base_model``, or
-    the fully fine-tuned model stored there (on ``base_model``'s device and dtype), in eval mode.
-    ``base_model`` itself is never modified (PEFT would inject the adapter into it in place)."""
+def remove_adapter(student: nn.Module) -> nn.Module:
+    """Inverse of ``apply_adapter`` for PEFT adapters: the base model as it was before (LoRA/IA3:
+    the injected layers are replaced by the original modules, weights untouched; prompt/prefix
+    tuning: the wrapped model). A worker attaches a fresh adapter per job to ONE frozen base
+    instead of copying the base (tested: the same results as a fresh copy)."""
+    from peft import PeftModel
+
+    if not isinstance(student, PeftModel):
+        return student
+    if student.active_peft_config.is_prompt_learning:
+        base = student.get_base_model()
+    else:
+        base = student.unload()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in base.__dict__:
+            delattr(base, attr)
+    return base
+
+
+def attach_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.Module:
+    """The adapter saved in ``trained_dir`` (by ``save_trained``) injected into ``base_model``
+    IN PLACE, in eval mode; ``remove_adapter`` gives the base back. For a fully fine-tuned model
+    (no adapter_config.json) the model stored there is loaded instead (on ``base_model``'s device
+    and dtype; ``base_model`` is not touched)."""
     trained_dir = str(trained_dir)
     param = next(base_model.parameters())
     if os.path.exists(os.path.join(trained_dir, "adapter_config.json")):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(copy.deepcopy(base_model), trained_dir)
-    else:
-        from transformers import AutoModelForCausalLM
+        return PeftModel.from_pretrained(base_model, trained_dir).eval()
+    from transformers import AutoModelForCausalLM
 
-        attn = getattr(base_model.config, "_attn_implementation", None) or ATTN_IMPLEMENTATION
-        model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=param.dtype,
-                                                     attn_implementation=attn)
+    attn = getattr(base_model.config, "_attn_implementation", None) or ATTN_IMPLEMENTATION
+    model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=param.dtype,
+                                                 attn_implementation=attn)
     return model.to(param.device).eval()
 
 

@@ -64,7 +64,7 @@ def test_run_all_methods_end_to_end(tmp_path, data, capsys):
     assert (run / "config.yaml").is_file() and len((run / "config_hash.txt").read_text().strip()) == 16
     assert (run / "run.log").stat().st_size > 0
     unit = run / "N4_seed0"
-    assert (unit / "teacher" / "manifest.json").is_file()
+    assert (unit / "teacher" / "shard_00000" / "manifest.json").is_file()
     summary = (run / "summary.md").read_text()
     for name in ("base", "icl", "sft", "soft_sft", "ia2", "ia2_plus_sft", "ia2_then_sft", "sft_then_ia2"):
         metrics = json.loads((unit / name / "metrics.json").read_text())
@@ -85,7 +85,7 @@ def test_verbs_extract_train_eval(tmp_path, data, capsys):
     base = _args(tmp_path, data, "train.methods=[sft,ia2_then_sft]")
     assert main(["extract", *base]) == 0
     run = tmp_path / "run"
-    assert (run / "N4_seed0" / "teacher" / "manifest.json").is_file()
+    assert (run / "N4_seed0" / "teacher" / "shard_00000" / "manifest.json").is_file()
     assert main(["train", *base, "--method", "ia2_then_sft"]) == 0
     assert (run / "N4_seed0" / "ia2_then_sft" / "adapter_model.safetensors").is_file()
     assert not (run / "N4_seed0" / "sft").exists()

@@ -322,11 +322,13 @@ def test_loaded_state_reaches_optimizer_master_weights(launched, name):
 @pytest.mark.parametrize("name", ["ia2_then_sft_zero3", "full_zero3"])
 def test_consolidated_save_round_trip(launched, data, name):
     """save_consolidated writes the live gathered weights (never ZeRO-3's empty placeholders), and
-    load_trained in one process gets them back."""
-    from ia2dist.modeling import load_trained
+    attach_trained in one process gets them back."""
+    import copy
+
+    from ia2dist.modeling import attach_trained
 
     run = launched["ranks"][0][name]
-    loaded = load_trained(data["base"], launched["dir"] / name)
+    loaded = attach_trained(copy.deepcopy(data["base"]), launched["dir"] / name)
     params = dict(loaded.named_parameters())
     assert run["final"], "no trainable parameters recorded"
     for n, live in run["final"].items():

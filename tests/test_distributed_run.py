@@ -30,8 +30,8 @@ def _args(run_dir, *extra):
             "eval.similarity_items=4", "wandb.mode=disabled", *extra]
 
 
-def _history(run_dir, method):
-    return json.loads((Path(run_dir) / "N8_seed0" / method / "history.json").read_text())
+def _history(run_dir, method, seed=0):
+    return json.loads((Path(run_dir) / f"N8_seed{seed}" / method / "history.json").read_text())
 
 
 def _assert_same_losses(a, b, rel=1e-4):
@@ -42,33 +42,102 @@ def _assert_same_losses(a, b, rel=1e-4):
             assert x["dev_loss"] == pytest.approx(y["dev_loss"], rel=rel, abs=1e-9)
 
 
-def test_ray_deepspeed_run_matches_one_process(tmp_path, capfd):
-    """2 Ray Train workers x ZeRO-3 give the per-step losses of the one-process path (same seed,
-    data and global batch) for IA2 and SFT phases; the run ends with adapters, metrics, report."""
-    methods = "train.methods=[ia2_then_sft,sft]"
-    assert main(["run", *_args(tmp_path / "local", methods)]) == 0
-    capfd.readouterr()
-    assert main(["run", *_args(tmp_path / "ray", methods, "dist.backend=ray", "dist.shard_size=3")]) == 0
-    ray_log = capfd.readouterr().err
-    for method in ("ia2_then_sft", "sft"):
-        local, dist = _history(tmp_path / "local", method), _history(tmp_path / "ray", method)
-        assert dist["world_size"] == 2
-        _assert_same_losses(dist["history"], local["history"])
-    objectives = {row["objective"] for row in _history(tmp_path / "ray", "ia2_then_sft")["history"]}
+# ------------------------------------------------------------------------------ worker groups
+
+TWO_UNITS = ("data.seeds=[0,1]", "train.methods=[ia2_then_sft,sft]")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The same two-unit grid run four ways: in one process; 2 groups x 1 rank (the default);
+    1 group x 1 rank under a byte budget that holds one unit's records, not two; 1 group x 2
+    ZeRO-3 ranks."""
+    root = tmp_path_factory.mktemp("grid")
+    runs = {"local": root / "local", "2x1": root / "2x1", "1x1": root / "1x1", "1x2": root / "1x2"}
+    assert main(["run", *_args(runs["local"], *TWO_UNITS)]) == 0
+    assert main(["run", *_args(runs["2x1"], *TWO_UNITS, "dist.backend=ray",
+                               "dist.shard_size=3")]) == 0
+    assert main(["run", *_args(runs["1x1"], *TWO_UNITS, "dist.backend=ray", "dist.shard_size=3",
+                               "dist.num_workers=1", f"dist.inflight_bytes={ONE_UNIT}")]) == 0
+    assert main(["run", *_args(runs["1x2"], *TWO_UNITS, "dist.backend=ray", "dist.shard_size=1",
+                               "dist.group_size=2")]) == 0
+    return runs
+
+
+#: Bytes of one unit's records at most (12 train+dev and 4 similarity examples x T=1 x 2 layers x
+#: 64 dims x bf16, plus ids): about 4.4 KB; two units do not fit.
+ONE_UNIT = 6000
+
+
+def _metrics(run_dir, seed, method):
+    return json.loads((Path(run_dir) / f"N8_seed{seed}" / method / "metrics.json").read_text())
+
+
+def test_job_results_do_not_depend_on_the_group_layout(grid):
+    """Same seed -> same per-step losses and metrics whichever group runs a job and however many
+    groups there are (2 groups x 1 rank vs 1 group x 1 rank: bit for bit); 1 group x 2 ranks
+    matches the one-process run within 1e-4."""
+    for seed in (0, 1):
+        for method in ("ia2_then_sft", "sft"):
+            two, one = _history(grid["2x1"], method, seed), _history(grid["1x1"], method, seed)
+            assert [r["loss"] for r in two["history"]] == [r["loss"] for r in one["history"]]
+            assert _metrics(grid["2x1"], seed, method) == _metrics(grid["1x1"], seed, method)
+            wide = _history(grid["1x2"], method, seed)
+            assert wide["world_size"] == 2 and two["world_size"] == 1
+            _assert_same_losses(wide["history"], _history(grid["local"], method, seed)["history"])
+    objectives = {row["objective"] for row in _history(grid["2x1"], "ia2_then_sft")["history"]}
     assert objectives == {"ia2", "ce"}
-    run = tmp_path / "ray"
+    stats = json.loads((grid["2x1"] / "distributed_stats.json").read_text())
+    assert stats["students"]["groups"] == 2 and stats["students"]["tasks_done"] == 4
+    # the private local Ray's temp dir (sockets, session logs, spill) is gone after the run
+    assert stats["ray_temp_dir"].startswith("/tmp/ray_") and not Path(stats["ray_temp_dir"]).exists()
+
+
+def test_evaluation_on_the_cluster_equals_the_one_process_evaluation(grid):
+    """Baselines on the teacher actors and each method on its group give the one-process
+    evaluation's predictions; the run ends complete with the report."""
+    for seed in (0, 1):
+        for name in ("base", "icl", "ia2_then_sft", "sft"):
+            unit = f"N8_seed{seed}/{name}"
+            ray_rows = json.loads((grid["2x1"] / unit / "predictions.json").read_text())
+            local_rows = json.loads((grid["local"] / unit / "predictions.json").read_text())
+            assert [r["prediction"] for r in ray_rows] == [r["prediction"] for r in local_rows]
+            a, b = _metrics(grid["2x1"], seed, name), _metrics(grid["local"], seed, name)
+            assert a["accuracy"] == b["accuracy"]
+            assert a["ece"] == pytest.approx(b["ece"], abs=1e-5)
+            if name != "icl":
+                assert a["layer_similarity"] == pytest.approx(b["layer_similarity"], abs=1e-4)
+    run = grid["2x1"]
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     assert "ia2_then_sft" in (run / "summary.md").read_text()
     unit = run / "N8_seed0"
     assert (unit / "ia2_then_sft" / "adapter_model.safetensors").stat().st_size > 0
-    shards = sorted((unit / "teacher_shards").iterdir())
+    shards = sorted((unit / "teacher").iterdir())
     assert len(shards) == 4 and all((s / "manifest.json").is_file() for s in shards)
-    stats = json.loads((run / "distributed_stats.json").read_text())
-    teacher = next(s["teacher"] for s in stats if "teacher" in s)
-    assert teacher["reruns"] == 0 and teacher["shards"] == 4
-    # the private local Ray's temp dir (sockets, session logs, spill) is gone after the run
-    temp_dir = ray_log.split("(temp dir ")[1].split(")")[0]
-    assert temp_dir.startswith("/tmp/ray_") and not Path(temp_dir).exists()
+    teacher = json.loads((run / "distributed_stats.json").read_text())["teacher"]
+    assert teacher["reruns"] == 0
+    assert [(u["kind"], u["shards"]) for u in teacher["units"][:2]] == [("teacher", 4),
+                                                                        ("teacher_eval", 2)]
+
+
+def test_records_are_pulled_per_rank_and_freed_per_unit(grid):
+    """Each rank of a 2-rank group pulls only its own examples' records (at most 0.6 of the
+    unit's, shards of one example); a unit's records leave the object store when its last job
+    is done, so a budget of one unit holds (extraction of the next unit waits)."""
+    stats = json.loads((grid["1x2"] / "distributed_stats.json").read_text())
+    unit_bytes = sum(u["act_bytes"] for u in stats["teacher"]["units"] if u["kind"] == "teacher")
+    pulled = stats["transport"]["bytes_per_rank"]
+    assert set(pulled) == {"group0/rank0", "group0/rank1"}
+    sims = sum(u["act_bytes"] for u in stats["teacher"]["units"] if u["kind"] == "teacher_eval")
+    for rank, nbytes in pulled.items():
+        # per job (2 units x 2 methods): its own train/dev records, plus every similarity record
+        assert 0 < nbytes <= 2 * (0.6 * unit_bytes) + 2 * 2 * sims, (rank, nbytes, unit_bytes)
+    budgeted = json.loads((grid["1x1"] / "distributed_stats.json").read_text())
+    assert set(budgeted["units_released"]) == {"N8_seed0", "N8_seed1"}
+    first = budgeted["units_released"]["N8_seed0"]
+    assert first["bytes"] > 0 and first["at_s"] < budgeted["students"]["wall_s"]
+    assert 0 < budgeted["teacher"]["peak_inflight_bytes"] <= ONE_UNIT
+    assert budgeted["object_store_at_end"]["objects"] < 10
 
 
 def test_private_ray_temp_dir_removed_unless_kept():
@@ -99,20 +168,13 @@ def test_private_ray_temp_dir_removed_unless_kept():
         shutil.rmtree(given, ignore_errors=True)
 
 
-def test_pipelined_run_under_a_small_inflight_budget(tmp_path):
-    """Activations exceeding the in-flight byte budget: extraction waits for the students, the peak
-    stays within the budget, and training still matches the one-process losses."""
-    # one shard of 2 examples x T=1 x 2 layers x 64 dims x 2 bytes + ids: ~0.6 KB; total ~3.1 KB
-    budget = 1200
-    extra = ("train.methods=[ia2]", "dist.shard_size=2", f"dist.inflight_bytes={budget}")
-    assert main(["run", *_args(tmp_path / "ray", "dist.backend=ray", *extra)]) == 0
-    assert main(["run", *_args(tmp_path / "local", "train.methods=[ia2]")]) == 0
-    stats = json.loads((tmp_path / "ray" / "distributed_stats.json").read_text())
-    teacher = next(s["teacher"] for s in stats if "teacher" in s)
-    assert teacher["act_bytes"] > budget
-    assert 0 < teacher["peak_inflight_bytes"] <= budget
-    _assert_same_losses(_history(tmp_path / "ray", "ia2")["history"],
-                        _history(tmp_path / "local", "ia2")["history"])
+def test_a_budget_smaller_than_one_unit_fails_before_training(tmp_path, capsys):
+    argv = ["run", *_args(tmp_path / "run", "dist.backend=ray", "train.methods=[ia2]",
+                          "dist.inflight_bytes=1200")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: dist.inflight_bytes: unit N8_seed0 needs up to"), err
 
 
 def test_online_teacher_mode(tmp_path):
@@ -120,7 +182,7 @@ def test_online_teacher_mode(tmp_path):
     assert main(["run", *_args(tmp_path / "ray", "dist.backend=ray", "dist.teacher_mode=online",
                                "train.methods=[ia2]")]) == 0
     assert main(["run", *_args(tmp_path / "local", "train.methods=[ia2]")]) == 0
-    assert not (tmp_path / "ray" / "N8_seed0" / "teacher_shards").exists()
+    assert not (tmp_path / "ray" / "N8_seed0" / "teacher").exists()
     _assert_same_losses(_history(tmp_path / "ray", "ia2")["history"],
                         _history(tmp_path / "local", "ia2")["history"], rel=1e-3)
 
@@ -204,10 +266,10 @@ def test_killed_train_worker_is_replaced_and_resumes_from_checkpoint(tmp_path, l
 
 
 def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
-    """The whole distributed job (driver, local Ray, 2 workers) killed mid-training; `ia2dist run`
-    on the same run directory with ONE worker resumes the job from its 2-rank checkpoint (converted
-    to DeepSpeed's universal format on the way; teacher shards reused) and ends with the
-    one-process losses."""
+    """The whole distributed job (driver, local Ray, one group of 2 workers) killed mid-training;
+    `ia2dist run` on the same run directory with ONE worker (another group layout) resumes the job
+    from its 2-rank checkpoint (converted to DeepSpeed's universal format on the way; teacher
+    shards reused) and ends with the one-process losses."""
     import signal
     import subprocess
     import sys
@@ -216,7 +278,8 @@ def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
 
     run = tmp_path / "ray"
     latest = run / "N8_seed0" / "checkpoints" / "ia2_then_sft" / "latest"
-    argv = [sys.executable, "-m", "ia2dist.cli", "run", *_args(run, *CKPT, "dist.backend=ray")]
+    argv = [sys.executable, "-m", "ia2dist.cli", "run", *_args(run, *CKPT, "dist.backend=ray",
+                                                                "dist.group_size=2")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     log_path = tmp_path / "driver.log"
     with open(log_path, "w") as log_file:
@@ -245,7 +308,7 @@ def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
     psutil.wait_procs(list(victims.values()), timeout=30)
     at_kill = latest.read_text().strip()
     assert not (run / "N8_seed0" / ".ia2_then_sft.partial" / "history.json").exists()
-    shards = {p: p.stat().st_mtime_ns for p in (run / "N8_seed0" / "teacher_shards").rglob("*")
+    shards = {p: p.stat().st_mtime_ns for p in (run / "N8_seed0" / "teacher").rglob("*")
               if p.is_file()}
     assert main(["run", *_args(run, *CKPT, "dist.backend=ray", "dist.num_workers=1")]) == 0
     result = _history(run, "ia2_then_sft")

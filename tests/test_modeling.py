@@ -7,9 +7,9 @@ import torch
 
 from ia2dist.config import AdapterConfig, ModelConfig
 from ia2dist.errors import IA2Error
-from ia2dist.modeling import (apply_adapter, attention_sites, context_length, encode,
+from ia2dist.modeling import (attach_trained, apply_adapter, attention_sites, context_length, encode,
                               last_position_mlp, last_query_attention, load_model, load_tokenizer,
-                              load_trained, num_virtual_tokens, resolve_device, save_trained)
+                              num_virtual_tokens, remove_adapter, resolve_device, save_trained)
 from ia2dist.tiny import TINY_ARCHS
 
 TEXTS = ["Text:the movie was great\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]
@@ -181,16 +181,17 @@ def test_save_and_reload_gives_identical_logits(tmp_path, make_tokenizer, make_m
     assert os.path.exists(tmp_path / expected)
     assert not any(f.endswith(".bin") for f in os.listdir(tmp_path))
     fresh = make_model(arch, tok)
-    reloaded = load_trained(fresh, tmp_path)
+    reloaded = attach_trained(fresh, tmp_path)
     ids, mask = _batch(tok)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
         got = reloaded(input_ids=ids, attention_mask=mask).logits
         base = make_model(arch, tok)(input_ids=ids, attention_mask=mask).logits
-        untouched = fresh(input_ids=ids, attention_mask=mask).logits
+        restored = remove_adapter(reloaded) if kind != "full" else fresh
+        untouched = restored(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got, want)
     assert not torch.allclose(got[:, -1], base[:, -1])  # the trained part really was restored
-    assert torch.equal(untouched, base)  # and the base model given to load_trained is unchanged
+    assert torch.equal(untouched, base)  # and removing the adapter gives the base model back
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

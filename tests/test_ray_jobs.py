@@ -168,5 +168,5 @@ def test_sweep_driver_runs_every_cell(cluster, tmp_path):
         assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
         assert (run_dir / "N4_seed0" / "ia2_then_sft" / "metrics.json").is_file()
     assert sorted(p.name.split("-")[0] for p in (root / "teacher_cache").iterdir()) == \
-        ["teacher_eval", "teacher_shards"]
+        ["teacher", "teacher_eval"]
     assert token not in done.stdout + done.stderr

@@ -23,7 +23,8 @@ from ia2dist.modeling import load_model, load_tokenizer  # noqa: E402
 from ia2dist.orchestration import cluster  # noqa: E402
 from ia2dist.orchestration.packing import pack_records, unpack_records  # noqa: E402
 from ia2dist.orchestration.teacher_stage import (TeacherStage, TeacherStageOptions,  # noqa: E402
-                                                 fetch_records, shard_dir)
+                                                 fetch_records)
+from ia2dist.teacher.store import TeacherStore, extraction_settings, shard_dir  # noqa: E402
 from ia2dist.records import TeacherRecord  # noqa: E402
 from ia2dist.teacher.extract import extract  # noqa: E402
 
@@ -231,16 +232,42 @@ def test_consumer_that_never_releases_gets_an_error_not_a_hang(stage):
     assert [r.uid for r in stage.run_records(prompts, uids)] == uids
 
 
+def _store(path, meta: dict, uids, shard_size: int = 2) -> TeacherStore:
+    return TeacherStore(path, meta, extraction_settings(T, (), EXTRACT.act_dtype, EXTRACT.topk),
+                        uids, shard_size)
+
+
 def test_shards_persist_and_are_reused(stage, teacher, tmp_path):
     prompts, uids = _prompts(5, offset=1)
-    first = stage.run_records(prompts, uids, cache_dir=tmp_path, cache_meta={"run": 1})
+    first = stage.run_records(prompts, uids, store=_store(tmp_path, {"run": 1}, uids))
     assert (shard_dir(tmp_path, 2) / "manifest.json").is_file()
-    second = stage.run_records(prompts, uids, cache_dir=tmp_path, cache_meta={"run": 1})
+    second = stage.run_records(prompts, uids, store=_store(tmp_path, {"run": 1}, uids))
     assert stage.stats.from_cache == [True] * 3 and stage.stats.attempts == [0] * 3
     _assert_same(second, first)
     _assert_same(first, _reference_by_shard(teacher, prompts, uids, 2))
+    # the one-process backend reads the same store
+    _assert_same(_store(tmp_path, {"run": 1}, uids).read_all(), first)
     with pytest.raises(IA2Error, match="different settings"):
-        stage.run_records(prompts, uids, cache_dir=tmp_path, cache_meta={"run": 2})
+        stage.run_records(prompts, uids, store=_store(tmp_path, {"run": 2}, uids))
+
+
+def test_shards_travel_in_parts_each_reader_pulls_its_own(stage, teacher):
+    """With parts (one per rank of a group), each shard comes back as one object per part holding
+    exactly the examples of that part, in order; together they are the shard."""
+    prompts, uids = _prompts(7, offset=4)
+    part_of = [0, 1, 1, 0, 1, 0, 0]
+    with _options(stage, shard_size=3):
+        for shard, refs in stage.run(prompts, uids, parts=part_of, num_parts=2, tag="t"):
+            assert len(refs) == 2
+            lo = 3 * shard
+            for part, ref in enumerate(refs):
+                got = fetch_records(ref)
+                assert [r.uid for r in got] == [u for k, u in enumerate(uids[lo:lo + 3])
+                                               if part_of[lo + k] == part]
+            want = _reference(teacher, prompts[lo:lo + 3], uids[lo:lo + 3])
+            _assert_same(sorted(fetch_records(refs), key=lambda r: uids.index(r.uid)), want)
+        assert stage.held_bytes() > 0
+        assert stage.release_tag("t") > 0 and stage.held_bytes() == 0
 
 
 def test_killed_actor_restarts_and_only_unfinished_shards_rerun(stage, teacher):
@@ -253,7 +280,7 @@ def test_killed_actor_restarts_and_only_unfinished_shards_rerun(stage, teacher):
                 os.kill(victim_pid, signal.SIGKILL)
                 before_kill.add(shard)
             seen.append(shard)
-            packed = ray.get(ref)
+            packed = ray.get(ref[0])
             payload_meta[shard] = dict(packed.meta)
             (record,) = unpack_records(packed)
             _assert_same([record], _reference(teacher, [prompts[shard]], [uids[shard]]))

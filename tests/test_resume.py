@@ -144,7 +144,7 @@ def test_export_round_trip_and_merge(uninterrupted, tmp_path, capsys):
     """The phase-end checkpoint of the last phase exports to the adapter the run published; the
     merged model gives the adapter model's logits."""
     from ia2dist.config import load_config
-    from ia2dist.modeling import load_model, load_trained
+    from ia2dist.modeling import attach_trained, load_model
 
     ckpt = sorted((uninterrupted / UNIT / "checkpoints" / METHOD).glob("p1_*_end"))[-1]
     out = tmp_path / "export"
@@ -155,7 +155,7 @@ def test_export_round_trip_and_merge(uninterrupted, tmp_path, capsys):
     assert all(torch.equal(exported[k], published[k]) for k in published)
     cfg = load_config(str(uninterrupted / "config.yaml"), [])
     base = load_model(cfg.model, device="cpu")
-    adapted = load_trained(base, out).eval()
+    adapted = attach_trained(base, out).eval()
     merged = type(base).from_pretrained(out / "merged").eval()
     ids = torch.tensor([[1, 5, 9, 13, 4]])
     with torch.no_grad():
@@ -211,13 +211,14 @@ def test_shared_teacher_cache_is_reused_by_a_learning_rate_sweep(tmp_path, capsy
     first = ["run", *_args(tmp_path / "lr1"), f"extract.cache_dir={cache}"]
     assert main(first) == 0
     files = {p: p.stat().st_mtime_ns for p in cache.rglob("records.safetensors")}
-    assert len(files) == 2  # train+dev, and the evaluation items for the similarity analysis
+    # train+dev, and the evaluation items for the similarity analysis (each in shards)
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["teacher", "teacher_eval"]
     assert oct(cache.stat().st_mode & 0o777) == "0o700"
     capsys.readouterr()
     assert main(["run", *_args(tmp_path / "lr2", "train.lr=3e-3"), f"extract.cache_dir={cache}"]) == 0
     err = capsys.readouterr().err
-    assert err.count("reusing teacher cache") == 2 and "extract:" not in err
+    assert err.count("reusing teacher outputs") == 2 and "extract:" not in err
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("records.safetensors")} == files
     assert main(["run", *_args(tmp_path / "n4", "data.num_train=[4]"),
                  f"extract.cache_dir={cache}"]) == 0
-    assert len(list(cache.rglob("records.safetensors"))) == 4
+    assert len(list(cache.iterdir())) == 4

@@ -86,7 +86,7 @@ def _log(out_dir: Path) -> str:
 
 
 def _shard_ids(run_dir: Path) -> dict:
-    shards = run_dir / "N4_seed0" / "teacher_shards"
+    shards = run_dir / "N4_seed0" / "teacher"
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in sorted(shards.glob("shard_*/manifest.json"))} if shards.is_dir() else {}
 
@@ -251,4 +251,4 @@ def test_sweep_array_runs_every_cell_sharing_teacher_outputs(slurm, jobs):
         assert f"lr: {float(lr)}" in (run_dir / "config.yaml").read_text()
         assert (run_dir / "N4_seed0" / "ia2_then_sft" / "metrics.json").is_file()
     shared = sorted(p.name.split("-")[0] for p in (root / "teacher_cache").iterdir())
-    assert shared == ["teacher_eval", "teacher_shards"]  # one of each for both cells
+    assert shared == ["teacher", "teacher_eval"]  # one of each for both cells

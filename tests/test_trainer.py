@@ -395,7 +395,7 @@ def test_lm_head_on_selected_positions_gives_full_logits_losses(setup, make_mode
         assert keep_kwargs or results  # the fast path (first) is exercised
         ctx = _Context(sites=attention_sites(model), device=torch.device("cpu"), pad_id=0,
                        padding_side="right", num_virtual_tokens=shift, cfg=cfg(),
-                       logits_kwargs=keep_kwargs, last_mlp=last_position_mlp(model))
+                       logits_kwargs=keep_kwargs, last_mlp=last_position_mlp(model), seed=0)
         batch = collate(items, 0, "right", shift, need=terms)
         engine.zero_grad()
         pairs = _term_pairs(engine, batch, terms, ctx)

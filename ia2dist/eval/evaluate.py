@@ -150,7 +150,9 @@ def last_token_logits(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, 
                 keep, last_B = torch.unique(last_B, return_inverse=True)
                 kwargs["logits_to_keep"] = keep
             logits_BSV = model(input_ids=ids_BS, attention_mask=mask_BS, **kwargs).logits
-            batch_logits_BV = logits_BSV[torch.arange(len(batch), device=device), last_B].float().cpu()
+            # the logits' device: the last device of a model split over several
+            rows_B = torch.arange(len(batch), device=logits_BSV.device)
+            batch_logits_BV = logits_BSV[rows_B, last_B.to(logits_BSV.device)].float().cpu()
             for row, i in enumerate(batch):
                 logits_NV[i] = batch_logits_BV[row]
     return torch.stack(logits_NV)  # type: ignore[arg-type]
@@ -270,14 +272,17 @@ def score_generations(texts: Sequence[str], examples: Sequence[Example],
 def evaluate_generation(model: nn.Module, tokenizer, prompts: Sequence[str],
                         examples: Sequence[Example], parse: Callable[[str], str | None], *,
                         max_new_tokens: int, stop_strings: Sequence[str] = ("\n\n",),
-                        batch_size: int = 8) -> tuple[dict[str, float], list[dict]]:
+                        batch_size: int = 8, sync: Callable[[bool], bool] | None = None
+                        ) -> tuple[dict[str, float], list[dict]]:
     """Greedy decoding (up to ``max_new_tokens``, stopping at EOS or a stop string), then exact
     match of the parsed response against the parsed gold answer (see ``score_generations``).
-    Rows also carry ``num_tokens``, the response length in tokens."""
+    Rows also carry ``num_tokens``, the response length in tokens. ``sync``: see
+    ``ia2dist.teacher.extract.generate``."""
     _check_aligned(prompts, examples)
     with _eval_mode(model):
         response_ids = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                                stop_strings=tuple(stop_strings), batch_size=batch_size)
+                                stop_strings=tuple(stop_strings), batch_size=batch_size,
+                                sync=sync)
     texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in response_ids]
     metrics, rows = score_generations(texts, examples, parse, stop_strings=stop_strings)
     for row, ids in zip(rows, response_ids):

@@ -82,10 +82,23 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def pack_records(records: Sequence[TeacherRecord], meta: dict | None = None) -> PackedShard:
-    """Concatenate ``records`` (all with the same L, D, storage dtype and top-k setting)."""
+def pack_records(records: Sequence[TeacherRecord], meta: dict | None = None, *,
+                 like: TeacherRecord | None = None) -> PackedShard:
+    """Concatenate ``records`` (all with the same L, D, storage dtype and top-k setting). No
+    records give an empty shard shaped like ``like`` (a part of a shard none of whose examples a
+    reader owns)."""
     if not records:
-        raise ValueError("pack_records: no records")
+        if like is None:
+            raise ValueError("pack_records: no records")
+        L, _, D = like.acts_LTD.shape
+        empty = pack_records([like], meta)
+        empty.uids, empty.offsets = [], np.zeros(1, dtype=np.int64)
+        empty.acts_LKD = empty.acts_LKD[:, :0].copy()
+        empty.response_ids_K = empty.response_ids_K[:0].copy()
+        if empty.topk_ids_Kk is not None:
+            empty.topk_ids_Kk = empty.topk_ids_Kk[:0].copy()
+            empty.topk_logprobs_Kk = empty.topk_logprobs_Kk[:0].copy()
+        return empty
     first = records[0]
     L, _, D = first.acts_LTD.shape
     has_topk = first.topk_ids_Tk is not None

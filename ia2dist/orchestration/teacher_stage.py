@@ -20,9 +20,19 @@ survive the actor, so they are never recomputed. A restarting actor gets no work
 comes back from the new process; an actor that is permanently dead leaves the pool, and the stage
 fails (one-line IA2Error) when no actor is left or a shard failed ``max_shard_attempts`` times.
 
-With ``cache_dir``, actors persist every finished shard with ``ia2dist.activations.save_records``
-under ``cache_dir/shard_{i:05d}`` (a filesystem the actors and the driver share), and a later run
-with the same settings serves those shards from disk instead of extracting them again.
+With a ``TeacherStore`` (``ia2dist.teacher.store``), actors persist every finished shard under the
+store's root (a filesystem the actors and the driver share), and a later run (or the one-process
+backend) with the same settings serves those shards from disk instead of extracting them again.
+
+Parts. A shard can travel as several objects ("parts"), e.g. one per rank of the worker groups
+that read it: ``run(..., parts=part_of)`` assigns every example a part, each shard is returned as
+one ``PackedShard`` per part (possibly empty), and a reader fetches only the part it needs.
+
+The actors also evaluate the frozen base model (the base and ICL baselines, and the base's
+per-layer similarity to the ICL teacher): ``evaluate`` runs ``ia2dist.eval.runner.evaluate`` on the
+replica the actor already holds. With ``gpus_per_actor`` k > 1 one replica spans the actor's k GPUs
+(``ia2dist.modeling.plan_device_map``: whole decoder layers per device under a per-device budget,
+dispatched by accelerate).
 """
 
 from __future__ import annotations
@@ -73,11 +83,15 @@ class TeacherStageOptions:
     """Restarts of a dead actor process before it leaves the pool."""
     max_shard_attempts: int = 3
     """Attempts per shard (an attempt is lost when its actor dies) before the stage fails."""
+    reserve_bytes: int = 0
+    """Per-GPU memory a replica spanning several GPUs leaves free for activations and the KV cache
+    (the layers are placed within each GPU's memory minus this)."""
     ready_timeout_s: float = 600.0
     """Seconds to wait for the placement group and the actors' model loading."""
-    release_wait_s: float = 0.0
+    release_wait_s: float | None = 0.0
     """When every byte of the budget is held by yielded, un-released shards and nothing runs, wait
-    this long for ``release`` from another thread before failing (0: fail at once)."""
+    this long for ``release`` from another thread before failing (0: fail at once; None: as long
+    as it takes, until ``close``)."""
 
 
 @dataclass
@@ -111,55 +125,98 @@ class TeacherActor:
     """One frozen teacher replica. Load errors are kept and reported by ``info`` (so the driver
     gets the IA2Error's message instead of a dead-actor traceback)."""
 
-    def __init__(self, model_cfg, extract_kwargs: dict, device: str, num_threads: int):
-
+    def __init__(self, model_cfg, extract_kwargs: dict, device: str, num_threads: int,
+                 num_gpus: float = 0.0, reserve_bytes: int = 0):
         from ia2dist.modeling import load_model, load_tokenizer
 
         torch.set_num_threads(num_threads)
         self.extract_kwargs = dict(extract_kwargs)
         self.extract_kwargs["act_dtype"] = getattr(torch, extract_kwargs["act_dtype"])
         self.load_error: str | None = None
+        self.device_map: dict | None = None
         try:
             self.tokenizer = load_tokenizer(model_cfg)
-            self.model = load_model(model_cfg, device=device)
+            if num_gpus > 1:
+                self.device_map = _device_map(model_cfg, reserve_bytes)
+            self.model = load_model(model_cfg, device=device, device_map=self.device_map)
         except IA2Error as exc:
             self.load_error = str(exc)
             return
+        except torch.OutOfMemoryError as exc:
+            self.load_error = (f"teacher actor: out of memory loading {model_cfg.name_or_path} "
+                               f"({_first_line(exc)}); give each replica more GPUs "
+                               f"(dist.teacher_gpus), use model.dtype=bfloat16, or check "
+                               f"`ia2dist plan`")
+            return
         for param in self.model.parameters():
             param.requires_grad_(False)
+        self._shared: dict[str, tuple] = {}
 
     def info(self) -> dict:
         from ia2dist.modeling import attention_sites
 
         if self.load_error is not None:
             raise IA2Error(self.load_error)
+        devices = sorted({str(p.device) for p in self.model.parameters()})
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "device": str(next(self.model.parameters()).device),
+                "device": ",".join(devices), "device_map": self.device_map,
                 "num_layers": len(attention_sites(self.model)),
                 "hidden": int(self.model.config.hidden_size)}
 
     def run_shard(self, shard_index: int, prompts: list, uids: list[str], attempt: int,
-                  cache_dir: str | None = None, cache_meta: dict | None = None
-                  ) -> tuple[dict, PackedShard]:
-        """Extract one shard; with ``cache_dir`` also persist it. Returns (completion record,
-        payload) as two objects so the driver reads the small one only."""
+                  store=None, parts: list[list[int]] | None = None) -> tuple:
+        """Extract one shard; with a ``store`` also persist it. Returns (completion record,
+        payload per part) as separate objects so the driver reads the small one only."""
         from ia2dist.teacher.extract import extract
 
         if self.load_error is not None:
             raise IA2Error(self.load_error)
         started = time.time()
         records = extract(self.model, self.tokenizer, prompts, uids, **self.extract_kwargs)
-        if cache_dir is not None:
-            from ia2dist.activations import save_records
-
-            save_records(shard_dir(cache_dir, shard_index), records, cache_meta or {})
-        packed = pack_records(records, meta={"shard_index": shard_index, "attempt": attempt,
-                                             "pid": os.getpid()})
+        if store is not None:
+            store.write(shard_index, records)
+        packed = pack_parts(records, parts, meta={"shard_index": shard_index, "attempt": attempt,
+                                                  "pid": os.getpid()})
         done = {"shard_index": shard_index, "attempt": attempt, "pid": os.getpid(),
-                "act_nbytes": packed.act_nbytes, "nbytes": packed.nbytes,
-                "num_positions": int(packed.offsets[-1]), "started": started,
+                "act_nbytes": sum(p.act_nbytes for p in packed),
+                "nbytes": sum(p.nbytes for p in packed),
+                "num_positions": sum(int(p.offsets[-1]) for p in packed), "started": started,
                 "finished": time.time()}
-        return done, packed
+        return (done, *packed)
+
+    def evaluate(self, plan, unit_key: str, name: str, with_demos: bool, sim_refs=None) -> dict:
+        """Evaluate the frozen base as baseline ``name`` of the unit (writes its metrics.json and
+        predictions.json; returns the metrics). The base's prompts without demos are the same for
+        every unit: evaluated once per actor and reused (its similarity is per unit).
+        ``sim_refs``: the unit's similarity-record shards (object refs) for the similarity."""
+        from ia2dist.eval.runner import accuracy_part, evaluate
+
+        if self.load_error is not None:
+            raise IA2Error(self.load_error)
+        unit = plan.unit(unit_key)
+        shared = None
+        if not with_demos:
+            if name not in self._shared:
+                self._shared[name] = accuracy_part(self.model, self.tokenizer, plan, unit,
+                                                   with_demos=False)
+            shared = self._shared[name]
+        sim = None
+        if sim_refs is not None and not with_demos:
+            sim = [rec for ref in sim_refs for rec in unpack_records(ray.get(ref))]
+        return evaluate(self.model, self.tokenizer, plan, unit, name, with_demos=with_demos,
+                        sim_records=sim, shared=shared)
+
+
+def _device_map(model_cfg, reserve_bytes: int) -> dict:
+    """One replica over every GPU Ray gave this actor: whole layers per device, each device's
+    weights within its memory minus ``reserve_bytes`` (activations, KV cache)."""
+    from ia2dist.modeling import load_model_config, plan_device_map
+
+    budgets = []
+    for index in range(torch.cuda.device_count()):
+        _free, total = torch.cuda.mem_get_info(index)
+        budgets.append(int(total * 0.95) - int(reserve_bytes))
+    return plan_device_map(load_model_config(model_cfg), model_cfg.dtype, budgets)
 
 
 _RemoteTeacherActor = ray.remote(TeacherActor)
@@ -173,13 +230,21 @@ def _owned(rec: TeacherRecord) -> TeacherRecord:
                          topk_logprobs_Tk=clone(rec.topk_logprobs_Tk))
 
 
-def shard_dir(cache_dir: str | Path, shard_index: int) -> Path:
-    return Path(cache_dir) / f"shard_{shard_index:05d}"
+def pack_parts(records: list[TeacherRecord], parts: list[list[int]] | None,
+               meta: dict) -> list[PackedShard]:
+    """One PackedShard per part (records at the part's positions, in order); one for all
+    records without ``parts``. An empty part is a shard of no records."""
+    if parts is None:
+        parts = [list(range(len(records)))]
+    return [pack_records([records[i] for i in part], meta={**meta, "part": k}, like=records[0])
+            for k, part in enumerate(parts)]
 
 
-def fetch_records(ref: ray.ObjectRef) -> list[TeacherRecord]:
-    """The records of a yielded shard (tensors are read-only views of the object store)."""
-    return unpack_records(ray.get(ref))
+def fetch_records(refs) -> list[TeacherRecord]:
+    """The records of a yielded shard (every part, in part order; tensors are read-only views of
+    the object store)."""
+    refs = refs if isinstance(refs, list) else [refs]
+    return [rec for ref in refs for rec in unpack_records(ray.get(ref))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +255,7 @@ def fetch_records(ref: ray.ObjectRef) -> list[TeacherRecord]:
 class _Task:
     shard: int
     actor: int
-    payload: ray.ObjectRef
+    payload: list
     reserved: int
 
 
@@ -244,8 +309,10 @@ class TeacherStage:
         self._pg = None
         self._info: dict | None = None
         self._lock = threading.Condition()
-        self._held: dict[int, int] = {}
-        self._payloads: dict[int, ray.ObjectRef] = {}
+        self._held: dict[tuple, int] = {}
+        self._payloads: dict[tuple, list] = {}
+        self._tag_stats: dict[str | None, StageStats] = {}
+        self._closing = False
         self._reserved = 0
         self._active_run: Iterator | None = None
         self._check_options()
@@ -280,6 +347,7 @@ class TeacherStage:
         """Check resources, place the bundles and load one teacher per actor (blocking)."""
         if self._actors:
             return self
+        self._closing = False
         if not ray.is_initialized():
             raise IA2Error("teacher stage: Ray is not connected; call "
                            "ia2dist.orchestration.cluster.connect(...) first")
@@ -306,7 +374,8 @@ class TeacherStage:
                 max_restarts=o.max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=i),
-            ).remote(self.model_cfg, self.extract_kwargs, self._device(), threads)
+            ).remote(self.model_cfg, self.extract_kwargs, self._device(), threads,
+                     o.gpus_per_actor, o.reserve_bytes)
             self._actors.append(_Actor(handle))
         try:
             infos = ray.get([a.handle.info.remote() for a in self._actors],
@@ -328,6 +397,9 @@ class TeacherStage:
     def close(self) -> None:
         """Kill the actors and free the placement group (shards already yielded stay readable
         while their refs live)."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
         for actor in self._actors:
             try:
                 ray.kill(actor.handle, no_restart=True)
@@ -383,29 +455,56 @@ class TeacherStage:
         self._reserved += nbytes
         self.stats.peak_inflight_bytes = max(self.stats.peak_inflight_bytes, self._reserved)
 
-    def release(self, shard_index: int) -> None:
-        """The consumer is done with a yielded shard: drop the stage's reference and free its
-        bytes from the budget (thread-safe)."""
+    def release(self, shard_index: int, tag: str | None = None) -> None:
+        """The consumer is done with a yielded shard (of the run ``tag``): drop the stage's
+        reference and free its bytes from the budget (thread-safe)."""
         with self._lock:
-            if shard_index not in self._held:
-                raise ValueError(f"shard {shard_index} is not held (never yielded or released)")
-            self._reserved -= self._held.pop(shard_index)
-            self._payloads.pop(shard_index, None)
-            self.stats.released_at[shard_index] = time.time()
+            key = (tag, shard_index)
+            if key not in self._held:
+                raise ValueError(f"shard {shard_index} of {tag!r} is not held (never yielded or "
+                                 f"released)")
+            self._reserved -= self._held.pop(key)
+            self._payloads.pop(key, None)
+            stats = self._tag_stats.get(tag)
+            if stats is not None and shard_index < len(stats.released_at):
+                stats.released_at[shard_index] = time.time()
             self._lock.notify_all()
 
+    def release_tag(self, tag: str | None) -> int:
+        """Release every held shard of the run ``tag`` (its consumers are all done); returns the
+        bytes freed."""
+        with self._lock:
+            keys = [k for k in self._held if k[0] == tag]
+        freed = 0
+        for key in keys:
+            freed += self._held.get(key, 0)
+            self.release(key[1], tag)
+        return freed
+
+    def held_bytes(self) -> int:
+        """Bytes of yielded, unreleased shards (all runs)."""
+        with self._lock:
+            return sum(self._held.values())
+
+    def tag_stats(self, tag: str | None) -> StageStats | None:
+        return self._tag_stats.get(tag)
+
     # ------------------------------------------------------------------ the run
-    def run(self, prompts: Sequence, uids: Sequence[str], *, cache_dir: str | Path | None = None,
-            cache_meta: dict | None = None) -> Iterator[tuple[int, ray.ObjectRef]]:
-        """Extract every prompt; yield (shard_index, ref to its PackedShard) as shards finish.
+    def run(self, prompts: Sequence, uids: Sequence[str], *, store=None,
+            parts: Sequence[int] | None = None, num_parts: int | None = None,
+            tag: str | None = None) -> Iterator[tuple[int, list]]:
+        """Extract every prompt; yield (shard_index, refs to its PackedShard per part) as shards
+        finish.
 
         Shard i holds examples [i * shard_size, (i + 1) * shard_size). Every shard is yielded
-        exactly once; call ``release(i)`` when done with it so later shards fit the byte budget.
-        Arguments, resources and the budget are checked here, before anything is scheduled.
-        With ``cache_dir`` each finished shard is saved under ``cache_dir/shard_{i:05d}`` and
-        shards already saved there with the same ``cache_meta`` (what determined the records; the
-        extraction settings, shard index and uids are added) are read back instead of extracted;
-        a saved shard made with other settings raises IA2Error (never silently reused).
+        exactly once; call ``release(i, tag)`` (or ``release_tag(tag)``) when done with it so
+        later shards fit the byte budget; shards of earlier runs (other tags) stay held until
+        released. Arguments, resources and the budget are checked here, before anything is
+        scheduled. ``parts``: a part index (0..num_parts-1) per example; each shard then travels
+        as one object per part (see the module docstring). With a ``store``
+        (``ia2dist.teacher.store.TeacherStore`` of these uids) each finished shard is saved there
+        and shards it already holds are read back instead of extracted; a saved shard made with
+        other settings raises IA2Error (never silently reused).
         """
         if len(prompts) != len(uids):
             raise IA2Error(f"teacher stage: {len(prompts)} prompts but {len(uids)} uids; pass one "
@@ -414,6 +513,11 @@ class TeacherStage:
         size = self.options.shard_size
         shards = [(list(prompts[i:i + size]), list(uids[i:i + size]))
                   for i in range(0, len(prompts), size)]
+        shard_parts = None
+        if parts is not None:
+            count = num_parts or (max(parts) + 1 if len(parts) else 1)
+            shard_parts = [[[k for k in range(len(shard[1])) if parts[i * size + k] == p]
+                            for p in range(count)] for i, shard in enumerate(shards)]
         budget = self._budget()
         bounds = [self.shard_bound(len(s[1])) for s in shards]
         if bounds and max(bounds) > budget:
@@ -427,12 +531,12 @@ class TeacherStage:
         self.stats = StageStats(num_shards=n, attempts=[0] * n, completions=[0] * n,
                                 from_cache=[False] * n, finished_at=[None] * n,
                                 released_at=[None] * n, act_bytes=[0] * n)
+        self._tag_stats[tag] = self.stats
         with self._lock:
-            self._held.clear()
-            self._payloads.clear()
-            self._reserved = 0
-        cache = (str(cache_dir), dict(cache_meta or {})) if cache_dir is not None else None
-        self._active_run = _Run(self, shards, bounds, budget, cache).loop()
+            for key in [k for k in self._held if k[0] == tag]:  # a rerun of the same tag
+                self._reserved -= self._held.pop(key)
+                self._payloads.pop(key, None)
+        self._active_run = _Run(self, shards, bounds, budget, store, shard_parts, tag).loop()
         return self._active_run
 
     def run_records(self, prompts: Sequence, uids: Sequence[str], **run_kwargs
@@ -440,9 +544,9 @@ class TeacherStage:
         """Every record, in input order, as tensors owning their memory (the whole output is
         held at the end: for runs that fit in memory)."""
         by_shard: dict[int, list[TeacherRecord]] = {}
-        for shard, ref in self.run(prompts, uids, **run_kwargs):
-            by_shard[shard] = [_owned(r) for r in fetch_records(ref)]
-            self.release(shard)
+        for shard, refs in self.run(prompts, uids, **run_kwargs):
+            by_shard[shard] = [_owned(r) for r in fetch_records(refs)]
+            self.release(shard, run_kwargs.get("tag"))
         return [rec for shard in sorted(by_shard) for rec in by_shard[shard]]
 
 
@@ -472,40 +576,34 @@ class _Run:
     """The scheduling loop of one ``TeacherStage.run`` (state lives here, not on the stage)."""
 
     def __init__(self, stage: TeacherStage, shards: list[tuple[list, list[str]]],
-                 bounds: list[int], budget: int, cache: tuple[str, dict] | None):
+                 bounds: list[int], budget: int, store, parts: list[list[list[int]]] | None,
+                 tag: str | None = None):
         self.stage, self.shards, self.bounds, self.budget = stage, shards, bounds, budget
-        self.cache_dir, self.cache_meta = cache if cache is not None else (None, {})
+        self.store, self.parts, self.tag = store, parts, tag
         self.stats = stage.stats
         self.pending: deque[int] = deque(range(len(shards)))
         self.running: dict[ray.ObjectRef, _Task] = {}
         self.to_yield: deque[int] = deque()
 
-    def _cache_meta(self, shard: int) -> dict:
-        settings = dict(self.stage.extract_kwargs)
-        settings["stop_strings"] = list(settings["stop_strings"])  # as it reads back from JSON
-        return {**self.cache_meta, "extract": settings, "shard_index": shard,
-                "uids": self.shards[shard][1]}
-
     def _from_cache(self, shard: int) -> bool:
-        """Serve a finished shard from the disk cache (True) when one matches."""
-        if self.cache_dir is None:
+        """Serve a finished shard from the store (True) when it holds it."""
+        if self.store is None:
             return False
-        from ia2dist.activations import load_records
-
-        records = load_records(shard_dir(self.cache_dir, shard),
-                               expected_meta=self._cache_meta(shard))
+        records = self.store.read(shard)
         if records is None:
             return False
-        packed = pack_records(records, meta={"shard_index": shard, "cached": True})
+        packed = pack_parts(records, self.parts[shard] if self.parts is not None else None,
+                            meta={"shard_index": shard, "cached": True})
         self.stats.from_cache[shard] = True
-        self._finish(shard, ray.put(packed), packed.nbytes, packed.act_nbytes)
+        self._finish(shard, [ray.put(p) for p in packed], sum(p.nbytes for p in packed),
+                     sum(p.act_nbytes for p in packed))
         return True
 
-    def _finish(self, shard: int, payload: ray.ObjectRef, nbytes: int, act_nbytes: int) -> None:
+    def _finish(self, shard: int, payload: list, nbytes: int, act_nbytes: int) -> None:
         stage = self.stage
         with stage._lock:
-            stage._held[shard] = nbytes
-            stage._payloads[shard] = payload
+            stage._held[(self.tag, shard)] = nbytes
+            stage._payloads[(self.tag, shard)] = payload
             stage._reserve(nbytes)
             self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, sum(stage._held.values()))
         self.stats.completions[shard] += 1
@@ -537,13 +635,14 @@ class _Run:
             prompts, uids = self.shards[shard]
             self.stats.attempts[shard] += 1
             actor = stage._actors[actor_index]
-            done_ref, payload_ref = actor.handle.run_shard.options(num_returns=2).remote(
-                shard, prompts, uids, self.stats.attempts[shard], self.cache_dir,
-                self._cache_meta(shard) if self.cache_dir else None)
+            parts = self.parts[shard] if self.parts is not None else None
+            refs = actor.handle.run_shard.options(
+                num_returns=1 + (len(parts) if parts is not None else 1)).remote(
+                shard, prompts, uids, self.stats.attempts[shard], self.store, parts)
             actor.running += 1
             with stage._lock:
                 stage._reserve(bound)
-            self.running[done_ref] = _Task(shard, actor_index, payload_ref, bound)
+            self.running[refs[0]] = _Task(shard, actor_index, list(refs[1:]), bound)
 
     def _on_actor_failure(self, task: _Task, exc: Exception) -> None:
         stage = self.stage
@@ -585,8 +684,15 @@ class _Run:
         stage = self.stage
         with stage._lock:
             held = dict(stage._held)
-            if stage.options.release_wait_s > 0:
-                stage._lock.wait(timeout=stage.options.release_wait_s)
+            wait_s = stage.options.release_wait_s
+            if wait_s is None:  # wait as long as it takes (in slices, so a closed stage ends it)
+                while dict(stage._held) == held and not stage._closing:
+                    stage._lock.wait(timeout=1.0)
+                if stage._closing:
+                    raise IA2Error("teacher stage: closed while waiting for the consumers")
+                return
+            if wait_s > 0:
+                stage._lock.wait(timeout=wait_s)
                 if dict(stage._held) != held:
                     return
         raise IA2Error(f"teacher stage: the consumer holds {len(held)} shard(s) "
@@ -613,7 +719,7 @@ class _Run:
             self._schedule()
             if self.to_yield:
                 shard = self.to_yield.popleft()
-                yield shard, stage._payloads[shard]
+                yield shard, stage._payloads[(self.tag, shard)]
                 continue
             if not self.running and not self.pending:
                 return  # a restarting actor's ping is picked up by the next run

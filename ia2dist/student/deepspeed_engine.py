@@ -24,6 +24,7 @@ way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -205,7 +206,8 @@ def universal_checkpoint(engine_dir: Path, rank: int) -> Path:
 class DeepSpeedEngineFactory:
     """The ``engine_factory`` of ``train`` for DeepSpeed: a fresh ``engine_class`` engine (fresh
     optimiser, current weights) per phase, destroying the previous one first. ``engine`` is the
-    latest engine (after ``train``: the one to call ``save_consolidated`` on)."""
+    latest engine (after ``train``: the one to call ``save_consolidated`` on and to evaluate
+    with); ``close`` destroys it."""
 
     def __init__(self, ds_config: dict | str | os.PathLike, *, model_dtype: str = "float32",
                  engine_class: type[DeepSpeedEngine] = DeepSpeedEngine):
@@ -213,9 +215,181 @@ class DeepSpeedEngineFactory:
         self.engine: DeepSpeedEngine | None = None
 
     def __call__(self, model: nn.Module, train_cfg: TrainConfig) -> DeepSpeedEngine:
-        if self.engine is not None:
-            self.engine.destroy()
-            self.engine = None
+        self.close()
         self.engine = self.engine_class(model, train_cfg, self.ds_config,
                                         model_dtype=self.model_dtype)
         return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Partitioned models: loading, and forwards outside training
+
+_DS_CONFIG_FOR_TRANSFORMERS: list = []
+"""Keeps transformers' ``HfDeepSpeedConfig`` alive (transformers reads ZeRO-3 settings through a
+weak reference while it exists)."""
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_partitioned(model_cfg, ds_config: dict, source: str | None = None) -> nn.Module:
+    """The model of ``model_cfg`` (or the model directory ``source``) built PARTITIONED over this
+    ZeRO-3 group from the start, never whole on one rank: the modules are constructed under
+    ``deepspeed.zero.Init`` without weight initialisation (each parameter is partitioned as soon
+    as its module exists), then every rank reads ITS OWN slice of each parameter straight from the
+    safetensors files (byte ranges; nothing else of the file is read).
+
+    transformers' own ZeRO-3 loading (``from_pretrained`` under ``HfDeepSpeedConfig``) reads the
+    whole checkpoint on every rank (measured: a transient of about 2x the model's bytes per rank),
+    which does not fit a multi-billion-parameter model 8 ranks to a node; it remains the fallback
+    for checkpoints this reader does not understand (not safetensors, or names that need
+    transformers' key conversions), with a warning. In eval mode, every parameter frozen."""
+    import logging
+
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from ia2dist.modeling import _DTYPES, _attn_implementation, model_source
+
+    source = source or model_source(model_cfg)
+    if not _DS_CONFIG_FOR_TRANSFORMERS:
+        _DS_CONFIG_FOR_TRANSFORMERS.append(HfDeepSpeedConfig(ds_config))
+    dtype = _DTYPES[model_cfg.dtype]
+    index = _safetensors_index(source)
+    model = None
+    if index is not None and not model_cfg.trust_remote_code:
+        model = _construct_partitioned(source, dtype, ds_config, _attn_implementation(source))
+        if model is not None and not _read_partitions(model, index):
+            model = None
+    if model is None:
+        logging.getLogger("ia2dist").warning(
+            "%s: loading through transformers' ZeRO-3 path (every rank reads the whole "
+            "checkpoint once)", source)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=_attn_implementation(source),
+            trust_remote_code=model_cfg.trust_remote_code)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def _construct_partitioned(source: str, dtype: torch.dtype, ds_config: dict, attn: str):
+    """The model class built under zero.Init with no weight initialisation (None when its class
+    is not a transformers causal LM)."""
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    from transformers.modeling_utils import local_torch_dtype, set_zero3_state
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(source)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        return None
+    config._attn_implementation = attn
+    # zero.Init's parameter dtype comes from the config's bf16/fp16 sections (filled from
+    # model.dtype); an explicit ``dtype=`` is ignored on CPU (it becomes bfloat16 there)
+    with local_torch_dtype(dtype, model_class.__name__), no_init_weights(), \
+            prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+        model = model_class(config)
+    model.tie_weights()
+    return model
+
+
+def _safetensors_index(source: str) -> dict[str, tuple] | None:
+    """{tensor name: (file, dtype, shape, first byte, end byte)} of the safetensors files of a
+    model directory, from their headers alone; None when there are none."""
+    import json
+
+    root = Path(source)
+    if not root.is_dir():
+        return None
+    index_file = root / "model.safetensors.index.json"
+    if index_file.is_file():
+        files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    elif (root / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    entries = {}
+    for name in files:
+        path = root / name
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            entries[key] = (path, info["dtype"], info["shape"], 8 + size + start, 8 + size + end)
+    return entries
+
+
+def _read_slice(entry: tuple, first: int, count: int) -> torch.Tensor:
+    """``count`` elements of a stored tensor, flattened, from element ``first`` (one read)."""
+    path, dtype_name, _shape, start, _end = entry
+    dtype = _SAFETENSORS_DTYPES[dtype_name]
+    out = torch.empty(count, dtype=dtype)
+    size = out.element_size()
+    with open(path, "rb") as fh:
+        fh.seek(start + first * size)
+        view = memoryview(out.view(torch.uint8).numpy())
+        got = fh.readinto(view)
+    if got != count * size:
+        raise IA2Error(f"{path}: truncated safetensors file; re-download or re-save the model")
+    return out
+
+
+def _read_partitions(model: nn.Module, index: dict[str, tuple]) -> bool:
+    """Fill every rank's partition of every parameter (and the persistent buffers) from the
+    checkpoint; False when a parameter has no stored tensor of its shape (the caller falls
+    back)."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    params = list(model.named_parameters())
+    for name, param in params:
+        key = name if name in index else tied.get(name)
+        if key not in index or list(index[key][2]) != list(param.ds_shape):
+            return False
+    with torch.no_grad():
+        for name, param in params:
+            key = name if name in index else tied[name]
+            part = param.ds_tensor
+            group = param.ds_process_group
+            rank = dist.get_rank(group=group)
+            first = part.ds_numel * rank
+            count = max(0, min(part.ds_numel, param.ds_numel - first))
+            if count:
+                part.narrow(0, 0, count).copy_(_read_slice(index[key], first, count))
+        for name, buf in model.named_buffers():
+            if name in index and list(index[name][2]) == list(buf.shape):
+                buf.copy_(_read_slice(index[name], 0, buf.numel()).view(buf.shape))
+    return True
+
+
+@contextlib.contextmanager
+def forwards(model: nn.Module, ds_config: dict):
+    """Inside the context, a ZeRO-3 partitioned ``model`` runs forwards outside training
+    (evaluation, teacher records of the online mode): an engine without an optimiser installs
+    DeepSpeed's parameter-gathering hooks, and is destroyed on exit. Every rank of the group must
+    run the same forwards. Does nothing for a model that is not partitioned."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield model
+        return
+    config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    try:
+        yield model
+    finally:
+        engine.destroy()

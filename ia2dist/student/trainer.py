@@ -10,13 +10,16 @@ the dev items; ``patience`` evaluations without improvement stop the phase, and 
 of the best evaluation is copied back into the model at the phase end.
 
 Data parallelism: with ``world_size`` W > 1 every rank runs this same loop on the same items, seed
-and order. Rank r takes its contiguous share of each optimizer step's batch (and of the dev items)
-and splits it into micro-batches; the counts are summed over ALL ranks before any forward, so every
-rank divides its local loss sums by the global count and the engine's cross-rank gradient SUM is the
-gradient of the whole batch. Ranks with fewer examples in a step (a short last batch) run extra
-zero-weighted forwards so that all ranks run the same number of forwards and backwards (ZeRO-3
-gathers parameters collectively in each of them). Logged and dev losses are global values,
-identical on every rank, so early stopping decides the same everywhere.
+and order. Every example has a HOME rank (``home_ranks``: its position in the first epoch's order
+modulo W; dev item j: j modulo W) and only its home rank ever reads it, so a rank touches (and, in
+the distributed run, fetches the teacher records of) about 1/W of the examples. Rank r takes the
+examples of each optimizer step's batch (and of the dev items) whose home it is and splits them into
+micro-batches; the counts are summed over ALL ranks before any forward, so every rank divides its
+local loss sums by the global count and the engine's cross-rank gradient SUM is the gradient of the
+whole batch, however the batch is split. Ranks with fewer examples in a step run extra
+zero-weighted forwards (of one of their own examples) so that all ranks run the same number of
+forwards and backwards (ZeRO-3 gathers parameters collectively in each of them). Logged and dev
+losses are global values, identical on every rank, so early stopping decides the same everywhere.
 
 The loop knows nothing about distribution: an ``Engine`` owns forward/backward/step, the trainable
 state and one collective (``all_reduce_sum``). ``TorchEngine`` is the single-process one;
@@ -78,6 +81,8 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
     def zero_grad(self) -> None: ...
+    def save_consolidated(self, out_dir: Path) -> None: ...
+    def destroy(self) -> None: ...
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
@@ -147,6 +152,16 @@ class TorchEngine:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def save_consolidated(self, out_dir: Path) -> None:
+        """The trained model as ``ia2dist.modeling.save_trained`` writes it (a PEFT adapter, or the
+        whole model for full fine-tuning)."""
+        from ia2dist.modeling import save_trained
+
+        save_trained(self.model, out_dir)
+
+    def destroy(self) -> None:
+        """Nothing to release (the DeepSpeed engine releases its hooks and buffers here)."""
+
     def save_checkpoint(self, path: Path) -> None:
         """Trainable weights and the optimiser state as safetensors (+ JSON for hyper-parameters)."""
         from safetensors.torch import save_file
@@ -186,6 +201,26 @@ class TorchEngine:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+class EngineFactory:
+    """The ``engine_factory`` of ``train`` that keeps the latest engine: the one a finished job
+    saves (``save_consolidated``) and evaluates with. A new phase destroys the previous engine
+    (a fresh optimiser on the same weights); ``close`` destroys the last one."""
+
+    def __init__(self, make: Callable[[nn.Module, TrainConfig], Engine] = None):
+        self.make = make or TorchEngine.from_config
+        self.engine: Engine | None = None
+
+    def __call__(self, model: nn.Module, train_cfg: TrainConfig) -> Engine:
+        self.close()
+        self.engine = self.make(model, train_cfg)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+
 @dataclass
 class TrainResult:
     """history: one dict per optimizer step (phase, objective, step, epoch, loss, its terms, and
@@ -211,6 +246,8 @@ class _Context:
     logits_kwargs: dict
     last_mlp: last_position_mlp
     """For IA2-only forwards (resolved once: finding the block walks every module)."""
+    seed: int
+    """The job's seed (the data order, hence every item's home rank)."""
 
 
 def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Sequence[StudentItem],
@@ -245,7 +282,7 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
                    pad_id=_pad_id(model) if pad_id is None else pad_id,
                    padding_side="right" if shift else padding_side, num_virtual_tokens=shift,
                    cfg=train_cfg, logits_kwargs=_logits_to_keep_kwargs(model),
-                   last_mlp=last_position_mlp(model))
+                   last_mlp=last_position_mlp(model), seed=seed)
     resume = checkpointer.load() if checkpointer is not None else None
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -329,14 +366,16 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
     bar = _progress_bar(total, f"phase {index} ({objective})", progress)
     bar.update(step)
     engine.model.train()
+    homes = home_ranks(len(train_items), ctx.seed, engine.world_size)
     while step < total and not stopped:
         epoch = step // steps_per_epoch
         epoch_start = generator.get_state()
         order = torch.randperm(len(train_items), generator=generator).tolist()
         for begin in range(position, len(order), cfg.batch_size):
-            chunk = [train_items[i] for i in order[begin:begin + cfg.batch_size]]
+            batch = order[begin:begin + cfg.batch_size]
             entry = {"phase": index, "objective": objective, "step": step + 1, "epoch": epoch}
-            entry.update(_train_step(engine, chunk, objective, ctx))
+            entry.update(_train_step(engine, _Share.of(train_items, batch, homes, engine), objective,
+                                     ctx))
             step += 1
             if dev_items and (step % cfg.eval_every == 0 or step == total):
                 dev = _evaluate_objective(engine, dev_items, objective, ctx)
@@ -379,17 +418,51 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
             "steps": step}
 
 
-def _train_step(engine: Engine, chunk: list[StudentItem], objective: str, ctx: _Context) -> dict:
-    """One optimizer step over the global batch ``chunk`` (this rank takes its share), with
-    gradient accumulation; returns the step's global loss and its terms."""
+def home_ranks(num_items: int, seed: int, world_size: int) -> list[int]:
+    """The rank that reads each training item (index order): its position in the first epoch's
+    order (``first_epoch_order``) modulo ``world_size``, so the first epoch's batches are split
+    evenly. Dev item j's home is j modulo ``world_size``."""
+    homes = [0] * num_items
+    for position, index in enumerate(first_epoch_order(num_items, seed)):
+        homes[index] = position % world_size
+    return homes
+
+
+@dataclass
+class _Share:
+    """This rank's part of a global batch: its own items, how many micro-batches the largest share
+    of any rank needs, and an item of its own to run zero-weighted filler forwards with."""
+
+    items: list[StudentItem]
+    largest: int
+    filler: StudentItem
+
+    @classmethod
+    def of(cls, items: Sequence[StudentItem], indices: Sequence[int], homes: Sequence[int],
+           engine: Engine) -> "_Share":
+        rank, world = engine.rank, engine.world_size
+        sizes = [0] * world
+        for i in indices:
+            sizes[homes[i]] += 1
+        mine = [items[i] for i in indices if homes[i] == rank]
+        if mine:
+            filler = mine[0]
+        else:  # nothing of this rank's in the batch: any item it reads anyway (else the first)
+            own = next((i for i, home in enumerate(homes) if home == rank), 0)
+            filler = items[own]
+        return cls(mine, max(sizes), filler)
+
+
+def _train_step(engine: Engine, share: _Share, objective: str, ctx: _Context) -> dict:
+    """One optimizer step over a global batch of which this rank holds ``share``, with gradient
+    accumulation; returns the step's global loss and its terms."""
     terms = OBJECTIVE_TERMS[objective]
-    share = _rank_share(chunk, engine.rank, engine.world_size)
-    counts = _all_counts(engine, share, terms)
+    counts = _all_counts(engine, share.items, terms)
     if not engine.model.training:  # a dev evaluation switched it off (train() walks every module)
         engine.model.train()
     engine.zero_grad()
     sums_T = torch.zeros(1 + len(terms), dtype=torch.float64)  # loss, then each term's sum
-    for micro, weight in _micro_batches(share, chunk, engine.world_size, ctx.cfg.micro_batch_size):
+    for micro, weight in _micro_batches(share, ctx.cfg.micro_batch_size):
         pairs = _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx)
         loss = _objective_loss(pairs, objective, counts, ctx.cfg) * weight
         engine.backward(loss)
@@ -413,36 +486,27 @@ def _evaluate_objective(engine: Engine, items: Sequence[StudentItem], objective:
     counts); every rank returns the same value."""
     terms = OBJECTIVE_TERMS[objective]
     engine.model.eval()
-    share = _rank_share(list(items), engine.rank, engine.world_size)
+    share = _Share.of(items, range(len(items)), [j % engine.world_size for j in range(len(items))],
+                      engine)
     sums_T = torch.zeros(len(terms), device=ctx.device)
-    for micro, weight in _micro_batches(share, list(items), engine.world_size,
-                                        ctx.cfg.micro_batch_size):
+    for micro, weight in _micro_batches(share, ctx.cfg.micro_batch_size):
         pairs = _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx)
         for i, term in enumerate(terms):
             sums_T[i] += weight * pairs[term][0].float()
     sums_T = engine.all_reduce_sum(sums_T)
-    counts = _all_counts(engine, share, terms)
+    counts = _all_counts(engine, share.items, terms)
     pairs = {t: (sums_T[i], counts[t]) for i, t in enumerate(terms)}
     return float(_objective_loss(pairs, objective, counts, ctx.cfg))
 
 
-def _rank_share(items: list[StudentItem], rank: int, world_size: int) -> list[StudentItem]:
-    """Rank ``rank``'s contiguous share of ``items``; shares differ in size by at most one."""
-    size, extra = divmod(len(items), world_size)
-    start = rank * size + min(rank, extra)
-    return items[start:start + size + (rank < extra)]
-
-
-def _micro_batches(share: list[StudentItem], items: list[StudentItem], world_size: int,
-                   micro_batch_size: int):
+def _micro_batches(share: _Share, micro_batch_size: int):
     """(micro-batch, weight) pairs of one rank: its share in micro-batches of ``micro_batch_size``
     (weight 1), then zero-weighted fillers so that every rank yields as many as the largest share
     needs."""
-    largest = math.ceil(len(items) / world_size)
-    num_micro = math.ceil(largest / micro_batch_size)
+    num_micro = math.ceil(share.largest / micro_batch_size)
     for index in range(num_micro):
-        micro = share[index * micro_batch_size:(index + 1) * micro_batch_size]
-        yield (micro, 1.0) if micro else (items[:1], 0.0)
+        micro = share.items[index * micro_batch_size:(index + 1) * micro_batch_size]
+        yield (micro, 1.0) if micro else ([share.filler], 0.0)
 
 
 def _all_counts(engine: Engine, share: Sequence[StudentItem],

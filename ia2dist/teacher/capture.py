@@ -68,4 +68,6 @@ class ActivationCapture:
         """[L, K, D] for a selection (or [L, B, S, D] without one) from the last forward."""
         missing = [i for i, t in enumerate(self._captured) if t is None]
         assert not missing, f"capture sites {missing} did not fire; is the site list right?"
-        return torch.stack(self._captured)  # type: ignore[arg-type]
+        first = self._captured[0].device  # layers of a model split over devices: gather on one
+        return torch.stack([t if t.device == first else t.to(first)  # type: ignore[union-attr]
+                            for t in self._captured])

@@ -227,7 +227,7 @@ def _topk(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, stop: _StopRule, *,
                   max_new_tokens: int, capture: ActivationCapture | None, act_dtype: torch.dtype,
-                  topk: int) -> list[_Decoded]:
+                  topk: int, sync=None) -> list[_Decoded]:
     """Greedy KV-cached decoding of one left-padded batch, capturing as it goes when asked."""
     device = next(runner.model.parameters()).device
     B, S = len(prompt_ids), max(len(ids) for ids in prompt_ids)
@@ -270,7 +270,7 @@ def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, sto
             if live[b]:
                 responses[b].append(token)
                 live[b] = not stop.is_done(responses[b])
-        if not any(live):
+        if not (any(live) if sync is None else sync(any(live))):
             break
     return _split_rows(responses, acts_T_LBD, topk_ids_T_Bk, topk_lp_T_Bk)
 
@@ -299,7 +299,7 @@ def _split_rows(responses: list[list[int]], acts_T_LBD: list[torch.Tensor],
 def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: Sequence[str], *,
                 max_new_tokens: int, stop_strings: Sequence[str], batch_size: int,
                 capture: bool, act_dtype: torch.dtype, topk: int, progress: bool,
-                desc: str) -> list[_Decoded]:
+                desc: str, sync=None) -> list[_Decoded]:
     """Decode every prompt in length-sorted batches; results in input order."""
     from tqdm.auto import tqdm
 
@@ -321,7 +321,7 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
             for batch in _length_batches(prompt_ids, batch_size, pad_free=pad_free):
                 decoded = _decode_batch(runner, [prompt_ids[i] for i in batch], pad_id, stop,
                                         max_new_tokens=max_new_tokens, capture=cap,
-                                        act_dtype=act_dtype, topk=topk)
+                                        act_dtype=act_dtype, topk=topk, sync=sync)
                 for i, item in zip(batch, decoded):
                     results[i] = item
                 bar.update(len(batch))
@@ -346,31 +346,36 @@ def _check_uids(prompts: Sequence[Prompt], uids: Sequence[str]) -> None:
 def extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: Sequence[str], *,
             max_new_tokens: int, stop_strings: Sequence[str] = (), batch_size: int = 8,
             act_dtype: torch.dtype = torch.bfloat16, topk: int = 0,
-            progress: bool = False) -> list[TeacherRecord]:
+            progress: bool = False, sync=None) -> list[TeacherRecord]:
     """Greedy teacher responses with their attention outputs, one record per prompt (input order).
 
     prompts: texts (encoded with the tokenizer's own special tokens) or token-id lists.
     Each record holds response_ids [T_i] (EOS included when generated), acts_LTD [L, T_i, D] in
     ``act_dtype`` on the CPU and, with ``topk`` > 0, the top-k next-token log-probs [T_i, k]
     (float32) at the same positions. Raises IA2Error naming the uid when a prompt plus
-    ``max_new_tokens`` does not fit the model's context.
+    ``max_new_tokens`` does not fit the model's context. ``sync``: see ``generate``.
     """
     _check_uids(prompts, uids)
     decoded = _decode_all(model, tokenizer, prompts, [f"example {u}" for u in uids],
                           max_new_tokens=max_new_tokens, stop_strings=stop_strings,
                           batch_size=batch_size, capture=True, act_dtype=act_dtype, topk=topk,
-                          progress=progress, desc="extract")
+                          progress=progress, desc="extract", sync=sync)
     return _records(uids, decoded)
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int,
              stop_strings: Sequence[str] = (), batch_size: int = 8,
-             progress: bool = False) -> list[list[int]]:
-    """Greedy response token ids per prompt (input order): ``extract``'s decoder, no capture."""
+             progress: bool = False, sync=None) -> list[list[int]]:
+    """Greedy response token ids per prompt (input order): ``extract``'s decoder, no capture.
+
+    sync: for processes that must run the same forwards (ZeRO-3 ranks of one group, each decoding
+    the same prompts): called after every decode step with "this process still decodes" and
+    returning "any process still decodes" (an all-reduce); decoding of a batch ends when it
+    returns False, so every process runs the same number of steps."""
     decoded = _decode_all(model, tokenizer, prompts, [f"prompt {i}" for i in range(len(prompts))],
                           max_new_tokens=max_new_tokens, stop_strings=stop_strings,
                           batch_size=batch_size, capture=False, act_dtype=torch.float32, topk=0,
-                          progress=progress, desc="generate")
+                          progress=progress, desc="generate", sync=sync)
     return [d.response_ids for d in decoded]
 
 

@@ -39,6 +39,9 @@ _ia2_env() {
   if [ -x "$IA2_VENV/bin/python" ]; then export PATH="$IA2_VENV/bin:$PATH"; fi
   export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
   export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+  # glibc returns freed large blocks (partitioned loads, ZeRO-3 gathers) to the OS; Ray workers
+  # inherit it from the nodes' raylets
+  export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-65536}
   IA2_JOB_KEY=${SLURM_JOB_ID:-$$}
 }
 

@@ -1,0 +1,462 @@
+"""The Ray backend: teacher actors and worker groups do every forward pass; the driver holds no
+model weights.
+
+``RayBackend.run(work)``:
+
+1. Teacher actors (``TeacherStage``) extract each unit's train + dev records in the order the
+   training loop first reads them, split into one part per group rank, then the unit's similarity
+   records; a pump thread publishes every finished shard to the unit's ``UnitRecords`` actor. As
+   soon as a unit is extracted its baselines are evaluated on the teacher actors (they hold the
+   frozen base already): ICL per unit, the base without demos once (its prompts are the same for
+   every unit) plus its similarity per unit.
+2. ``dist.num_workers / dist.group_size`` worker groups (``ia2dist.orchestration.groups``) take
+   the jobs from one queue; each trains a job with DeepSpeed on its ranks while extraction of
+   later shards and units continues (``dist.pipeline``), evaluates it right away and takes the
+   next. Evaluation overlaps with the other groups' training.
+3. The driver yields each outcome as it arrives and releases a unit's records from the object
+   store once its last job (and evaluation) has read them: memory held for records is bounded by
+   ``dist.inflight_bytes`` (extraction of the next unit waits until an earlier unit is released;
+   Ray spills to disk beyond the object store).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+
+from ia2dist.backend import Outcome, Work, teacher_store
+from ia2dist.errors import IA2Error
+from ia2dist.orchestration.cluster import check_resources, connect, object_store_usage
+from ia2dist.orchestration.groups import Task, TaskQueue, WorkerGroups
+from ia2dist.orchestration.teacher_stage import TeacherStage, TeacherStageOptions
+from ia2dist.orchestration.transport import UnitRecords
+from ia2dist.plan import Plan, Unit
+
+log = logging.getLogger("ia2dist")
+
+
+def resolve_ds_template(name: str) -> Path:
+    """'zero3' -> the bundled ds_configs/zero3.json; a path is used as is."""
+    path = Path(name).expanduser()
+    if path.suffix == ".json" or os.sep in name:
+        if not path.is_file():
+            raise IA2Error(f"dist.ds_config: {name} does not exist; use zero3, zero3_offload, zero2 "
+                           "or the path of a DeepSpeed JSON template")
+        return path.resolve()
+    bundled = Path(__file__).resolve().parents[2] / "ds_configs" / f"{name}.json"
+    if not bundled.is_file():
+        raise IA2Error(f"dist.ds_config: no template named {name!r} in {bundled.parent}; use zero3, "
+                       "zero3_offload, zero2 or a JSON file path")
+    return bundled
+
+
+class RayBackend:
+    """Connects to (or starts) the Ray cluster and checks it can hold the run, before anything is
+    written; ``run`` does the work (see the module docstring); ``close`` disconnects."""
+
+    def __init__(self, plan: Plan, model_config, *, memory=None, gpu_bytes: int | None = None):
+        from ia2dist.student.dsconfig import fill_ds_config
+
+        self.plan, self.model_config = plan, model_config
+        cfg = plan.cfg
+        d = cfg.dist
+        self.ds_template = resolve_ds_template(d.ds_config)
+        # conflicts between the template and the run config fail here, before any work
+        fill_ds_config(str(self.ds_template), train_cfg=cfg.train, model_dtype=cfg.model.dtype,
+                       world_size=d.group_size)
+        self.num_groups = d.num_workers // d.group_size
+        stage_actors = d.teacher_actors if d.teacher_mode == "stage" else 0
+        need = stage_actors * d.teacher_cpus + d.num_workers * d.cpus_per_worker
+        num_cpus = d.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
+        self.ctx = connect(d.ray_address, num_cpus=num_cpus, object_store_bytes=d.object_store_bytes)
+        try:
+            gpus = 1.0 if d.use_gpu else 0.0
+            check_resources(stage_actors, d.teacher_cpus, d.teacher_gpus,
+                            num_workers=0 if d.colocate else d.num_workers,
+                            cpus_per_worker=d.cpus_per_worker, gpus_per_worker=gpus,
+                            strategy=d.placement_strategy)
+            check_resources(0, num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
+                            gpus_per_worker=gpus, what="student")
+            if memory is not None:
+                from ia2dist.memory_plan import check_fits
+
+                check_fits(memory, cfg, gpu_bytes=gpu_bytes, node_bytes=_largest_node_bytes(
+                    self.ctx.owns_cluster))
+        except BaseException:
+            self.ctx.shutdown()
+            raise
+        self.stage: TeacherStage | None = None
+        self.stats: dict = {}
+
+    def close(self, failed: bool = False) -> None:
+        """Stop the teacher stage and disconnect (a private local Ray is stopped and its temp
+        dir deleted, unless the run failed: then its session logs are kept)."""
+        if self.stage is not None:
+            self.stage.close()
+            self.stage = None
+        self.ctx.shutdown(keep_temp_dir=failed)
+
+    # ------------------------------------------------------------------ the work
+    def run(self, work: Work) -> Iterator[Outcome]:
+        plan, d = self.plan, self.plan.cfg.dist
+        online = d.teacher_mode == "online"
+        units = work.units(plan)
+        need_records = [u for u in units if work.needs_records(u)] if not online else []
+        need_sim = [u for u in units if work.needs_similarity(u)] if not online else []
+        baselines = work.baselines if not online else []
+        tasks = [Task("train", j.unit.key, j.method, evaluate=work.evaluate_trained,
+                      resume_from=None if work.resume_path(j) is None else str(work.resume_path(j)))
+                 for j in work.train]
+        tasks += [Task("evaluate", j.unit.key, j.method) for j in work.evaluate]
+        if online:
+            tasks += [Task("baseline", b.unit.key, b.name) for b in work.baselines]
+        extract_only = {u.key for u in work.extract} - {t.unit for t in tasks} - \
+            {b.unit.key for b in baselines}
+        pump = None
+        if need_records or need_sim or baselines:
+            if online:
+                raise IA2Error("dist.teacher_mode=online computes teacher outputs inside the "
+                               "workers; `ia2dist extract` needs dist.teacher_mode=stage")
+            pump = _Pump(self, units, need_records, need_sim, baselines, extract_only)
+        brokers = pump.brokers if pump is not None else {}
+        # records a unit's tasks still need: released when the set is empty
+        users: dict[str, set[str]] = {}
+        for task in tasks:
+            users.setdefault(task.unit, set()).add(task.id)
+        for baseline in baselines:
+            if not baseline.with_demos:
+                users.setdefault(baseline.unit.key, set()).add(baseline.id)
+        if pump is not None:
+            pump.start(users)
+            if not d.pipeline or d.colocate:
+                pump.join_production()
+                if d.colocate:  # the actors give their devices to the workers
+                    yield from pump.drain_baselines()
+                    self.stage.close()
+        groups = None
+        started = time.perf_counter()
+        queue = None
+        if tasks:
+            queue = TaskQueue.remote(tasks)
+            config = {"plan": plan, "queue": queue, "brokers": brokers,
+                      "ds_template": str(self.ds_template), "online": online}
+            groups = WorkerGroups(plan, config, num_groups=min(self.num_groups, len(tasks)),
+                                  storage=(plan.run_dir / ".ray_train").resolve()).start()
+            log.info("%d task(s) on %d worker group(s) of %d rank(s) (DeepSpeed %s)", len(tasks),
+                     min(self.num_groups, len(tasks)), d.group_size, self.ds_template.stem)
+        transport = _TransportStats()
+        done_tasks = 0
+        stop_file = plan.run_dir / ".stop_requested"
+        try:
+            while True:
+                progressed = False
+                if pump is not None:
+                    for outcome in pump.poll_baselines():
+                        progressed = True
+                        self._used(pump, users, outcome.unit.key, outcome.id)
+                        yield outcome
+                if queue is not None:
+                    for result in ray.get(queue.poll.remote()):
+                        progressed = True
+                        done_tasks += 1
+                        transport.add(result["pulls"])
+                        if pump is not None:
+                            self._used(pump, users, result["unit"], result["id"])
+                        log.info("done %s (%s, group %d, %.1f s)", result["id"], result["kind"],
+                                 result["group"], result["wall_s"])
+                        yield Outcome(result["id"], plan.unit(result["unit"]), result["name"],
+                                      metrics=result.get("metrics"), history=result.get("history"))
+                    if stop_file.exists():
+                        queue.stop.remote()
+                groups_done = groups is None or not groups.alive()
+                if groups is not None and groups_done and pump is not None and \
+                        any(t.id in waiting for waiting in users.values() for t in tasks):
+                    pump.stop(kill=True)  # tasks that will never run hold records: stop waiting
+                pump_done = pump is None or pump.finished()
+                if groups_done and pump_done and not progressed:
+                    break
+                if not progressed:
+                    time.sleep(0.2)
+            if pump is not None:
+                pump.raise_error()
+            if groups is not None:
+                groups.raise_errors()
+        finally:
+            if pump is not None:
+                pump.stop()
+            if groups is not None:
+                groups.join(5)
+            wall = time.perf_counter() - started
+            self.stats = {"teacher": pump.summary() if pump is not None else None,
+                          "students": {"groups": min(self.num_groups, len(tasks)),
+                                       "group_size": d.group_size, "tasks": len(tasks),
+                                       "tasks_done": done_tasks, "wall_s": wall,
+                                       "tasks_per_hour": done_tasks / wall * 3600 if wall else 0},
+                          "transport": transport.summary(),
+                          "units_released": pump.released if pump is not None else {},
+                          "object_store_at_end": object_store_usage(),
+                          "ray_temp_dir": self.ctx.temp_dir}
+
+    def _used(self, pump: "_Pump", users: dict[str, set[str]], unit: str, task_id: str) -> None:
+        """A task of ``unit`` finished: release the unit's records when nothing needs them."""
+        waiting = users.get(unit)
+        if waiting is None:
+            return
+        waiting.discard(task_id)
+        if not waiting:
+            del users[unit]
+            pump.release(unit)
+
+
+def _largest_node_bytes(local: bool) -> int:
+    """Host memory of the largest node (this machine's for a private local Ray; Ray's memory
+    resource of each node of a cluster)."""
+    if local:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes()
+                    if n.get("Alive")), default=0)) or None
+
+
+class _TransportStats:
+    """Record bytes pulled per rank (group, rank) and per node (each object counted once)."""
+
+    def __init__(self):
+        self.per_rank: dict[str, int] = {}
+        self.per_node: dict[str, dict[str, int]] = {}
+
+    def add(self, pulls: list[dict]) -> None:
+        for pull in pulls:
+            key = f"group{pull['group']}/rank{pull['rank']}"
+            self.per_rank[key] = self.per_rank.get(key, 0) + pull["bytes"]
+            self.per_node.setdefault(pull["node"], {}).update(pull["objects"])
+
+    def summary(self) -> dict:
+        return {"bytes_per_rank": self.per_rank,
+                "bytes_per_node": {node[:12]: sum(objs.values())
+                                   for node, objs in self.per_node.items()}}
+
+
+class _Pump:
+    """The teacher side of a run, in a thread: extract unit after unit (train + dev, then the
+    similarity items), publish every shard to the unit's ``UnitRecords``, evaluate the unit's
+    baselines on the actors, and release a unit's records when the driver says so."""
+
+    def __init__(self, backend: RayBackend, units: list[Unit], need_records: list[Unit],
+                 need_sim: list[Unit], baselines: list, extract_only: set[str]):
+        from ia2dist.student.job import read_parts
+
+        self.backend, self.plan = backend, backend.plan
+        plan, d = self.plan, self.plan.cfg.dist
+        self.units = units
+        self.jobs: list[tuple] = []  # (unit, kind, prompts, uids, store, parts)
+        rec_keys, sim_keys = {u.key for u in need_records}, {u.key for u in need_sim}
+        self.brokers: dict[str, object] = {}
+        for unit in units:
+            counts = {}
+            if unit.key in rec_keys:
+                prompts, uids = plan.teacher_inputs(unit)
+                self.jobs.append((unit, "teacher", prompts, uids, teacher_store(plan, unit, "teacher"),
+                                  read_parts(plan, unit, d.group_size)))
+                counts["teacher"] = math.ceil(len(uids) / d.shard_size)
+            if unit.key in sim_keys:
+                prompts, uids = plan.similarity_inputs(unit)
+                self.jobs.append((unit, "teacher_eval", prompts, uids,
+                                  teacher_store(plan, unit, "teacher_eval"), None))
+                counts["teacher_eval"] = math.ceil(len(uids) / d.shard_size)
+            if counts:
+                self.brokers[unit.key] = UnitRecords.remote(counts)
+        self.baselines = {u.key: [b for b in baselines if b.unit.key == u.key] for u in units}
+        self.extract_only = extract_only
+        self.sim_refs: dict[str, list] = {}
+        self.pending_evals: dict = {}  # ObjectRef -> (baseline)
+        self.released: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.per_unit: list[dict] = []
+        self.first_shard_at = self.finished_at = None
+        self._actor_turn = 0
+        if backend.stage is None:
+            e = plan.cfg.extract
+            self.stage = backend.stage = TeacherStage(
+                plan.cfg.model, e, max_new_tokens=plan.max_new_tokens,
+                options=TeacherStageOptions(
+                    num_actors=d.teacher_actors, cpus_per_actor=d.teacher_cpus,
+                    gpus_per_actor=d.teacher_gpus, placement_strategy=d.placement_strategy,
+                    shard_size=d.shard_size, byte_budget=d.inflight_bytes,
+                    release_wait_s=None))
+        else:
+            self.stage = backend.stage
+        self.eager_release = not d.pipeline or d.colocate
+
+    # ------------------------------------------------------------------ the thread
+    def start(self, users: dict[str, set[str]]) -> None:
+        self.users = users
+        self.started = time.perf_counter()
+        self.stage.start()
+        self._check_budget()
+        self.thread = threading.Thread(target=self._produce, daemon=True, name="ia2dist-teacher")
+        self.thread.start()
+
+    def _check_budget(self) -> None:
+        """Every unit's records must fit the byte budget at once (a unit's jobs read all of them
+        every epoch): a unit beyond it could never be released, so refuse it now."""
+        budget = self.stage._budget()
+        per_unit: dict[str, int] = {}
+        for unit, _kind, _prompts, uids, _store, _parts in self.jobs:
+            per_unit[unit.key] = per_unit.get(unit.key, 0) + self.stage.shard_bound(len(uids))
+        if per_unit and max(per_unit.values()) > budget:
+            worst = max(per_unit, key=per_unit.get)
+            raise IA2Error(f"dist.inflight_bytes: unit {worst} needs up to {per_unit[worst]} bytes "
+                           f"of teacher records at once but the budget is {budget}; raise "
+                           f"dist.inflight_bytes (or dist.object_store_bytes), or lower "
+                           f"extract.max_new_tokens / data.num_train")
+
+    def _produce(self) -> None:
+        try:
+            current = None
+            for unit, kind, prompts, uids, store, parts in self.jobs:
+                if self._stop.is_set():
+                    return
+                if current is not None and current.key != unit.key:
+                    self._after_unit(current)  # before the next unit can wait for the budget
+                current = unit
+                broker = self.brokers[unit.key]
+                tag = f"{unit.key}/{kind}"
+                refs_of_kind = []
+                for index, refs in self.stage.run(prompts, uids, store=store, parts=parts,
+                                                  num_parts=self.plan.cfg.dist.group_size
+                                                  if parts is not None else None, tag=tag):
+                    if self.first_shard_at is None:
+                        self.first_shard_at = time.perf_counter()
+                    broker.put.remote(kind, index, [refs])
+                    refs_of_kind.extend(refs)
+                    if self.eager_release:  # stage after stage: the broker's ref keeps it
+                        self.stage.release(index, tag)
+                stats = self.stage.tag_stats(tag)
+                self.per_unit.append({"unit": unit.key, "kind": kind, "shards": stats.num_shards,
+                                      "act_bytes": sum(stats.act_bytes), "reruns": stats.reruns,
+                                      "from_cache": sum(stats.from_cache),
+                                      "peak_inflight_bytes": stats.peak_inflight_bytes})
+                if kind == "teacher_eval":
+                    self.sim_refs[unit.key] = refs_of_kind
+            if current is not None:
+                self._after_unit(current)
+            for unit in self.units:  # units with baselines but nothing extracted
+                if unit.key not in {u.key for u, *_ in self.jobs}:
+                    self._after_unit(unit)
+        except BaseException as exc:  # reaches the workers through the brokers
+            self.error = exc
+            message = f"teacher stage failed: {str(exc).splitlines()[0] if str(exc) else exc}"
+            for broker in self.brokers.values():
+                broker.fail.remote(message)
+        finally:
+            self.finished_at = time.perf_counter()
+            self._done.set()
+
+    def _after_unit(self, unit: Unit) -> None:
+        """A unit is extracted: evaluate its baselines on the actors; release it when nothing
+        will read its records (``ia2dist extract``)."""
+        for baseline in self.baselines.get(unit.key, []):
+            actors = self.stage.actors
+            # the base's prompts are the same for every unit: one actor evaluates them (once)
+            actor = actors[0] if not baseline.with_demos else \
+                actors[self._next_actor(len(actors))]
+            sim = None if baseline.with_demos else self.sim_refs.get(unit.key)
+            ref = actor.evaluate.remote(self.plan, unit.key, baseline.name, baseline.with_demos, sim)
+            with self._lock:
+                self.pending_evals[ref] = baseline
+        if unit.key in self.extract_only:
+            self.release(unit.key)
+
+    def _next_actor(self, count: int) -> int:
+        self._actor_turn = (self._actor_turn + 1) % count
+        return self._actor_turn
+
+    # ------------------------------------------------------------------ the driver's side
+    def poll_baselines(self) -> list[Outcome]:
+        with self._lock:
+            refs = list(self.pending_evals)
+        if not refs:
+            return []
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out = []
+        for ref in ready:
+            with self._lock:
+                baseline = self.pending_evals.pop(ref)
+            try:
+                metrics = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                raise IA2Error(str(cause) if isinstance(cause, IA2Error) else
+                               f"evaluating {baseline.id} on a teacher actor failed: "
+                               f"{type(cause or exc).__name__}: {str(cause or exc).splitlines()[0]}"
+                               ) from None
+            out.append(Outcome(baseline.id, baseline.unit, baseline.name, metrics=metrics))
+        return out
+
+    def drain_baselines(self) -> Iterator[Outcome]:
+        while True:
+            with self._lock:
+                if not self.pending_evals:
+                    return
+            yield from self.poll_baselines()
+            time.sleep(0.1)
+
+    def release(self, unit_key: str) -> None:
+        """Drop every reference to the unit's records (the stage's and its broker's): Ray frees
+        them from the object store."""
+        freed = 0
+        for kind in ("teacher", "teacher_eval"):
+            freed += self.stage.release_tag(f"{unit_key}/{kind}")
+        self.sim_refs.pop(unit_key, None)
+        broker = self.brokers.get(unit_key)
+        if broker is not None:
+            ray.kill(broker)
+        self.released[unit_key] = {"at_s": time.perf_counter() - self.started, "bytes": freed,
+                                   "object_store_after": object_store_usage()}
+
+    def finished(self) -> bool:
+        with self._lock:
+            return self._done.is_set() and not self.pending_evals
+
+    def join_production(self) -> None:
+        while not self._done.wait(0.1):
+            pass
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            if isinstance(self.error, IA2Error):
+                raise IA2Error(str(self.error))
+            raise IA2Error(f"teacher stage failed: {type(self.error).__name__}: {self.error}")
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop extracting (``kill``: close the stage, which also ends a wait for the budget and
+        drops the pending baseline evaluations)."""
+        self._stop.set()
+        if kill:
+            self.stage.close()
+            with self._lock:
+                self.pending_evals.clear()
+        self._done.wait(5)
+
+    def summary(self) -> dict:
+        units = self.per_unit
+        end = self.finished_at or time.perf_counter()
+        return {"extract_s": end - self.started,
+                "first_shard_s": None if self.first_shard_at is None else
+                self.first_shard_at - self.started,
+                "byte_budget": self.stage._budget() if units else None,
+                "peak_inflight_bytes": max((u["peak_inflight_bytes"] for u in units), default=0),
+                "act_bytes": sum(u["act_bytes"] for u in units),
+                "reruns": sum(u["reruns"] for u in units),
+                "shards": sum(u["shards"] for u in units), "units": units}

@@ -1,0 +1,358 @@
+"""Worker groups: many student jobs at once, each group pulling jobs from one queue.
+
+The student workers form ``dist.num_workers / dist.group_size`` groups of ``dist.group_size``
+ranks. Each group is ONE Ray Train run (``TorchTrainer``: its own placement group, its own gloo /
+NCCL process group, Ray Train's worker restarts) started once for the whole run; its rank 0 takes
+the next task from the ``TaskQueue`` actor and broadcasts it to the group's other ranks, the group
+runs it (ZeRO-3 data parallelism inside the group, exactly as a single group would), reports the
+outcome and takes the next. Ray Tune (a trial per job) or a trainer per job would pay Ray Train's
+start-up (~20-30 s per ``fit`` on 2 CPUs) for every job of a grid whose jobs take seconds; a
+trainer per group pays it once.
+
+A task is a job to train (and evaluate right after, by the group, with the same engine), a job
+trained earlier to evaluate, or (online teacher mode, no teacher actors) a baseline. A job's
+result does not depend on which group runs it: seeds, data order and adapter initialisation come
+from the ``Plan``. When a group's worker dies, Ray Train restarts the group (``dist.max_failures``)
+and its rank 0 gets the same task back (the queue keeps it leased to the group), which continues
+from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from ia2dist.errors import IA2Error
+
+log = logging.getLogger("ia2dist")
+
+
+@dataclass(frozen=True)
+class Task:
+    """kind: 'train' (then evaluate when ``evaluate``), 'evaluate' (trained earlier) or
+    'baseline' (the frozen base as ``name``, online teacher mode only)."""
+
+    kind: str
+    unit: str
+    name: str
+    evaluate: bool = True
+    resume_from: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.unit}/{self.name}"
+
+
+@ray.remote(num_cpus=0)
+class TaskQueue:
+    """The run's tasks in plan order. A group takes one at a time; the task stays leased to the
+    group until it reports it done, so a restarted group gets it back."""
+
+    def __init__(self, tasks: list[Task]):
+        self._pending = deque(tasks)
+        self._leases: dict[int, Task] = {}
+        self._results: list[dict] = []
+        self._stopped = False
+
+    def take(self, group: int) -> Task | None:
+        if group in self._leases:
+            return self._leases[group]
+        if self._stopped or not self._pending:
+            return None
+        task = self._pending.popleft()
+        self._leases[group] = task
+        return task
+
+    def done(self, group: int, result: dict) -> None:
+        self._leases.pop(group, None)
+        self._results.append(result)
+
+    def stop(self) -> None:
+        """Hand out no further tasks (a stop was requested: running ones checkpoint and stop)."""
+        self._stopped = True
+
+    def poll(self) -> list[dict]:
+        out, self._results = self._results, []
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker loop (every rank of every group)
+
+def group_worker(config: dict) -> None:
+    """Ray Train worker of one group: load the frozen base once (partitioned over the group under
+    ZeRO-3), then run task after task from the queue until it is empty."""
+    import torch
+    import torch.distributed as dist
+
+    plan = config["plan"]
+    cfg = plan.cfg
+    if not cfg.dist.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
+    from ia2dist.checkpoint import STOP_FILE, Preempted
+    from ia2dist.modeling import load_tokenizer
+    from ia2dist.student.deepspeed_engine import init_distributed
+
+    init_distributed()
+    if cfg.dist.use_gpu:
+        from ray.train.torch import get_device
+
+        torch.cuda.set_device(get_device())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    plan.tokenizer = load_tokenizer(cfg.model)
+    worker = _GroupWorker(config, rank, world)
+    queue, group = config["queue"], config["group"]
+    stop_file = Path(cfg.run_dir).expanduser() / STOP_FILE
+    while True:
+        task = None
+        if rank == 0 and not stop_file.exists():
+            task = ray.get(queue.take.remote(group))
+        box = [task]
+        dist.broadcast_object_list(box, src=0)
+        task = box[0]
+        if task is None:
+            break
+        try:
+            result = worker.run(task)
+        except Preempted:  # checkpoint saved: end normally, the driver reports the stop
+            break
+        if rank == 0:
+            ray.get(queue.done.remote(group, result))
+    from ray.train import report
+
+    report({"group": group})
+
+
+class _GroupWorker:
+    """What one rank of a group holds across tasks: the frozen base (``Students``), the tokenizer,
+    and the current unit's record fetchers."""
+
+    def __init__(self, config: dict, rank: int, world: int):
+        import torch
+        import torch.distributed as dist
+
+        from ia2dist.modeling import load_model, load_model_config, num_layers_of
+        from ia2dist.student.deepspeed_engine import (forwards, load_partitioned, zero_stage)
+        from ia2dist.student.dsconfig import fill_ds_config
+        from ia2dist.student.job import Students
+
+        self.config, self.rank, self.world = config, rank, world
+        self.plan = plan = config["plan"]
+        cfg = plan.cfg
+        self.ds_config = fill_ds_config(config["ds_template"], train_cfg=cfg.train,
+                                        model_dtype=cfg.model.dtype, world_size=world)
+        partitioned = zero_stage(self.ds_config) == 3
+        device = None
+        if cfg.dist.use_gpu:
+            device = torch.device("cuda", torch.cuda.current_device())
+
+        def load(source):
+            src = None if source is None else str(source)
+            if partitioned:
+                return load_partitioned(cfg.model, self.ds_config, src)
+            return load_model(cfg.model, device=device, source=src)
+
+        self.students = Students(load, cfg.train.adapter,
+                                 forwards=lambda model: forwards(model, self.ds_config))
+        self.num_layers = num_layers_of(load_model_config(cfg.model))
+        self.node = ray.get_runtime_context().get_node_id()
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) \
+            if cfg.dist.use_gpu else torch.device("cpu")
+        self.sync = None
+        if world > 1:
+            def sync(flag: bool) -> bool:
+                box = torch.tensor([float(flag)], device=self.comm_device)
+                dist.all_reduce(box)
+                return bool(box.item() > 0)
+            self.sync = sync
+        self._unit: str | None = None
+        self._records: dict = {}
+
+    # ------------------------------------------------------------------ records
+    def _unit_records(self, unit, kinds: tuple[str, ...]):
+        """Fetchers (stage mode) or records (online mode) of the unit, kept while the tasks stay
+        on this unit and dropped for the next unit (the records' memory is freed with them)."""
+        from ia2dist.orchestration.transport import PullStats, RecordFetcher
+        from ia2dist.student.job import read_parts
+
+        if self._unit != unit.key:
+            self._unit, self._records = unit.key, {}
+        cfg, plan = self.plan.cfg, self.plan
+        for kind in kinds:
+            if kind in self._records:
+                continue
+            if self.config["online"]:
+                self._records[kind] = self._extract(unit, kind)
+                continue
+            broker = self.config["brokers"][unit.key]
+            stats = PullStats(node_id=self.node)
+            parts = read_parts(plan, unit, self.world) if kind == "teacher" else None
+            self._records[kind] = RecordFetcher(broker, kind, cfg.dist.shard_size, parts,
+                                                self.rank, stats)
+        return self._records
+
+    def _extract(self, unit, kind: str) -> list:
+        """Online teacher mode: this group computes the unit's teacher records with its frozen
+        base (every rank the same prompts, so the forwards stay in step)."""
+        import torch
+
+        from ia2dist.teacher.extract import extract
+
+        plan, e = self.plan, self.plan.cfg.extract
+        prompts, uids = (plan.teacher_inputs(unit) if kind == "teacher"
+                         else plan.similarity_inputs(unit))
+        with self.students.frozen() as base:
+            return extract(base, plan.tokenizer, prompts, uids, max_new_tokens=plan.max_new_tokens,
+                           stop_strings=tuple(e.stop_strings), batch_size=e.batch_size,
+                           act_dtype=getattr(torch, e.act_dtype), topk=e.topk, sync=self.sync)
+
+    def _fetch(self, records, kind: str):
+        got = records[kind]
+        return got.__getitem__ if isinstance(got, list) else got
+
+    def _similarity(self, unit, records) -> list | None:
+        if not self.plan.cfg.eval.similarity:
+            return None
+        got = records["teacher_eval"]
+        return got if isinstance(got, list) else got.all(len(self.plan.similarity_items()))
+
+    # ------------------------------------------------------------------ tasks
+    def run(self, task: Task) -> dict:
+        import torch.distributed as dist
+
+        from ia2dist.eval.runner import evaluate
+        from ia2dist.plan import Job
+
+        plan = self.plan
+        unit = plan.unit(task.unit)
+        started = time.perf_counter()
+        kinds = ()
+        if task.kind == "train":
+            kinds = ("teacher",)
+        if plan.cfg.eval.similarity and task.evaluate and \
+                not (task.kind == "baseline" and task.name == "icl"):
+            kinds += ("teacher_eval",)
+        records = self._unit_records(unit, kinds)
+        sim = self._similarity(unit, records) if "teacher_eval" in kinds else None
+        write = self.rank == 0
+        result = {"id": task.id, "kind": task.kind, "unit": unit.key, "name": task.name,
+                  "group": self.config["group"], "world_size": self.world}
+        if task.kind == "train":
+            job = Job(unit=unit, method=task.name, seed=plan.student_seed(unit))
+            outcome = self._train(job, records, sim, task)
+            result.update(metrics=outcome.metrics, history=outcome.history)
+        elif task.kind == "evaluate":
+            with self.students.trained(unit.dir / task.name) as model:
+                result["metrics"] = evaluate(model, plan.tokenizer, plan, unit, task.name,
+                                             with_demos=False, sim_records=sim, sync=self.sync,
+                                             write=write)
+        else:
+            with_demos = task.name == "icl"
+            with self.students.frozen() as base:
+                result["metrics"] = evaluate(base, plan.tokenizer, plan, unit, task.name,
+                                             with_demos=with_demos,
+                                             sim_records=None if with_demos else sim,
+                                             sync=self.sync, write=write)
+        result["wall_s"] = time.perf_counter() - started
+        pulls = [{"group": self.config["group"], "rank": self.rank, "node": self.node,
+                  "bytes": sum(f.stats.bytes for f in records.values() if hasattr(f, "stats")),
+                  "objects": {k: v for f in records.values() if hasattr(f, "stats")
+                              for k, v in f.stats.objects.items()}}]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, pulls[0])
+            pulls = gathered
+        result["pulls"] = pulls
+        return result
+
+    def _train(self, job, records, sim, task: Task):
+        import torch.distributed as dist
+
+        from ia2dist.eval.runner import evaluate
+        from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
+        from ia2dist.student.job import job_items, record_checker, run_job
+
+        plan, cfg = self.plan, self.plan.cfg
+        check = record_checker(self.num_layers, "soft_sft" in cfg.train.methods)
+        train_items, dev_items = job_items(plan, job.unit, plan.tokenizer,
+                                           self._fetch(records, "teacher"), check=check)
+        factory = DeepSpeedEngineFactory(self.ds_config, model_dtype=cfg.model.dtype)
+        evaluator = None
+        if task.evaluate:
+            def evaluator(model):
+                return evaluate(model, plan.tokenizer, plan, job.unit, job.method,
+                                with_demos=False, sim_records=sim, sync=self.sync,
+                                write=self.rank == 0)
+        resume = Path(task.resume_from) if task.resume_from else None
+        return run_job(self.students, plan, job, train_items, dev_items, engine_factory=factory,
+                       rank=self.rank, world_size=self.world, barrier=dist.barrier,
+                       checkpoint=plan.checkpoint_options(job, resume), validate_items=False,
+                       evaluate=evaluator)
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver side: one Ray Train run per group, started once
+
+class WorkerGroups:
+    """Starts ``num_groups`` Ray Train runs of ``group_size`` workers each (one thread per run,
+    each blocking in ``TorchTrainer.fit``) and reports how they ended."""
+
+    def __init__(self, plan, config: dict, *, num_groups: int, storage: Path):
+        self.plan, self.config, self.num_groups, self.storage = plan, config, num_groups, storage
+        self.errors: dict[int, str] = {}
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "WorkerGroups":
+        stamp = time.time_ns()
+        for group in range(self.num_groups):
+            thread = threading.Thread(target=self._fit, args=(group, stamp), daemon=True,
+                                      name=f"ia2dist-group-{group}")
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _fit(self, group: int, stamp: int) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        d = self.plan.cfg.dist
+        trainer = TorchTrainer(
+            group_worker, train_loop_config={**self.config, "group": group},
+            scaling_config=ScalingConfig(num_workers=d.group_size, use_gpu=d.use_gpu,
+                                         resources_per_worker={"CPU": d.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+            run_config=RunConfig(name=f"group{group}-{stamp}", storage_path=str(self.storage),
+                                 failure_config=FailureConfig(max_failures=d.max_failures)))
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; keep the worker's own message
+            self.errors[group] = root_message(exc)
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float | None = None) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            group, message = sorted(self.errors.items())[0]
+            raise IA2Error(f"student stage failed (group {group}): {message}")
+
+
+def root_message(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    text = str(seen).strip().splitlines()
+    lines = [line for line in text if line.strip()]
+    return lines[-1][:400] if lines else type(seen).__name__

@@ -1,0 +1,323 @@
+"""The experiment as plain values: units, jobs, seeds, read orders and what is left to do.
+
+A run is a grid of **units** (one per N in ``data.num_train`` and run seed r in ``data.seeds``: the
+split, the dev set and every demonstration list) and of **jobs** (one per unit and training method).
+``Plan`` builds all of them from the config and the task's examples alone: no model, no Ray, no
+DeepSpeed, so it is cheap, deterministic and unit-testable. Every backend (one process, Ray) and the
+driver loop take their work from it, so the rules below exist once:
+
+- the student seed of a unit (``student_seed``): adapter initialisation, dropout and the data order;
+- the order in which the training loop first reads a unit's examples (``read_order``), which the
+  teacher extracts in so that training can start on the first shards;
+- what an earlier attempt already finished (``status``: trained, evaluated), i.e. what is pending;
+- where a unit's teacher outputs live and what determines them (``teacher_meta``, ``teacher_dir``);
+- what a job's checkpoints must agree on to be resumed (``job_identity``, ``checkpoint_options``).
+
+A job's result does not depend on which worker group runs it or how many groups there are: it is a
+function of the plan (seeds, data, order) and the config only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ia2dist import rundir
+from ia2dist.config import RunConfig, config_hash, to_dict
+from ia2dist.errors import IA2Error
+from ia2dist.records import Example
+
+#: What each evaluation-only baseline is: the frozen base model without / with N-1 demos.
+BASELINE_DEMOS = {"base": False, "icl": True}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (N, seed) cell: its split and every demonstration list (see ``ia2dist.data.splits``)."""
+
+    n: int
+    seed: int
+    dir: Path
+    train: tuple[Example, ...]
+    dev: tuple[Example, ...]
+    train_demo_lists: tuple[tuple[Example, ...], ...]
+    dev_demo_lists: tuple[tuple[Example, ...], ...]
+    eval_demo_lists: tuple[tuple[Example, ...], ...]
+
+    @property
+    def key(self) -> str:
+        """``N{n}_seed{r}``: the unit's folder name and its name in logs and Ray messages."""
+        return self.dir.name
+
+
+@dataclass(frozen=True)
+class Job:
+    """Train ``method`` on ``unit`` (then evaluate it, unless the verb only trains)."""
+
+    unit: Unit
+    method: str
+    seed: int
+    """The student seed (``Plan.student_seed``)."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.unit.key}/{self.method}"
+
+    @property
+    def out_dir(self) -> Path:
+        """The published folder: adapter/model, history.json, metrics.json, predictions.json."""
+        return self.unit.dir / self.method
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Evaluate the frozen base model as ``name`` ('base': no demos, 'icl': N-1 demos) on a unit."""
+
+    unit: Unit
+    name: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.unit.key}/{self.name}"
+
+    @property
+    def with_demos(self) -> bool:
+        return BASELINE_DEMOS[self.name]
+
+
+@dataclass
+class Status:
+    """What an earlier attempt left in the run directory: jobs to train, trained jobs still to
+    evaluate, finished results (metrics read back) and baselines still to evaluate."""
+
+    to_train: list[Job] = field(default_factory=list)
+    to_evaluate: list[Job] = field(default_factory=list)
+    finished: list[dict] = field(default_factory=list)
+    baselines: list[Baseline] = field(default_factory=list)
+
+
+class Plan:
+    """Units and jobs of a run, built from the config and the task data (see the module doc)."""
+
+    def __init__(self, cfg: RunConfig, task, *, tokenizer=None):
+        from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
+
+        self.cfg = cfg
+        self.task = task
+        self.spec = task.spec
+        self.eval_items: tuple[Example, ...] = tuple(task.eval_items)
+        if not self.eval_items:
+            raise IA2Error(f"data: task {self.spec.name} has no evaluation items; set data.eval_path")
+        self.run_dir = Path(cfg.run_dir).expanduser()
+        self.max_new_tokens = cfg.extract.max_new_tokens or self.spec.max_new_tokens
+        self.tokenizer = tokenizer
+        self.units: list[Unit] = []
+        for n in cfg.data.num_train:
+            for r in cfg.data.seeds:
+                split = make_split(task.train_pool, n, r, max_dev=cfg.data.max_dev)
+                train_lists = train_demos(split, r)
+                self.units.append(Unit(
+                    n=n, seed=r, dir=rundir.unit_dir(self.run_dir, n, r), train=tuple(split.train),
+                    dev=tuple(split.dev), train_demo_lists=_frozen(train_lists),
+                    dev_demo_lists=_frozen(dev_demos(split, train_lists)),
+                    eval_demo_lists=_frozen(eval_demos(split.pool, list(self.eval_items), n, r))))
+
+    def __getstate__(self) -> dict:
+        # shipped to Ray actors and workers, which load their own tokenizer
+        return {**self.__dict__, "tokenizer": None}
+
+    # ------------------------------------------------------------------ seeds, jobs, order
+    def student_seed(self, unit: Unit) -> int:
+        """THE seed of a unit's students (adapter init, dropout, data order): the same for every
+        method of the unit, so methods differ only in what they train on."""
+        return self.cfg.seed * 1000 + unit.seed
+
+    def unit(self, key: str) -> Unit:
+        for unit in self.units:
+            if unit.key == key:
+                return unit
+        raise KeyError(key)
+
+    def jobs(self, methods: Sequence[str] | None = None) -> list[Job]:
+        """Every (unit, method) job, unit by unit in config order (the order workers take them)."""
+        methods = list(methods if methods is not None else self.cfg.train.methods)
+        return [Job(unit=u, method=m, seed=self.student_seed(u)) for u in self.units for m in methods]
+
+    def baselines(self) -> list[Baseline]:
+        return [Baseline(unit=u, name=name) for u in self.units for name in self.cfg.baselines]
+
+    def read_order(self, unit: Unit) -> list[tuple[str, int]]:
+        """(kind, index) of the unit's train and dev examples in the order the training loop first
+        reads them: its first epoch's training order, with the dev set where the first dev
+        evaluation happens (after ``eval_every`` optimizer steps)."""
+        from ia2dist.student.trainer import first_epoch_order
+
+        t = self.cfg.train
+        train = [("train", i) for i in first_epoch_order(len(unit.train), self.student_seed(unit))]
+        cut = min(len(train), t.eval_every * t.batch_size)
+        return train[:cut] + [("dev", j) for j in range(len(unit.dev))] + train[cut:]
+
+    def teacher_inputs(self, unit: Unit) -> tuple[list[str], list[str]]:
+        """(ICL prompts, uids) of the unit's train + dev examples in ``read_order``."""
+        from ia2dist.data.prompts import teacher_prompt
+
+        pick = {"train": (unit.train, unit.train_demo_lists), "dev": (unit.dev, unit.dev_demo_lists)}
+        order = self.read_order(unit)
+        prompts = [teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
+        return prompts, [pick[k][0][i].uid for k, i in order]
+
+    def similarity_items(self) -> tuple[Example, ...]:
+        """The evaluation items of the similarity analysis (the first ``eval.similarity_items``)."""
+        return self.eval_items[:min(self.cfg.eval.similarity_items, len(self.eval_items))]
+
+    def similarity_inputs(self, unit: Unit) -> tuple[list[str], list[str]]:
+        """(ICL prompts, uids) of the similarity items with the unit's evaluation demos."""
+        from ia2dist.data.prompts import teacher_prompt
+
+        items = self.similarity_items()
+        return ([teacher_prompt(d, ex) for ex, d in zip(items, unit.eval_demo_lists)],
+                [ex.uid for ex in items])
+
+    def eval_prompts(self, unit: Unit, with_demos: bool) -> list[str]:
+        """The evaluation prompts: the query alone, or with the unit's N-1 pool demos (ICL)."""
+        from ia2dist.data.prompts import student_prompt, teacher_prompt
+
+        if with_demos:
+            return [teacher_prompt(d, ex) for ex, d in zip(self.eval_items, unit.eval_demo_lists)]
+        return [student_prompt(ex) for ex in self.eval_items]
+
+    def target_ids(self, example: Example, response_ids: Sequence[int] | None) -> list[int]:
+        """CE targets of an example: the teacher's response (label_type icl) or the ground truth
+        (EOS appended when T > 1)."""
+        if self.cfg.train.label_type == "icl":
+            if response_ids is None:
+                raise IA2Error(f"example {example.uid}: label_type=icl needs the teacher's response")
+            return [int(t) for t in response_ids]
+        ids = self.tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+        if self.max_new_tokens > 1 and self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids[: self.max_new_tokens]
+
+    # ------------------------------------------------------------------ what is left to do
+    def status(self, methods: Sequence[str] | None = None, *, evaluate: bool = True,
+               resuming: bool = True) -> Status:
+        """Split the jobs (and baselines) into what an earlier attempt finished and what is left.
+
+        A job is trained when its folder holds history.json (a trained folder that was killed
+        before being published is published here); evaluated when it also holds metrics.json.
+        Without ``resuming`` (a fresh run directory) everything is pending."""
+        status = Status()
+        for job in self.jobs(methods):
+            trained = resuming and _publish_if_complete(job.out_dir)
+            if not trained:
+                status.to_train.append(job)
+            elif evaluate and not (job.out_dir / "metrics.json").is_file():
+                status.to_evaluate.append(job)
+            elif evaluate:
+                status.finished.append(json.loads((job.out_dir / "metrics.json").read_text()))
+        if evaluate:
+            for baseline in self.baselines():
+                path = baseline.unit.dir / baseline.name / "metrics.json"
+                if resuming and path.is_file():
+                    status.finished.append(json.loads(path.read_text()))
+                else:
+                    status.baselines.append(baseline)
+        return status
+
+    # ------------------------------------------------------------------ teacher outputs
+    def teacher_meta(self, unit: Unit) -> dict:
+        """Everything that determines a unit's teacher outputs (not train/eval/dist settings, nor
+        the other N and seeds of the sweep)."""
+        d = to_dict(self.cfg)
+        data = {k: v for k, v in d["data"].items() if k not in ("num_train", "seeds")}
+        model = {k: v for k, v in d["model"].items() if k not in ("device", "cache_dir")}
+        e = self.cfg.extract
+        return {"model": model, "model_files": _model_fingerprint(self.cfg.model.name_or_path),
+                "task": self.spec.name, "data": data, "n": unit.n, "seed": unit.seed,
+                "max_new_tokens": self.max_new_tokens, "stop_strings": list(e.stop_strings),
+                "act_dtype": e.act_dtype, "topk": e.topk}
+
+    def teacher_dir(self, unit: Unit, kind: str, uids: Sequence[str]) -> Path:
+        """Where a unit's teacher outputs of ``kind`` ('teacher': train + dev in read order,
+        'teacher_eval': the similarity items) live: in the unit folder, or with
+        ``extract.cache_dir`` in a shared cache folder named by the hash of everything that
+        determines them, so other runs (a learning-rate sweep, other methods) find them."""
+        if not self.cfg.extract.cache_dir:
+            return unit.dir / kind
+        meta = {**self.teacher_meta(unit), "kind": kind, "uids": list(uids),
+                "shard_size": self.cfg.dist.shard_size}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+        root = Path(self.cfg.extract.cache_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return root / f"{kind}-{key}"
+
+    # ------------------------------------------------------------------ checkpoints
+    def job_identity(self, job: Job) -> dict:
+        """What a job's checkpoint must agree on to be resumed (see ``ia2dist.checkpoint``)."""
+        d = to_dict(self.cfg)
+        skip = {"model": ("device", "cache_dir"), "data": ("num_train", "seeds"),
+                "extract": ("batch_size", "cache_dir"),
+                "train": ("methods", "checkpoint_every", "checkpoint_keep", "micro_batch_size")}
+        sections = {name: {k: v for k, v in d[name].items() if k not in skip[name]} for name in skip}
+        # config_hash: the whole run config's (informational; dist/wandb may differ on resume)
+        return {"method": job.method, "n": job.unit.n, "seed": job.unit.seed,
+                "run_seed": self.cfg.seed, "config_hash": config_hash(self.cfg), **sections}
+
+    def checkpoint_options(self, job: Job, resume_from: Path | None = None) -> dict | None:
+        """Keyword arguments of ``Checkpointer`` for a job (None: checkpoints are off)."""
+        from ia2dist.checkpoint import STOP_FILE
+
+        t = self.cfg.train
+        if t.checkpoint_every < 0:
+            return None
+        return {"root": str((job.unit.dir / "checkpoints" / job.method).resolve()),
+                "every": t.checkpoint_every, "keep": t.checkpoint_keep,
+                "identity": self.job_identity(job),
+                "resume_from": None if resume_from is None else str(resume_from),
+                "stop_file": str((self.run_dir / STOP_FILE).resolve())}
+
+    def resume_target(self, path: str | None) -> tuple[str, Path] | None:
+        """--resume-from CHECKPOINT: (the id of the job it belongs to, its path); that job
+        continues from it instead of from its latest checkpoint."""
+        if path is None:
+            return None
+        from ia2dist.checkpoint import read_identity
+
+        ident = read_identity(Path(path).expanduser())["identity"]
+        n, seed, method = ident.get("n"), ident.get("seed"), ident.get("method")
+        if not any((u.n, u.seed) == (n, seed) for u in self.units) or \
+                method not in self.cfg.train.methods:
+            raise IA2Error(f"--resume-from: {path} is a checkpoint of N={n} seed={seed} {method}, "
+                           "which this run does not train; check data.num_train, data.seeds and "
+                           "train.methods")
+        return f"{rundir.unit_dir(self.run_dir, n, seed).name}/{method}", \
+            Path(path).expanduser().resolve()
+
+
+def _frozen(lists) -> tuple[tuple[Example, ...], ...]:
+    return tuple(tuple(x) for x in lists)
+
+
+def _publish_if_complete(final: Path) -> bool:
+    """True when ``final`` holds a trained method; a complete staging folder (trained, killed
+    before it was published) is published first."""
+    if (final / "history.json").is_file():
+        return True
+    staged = rundir.staging_name(final)
+    if (staged / "history.json").is_file():
+        rundir.commit_dir(staged, final)
+        return True
+    return False
+
+
+def _model_fingerprint(name_or_path: str) -> list | None:
+    """(file, size, mtime) of a local model directory's weights and config, so a teacher cache
+    is not reused after the files at the same path changed; None for hub ids and built-in models."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return None
+    return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(path.iterdir())
+            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file()]

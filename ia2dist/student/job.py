@@ -1,0 +1,258 @@
+"""One student job, the same on every backend: a fresh seeded adapter on the frozen base -> train
+-> consolidated save + history.json -> evaluation -> the base restored.
+
+``Students`` owns a worker's frozen base model: loaded ONCE (the one-process backend loads it
+whole; a Ray worker of a ZeRO-3 group loads it partitioned), a fresh adapter with the job's seed is
+attached per job and removed afterwards (tested equal to training a fresh copy), so the frozen base
+is never copied. Full fine-tuning trains every weight, so each job gets freshly loaded base weights
+instead (``load_base`` again).
+
+``run_job`` is the ONE function that runs a job: the one-process backend calls it with a torch
+engine, every rank of a Ray worker group with a DeepSpeed engine. Items come from ``job_items``,
+which builds them lazily from a record fetcher, so a rank only ever touches (and, distributed,
+fetches) the teacher records of the examples it trains on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ia2dist import rundir
+from ia2dist.activations import write_json_atomic
+from ia2dist.errors import IA2Error
+from ia2dist.records import TeacherRecord
+from ia2dist.student.batching import StudentItem
+
+log = logging.getLogger("ia2dist")
+
+
+class Students:
+    """A worker's frozen base model and the students built on it.
+
+    load: ``load(None)`` -> a freshly loaded base model; ``load(path)`` -> the model saved in a
+        directory (a fully fine-tuned student). The base is loaded once for adapter methods; for
+        full fine-tuning every job gets freshly loaded weights.
+    forwards: model -> a context manager inside which the model can run forwards outside training
+        (a ZeRO-3 partitioned model needs DeepSpeed's parameter hooks: an inference engine); the
+        default does nothing.
+    """
+
+    def __init__(self, load: Callable[[Path | None], nn.Module], adapter_cfg, *,
+                 forwards: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None):
+        self.load, self.adapter_cfg = load, adapter_cfg
+        self.forwards = forwards or (lambda model: contextlib.nullcontext())
+        self._base: nn.Module | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.adapter_cfg.type == "full"
+
+    @property
+    def base(self) -> nn.Module:
+        """The frozen base model (loaded on first use)."""
+        if self._base is None:
+            self._base = _frozen(self.load(None))
+        return self._base
+
+    @contextlib.contextmanager
+    def student(self, seed: int) -> Iterator[nn.Module]:
+        """A student for one job: the base with a fresh adapter initialised from ``seed`` (the
+        same initialisation for every method of a unit), removed again on exit; for full
+        fine-tuning freshly loaded base weights, all trainable, dropped on exit."""
+        from ia2dist.modeling import apply_adapter, remove_adapter
+
+        torch.manual_seed(seed)
+        if self.full:
+            yield apply_adapter(self.load(None), self.adapter_cfg, seed=seed)
+            return
+        model = apply_adapter(self.base, self.adapter_cfg, seed=seed)
+        try:
+            yield model
+        finally:
+            self._base = _frozen(remove_adapter(model))
+
+    @contextlib.contextmanager
+    def trained(self, trained_dir: Path) -> Iterator[nn.Module]:
+        """The method trained into ``trained_dir`` (its adapter attached to the base, or the fully
+        fine-tuned model loaded), ready for forwards; the base is restored on exit."""
+        from ia2dist.modeling import attach_trained, remove_adapter
+
+        model = _frozen(self.load(Path(trained_dir)) if self.full
+                        else attach_trained(self.base, trained_dir))
+        try:
+            with self.forwards(model):
+                yield model
+        finally:
+            if not self.full:
+                self._base = _frozen(remove_adapter(model))
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[nn.Module]:
+        """The frozen base, ready for forwards (teacher records, baselines)."""
+        with self.forwards(self.base):
+            yield self.base
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Items
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """What a student item needs besides its teacher record: prompt and CE target ids (None: the
+    teacher's own response, label_type icl) and the record's position in the unit's read order."""
+
+    uid: str
+    prompt_ids: list[int]
+    target_ids: list[int] | None
+    position: int
+
+
+class LazyItems(Sequence):
+    """StudentItems built on first access, their teacher record fetched by ``fetch(position)``
+    (a list in one process; the object store in a Ray worker). Built items are kept for the job."""
+
+    def __init__(self, specs: Sequence[ItemSpec], fetch: Callable[[int], TeacherRecord | None],
+                 check: Callable[[TeacherRecord], None] | None = None):
+        self.specs, self.fetch, self.check = list(specs), fetch, check
+        self._items: dict[int, StudentItem] = {}
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index not in self._items:
+            spec = self.specs[index]
+            record = self.fetch(spec.position)
+            if record is not None:
+                if record.uid != spec.uid:
+                    raise IA2Error(f"teacher record {record.uid} where {spec.uid} was expected; "
+                                   "delete the unit's teacher outputs to extract them again")
+                if self.check is not None:
+                    self.check(record)
+            targets = spec.target_ids
+            if targets is None:
+                targets = [int(t) for t in record.response_ids.tolist()]
+            self._items[index] = StudentItem(uid=spec.uid, prompt_ids=spec.prompt_ids,
+                                             target_ids=targets, teacher=record)
+        return self._items[index]
+
+
+def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None], *,
+              check: Callable[[TeacherRecord], None] | None = None
+              ) -> tuple[LazyItems, LazyItems]:
+    """(train items, dev items) of ``unit`` in index order, lazily built (see ``LazyItems``);
+    ``fetch(position)`` gives the teacher record at that position of ``plan.read_order(unit)``."""
+    from ia2dist.data.prompts import student_prompt
+    from ia2dist.modeling import encode
+
+    position = {key: k for k, key in enumerate(plan.read_order(unit))}
+    examples = [("train", i, ex) for i, ex in enumerate(unit.train)]
+    examples += [("dev", j, ex) for j, ex in enumerate(unit.dev)]
+    prompt_ids = encode(tokenizer, [student_prompt(ex) for _, _, ex in examples])
+    icl = plan.cfg.train.label_type == "icl"
+    specs = [ItemSpec(uid=ex.uid, prompt_ids=ids,
+                      target_ids=None if icl else plan.target_ids(ex, None),
+                      position=position[(kind, i)])
+             for (kind, i, ex), ids in zip(examples, prompt_ids)]
+    n = len(unit.train)
+    return LazyItems(specs[:n], fetch, check), LazyItems(specs[n:], fetch, check)
+
+
+def read_parts(plan, unit, world_size: int) -> list[int]:
+    """The rank (of a group of ``world_size``) that reads each position of the unit's read order:
+    a training item's home rank (``ia2dist.student.trainer.home_ranks``), dev item j's j mod W.
+    The teacher stage splits each shard into these parts, so a rank pulls only its own."""
+    from ia2dist.student.trainer import home_ranks
+
+    homes = home_ranks(len(unit.train), plan.student_seed(unit), world_size)
+    return [homes[i] if kind == "train" else i % world_size for kind, i in plan.read_order(unit)]
+
+
+def record_checker(num_layers: int, need_topk: bool) -> Callable[[TeacherRecord], None]:
+    """A check of each teacher record as it arrives (a distributed job validates records lazily)."""
+    def check(rec: TeacherRecord) -> None:
+        if rec.acts_LTD.shape[0] != num_layers:
+            raise IA2Error(f"example {rec.uid}: teacher activations have {rec.acts_LTD.shape[0]} "
+                           f"layers but the student has {num_layers}; extract with the student's "
+                           "base model")
+        if need_topk and rec.topk_logprobs_Tk is None:
+            raise IA2Error(f"example {rec.uid}: soft_sft needs the teacher's top-k; set "
+                           "extract.topk")
+    return check
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+
+@dataclass
+class JobOutcome:
+    """What a finished job reports: its history (per optimizer step) and phases, the checkpoint it
+    resumed from, the world size it trained on, and its metrics when it was evaluated."""
+
+    job_id: str
+    history: list[dict]
+    phases: list[dict]
+    resumed_from: str | None
+    world_size: int
+    metrics: dict | None = None
+
+
+def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
+            dev_items: Sequence[StudentItem], *, engine_factory, rank: int = 0,
+            world_size: int = 1, barrier: Callable[[], None] = lambda: None,
+            checkpoint: dict | None = None, validate_items: bool = True,
+            evaluate: Callable[[nn.Module], dict] | None = None,
+            log_step: Callable[[dict], None] | None = None, progress: bool = False) -> JobOutcome:
+    """Train ``job`` and publish ``job.out_dir`` (adapter or full model + history.json, written
+    under a staging name and renamed when complete), then ``evaluate(model)`` with the trained
+    student (its metrics go into the outcome); the base is restored afterwards.
+
+    engine_factory: an ``EngineFactory``/``DeepSpeedEngineFactory`` (its last engine saves the
+        model and stays alive for the evaluation, then is closed). Every rank of a group calls
+        this with the same job; rank 0 writes the files. ``checkpoint``: ``Checkpointer`` keyword
+        arguments (``Plan.checkpoint_options``) or None.
+    """
+    from ia2dist.checkpoint import Checkpointer
+    from ia2dist.student.trainer import train
+
+    checkpointer = Checkpointer(**checkpoint, rank=rank) if checkpoint is not None else None
+    with students.student(job.seed) as model:
+        try:
+            result = train(model, train_items, dev_items, job.method, plan.cfg.train,
+                           seed=job.seed, log=log_step, progress=progress,
+                           engine_factory=engine_factory, validate_items=validate_items,
+                           checkpointer=checkpointer)
+            final = job.out_dir
+            tmp = rundir.staging_dir(final) if rank == 0 else rundir.staging_name(final)
+            barrier()
+            engine_factory.engine.save_consolidated(tmp)
+            if rank == 0:
+                write_json_atomic(tmp / "history.json", {
+                    "history": result.history, "phases": result.phases,
+                    "world_size": world_size, "resumed_from": result.resumed_from})
+                rundir.commit_dir(tmp, final)
+            barrier()
+            metrics = evaluate(model) if evaluate is not None else None
+        finally:
+            engine_factory.close()
+    return JobOutcome(job_id=job.id, history=result.history, phases=result.phases,
+                      resumed_from=result.resumed_from, world_size=world_size, metrics=metrics)
