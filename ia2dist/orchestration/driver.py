@@ -260,9 +260,9 @@ class RayBackend:
 
 def _watch_jobs(out_dirs: list[Path], done: threading.Event) -> None:
     """Progress bar over the students' jobs (rank 0 writes history.json when one finishes)."""
-    from tqdm import tqdm
+    from ia2dist.progress import progress
 
-    bar = tqdm(total=len(out_dirs), desc="students", unit="job")
+    bar = progress(len(out_dirs), "students", "job", each=True)
     seen = 0
     while not done.wait(0.5):
         finished = sum((p / "history.json").exists() for p in out_dirs)
@@ -303,11 +303,11 @@ class _Pump:
             thread.start()
 
     def _produce(self) -> None:
-        from tqdm import tqdm
+        from ia2dist.progress import progress
 
         size = self.stage.options.shard_size
-        bar = tqdm(total=sum(math.ceil(len(u[1]) / size) for u in self.units), desc="teacher shards",
-                   unit="shard")
+        bar = progress(sum(math.ceil(len(u[1]) / size) for u in self.units), "teacher shards",
+                       "shard")
         try:
             for broker, prompts, uids, cache_dir, meta in self.units:
                 self._current = broker
