@@ -199,6 +199,7 @@ class Watcher:
     interval_s: float = 1.0
     seen: dict[tuple[int, str, int], Listener] = field(default_factory=dict)
     probes: dict[tuple[int, str, int], Probe] = field(default_factory=dict)
+    roles: dict[int, set[str]] = field(default_factory=dict)  # every role a process was seen in
     samples: int = 0
 
     def __post_init__(self):
@@ -213,6 +214,7 @@ class Watcher:
     def sample(self) -> None:
         with self._lock:
             for item in listeners(processes(self.env_match)):
+                self.roles.setdefault(item.pid, set()).add(item.role)
                 key = (item.pid, item.ip, item.port)
                 if key not in self.seen:
                     self.seen[key] = item
@@ -240,24 +242,28 @@ class Watcher:
               ) -> list[str]:
         """What breaks the rules: a listener on an address other than ``chosen``, except
         ``wildcard`` (role -> most wildcard sockets one process of that role may hold; a role
-        ending in "*" matches by prefix) and, with ``loopback``, loopback addresses (no other
-        machine reaches them); and an HTTP answer other than refused / closed / non-HTTP /
-        401 / 403, except ``data``: (role, port or None for any) -> the documented start of the
-        body."""
+        ending in "*" matches by prefix; the first match counts) and, with ``loopback``, loopback
+        addresses (no other machine reaches them); and an HTTP answer other than refused /
+        closed / non-HTTP / 401 / 403, except ``data``: (role, port or None for any) -> the
+        documented start of the body. A process counts with every role it was seen in (Ray
+        renames a worker with each task it runs)."""
         wildcard, data = wildcard or {}, data or {}
         problems, per_process = [], {}
 
-        def allowed(kind: str) -> int:
-            for name, count in wildcard.items():
-                if kind == name or (name.endswith("*") and kind.startswith(name[:-1])):
-                    return count
-            return 0
+        def allowed(pid: int) -> int:
+            best = 0
+            for kind in self.roles.get(pid, ()):
+                for name, count in wildcard.items():
+                    if kind == name or (name.endswith("*") and kind.startswith(name[:-1])):
+                        best = max(best, count)
+                        break
+            return best
 
         for key, item in sorted(self.seen.items()):
             ip = ipaddress.ip_address(item.ip)
             if item.ip in WILDCARDS:
                 per_process[item.pid] = per_process.get(item.pid, 0) + 1
-                if per_process[item.pid] > allowed(item.role):
+                if per_process[item.pid] > allowed(item.pid):
                     problems.append(f"{item.where}: every interface")
             elif item.ip != chosen and not (loopback and ip.is_loopback):
                 problems.append(f"{item.where}: not {chosen}")
@@ -265,7 +271,8 @@ class Watcher:
             if probe is None or probe.outcome != "http" or probe.status in (401, 403):
                 continue
             documented = [prefix for (kind, port), prefix in data.items()
-                          if kind == item.role and port in (None, item.port)]
+                          if kind in self.roles.get(item.pid, {item.role})
+                          and port in (None, item.port)]
             if not any(probe.status == 200 and probe.body.lstrip().startswith(prefix)
                        for prefix in documented):
                 problems.append(f"{item.where}: answers without the token: {probe}")

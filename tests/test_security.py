@@ -168,3 +168,22 @@ def test_private_local_ray_listens_on_loopback_only(private_ray_run):
     # the dashboard agent has no Prometheus endpoint (metrics export is off)
     agent = [p for k, p in watcher.probes.items() if watcher.seen[k].role == "DashboardAgent"]
     assert agent and not any(p.body.startswith(b"# HELP") for p in agent), watcher.report()
+
+
+def test_bad_ia2_ray_metrics_value_is_refused_before_anything_is_written(tmp_path):
+    """IA2_RAY_METRICS takes 1 or 0: anything else stops `ia2dist` with one line naming it, exit
+    status 2, before the run directory exists."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "IA2_RAY_METRICS": "yes", "PYTHONPATH": str(repo),
+           "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "ia2dist.cli", "extract",
+                           f"run_dir={tmp_path / 'run'}", "dist.backend=ray",
+                           "train.micro_batch_size=2"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: IA2_RAY_METRICS='yes'"), done.stderr
+    assert not (tmp_path / "run").exists()
