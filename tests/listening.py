@@ -105,21 +105,30 @@ def role(pid: int) -> str:
     return "driver"  # drivers and the scripts that started the cluster
 
 
-def processes(env_match: dict[str, str]) -> set[int]:
+def processes(env_match: dict[str, str], cache: dict | None = None) -> set[int]:
     """Pids of the processes whose environment has every key/value of ``env_match``, and of all
-    their descendants."""
-    parents = {}
+    their descendants. ``cache`` remembers which processes (pid and start time) matched."""
+    parents, started = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             stat = _read(f"/proc/{entry.name}/stat").decode(errors="replace")
             if stat:
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                fields = stat.rsplit(")", 1)[1].split()
+                parents[int(entry.name)], started[int(entry.name)] = int(fields[1]), fields[19]
     me = os.getpid()
+    cache = {} if cache is None else cache
     children: dict[int, list[int]] = {}
     for pid, ppid in parents.items():
         children.setdefault(ppid, []).append(pid)
-    todo = [pid for pid in parents if pid != me
-            and all(_environ(pid).get(k) == v for k, v in env_match.items())]
+
+    def matches(pid: int) -> bool:
+        key = (pid, started[pid])
+        if key not in cache:
+            env = _environ(pid)
+            cache[key] = all(env.get(k) == v for k, v in env_match.items())
+        return cache[key]
+
+    todo = [pid for pid in parents if pid != me and matches(pid)]
     found: set[int] = set()
     while todo:
         pid = todo.pop()
@@ -201,6 +210,7 @@ class Watcher:
     probes: dict[tuple[int, str, int], Probe] = field(default_factory=dict)
     roles: dict[int, set[str]] = field(default_factory=dict)  # every role a process was seen in
     samples: int = 0
+    _matched: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._stop = threading.Event()
@@ -213,7 +223,7 @@ class Watcher:
 
     def sample(self) -> None:
         with self._lock:
-            for item in listeners(processes(self.env_match)):
+            for item in listeners(processes(self.env_match, self._matched)):
                 self.roles.setdefault(item.pid, set()).add(item.role)
                 key = (item.pid, item.ip, item.port)
                 if key not in self.seen:

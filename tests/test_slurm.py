@@ -165,7 +165,19 @@ class _Requeuer(threading.Thread):
         self.action = action
         self.before, self.checkpoint, self.error = {}, None, None
 
+    def _running(self) -> bool:
+        return "JobState=RUNNING" in subprocess.run(
+            ["scontrol", "show", "job", self.job], env=self.env, capture_output=True,
+            text=True).stdout
+
     def run(self):
+        # the job may wait for CPUs while the tier's other jobs run: the time counts from its start
+        deadline = time.monotonic() + 2 * self.timeout_s
+        while not self._running():
+            if time.monotonic() > deadline:
+                self.error = "the job did not start"
+                return
+            time.sleep(0.5)
         deadline = time.monotonic() + self.timeout_s
         while _latest(self.run_dir) is None:
             if time.monotonic() > deadline:
@@ -173,10 +185,8 @@ class _Requeuer(threading.Thread):
                 return
             time.sleep(0.1)
         self.before, self.checkpoint = _shard_ids(self.run_dir), _latest(self.run_dir)
-        state = subprocess.run(["scontrol", "show", "job", self.job], env=self.env,
-                               capture_output=True, text=True).stdout
-        if "JobState=RUNNING" not in state:
-            self.error = f"job not running at its first checkpoint: {state[:200]}"
+        if not self._running():
+            self.error = "job not running at its first checkpoint"
             return
         done = subprocess.run([*self.action, self.job], env=self.env, capture_output=True,
                               text=True)
@@ -256,7 +266,7 @@ def test_requeued_job_resumes_and_reuses_teacher_shards(slurm, jobs):
     requeue are the same files afterwards (reused, not extracted again)."""
     job, logs, run_dir = jobs["requeue"]
     requeuer = jobs["requeuer"]
-    requeuer.join(timeout=360)
+    requeuer.join(timeout=960)
     assert requeuer.error is None and requeuer.before, (requeuer.error, _log(logs)[-4000:])
     state = _wait(slurm, job)
     log = _log(logs)
@@ -276,7 +286,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, jobs):
     """SIGUSR1 to the batch script (the time-limit warning): ia2dist saves a checkpoint after its
     current step and stops, the script requeues the job, the new start resumes from it."""
     job, logs, run_dir, signaller = jobs["usr1"]
-    signaller.join(timeout=360)
+    signaller.join(timeout=960)
     assert signaller.error is None, (signaller.error, _log(logs)[-4000:])
     state = _wait(slurm, job)
     log = _log(logs)
