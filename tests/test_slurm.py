@@ -56,6 +56,11 @@ def slurm(tmp_path_factory):
         pytest.skip("SLURM tier: slurm/local/up.sh must run as root (apt, daemons)")
     env = {**os.environ, "IA2_SLURM_BASE": BASE, "IA2_SLURM_NODES": "2", "IA2_SLURM_CPUS": "8",
            "IA2_SLURM_MEM_MB": "16000", "IA2_SLURM_PORT": "16917"}
+    # what an in-process `ia2dist` call of another test may have left in this process (the jobs
+    # inherit it; a worker node refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME", "IA2_RAY_METRICS",
+                "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(key, None)
     up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
     if up.returncode != 0:
         if shutil.which("apt-get") is None or "Unable to locate package" in up.stderr:
