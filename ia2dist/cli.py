@@ -130,6 +130,7 @@ def _dispatch(ns) -> int:
         _stop_on_signals(cfg.run_dir)
     if cfg.dist.backend == "ray" and cfg.dist.ray_address is None:
         _private_ray_auth()
+        _private_ray_local_only()
     if ns.verb == "extract":
         out = pipeline.run_extract(cfg, overwrite=ns.overwrite)
     elif ns.verb == "train":
@@ -174,6 +175,31 @@ def _private_ray_auth() -> None:
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=path)
     atexit.register(shutil.rmtree, directory, True)
+
+
+def _private_ray_local_only() -> None:
+    """The private local Ray listens on 127.0.0.1 only. Ray replaces a loopback node address with
+    the machine's own (so that other machines could join) and then binds its gRPC ports on every
+    interface, unless multi-machine clusters are switched off with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's switch for single-machine Ray, honoured on every
+    platform). Ray reads it when it is imported, so this must run first; when Ray was imported
+    already, cluster.connect says that the ports are not confined to 127.0.0.1. The student
+    workers' gloo connections go over the loopback interface (GLOO_SOCKET_IFNAME, unless set).
+    IA2_RAY_METRICS is checked here, before anything is written."""
+    import os
+    import socket
+
+    if "ray" not in sys.modules:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
+    except OSError:
+        loopback = []
+    if loopback and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback[0]
+    from ia2dist.orchestration.cluster import ray_metrics_enabled
+
+    ray_metrics_enabled()
 
 
 def _stop_on_signals(run_dir: str) -> None:

@@ -226,7 +226,7 @@ def _batch(family, tokenizer, rng, recipe, label_ids_V):
 
 
 def _train(model, tokenizer, family, recipe, *, seed, steps, budget_s, progress) -> dict:
-    from tqdm.auto import tqdm
+    from ia2dist.progress import progress as progress_bar
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 7])
@@ -237,7 +237,7 @@ def _train(model, tokenizer, family, recipe, *, seed, steps, budget_s, progress)
     model.train()
     start = time.perf_counter()
     history, step, label_loss = [], 0, float("nan")
-    bar = tqdm(total=total, desc="pretraining embedded model", disable=not progress)
+    bar = progress_bar(total, "pretraining embedded model", "step", enabled=progress)
     while step < total:
         if budget_s is not None:
             elapsed = time.perf_counter() - start

@@ -10,6 +10,10 @@ root). The project's sbatch scripts are submitted as users submit them, for a ti
 * time limit: SIGUSR1 to the batch script (what `--signal=B:USR1@120` sends): ia2dist saves a
   checkpoint and stops, the script requeues the job, the new start resumes from that checkpoint.
 
+The listening sockets of two jobs are sampled while they run (tests/listening.py): the one-node Ray
+job, whose head is given 127.0.0.2 as its internal address (a loopback address that Ray treats like
+any other node address), and the requeued single-node job with its private local Ray.
+
 The jobs are submitted together and run side by side (the cluster advertises more CPUs than the
 host has), so the tier takes about as long as its longest job. Skips only when SLURM cannot be
 installed or started here (not root, no apt).
@@ -17,6 +21,7 @@ installed or started here (not root, no apt).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -24,6 +29,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from listening import Watcher
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -49,6 +56,11 @@ def slurm(tmp_path_factory):
         pytest.skip("SLURM tier: slurm/local/up.sh must run as root (apt, daemons)")
     env = {**os.environ, "IA2_SLURM_BASE": BASE, "IA2_SLURM_NODES": "2", "IA2_SLURM_CPUS": "8",
            "IA2_SLURM_MEM_MB": "16000", "IA2_SLURM_PORT": "16917"}
+    # what an in-process `ia2dist` call of another test may have left in this process (the jobs
+    # inherit it; a worker node refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME", "IA2_RAY_METRICS",
+                "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(key, None)
     up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
     if up.returncode != 0:
         if shutil.which("apt-get") is None or "Unable to locate package" in up.stderr:
@@ -62,13 +74,17 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(DOWN), "--purge"], env=env, capture_output=True, timeout=300)
 
 
+#: the one-node Ray job's head address: loopback (tests connect to nothing else), but not the
+#: 127.0.0.1 for which Ray keeps its ports on 127.0.0.1, so Ray behaves as on a cluster node
+HEAD_IP = "127.0.0.2"
 #: long enough that the signals land while the job trains; a checkpoint every 2 steps
 TRAINING = "train.epochs=24 train.patience=0 train.checkpoint_every=2"
 
 
-def _submit(env, script, out_dir: Path, run_dir: Path, *sbatch_args, extra=""):
+def _submit(env, script, out_dir: Path, run_dir: Path, *sbatch_args, extra="", more_env=None):
     out_dir.mkdir(parents=True, exist_ok=True)  # --output into a missing dir fails silently
-    job_env = {**env, "CONFIG": "", "RUN_DIR": str(run_dir), "EXTRA": _tiny(extra)}
+    job_env = {**env, "CONFIG": "", "RUN_DIR": str(run_dir), "EXTRA": _tiny(extra),
+               **(more_env or {})}
     done = subprocess.run(["sbatch", "--parsable", f"--output={out_dir}/%x-%j.out", *sbatch_args,
                            str(REPO / "slurm" / script)], env=job_env, cwd=REPO,
                           capture_output=True, text=True, check=True)
@@ -104,13 +120,17 @@ def jobs(slurm, tmp_path_factory):
     """Submit the three jobs at once; each test waits for its own."""
     root = tmp_path_factory.mktemp("slurm")
     out = {}
-    for name, script, args, extra in (
-            ("one", "ia2dist_ray.sbatch", ["--nodes=1", "--cpus-per-task=4"], ""),
-            ("two", "ia2dist_ray.sbatch", ["--nodes=2", "--cpus-per-task=2"], ""),
-            ("requeue", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING),
-            ("usr1", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING)):
+    for name, script, args, extra, more_env in (
+            ("one", "ia2dist_ray.sbatch", ["--nodes=1", "--cpus-per-task=4"], "",
+             {"IA2_RAY_HEAD_IP": HEAD_IP}),
+            ("two", "ia2dist_ray.sbatch", ["--nodes=2", "--cpus-per-task=2"], "", None),
+            ("requeue", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING, None),
+            ("usr1", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING, None)):
         out[name] = (_submit(slurm, script, root / name / "logs", root / name / "run", *args,
-                             extra=extra), root / name / "logs", root / name / "run")
+                             extra=extra, more_env=more_env), root / name / "logs",
+                     root / name / "run")
+        if name in ("one", "requeue"):
+            out[f"watch_{name}"] = Watcher({"SLURM_JOB_ID": out[name][0]}).start()
     # a 2-cell learning-rate sweep as a job array (lr 1e-2 and 3e-3 at N=4, seed 0)
     sweep_root = root / "sweep" / "runs"
     (root / "sweep" / "logs").mkdir(parents=True)
@@ -131,6 +151,8 @@ def jobs(slurm, tmp_path_factory):
     yield out
     out["requeuer"].join(timeout=5)
     out["usr1"][3].join(timeout=5)
+    out["watch_one"].stop()
+    out["watch_requeue"].stop()
 
 
 def _latest(run_dir: Path) -> str | None:
@@ -148,7 +170,19 @@ class _Requeuer(threading.Thread):
         self.action = action
         self.before, self.checkpoint, self.error = {}, None, None
 
+    def _running(self) -> bool:
+        return "JobState=RUNNING" in subprocess.run(
+            ["scontrol", "show", "job", self.job], env=self.env, capture_output=True,
+            text=True).stdout
+
     def run(self):
+        # the job may wait for CPUs while the tier's other jobs run: the time counts from its start
+        deadline = time.monotonic() + 2 * self.timeout_s
+        while not self._running():
+            if time.monotonic() > deadline:
+                self.error = "the job did not start"
+                return
+            time.sleep(0.5)
         deadline = time.monotonic() + self.timeout_s
         while _latest(self.run_dir) is None:
             if time.monotonic() > deadline:
@@ -156,10 +190,8 @@ class _Requeuer(threading.Thread):
                 return
             time.sleep(0.1)
         self.before, self.checkpoint = _shard_ids(self.run_dir), _latest(self.run_dir)
-        state = subprocess.run(["scontrol", "show", "job", self.job], env=self.env,
-                               capture_output=True, text=True).stdout
-        if "JobState=RUNNING" not in state:
-            self.error = f"job not running at its first checkpoint: {state[:200]}"
+        if not self._running():
+            self.error = "job not running at its first checkpoint"
             return
         done = subprocess.run([*self.action, self.job], env=self.env, capture_output=True,
                               text=True)
@@ -186,6 +218,38 @@ def test_one_node_ray_job_completes(slurm, jobs):
     assert not Path(f"/tmp/ray_{job}_0").exists()
     token_lines = [line for line in log.splitlines() if len(line) >= 64]
     assert not any(part.isalnum() and len(part) == 64 for line in token_lines for part in line.split())
+    assert "\r" not in log  # progress as plain lines in the job log, not redrawn bars
+
+
+def test_one_node_ray_job_listens_on_the_head_address(slurm, jobs):
+    """The one-node Ray job's cluster with its head on HEAD_IP: the dashboard, the client server
+    and the agents' HTTP ports listen on HEAD_IP (the agent and the client server also on
+    127.0.0.1, which no other machine reaches); on every interface only the ports README
+    "Security" lists for a node's internal address: GCS, raylet, the core workers of the driver and
+    the Ray workers (and the rank-0 training worker's torch.distributed store), the dashboard
+    agent's gRPC and the dashboard process's metrics (base + 3). Without the token every port
+    refuses, answers 401 or speaks a binary protocol, except the documented dashboard page and the
+    dashboard process's metrics. No autoscaler monitor, no metrics export."""
+    job, logs, _ = jobs["one"]
+    _wait(slurm, job)
+    watcher = jobs["watch_one"].stop()
+    log = _log(logs)
+    base = int(re.search(r"Ray head on .* \(ports (\d+)-", log).group(1))
+    roles = {item.role for item in watcher.seen.values()}
+    assert {"gcs_server", "raylet", "dashboard", "DashboardAgent", "client_server",
+            "ray::RayTrainWorker", "driver"} <= roles, watcher.report()
+    assert "monitor" not in roles, watcher.report()
+    problems = watcher.check(
+        HEAD_IP, loopback=True,
+        wildcard={"gcs_server": 1, "raylet": 2, "DashboardAgent": 1, "dashboard": 1,
+                  "ray::RayTrainWorker": 2, "ray::*": 1, "driver": 1},
+        data={("dashboard", base + 1): b"<!doctype html>",
+              ("dashboard", base + 3): b"# HELP ray_dashboard"})
+    assert not problems, "\n".join(problems) + "\n" + watcher.report()
+    where = {(i.role, i.port): i.ip for i in watcher.seen.values()}
+    assert where[("gcs_server", base)] in ("0.0.0.0", "::")
+    assert where[("dashboard", base + 1)] == HEAD_IP
+    assert where[("dashboard", base + 3)] in ("0.0.0.0", "::")
 
 
 def test_two_node_ray_job_bootstraps_and_completes(slurm, jobs):
@@ -207,7 +271,7 @@ def test_requeued_job_resumes_and_reuses_teacher_shards(slurm, jobs):
     requeue are the same files afterwards (reused, not extracted again)."""
     job, logs, run_dir = jobs["requeue"]
     requeuer = jobs["requeuer"]
-    requeuer.join(timeout=360)
+    requeuer.join(timeout=960)
     assert requeuer.error is None and requeuer.before, (requeuer.error, _log(logs)[-4000:])
     state = _wait(slurm, job)
     log = _log(logs)
@@ -227,7 +291,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, jobs):
     """SIGUSR1 to the batch script (the time-limit warning): ia2dist saves a checkpoint after its
     current step and stops, the script requeues the job, the new start resumes from it."""
     job, logs, run_dir, signaller = jobs["usr1"]
-    signaller.join(timeout=360)
+    signaller.join(timeout=960)
     assert signaller.error is None, (signaller.error, _log(logs)[-4000:])
     state = _wait(slurm, job)
     log = _log(logs)
@@ -252,3 +316,20 @@ def test_sweep_array_runs_every_cell_sharing_teacher_outputs(slurm, jobs):
         assert (run_dir / "N4_seed0" / "ia2_then_sft" / "metrics.json").is_file()
     shared = sorted(p.name.split("-")[0] for p in (root / "teacher_cache").iterdir())
     assert shared == ["teacher", "teacher_eval"]  # one of each for both cells
+
+
+def test_single_node_job_private_ray_listens_on_loopback_only(slurm, jobs):
+    """ia2dist_single.sbatch (the requeued job, both starts): `ia2dist run` with its private local
+    Ray, student stage included; every port on 127.0.0.1 except the rank-0 training worker's
+    torch.distributed store (README "Security"); no data without the token except the
+    documented metrics of the dashboard process and the autoscaler monitor."""
+    job, _, _ = jobs["requeue"]
+    _wait(slurm, job)
+    watcher = jobs["watch_requeue"].stop()
+    roles = {item.role for item in watcher.seen.values()}
+    assert {"gcs_server", "raylet", "DashboardAgent", "ray::RayTrainWorker"} <= roles, \
+        watcher.report()
+    problems = watcher.check("127.0.0.1", wildcard={"ray::RayTrainWorker": 1},
+                             data={("dashboard", 44227): b"# HELP ray_dashboard",
+                                   ("monitor", 44217): b"# HELP autoscaler"})
+    assert not problems, "\n".join(problems) + "\n" + watcher.report()

@@ -41,6 +41,19 @@ MIN_OBJECT_STORE_BYTES = 75 * 1024 * 1024
 #: Unix socket paths (temp_dir/session_<timestamp>/sockets/plasma_store) must stay under 108 bytes.
 _MAX_TEMP_DIR_CHARS = 48
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+#: The only address a local Ray started by ``connect`` listens on.
+LOCAL_ADDRESS = "127.0.0.1"
+#: Environment switch of Ray's metrics export (Prometheus endpoints): off unless "1".
+METRICS_ENV = "IA2_RAY_METRICS"
+
+
+def ray_metrics_enabled() -> bool:
+    """True when IA2_RAY_METRICS=1 asks for Ray's metrics export; unset or 0: off."""
+    value = os.environ.get(METRICS_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise IA2Error(f"{METRICS_ENV}={value!r}: use 1 to export Ray's metrics (Prometheus, on "
+                       f"the cluster's own address) or 0 / unset to keep them off")
+    return value == "1"
 
 
 @dataclass
@@ -117,10 +130,15 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, object_store_bytes:
                        f"characters such as /tmp/ray_<name>")
     spill_dir = os.path.join(temp_dir, "spill")
     Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    metrics = ray_metrics_enabled()
     try:
+        # every port on LOCAL_ADDRESS (see ia2dist.cli._private_ray_local_only); no dashboard;
+        # no metrics export unless asked for (the dashboard agent's Prometheus endpoint)
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                  object_store_memory=object_store_bytes, _temp_dir=temp_dir,
                  object_spilling_directory=spill_dir, include_dashboard=False,
+                 _node_ip_address=LOCAL_ADDRESS,
+                 _system_config={"enable_metrics_collection": metrics},
                  log_to_driver=log_to_driver, configure_logging=False,
                  runtime_env=_worker_env())
     except BaseException:
@@ -129,6 +147,11 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, object_store_bytes:
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     address = ray.get_runtime_context().gcs_address
+    if not address.startswith(f"{LOCAL_ADDRESS}:"):
+        log.warning("the local Ray listens on %s, not only on %s: Ray was imported before "
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 could be set (the ia2dist command sets "
+                    "it); its ports are token-protected but reachable from the network",
+                    address.rsplit(":", 1)[0], LOCAL_ADDRESS)
     log.info("started a local Ray at %s (temp dir %s)", address, temp_dir)
     return RayContext(address=address, owns_cluster=True, temp_dir=temp_dir, spill_dir=spill_dir,
                       object_store_bytes=object_store_bytes, remove_temp_dir=made)

@@ -635,19 +635,6 @@ def _logits_to_keep_kwargs(model: nn.Module) -> dict:
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
-    if enabled:
-        from tqdm.auto import tqdm
+    from ia2dist.progress import progress
 
-        return tqdm(total=total, desc=desc, leave=False)
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return progress(total, desc, "step", enabled=enabled, leave=False)

@@ -301,7 +301,7 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
                 capture: bool, act_dtype: torch.dtype, topk: int, progress: bool,
                 desc: str, sync=None) -> list[_Decoded]:
     """Decode every prompt in length-sorted batches; results in input order."""
-    from tqdm.auto import tqdm
+    from ia2dist.progress import progress as progress_bar
 
     prompt_ids = _encode_prompts(tokenizer, prompts)
     _check_fits(model, prompt_ids, names, max_new_tokens)
@@ -312,8 +312,8 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
     was_training = model.training
     model.eval()  # greedy responses are deterministic: no dropout
     try:
-        with torch.no_grad(), hooks as cap, tqdm(total=len(prompt_ids), disable=not progress,
-                                                 desc=desc) as bar:
+        with torch.no_grad(), hooks as cap, progress_bar(len(prompt_ids), desc, "prompt",
+                                                         enabled=progress) as bar:
             # one token per prompt on a CPU: a padded batch costs more (masked attention, padding)
             # than it saves, so only prompts of equal length are batched
             pad_free = max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
@@ -387,7 +387,7 @@ def naive_extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: 
     token a full forward of the whole growing sequence (no cache, no padding) with hooks keeping
     the whole sequence, of which the last position is taken and moved to the CPU. ``batch_size``
     is accepted for signature compatibility and ignored."""
-    from tqdm.auto import tqdm
+    from ia2dist.progress import progress as progress_bar
 
     _check_uids(prompts, uids)
     prompt_ids = _encode_prompts(tokenizer, prompts)
@@ -395,8 +395,9 @@ def naive_extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: 
     stop = _StopRule(model, tokenizer, stop_strings)
     device = next(model.parameters()).device
     decoded = []
-    with torch.no_grad(), ActivationCapture(attention_sites(model)) as cap:
-        for ids in tqdm(prompt_ids, disable=not progress, desc="naive extract"):
+    with torch.no_grad(), ActivationCapture(attention_sites(model)) as cap, \
+            progress_bar(len(prompt_ids), "naive extract", "prompt", enabled=progress) as bar:
+        for ids in prompt_ids:
             sequence, response, acts, top_ids, top_lps = list(ids), [], [], [], []
             while True:
                 cap.select(None)
@@ -417,4 +418,5 @@ def naive_extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: 
             decoded.append(_Decoded(response, torch.stack(acts, dim=1),
                                     torch.stack(top_ids) if topk else None,
                                     torch.stack(top_lps) if topk else None))
+            bar.update(1)
     return _records(uids, decoded)

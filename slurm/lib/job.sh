@@ -24,6 +24,9 @@
 #   IA2_RAY_WORKER_PORTS  MIN-MAX port range of Ray worker processes (default: OS-assigned)
 #   IA2_RAY_HEAD_IP     address the head binds and advertises (default: first of `hostname -I`)
 #   IA2_RAY_DASHBOARD   1 (default): dashboard on <head ip>:<base+1>, never 0.0.0.0; 0: none
+#   IA2_RAY_METRICS     0 (default): no metrics export and no autoscaler monitor (a job's cluster
+#                       has a fixed size); 1: Ray's Prometheus metrics export on every node and the
+#                       monitor (its metrics on <base+4>); README "Security" lists where they listen
 #   IA2_RAY_TMP         node-local root of the Ray temp dirs (default /tmp; keep it short: Ray's
 #                       unix socket paths must stay under 108 characters)
 #   IA2_RAY_OBJECT_STORE_BYTES  object store per node (default: Ray's, 30% of memory)
@@ -68,18 +71,36 @@ _ia2_auth() {
 _ia2_ray_up() {
   local base=${IA2_RAY_PORT_BASE:-$(( 20000 + (IA2_JOB_KEY % 120) * 100 ))}
   local nnodes=${SLURM_JOB_NUM_NODES:-1} head_ip=${IA2_RAY_HEAD_IP:-$(hostname -I | awk '{print $1}')}
-  local dash=() store=()
+  local dash=() store=() monitor=()
   if [ "${IA2_RAY_DASHBOARD:-1}" = 1 ]; then
     dash=(--include-dashboard=true --dashboard-host="$head_ip" --dashboard-port=$((base + 1)))
   else
     dash=(--include-dashboard=false)
   fi
+  # the dashboard process (it runs even without the dashboard) serves its own metrics: on a
+  # job-specific port instead of Ray's fixed 44227
+  export DASHBOARD_METRIC_PORT=$((base + 3))
+  case "${IA2_RAY_METRICS:-0}" in
+    0) export RAY_enable_metrics_collection=false; monitor=(--no-monitor) ;;
+    1) export AUTOSCALER_METRIC_PORT=$((base + 4)) ;;
+    *) _ia2_log "IA2_RAY_METRICS=$IA2_RAY_METRICS: use 1 to export Ray's metrics or 0 (default)"
+       return 1 ;;
+  esac
+  case "$head_ip" in
+    127.0.0.1|localhost)  # one node only; Ray would otherwise replace a loopback node address
+      if [ "$nnodes" -gt 1 ]; then   # with the machine's own and listen on every interface
+        _ia2_log "IA2_RAY_HEAD_IP=$head_ip: the other $((nnodes - 1)) node(s) cannot reach it; give the head's internal address"
+        return 1
+      fi
+      export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+      if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then export GLOO_SOCKET_IFNAME=lo; fi ;;
+  esac
   # node-specific arguments are added by ray_node.sh (temp dir, agent port, CPUs of the node)
   export IA2_RAY_BASE=$base IA2_RAY_ADDRESS=$head_ip:$base
   export IA2_RAY_COMMON="${IA2_RAY_OBJECT_STORE_BYTES:+--object-store-memory=$IA2_RAY_OBJECT_STORE_BYTES}"
   _ia2_log "Ray head on ${SLURMD_NODENAME:-$(hostname -s)} at $IA2_RAY_ADDRESS (ports $base-$((base + 99))), $nnodes node(s)"
   bash "$IA2_REPO/slurm/lib/ray_node.sh" head --port="$base" --ray-client-server-port=$((base + 2)) \
-       --node-ip-address="$head_ip" "${dash[@]}" &
+       --node-ip-address="$head_ip" "${dash[@]}" ${monitor[@]+"${monitor[@]}"} &
   IA2_HEAD_PID=$!
   if [ "$nnodes" -gt 1 ]; then
     srun --job-name=ray-workers --nodes=$((nnodes - 1)) --ntasks=$((nnodes - 1)) --ntasks-per-node=1 \
