@@ -38,6 +38,7 @@ from ia2dist.orchestration.groups import Task, TaskQueue, WorkerGroups
 from ia2dist.orchestration.teacher_stage import TeacherStage, TeacherStageOptions
 from ia2dist.orchestration.transport import UnitRecords
 from ia2dist.plan import Plan, Unit
+from ia2dist.progress import progress
 
 log = logging.getLogger("ia2dist")
 
@@ -153,6 +154,7 @@ class RayBackend:
                      min(self.num_groups, len(tasks)), d.group_size, self.ds_template.stem)
         transport = _TransportStats()
         done_tasks = 0
+        bar = progress(len(tasks), "jobs", unit="job", each=True, enabled=bool(tasks))
         stop_file = plan.run_dir / ".stop_requested"
         try:
             while True:
@@ -169,8 +171,9 @@ class RayBackend:
                         transport.add(result["pulls"])
                         if pump is not None:
                             self._used(pump, users, result["unit"], result["id"])
-                        log.info("done %s (%s, group %d, %.1f s)", result["id"], result["kind"],
-                                 result["group"], result["wall_s"])
+                        bar.set_postfix(done=f"{result['id']} ({result['kind']}, group "
+                                             f"{result['group']}, {result['wall_s']:.0f} s)")
+                        bar.update(1)
                         yield Outcome(result["id"], plan.unit(result["unit"]), result["name"],
                                       metrics=result.get("metrics"), history=result.get("history"))
                     if stop_file.exists():
@@ -189,6 +192,7 @@ class RayBackend:
             if groups is not None:
                 groups.raise_errors()
         finally:
+            bar.close()
             if pump is not None:
                 pump.stop()
             if groups is not None:
@@ -321,6 +325,8 @@ class _Pump:
                            f"extract.max_new_tokens / data.num_train")
 
     def _produce(self) -> None:
+        bar = progress(sum(math.ceil(len(j[3]) / self.plan.cfg.dist.shard_size) for j in self.jobs),
+                       "teacher shards", unit="shard")
         try:
             current = None
             for unit, kind, prompts, uids, store, parts in self.jobs:
@@ -339,6 +345,7 @@ class _Pump:
                         self.first_shard_at = time.perf_counter()
                     broker.put.remote(kind, index, [refs])
                     refs_of_kind.extend(refs)
+                    bar.update(1)
                     if self.eager_release:  # stage after stage: the broker's ref keeps it
                         self.stage.release(index, tag)
                 stats = self.stage.tag_stats(tag)
@@ -359,6 +366,7 @@ class _Pump:
             for broker in self.brokers.values():
                 broker.fail.remote(message)
         finally:
+            bar.close()
             self.finished_at = time.perf_counter()
             self._done.set()
 
