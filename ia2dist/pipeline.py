@@ -73,11 +73,12 @@ class Experiment:
         from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
 
         split = make_split(self.task.train_pool, n, seed, max_dev=self.cfg.data.max_dev)
-        train_lists = train_demos(split, seed)
+        cap = self.cfg.data.max_icl_demos
+        train_lists = train_demos(split, seed, cap)
         return Unit(n=n, seed=seed, dir=rundir.unit_dir(self.run_dir, n, seed), train=split.train,
                     dev=split.dev, train_demo_lists=train_lists,
                     dev_demo_lists=dev_demos(split, train_lists),
-                    eval_demo_lists=eval_demos(split.pool, self.task.eval_items, n, seed))
+                    eval_demo_lists=eval_demos(split.pool, self.task.eval_items, n, seed, cap))
 
     def check_context(self) -> None:
         """Fail before any output is written when a teacher prompt + T exceeds the context."""
@@ -160,13 +161,12 @@ class Experiment:
                                     unit.eval_demo_lists[:k], unit)
 
     # ------------------------------------------------------------------ student stage
-    def target_ids(self, ex: Example, record: TeacherRecord) -> list[int]:
-        if self.cfg.train.label_type == "icl":
-            return record.response_ids.tolist()
-        ids = self.tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
-        if self.max_new_tokens > 1 and self.tokenizer.eos_token_id is not None:
-            ids = ids + [self.tokenizer.eos_token_id]
-        return ids[: self.max_new_tokens]
+    def target_ids(self, ex: Example, record: TeacherRecord | None) -> list[int]:
+        from ia2dist.data.targets import target_ids
+
+        return target_ids(self.tokenizer, ex, record, label_type=self.cfg.train.label_type,
+                          max_new_tokens=self.max_new_tokens,
+                          truncate=self.cfg.train.truncate_targets)
 
     def student_items(self, examples, records):
         from ia2dist.data.prompts import student_prompt
@@ -292,10 +292,10 @@ class Experiment:
                 metrics, rows = evaluate_single_token(
                     model, self.tokenizer, prompts, self.eval_items, list(self.task.labels),
                     batch_size=e.batch_size, num_virtual_tokens=virtual, n_bins=e.ece_bins,
-                    confidence=e.confidence)
+                    confidence=e.confidence, label_ties=e.label_ties)
             else:
                 metrics, rows = evaluate_generation(
-                    model, self.tokenizer, prompts, self.eval_items, self.spec.parse,
+                    model, self.tokenizer, prompts, self.eval_items, self.spec.parser_for(e.parser),
                     max_new_tokens=e.max_new_tokens or self.spec.max_new_tokens,
                     stop_strings=tuple(e.stop_strings), batch_size=e.batch_size)
             if sim_records is not None and not with_demos:
