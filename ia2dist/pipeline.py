@@ -52,6 +52,12 @@ class Experiment:
         from ia2dist.data.loaders import load_task
         from ia2dist.modeling import load_model, load_tokenizer
 
+        from ia2dist.config import is_sweep
+
+        if is_sweep(cfg.train):
+            raise IA2Error("train.lr / train.plus_sft_weight / train.label_types: a sweep (a list "
+                           "with several values) cannot be run by this command; give one value "
+                           "each, e.g. train.lr=1e-4")
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.task = load_task(cfg.data)
