@@ -484,7 +484,7 @@ def test_ood_sets_load_skip_and_fail_clearly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "load_dataset", offline)
     explicit = DataConfig(task="sst2", train_path=fin_path, ood_tasks=["poems"], max_eval=10)
-    with pytest.raises(IA2Error, match="poem_sentiment"):
+    with pytest.raises(IA2Error, match=r"poem_sentiment.*data.ood_paths.poems"):
         load_ood_sets(explicit)
     assert load_ood_sets(DataConfig(task="synthetic")) == []
     assert load_ood_sets(DataConfig(task="sst2", ood_tasks=[])) == []

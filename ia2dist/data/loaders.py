@@ -144,8 +144,10 @@ def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path} row {index}", row) for index, row in enumerate(rows)]
 
 
-def _hub_rows(spec: TaskSpec, split: str) -> list[tuple[str, dict]]:
-    """The split from the Hugging Face hub (or its local cache)."""
+def _hub_rows(spec: TaskSpec, split: str,
+              fix: str = "pass data.train_path / data.eval_path with local JSON/JSONL/Parquet "
+                         "files of the raw rows") -> list[tuple[str, dict]]:
+    """The split from the Hugging Face hub (or its local cache); ``fix`` ends the error message."""
     source = spec.hf_path + (f" ({spec.hf_name})" if spec.hf_name else "")
     try:
         import datasets
@@ -155,15 +157,16 @@ def _hub_rows(spec: TaskSpec, split: str) -> list[tuple[str, dict]]:
     except Exception as exc:  # offline, missing cache, HTTP and auth errors all land here
         detail = " ".join(str(exc).split())[:160]
         raise IA2Error(f"could not load {source} split {split!r} from the Hugging Face hub "
-                       f"({type(exc).__name__}: {detail}); pass data.train_path / data.eval_path "
-                       "with local JSON/JSONL/Parquet files of the raw rows") from None
+                       f"({type(exc).__name__}: {detail}); {fix}") from None
     if not rows:
         raise DataError(f"{source} split {split!r} is empty; pass local files instead")
     return [(f"{spec.hf_path}[{split}] row {index}", row) for index, row in enumerate(rows)]
 
 
-def _source_rows(spec: TaskSpec, path: str | None, split: str) -> list[tuple[str, dict]]:
-    return _located_rows(Path(path).expanduser()) if path is not None else _hub_rows(spec, split)
+def _source_rows(spec: TaskSpec, path: str | None, split: str,
+                 **hub) -> list[tuple[str, dict]]:
+    return (_located_rows(Path(path).expanduser()) if path is not None
+            else _hub_rows(spec, split, **hub))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,13 +346,16 @@ def load_ood_sets(data_cfg: DataConfig) -> list[EvalSet]:
             log.warning("out-of-distribution set %s skipped: the training data is local and "
                         "data.ood_paths.%s is not set", name, name)
             continue
+        fix = (f"pass data.ood_paths.{name} with a local file of its raw rows, or leave it out "
+               "with data.ood_tasks")
+        located = _source_rows(spec, path, spec.eval_split, fix=fix)
+        source = "eval" if path is not None else spec.eval_split
+        row_rng = spec.row_rng(data_cfg.pool_seed) if spec.row_rng is not None else None
         if spec.eval_from_train_tail:
-            source = spec.eval_split if path is None else "eval"
-            located = _source_rows(spec, path, spec.eval_split)
-            row_rng = spec.row_rng(data_cfg.pool_seed) if spec.row_rng is not None else None
             items = _tail_examples(spec, located, source, data_cfg, row_rng)
         else:
-            items = load_eval_items(name, path, data_cfg)
+            items = to_examples(spec, located, source, data_cfg.pool_seed, data_cfg.max_eval,
+                                row_rng)
         sets.append(EvalSet(name=name, spec=spec, labels=spec.labels,
                             items=_require_rows(items, "evaluation", spec),
                             icl_source=data_cfg.task))
