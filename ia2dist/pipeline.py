@@ -49,10 +49,9 @@ class Experiment:
     """Shared state of a run: config, task data, tokenizer, frozen base model, units."""
 
     def __init__(self, cfg: RunConfig):
+        from ia2dist.config import is_sweep
         from ia2dist.data.loaders import load_task
         from ia2dist.modeling import load_model, load_tokenizer
-
-        from ia2dist.config import is_sweep
 
         if is_sweep(cfg.train):
             raise IA2Error("train.lr / train.plus_sft_weight / train.label_types: a sweep (a list "
