@@ -108,7 +108,8 @@ class Experiment:
         """Everything that determines a unit's teacher outputs (not train/eval/dist settings, nor
         the other N and seeds of the sweep)."""
         e = self.cfg.extract
-        data = {k: v for k, v in to_dict(self.cfg)["data"].items() if k not in ("num_train", "seeds")}
+        data = {k: v for k, v in to_dict(self.cfg)["data"].items()
+                if k not in ("num_train", "seeds", "ood_tasks", "ood_paths")}
         model = {k: v for k, v in to_dict(self.cfg)["model"].items() if k not in ("device", "cache_dir")}
         return {"model": model, "model_files": _model_fingerprint(self.cfg.model.name_or_path),
                 "task": self.spec.name, "data": data, "n": unit.n, "seed": unit.seed,
