@@ -132,7 +132,8 @@ def run(*, quick: bool = False, keep_dir: str | None = None) -> dict:
     model_dir = save_bench_model(work / "model")
     train_path, eval_path = write_data(work / "data")
     dev = min(48, n // 2)
-    common = [f"model.name_or_path={model_dir}", "model.device=cpu", "data.task=sst2",
+    common = [f"model.name_or_path={model_dir}", "model.device=cpu", "model.dtype=float32",
+              "data.task=sst2",
               f"data.train_path={train_path}", f"data.eval_path={eval_path}",
               f"data.num_train=[{n}]", "data.seeds=[0]", "data.max_eval=16", "baselines=[]",
               "eval.similarity=false", "wandb.mode=disabled", "train.methods=[ia2]",

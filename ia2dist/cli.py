@@ -25,7 +25,9 @@ VERBS = {
 EPILOG = """\
 config: a YAML file with sections model, data, extract, train, eval, wandb, dist (see README
 "Config reference"); omitted fields take their defaults, so no file is needed for the embedded
-demo. Overrides: key=value with dotted paths, values parsed as YAML, e.g.
+demo. protocol: reference (default; the paper code's choices) or ia2dist sets the defaults of the
+options listed in README "Differences from the reference". Overrides: key=value with dotted paths,
+values parsed as YAML, e.g.
   ia2dist run configs/demo.yaml data.num_train=[2,4] train.methods=[sft,ia2_then_sft]
 """
 

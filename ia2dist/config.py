@@ -7,6 +7,7 @@ each naming the dotted field and the fix.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -26,6 +27,58 @@ METHODS = ("sft", "soft_sft", "ia2", "ia2_plus_sft", "ia2_then_sft", "sft_then_i
 BASELINES = ("base", "icl")
 ADAPTERS = ("lora", "ia3", "prompt", "prefix", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+LABEL_TYPES = ("ground_truth", "icl")
+#: Methods with a cross-entropy target whose tokens ``train.label_type(s)`` choose (ia2 has no CE
+#: term; soft_sft always matches the teacher's own distribution).
+LABEL_METHODS = ("sft", "ia2_plus_sft", "ia2_then_sft", "sft_then_ia2")
+PROTOCOLS = ("reference", "ia2dist")
+
+#: The defaults that depend on the top-level ``protocol``: field -> (reference, ia2dist, why).
+#: ``reference`` reproduces the paper's code (github.com/aamixsh/ia2, scripts/) item for item;
+#: ``ia2dist`` is this project's own choice where it is an improvement. A value set in the YAML or
+#: an override always wins; a mapping-valued default is merged key by key with the user's entries.
+#: The dataclass defaults below are the reference column (``_reference``), so the two cannot drift.
+PROTOCOL_DEFAULTS: dict[str, tuple[Any, Any, str]] = {
+    "model.dtype": ("auto", "float32",
+                    "auto = bfloat16 for pretrained checkpoints (hub id or local directory), as the "
+                    "reference loads them; float32 keeps full precision"),
+    "data.bbc_cut": ("reference", "word",
+                     "the reference drops the last space-separated piece of text[:256] even when it "
+                     "is a whole word or the text is shorter"),
+    "train.lr": (1e-4, 1e-3, "the reference's default (its sweep: 1e-4, 3e-4, 1e-3)"),
+    "train.plus_sft_weight": (0.02, 0.5, "w of ia2_plus_sft (the reference's --ce_loss_weight)"),
+    "train.label_types": ({"ia2_plus_sft": ["icl"]}, {},
+                          "the reference's tna always trains CE on the ICL teacher's response"),
+    "train.adapter.ia3_scaling": ("input", "output",
+                                  "the reference sets feedforward_modules = target_modules, so IA3 "
+                                  "scales the inputs of the adapted projections"),
+    "eval.confidence": ("reference", "plain",
+                        "reference: top-1 renormalised over the top-10 tokens and a softmax over "
+                        "the label probabilities (squashed toward 1/C); plain: the probabilities"),
+    "eval.label_ties": ("correct", "argmax",
+                        "the reference counts the gold label correct when no other label is more "
+                        "likely, so a tie is always correct"),
+    "eval.parser": ("reference", "ia2dist",
+                    "answer parsers of the multi-token tasks (GSM8K, MATH)"),
+    "eval.similarity_mode": ("generated", "teacher_forced",
+                             "the reference compares each model's activations on its own greedy "
+                             "response; teacher-forced compares at identical tokens"),
+    "eval.similarity_items": (100, 64, "evaluation items of the similarity analysis"),
+    "eval.selection": ("test", "dev",
+                       "how the report picks a sweep's hyperparameters: best mean test accuracy "
+                       "(the reference; optimistic) or best mean dev accuracy"),
+}
+
+
+def _reference(dotted: str):
+    """The reference protocol's default of ``dotted`` (a fresh copy for mutable values)."""
+    return copy.deepcopy(PROTOCOL_DEFAULTS[dotted][0])
+
+
+def protocol_default(dotted: str, protocol: str):
+    """The default of ``dotted`` under ``protocol`` (reference or ia2dist)."""
+    reference, own, _ = PROTOCOL_DEFAULTS[dotted]
+    return copy.deepcopy(reference if protocol == "reference" else own)
 
 
 @dataclass(kw_only=True)
@@ -36,8 +89,10 @@ class ModelConfig:
     directory with a Hugging Face causal LM, or a hub id (needs network or a warm HF cache)."""
     tokenizer: str | None = None
     """Tokenizer path/id when it differs from name_or_path."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for teacher and student."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _reference("model.dtype")
+    """Weights dtype for teacher and student. 'auto' is resolved when the config is built:
+    bfloat16 for a pretrained checkpoint (hub id or local directory), float32 for 'embedded' and
+    'tiny:*'. Protocol default: auto (reference) / float32 (ia2dist)."""
     device: str = "auto"
     """'auto' (cuda if available else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
     padding_side: Literal["left", "right"] = "left"
@@ -45,6 +100,19 @@ class ModelConfig:
     trust_remote_code: bool = False
     cache_dir: str | None = None
     """Where the embedded model is cached (default: ~/.cache/ia2dist or $IA2DIST_CACHE)."""
+
+    def __post_init__(self):
+        if self.dtype == "auto":
+            self.dtype = resolve_dtype(self.name_or_path)
+
+
+def resolve_dtype(name_or_path: str) -> str:
+    """model.dtype 'auto': bfloat16 for a pretrained checkpoint (as the reference loads its
+    models), float32 for the project's own small models ('embedded', 'tiny:<arch>'), which run on
+    CPUs."""
+    if name_or_path == "embedded" or str(name_or_path).startswith("tiny:"):
+        return "float32"
+    return "bfloat16"
 
 
 @dataclass(kw_only=True)
@@ -66,7 +134,28 @@ class DataConfig:
     max_dev: int = 48
     """dev = min(max_dev, N // 2)."""
     pool_seed: int = 42
-    """Seed of the one-off dataset shuffle."""
+    """Seed of the one-off dataset shuffle: the order of Hugging Face ``Dataset.shuffle(seed)``
+    (numpy ``default_rng(seed).permutation``), with each dataset's filter / split / re-shuffle steps
+    in the reference's order."""
+    max_icl_demos: int = 256
+    """Cap on the demonstrations in a teacher or ICL prompt: with N-1 above it, a random subset of
+    this size is drawn (the reference's max_icl_demos / icl_max_demos, 256)."""
+    bbc_cut: Literal["reference", "word"] = _reference("data.bbc_cut")
+    """bbcnews texts are cut to 256 characters: 'reference' drops the last space-separated piece
+    of text[:256] (always, as the reference does); 'word' keeps a text that fits whole and cuts a
+    longer one at the last word boundary. Protocol default: reference / word."""
+    ood_tasks: list[str] | None = None
+    """Out-of-distribution evaluation sets of the trained models (their ICL baseline draws its
+    demos from the training task's pool). None: the reference's sets for the task (sst2 -> finsen,
+    poems; agnews -> bbcnews; sciq_remap -> qasc_remap; gsm8k -> gsm8ks), each loaded from
+    data.ood_paths or, when the training data comes from the hub, from the hub (with local training
+    files and no path it is skipped with a warning). An explicit list is required to load; [] turns
+    it off."""
+    ood_paths: dict[str, str] = field(default_factory=dict)
+    """Local files of the out-of-distribution sets' raw rows, by task name, e.g.
+    {finsen: /data/financial_phrasebank.jsonl}. finsen's file is its whole single split (the
+    evaluation set is its shuffled tail, as in the reference); the others hold the evaluation split
+    (poems: poem_sentiment's train split; bbcnews, gsm8ks: test; qasc_remap: validation)."""
     synthetic_mapping: int = 0
     """Synthetic task only: which held-out cluster->label mapping (a task never seen in
     pretraining) the run uses; sweep it to average over tasks."""
@@ -87,9 +176,10 @@ class ExtractConfig:
     """Prompts per batched KV-cached generation."""
     act_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Storage dtype of teacher activations."""
-    topk: int = 0
-    """Store the teacher's top-k next-token distribution per response position (0: off). soft_sft
-    needs it (k > 0); the mass outside the top k is spread uniformly over the other tokens."""
+    topk: int | None = None
+    """Store the teacher's next-token distribution per response position for soft_sft: -1 the full
+    vocabulary (the reference's tokl default), k > 0 the top k (the mass outside them is spread
+    uniformly over the other tokens), 0 off. None: -1 when soft_sft is trained, else 0."""
 
 
 @dataclass(kw_only=True)
@@ -100,8 +190,11 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "o_proj"])
     """Module names (LoRA/IA3). Architecture aliases are resolved: e.g. GPT-2's c_attn/c_proj."""
-    num_virtual_tokens: int = 8
-    """Prompt and prefix tuning only."""
+    num_virtual_tokens: int = 20
+    """Prompt and prefix tuning only (the reference uses 20)."""
+    ia3_scaling: Literal["input", "output"] = _reference("train.adapter.ia3_scaling")
+    """IA3 only: scale the inputs of the target modules (PEFT feedforward_modules = targets, the
+    reference) or their outputs. Protocol default: input / output."""
 
 
 @dataclass(kw_only=True)
@@ -109,10 +202,17 @@ class TrainConfig:
     methods: list[str] = field(default_factory=lambda: ["sft", "ia2", "ia2_then_sft", "ia2_plus_sft"])
     """Methods to train: sft, soft_sft, ia2, ia2_plus_sft, ia2_then_sft, sft_then_ia2."""
     label_type: Literal["ground_truth", "icl"] = "ground_truth"
-    """SFT targets: the dataset's answers or the teacher's ICL responses."""
+    """CE targets of the methods not named in label_types: the dataset's answers or the teacher's
+    ICL responses."""
+    label_types: dict[str, list[Literal["ground_truth", "icl"]]] = field(
+        default_factory=lambda: _reference("train.label_types"))
+    """CE targets per method (sft, ia2_plus_sft, ia2_then_sft, sft_then_ia2), overriding
+    label_type; a list of both trains the method once per label type (a sweep axis). Protocol
+    default: {ia2_plus_sft: [icl]} (the reference's tna trains on the ICL outputs) / {}."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = 1e-3
+    lr: float | list[float] = _reference("train.lr")
+    """Learning rate; a list is a sweep (see plus_sft_weight). Protocol default: 1e-4 / 1e-3."""
     weight_decay: float = 0.0
     epochs: int = 50
     """Maximum epochs per phase (early stopping usually ends sooner)."""
@@ -124,8 +224,16 @@ class TrainConfig:
     """Early stopping: dev evaluations without improvement before stopping (0: never stop early)."""
     eval_every: int = 2
     """Optimizer steps between dev evaluations."""
-    plus_sft_weight: float = 0.5
-    """w in ia2_plus_sft: loss = (1 - w) * IA2 + w * CE."""
+    eval_at_epoch_end: bool = True
+    """Also evaluate the dev set at the last step of every epoch (the reference does: with N <= 4
+    that is every step)."""
+    plus_sft_weight: float | list[float] = _reference("train.plus_sft_weight")
+    """w in ia2_plus_sft: loss = (1 - w) * IA2 + w * CE. Lists here and in lr (and two label types
+    in label_types) form a grid inside one run, every point trained from the same teacher outputs;
+    the report picks one point per (method, N) (eval.selection). Protocol default: 0.02 / 0.5."""
+    truncate_targets: bool = False
+    """Cut ground-truth CE targets to T tokens (at T = 1: a label's first token). False trains the
+    whole answer (+ EOS when T > 1), as the reference does."""
     ia2_normalize: Literal["none", "teacher_norm"] = "none"
     """IA2 loss per layer: plain MSE (reference) or divided by the teacher's mean squared norm."""
     max_steps: int | None = None
@@ -142,17 +250,36 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 16
     ece_bins: int = 15
-    confidence: Literal["plain", "reference"] = "plain"
-    """Reported confidence: plain softmax probabilities, or the reference code's (top-1 renormalised
-    over the top-10 tokens; label-set softmax over probabilities). Both are stored."""
+    confidence: Literal["plain", "reference"] = _reference("eval.confidence")
+    """Distributions behind the reported confidence and entropy: plain softmax probabilities, or
+    the reference code's (top-1 renormalised over the top-10 tokens; a softmax over the label
+    probabilities). Both are stored (*_plain, *_ref). Protocol default: reference / plain."""
+    label_ties: Literal["correct", "argmax"] = _reference("eval.label_ties")
+    """Label-set accuracy: 'correct' counts the gold label right when no other label is more
+    likely (ties count as correct, the reference); 'argmax' needs it to be the first most likely.
+    Protocol default: correct / argmax."""
+    parser: Literal["reference", "ia2dist"] = _reference("eval.parser")
+    """Answer parsers of multi-token tasks: the reference's (GSM8K: \\boxed first, then ####,
+    "Answer:", ..., sign dropped, fallbacks; MATH: first \\boxed greedily to the line's last brace)
+    or ia2dist's (GSM8K: the last ####, \\boxed, "the answer is", last number, sign kept; MATH: the
+    last \\boxed with balanced braces). Protocol default: reference / ia2dist."""
     stop_strings: list[str] = field(default_factory=lambda: ["\n\n"])
     max_new_tokens: int | None = None
     """Generation length for multi-token tasks (None: the task's T)."""
     similarity: bool = True
     """Per-layer cosine similarity of each method's activations (no demos) to the ICL teacher's."""
-    similarity_items: int = 64
+    similarity_items: int = _reference("eval.similarity_items")
     """Evaluation items (the first ones) used for the similarity analysis; their ICL teacher
-    activations are extracted once per (N, seed)."""
+    activations are extracted once per (N, seed). Protocol default: 100 / 64."""
+    similarity_mode: Literal["generated", "teacher_forced"] = _reference("eval.similarity_mode")
+    """'generated': each model's activations on its own greedy response, compared per example over
+    the first min(T_a, T_b) positions and averaged per example (the reference); 'teacher_forced':
+    on the teacher's response, pooled over all positions. Identical at T = 1. Protocol default:
+    generated / teacher_forced."""
+    selection: Literal["test", "dev"] = _reference("eval.selection")
+    """With a sweep, the report keeps per (method, N) the point with the best mean accuracy over
+    seeds on the TEST items ('test', the reference's choice: optimistic, labelled so) or on the dev
+    items ('dev', ties: lower dev loss). Protocol default: test / dev."""
 
 
 @dataclass(kw_only=True)
@@ -217,6 +344,10 @@ class DistConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
+    protocol: Literal["reference", "ia2dist"] = "reference"
+    """Sets the default of every option in PROTOCOL_DEFAULTS (README "Differences from the
+    reference"): 'reference' reproduces the paper's code, 'ia2dist' uses this project's choices.
+    Each option stays individually overridable."""
     run_dir: str = "runs/ia2"
     """Output directory. Must be empty or absent unless --overwrite (then it is replaced)."""
     seed: int = 0
@@ -230,6 +361,10 @@ class RunConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     baselines: list[str] = field(default_factory=lambda: ["base", "icl"])
     """Evaluation-only rows in the report: base (no demos) and icl (N-1 demos)."""
+
+    def __post_init__(self):
+        if self.extract.topk is None:
+            self.extract.topk = -1 if "soft_sft" in self.train.methods else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +386,10 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        # a scalar-or-list field (a sweep, e.g. train.lr): a list value takes the list type
+        listed = [a for a in inner if typing.get_origin(a) is list]
+        if isinstance(value, list) and listed:
+            return _coerce(value, listed[0], where, problems)
         return _coerce(value, inner[0], where, problems)
     if origin is Literal:
         if value not in args:
@@ -263,6 +402,14 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected a list, got {type(value).__name__}; write [a, b, ...]")
             return []
         return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__}; write "
+                            "{key: value, ...}")
+            return {}
+        return {str(k): _coerce(v, args[1], f"{where}.{k}", problems) for k, v in value.items()}
     if _is_dataclass_type(tp):
         return _build(tp, value, where, problems)
     if tp is bool:
@@ -350,6 +497,111 @@ def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> di
     return data
 
 
+def apply_protocol(data: dict, problems: list[str]) -> dict:
+    """Fill the raw config mapping with the defaults of its ``protocol`` (PROTOCOL_DEFAULTS) where
+    the user set nothing; a mapping-valued default is merged under the user's own keys."""
+    protocol = data.get("protocol", "reference")
+    if protocol not in PROTOCOLS:
+        return data  # the type check reports it
+    for dotted in PROTOCOL_DEFAULTS:
+        *sections, leaf = dotted.split(".")
+        node = data
+        for name in sections:
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            if not isinstance(child, dict):
+                break  # reported by the type check
+            node = child
+        else:
+            value = protocol_default(dotted, protocol)
+            if leaf not in node or node[leaf] is None and isinstance(value, dict):
+                node[leaf] = value
+            elif isinstance(value, dict) and isinstance(node[leaf], dict):
+                node[leaf] = {**value, **node[leaf]}
+    return data
+
+
+def label_types_for(train_cfg: "TrainConfig", method: str) -> tuple[str, ...]:
+    """The CE label types ``method`` trains with: its train.label_types entry, else
+    (train.label_type,); () for methods without a CE target on labels (ia2, soft_sft)."""
+    if method not in LABEL_METHODS:
+        return ()
+    chosen = train_cfg.label_types.get(method)
+    if not chosen:
+        return (train_cfg.label_type,)
+    return tuple(dict.fromkeys([chosen] if isinstance(chosen, str) else chosen))
+
+
+def label_type_for(train_cfg: "TrainConfig", method: str) -> str | None:
+    """The one label type of ``method`` (None without a CE target); IA2Error when its entry in
+    train.label_types lists several (a sweep: use ``expand_grid``, whose points carry one each)."""
+    from ia2dist.errors import IA2Error
+
+    kinds = label_types_for(train_cfg, method)
+    if len(kinds) > 1:
+        raise IA2Error(f"train.label_types.{method}: {list(kinds)} is a sweep over label types; "
+                       "train each point of expand_grid(train, method)")
+    return kinds[0] if kinds else None
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One hyperparameter setting of a method in a sweep.
+
+    train: the train config with scalar lr / plus_sft_weight and, for methods with a CE target,
+    label_type set to this point's (label_types emptied), ready for the trainer.
+    params: what varies, {"lr": ..., "plus_sft_weight": ... (ia2_plus_sft only), "label_type": ...
+    (methods with a CE target only)} - the keys to tag result rows with.
+    tag: a short name of the point for folder and row names, e.g. "lr0.0001_w0.02_icl".
+    """
+
+    method: str
+    train: "TrainConfig"
+    params: dict
+    tag: str
+
+
+def _number_tag(value: float) -> str:
+    return f"{value:g}"
+
+
+def expand_grid(train_cfg: "TrainConfig", method: str) -> list[GridPoint]:
+    """Every hyperparameter setting ``method`` is trained with: lr x plus_sft_weight (ia2_plus_sft
+    only) x label type (methods with a CE target only), in config order (lr outermost). Settings a
+    method does not use are not expanded for it, as the reference's sweep does (its tna sweeps
+    the weight, tok and a2t the label type)."""
+    weights = _as_list(train_cfg.plus_sft_weight) if method == "ia2_plus_sft" else [None]
+    kinds = list(label_types_for(train_cfg, method)) or [None]
+    points = []
+    for lr in _as_list(train_cfg.lr):
+        for weight in weights:
+            for kind in kinds:
+                params = {"lr": float(lr)}
+                changes = {"lr": float(lr), "label_types": {}}
+                tag = [f"lr{_number_tag(lr)}"]
+                if weight is not None:
+                    params["plus_sft_weight"] = changes["plus_sft_weight"] = float(weight)
+                    tag.append(f"w{_number_tag(weight)}")
+                else:
+                    changes["plus_sft_weight"] = float(_as_list(train_cfg.plus_sft_weight)[0])
+                if kind is not None:
+                    params["label_type"] = changes["label_type"] = kind
+                    tag.append("gt" if kind == "ground_truth" else kind)
+                points.append(GridPoint(method, dataclasses.replace(train_cfg, **changes), params,
+                                        "_".join(tag)))
+    return points
+
+
+def is_sweep(train_cfg: "TrainConfig") -> bool:
+    """True when some method of train.methods has more than one grid point."""
+    return any(len(expand_grid(train_cfg, m)) > 1 for m in train_cfg.methods)
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Semantic checks beyond types; returns 'field: problem; fix' strings."""
     from ia2dist.data.tasks import TASKS
@@ -374,8 +626,12 @@ def validate(cfg: RunConfig) -> list[str]:
         if b not in BASELINES:
             p.append(f"baselines[{i}]: unknown baseline {b!r}; use one of {', '.join(BASELINES)}")
     t = cfg.train
-    if t.lr <= 0:
-        p.append(f"train.lr: {t.lr} must be > 0, e.g. 1e-3")
+    if isinstance(t.lr, list) and not t.lr:
+        p.append("train.lr: empty list; give a value or a list to sweep, e.g. [1e-4, 3e-4, 1e-3]")
+    for lr in _as_list(t.lr):
+        if lr <= 0:
+            p.append(f"train.lr: {lr} must be > 0, e.g. 1e-4")
+            break
     if t.epochs < 1:
         p.append("train.epochs: must be >= 1")
     if t.batch_size < 1 or t.micro_batch_size < 1:
@@ -383,8 +639,19 @@ def validate(cfg: RunConfig) -> list[str]:
     elif t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size "
                  f"{t.micro_batch_size}; make it one (gradient accumulation = batch / micro)")
-    if not 0.0 <= t.plus_sft_weight <= 1.0:
-        p.append(f"train.plus_sft_weight: {t.plus_sft_weight} must be in [0, 1]")
+    if isinstance(t.plus_sft_weight, list) and not t.plus_sft_weight:
+        p.append("train.plus_sft_weight: empty list; give a value or a list to sweep")
+    for weight in _as_list(t.plus_sft_weight):
+        if not 0.0 <= weight <= 1.0:
+            p.append(f"train.plus_sft_weight: {weight} must be in [0, 1]")
+            break
+    for method, kinds in t.label_types.items():
+        if method not in LABEL_METHODS:
+            why = "has no CE target" if method in METHODS else "is not a method"
+            p.append(f"train.label_types.{method}: {method} {why}; name one of "
+                     f"{', '.join(LABEL_METHODS)}")
+        elif not kinds:
+            p.append(f"train.label_types.{method}: empty; give ground_truth, icl or both")
     if t.eval_every < 1:
         p.append("train.eval_every: must be >= 1")
     if t.patience < 0:
@@ -407,11 +674,27 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("extract.max_new_tokens: must be between 1 and 4096 (or null for the task's T)")
     if e.batch_size < 1:
         p.append("extract.batch_size: must be >= 1")
-    if e.topk < 0:
-        p.append("extract.topk: must be >= 0")
+    if e.topk is not None and e.topk < -1:
+        p.append("extract.topk: must be -1 (full vocabulary), 0 (off) or a positive k")
     elif "soft_sft" in cfg.train.methods and e.topk == 0:
-        p.append("extract.topk: soft_sft needs the teacher's top-k distribution; set extract.topk, "
-                 "e.g. extract.topk=32")
+        p.append("extract.topk: soft_sft needs the teacher's next-token distribution; set "
+                 "extract.topk=-1 (full vocabulary) or a top k, e.g. extract.topk=32")
+    dc = cfg.data
+    if dc.max_icl_demos < 1:
+        p.append("data.max_icl_demos: must be >= 1")
+    from ia2dist.data.tasks import TASKS as _TASKS
+
+    for i, name in enumerate(dc.ood_tasks or []):
+        if name not in _TASKS or name == "synthetic":
+            p.append(f"data.ood_tasks[{i}]: unknown task {name!r}; use one of "
+                     f"{', '.join(sorted(n for n in _TASKS if n != 'synthetic'))}")
+    for name, path in dc.ood_paths.items():
+        if name not in _TASKS or name == "synthetic":
+            p.append(f"data.ood_paths.{name}: unknown task {name!r}; key the paths by task name, "
+                     "e.g. finsen")
+        elif not Path(path).expanduser().exists():
+            p.append(f"data.ood_paths.{name}: file {path} does not exist; fix the path or remove "
+                     "the entry")
     if cfg.eval.ece_bins < 1:
         p.append("eval.ece_bins: must be >= 1")
     if cfg.eval.similarity_items < 1:
@@ -472,6 +755,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"{p}: top level must be a mapping of sections"], source)
         data = loaded or {}
     data = apply_overrides(data, list(overrides or []), problems)
+    data = apply_protocol(data, problems)
     cfg = _build(RunConfig, data, "", problems)
     # Semantic checks too, so one invocation reports everything; skip fields already reported.
     reported = {p.split(":", 1)[0].split("[", 1)[0] for p in problems}

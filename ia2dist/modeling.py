@@ -484,8 +484,15 @@ def _peft_config(model: nn.Module, adapter_cfg):
                                target_modules=_resolve_targets(model, adapter_cfg.targets),
                                task_type="CAUSAL_LM")
     if kind == "ia3":
-        return peft.IA3Config(target_modules=_resolve_targets(model, adapter_cfg.targets),
-                              feedforward_modules=[], task_type="CAUSAL_LM")
+        # input scaling (the reference): every target is a PEFT "feedforward" module, whose
+        # learned vector scales the module's input; output scaling: none is
+        targets = _resolve_targets(model, adapter_cfg.targets)
+        scaling = adapter_cfg.ia3_scaling
+        if scaling not in ("input", "output"):
+            raise IA2Error(f"train.adapter.ia3_scaling: {scaling!r}; use input or output")
+        return peft.IA3Config(target_modules=targets,
+                              feedforward_modules=list(targets) if scaling == "input" else [],
+                              task_type="CAUSAL_LM")
     if kind == "prompt":
         return peft.PromptTuningConfig(num_virtual_tokens=adapter_cfg.num_virtual_tokens,
                                        prompt_tuning_init="RANDOM", task_type="CAUSAL_LM")

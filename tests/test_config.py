@@ -2,7 +2,7 @@
 
 import pytest
 
-from ia2dist.config import RunConfig, config_hash, load_config
+from ia2dist.config import RunConfig, config_hash, expand_grid, is_sweep, load_config
 from ia2dist.errors import ConfigError
 
 
@@ -91,3 +91,31 @@ def test_readme_documents_every_field():
         if not hit:
             missing.append(dotted)
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_sweep_grid_expands_per_method():
+    cfg = load_config(None, ["train.lr=[1e-4, 3e-4]", "train.plus_sft_weight=[0.01, 0.5]",
+                             "train.label_types.sft=[ground_truth, icl]"])
+    assert cfg.train.lr == [1e-4, 3e-4]
+    grid = {m: expand_grid(cfg.train, m) for m in ("sft", "ia2", "ia2_plus_sft", "ia2_then_sft")}
+    assert [p.tag for p in grid["ia2"]] == ["lr0.0001", "lr0.0003"]
+    assert [p.tag for p in grid["sft"]] == ["lr0.0001_gt", "lr0.0001_icl", "lr0.0003_gt",
+                                            "lr0.0003_icl"]
+    assert [p.tag for p in grid["ia2_plus_sft"]] == ["lr0.0001_w0.01_icl", "lr0.0001_w0.5_icl",
+                                                     "lr0.0003_w0.01_icl", "lr0.0003_w0.5_icl"]
+    point = grid["ia2_plus_sft"][1]
+    assert point.params == {"lr": 1e-4, "plus_sft_weight": 0.5, "label_type": "icl"}
+    assert (point.train.lr, point.train.plus_sft_weight, point.train.label_type) == (1e-4, 0.5,
+                                                                                     "icl")
+    assert point.train.label_types == {} and cfg.train.lr == [1e-4, 3e-4]  # a copy
+    assert all(isinstance(p.train.lr, float) for pts in grid.values() for p in pts)
+    assert is_sweep(cfg.train) and not is_sweep(load_config(None).train)
+    single = expand_grid(load_config(None).train, "ia2_plus_sft")
+    assert [p.tag for p in single] == ["lr0.0001_w0.02_icl"]
+
+
+def test_sweep_values_are_checked():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.lr=[1e-4, -1]", "train.plus_sft_weight=[]"])
+    text = " ".join(info.value.problems)
+    assert "train.lr: -1.0 must be > 0" in text and "train.plus_sft_weight: empty list" in text

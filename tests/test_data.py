@@ -14,7 +14,8 @@ from ia2dist.config import DataConfig
 from ia2dist.data import loaders, parsers, prompts, splits
 from ia2dist.data.loaders import TaskData, load_eval_items, load_task, read_rows
 from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
-from ia2dist.data.tasks import REMAP_WORDS, TASKS, RowError, cut_at_word, get_task
+from ia2dist.data.tasks import (REMAP_WORDS, TASKS, RowError, cut_at_word, cut_like_reference,
+                                get_task)
 from ia2dist.errors import DataError, IA2Error
 from ia2dist.records import Example
 
@@ -164,12 +165,17 @@ def test_strategytf_last_rows_after_shuffle_are_eval():
     assert (len(data.train_pool), len(data.eval_items)) == (6, 4)
     located = [(str(i), row) for i, row in enumerate(read_rows(cfg.train_path))]
     everything = loaders.to_examples(data.spec, located, "train", 42, None)
-    assert data.eval_items == everything[-4:]
+    # the last 4 after the shuffle evaluate, each part shuffled once more
+    assert sorted(e.uid for e in data.eval_items) == sorted(e.uid for e in everything[-4:])
+    assert sorted(e.uid for e in data.train_pool) == sorted(e.uid for e in everything[:-4])
+    again = loaders.shuffled_order(6, 42)
+    assert data.train_pool == [everything[:-4][i] for i in again]
 
 
 def test_bbcnews_cut_and_agnews_label_ids():
     rows = read_rows(fixture("bbcnews_test.jsonl"))
-    items = load_eval_items("bbcnews", fixture("bbcnews_test.jsonl"), DataConfig(task="agnews"))
+    items = load_eval_items("bbcnews", fixture("bbcnews_test.jsonl"),
+                            DataConfig(task="agnews", bbc_cut="word"))
     expected = {"business": "2", "sport": "1", "tech": "3", "politics": "0", "entertainment": "0"}
     for ex in items:
         text = ex.query[len("Text:"):-len("\nLabel:")]
@@ -180,6 +186,13 @@ def test_bbcnews_cut_and_agnews_label_ids():
             assert row["text"][len(text)] == " ", "cut must fall at a word boundary"
         else:
             assert text == row["text"]
+
+
+def test_cut_like_reference():
+    assert cut_like_reference("alpha beta gamma", 100) == "alpha beta"
+    assert cut_like_reference("alpha beta gamma", 10) == "alpha"
+    assert cut_like_reference("alpha beta gamma", 8) == "alpha"
+    assert cut_like_reference("alphabetagamma", 5) == ""
 
 
 def test_cut_at_word():
@@ -465,6 +478,18 @@ def test_split_too_large_names_num_train_and_pool_size():
     with pytest.raises(DataError, match=r"data.num_train: N=8 needs 8 training \+ 4 dev.*only 10"):
         make_split(make_pool(10), 8, run_seed=0)
     make_split(make_pool(12), 8, run_seed=0)
+
+
+def test_train_demos_continue_the_split_generator():
+    """The demo shuffles continue the RandomState that drew the split (not a fresh one)."""
+    split = make_split(make_pool(40), 8, run_seed=1)
+    rng = np.random.RandomState(1)
+    rng.permutation(40)
+    first = [k for k in range(8) if k != 0]
+    rng.shuffle(first)
+    assert [d.uid for d in train_demos(split, 1)[0]] == [split.train[k].uid for k in first]
+    with pytest.raises(DataError, match="data.max_icl_demos"):
+        train_demos(split, 1, max_demos=0)
 
 
 def test_leave_one_out_train_demos():

@@ -10,11 +10,13 @@ import torch
 
 from ia2dist.errors import IA2Error
 from ia2dist.eval.evaluate import evaluate_generation
-from ia2dist.eval.evaluate import (cut_at_stop, evaluate_single_token, label_token_ids,
-                                   last_token_logits, layer_similarity, score_generations)
+from ia2dist.eval.evaluate import (cut_at_stop, entropies, evaluate_single_token,
+                                   generation_similarity, label_set_correct, label_token_ids,
+                                   last_token_logits, layer_similarity, per_example_similarity,
+                                   score_generations)
 from ia2dist.eval.metrics import ece_equal_mass, entropy, reliability_bins
-from ia2dist.eval.report import (aggregate, reliability_diagram, similarity_plot, summary_table,
-                                 write_report)
+from ia2dist.eval.report import (aggregate, reliability_diagram, select_settings, similarity_plot,
+                                 summary_table, write_report)
 from ia2dist.modeling import encode
 from ia2dist.records import Example, TeacherRecord
 from ia2dist.teacher.extract import extract
@@ -146,6 +148,55 @@ def test_single_token_known_accuracy_and_confidences(tok, llama):
     assert json.loads(json.dumps(rows)) == rows  # rows are JSON-ready
 
 
+def test_label_ties_count_as_correct_in_reference_mode():
+    """The reference: correct iff P(gold) >= P(label) for every other label."""
+    probs = torch.tensor([[0.3, 0.3, 0.1], [0.2, 0.5, 0.2], [0.1, 0.1, 0.1], [0.4, 0.2, 0.1]])
+    gold = torch.tensor([1, 0, 2, 0])
+    reference = [all(float(row[g]) >= float(row[k]) for k in range(3) if k != g)
+                 for row, g in zip(probs, gold.tolist())]
+    assert label_set_correct(probs, gold, "correct").tolist() == reference == [True, False, True,
+                                                                               True]
+    assert label_set_correct(probs, gold, "argmax").tolist() == [False, False, False, True]
+    with pytest.raises(IA2Error, match="eval.label_ties"):
+        label_set_correct(probs, gold, "maybe")
+
+
+def test_reference_entropies():
+    """The reference: H = -sum p log(p + 1e-10) of the top-10 renormalised and of a softmax over
+    the label probabilities."""
+    torch.manual_seed(0)
+    probs_NV = torch.randn(5, 50).softmax(-1)
+    label_NC = probs_NV[:, [3, 7]]
+    got = entropies(probs_NV, label_NC)
+    for i in range(5):
+        top = np.sort(probs_NV[i].double().numpy())[::-1][:10]
+        top = top / top.sum()
+        assert float(got["top1_ref"][i]) == pytest.approx(-np.sum(top * np.log(top + 1e-10)))
+        lab = label_NC[i].double().numpy()
+        soft = np.exp(lab) / np.sum(np.exp(lab))
+        assert float(got["label_ref"][i]) == pytest.approx(-np.sum(soft * np.log(soft + 1e-10)))
+        assert float(got["top1_plain"][i]) == pytest.approx(float(entropy(probs_NV[i])), rel=1e-6)
+        assert float(got["label_plain"][i]) == pytest.approx(
+            float(entropy(label_NC[i] / label_NC[i].sum())), rel=1e-6)
+
+
+def test_single_token_ties_and_entropy_keys(tok, llama):
+    """Equal logits for both labels: a tie, correct for every gold label in reference mode."""
+    one, zero = label_token_ids(tok, LABELS)[1], label_token_ids(tok, LABELS)[0]
+    bias_V = torch.zeros(len(tok))
+    bias_V[one] = bias_V[zero] = 3.0
+    model = _biased(llama, bias_V)
+    examples = _examples(["1", "0", "1", "0"])
+    prompts = [ex.query for ex in examples]
+    ties, _ = evaluate_single_token(model, tok, prompts, examples, LABELS, label_ties="correct",
+                                    confidence="reference")
+    argmax, _ = evaluate_single_token(model, tok, prompts, examples, LABELS)
+    assert ties["label_accuracy"] == 1.0 and argmax["label_accuracy"] == 0.5
+    assert ties["label_entropy"] == ties["label_entropy_ref"] == pytest.approx(math.log(2))
+    assert ties["entropy"] == ties["entropy_ref"] and argmax["entropy"] == argmax["entropy_plain"]
+    assert argmax["label_entropy"] == pytest.approx(math.log(2))
+
+
 def test_single_token_padding_invariance(tok, llama):
     examples = _examples(["1", "0", "1", "0", "1", "0"])
     prompts = [ex.query for ex in examples]
@@ -266,6 +317,39 @@ def test_layer_similarity_prompt_tuning_offsets_virtual_tokens(tok, llama):
     assert sims == pytest.approx([1.0] * len(sims), abs=1e-5)
 
 
+def test_per_example_similarity_is_the_reference_mean():
+    """Per example: cosine over D at the first min(T_a, T_b) positions, mean over them; then the
+    mean over examples (a long response does not outweigh a short one)."""
+    torch.manual_seed(0)
+    a = [torch.randn(2, 5, 8), torch.randn(2, 1, 8), torch.randn(2, 0, 8)]
+    b = [torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.randn(2, 2, 8)]
+    expected = []
+    for x, y in zip(a[:2], b[:2]):
+        t = min(x.shape[1], y.shape[1])
+        expected.append(torch.nn.functional.cosine_similarity(x[:, :t], y[:, :t], dim=2).mean(1))
+    assert per_example_similarity(a, b) == pytest.approx(torch.stack(expected).mean(0).tolist())
+    with pytest.raises(IA2Error, match="differ in layers"):
+        per_example_similarity([torch.zeros(3, 1, 8)], [torch.zeros(2, 1, 8)])
+
+
+def test_generation_similarity_on_own_greedy_responses(tok, llama, make_model):
+    """The model against its own extraction is 1 everywhere; at T = 1 it equals the teacher-forced
+    similarity; another model generating its own (different) responses is compared per example."""
+    prompts = [ex.query for ex in _examples(["1"] * 4)]
+    own = extract(llama, tok, prompts, list("abcd"), max_new_tokens=4, batch_size=4,
+                  act_dtype=torch.float32)
+    sims = generation_similarity(llama, tok, prompts, own, max_new_tokens=4, batch_size=2)
+    assert sims == pytest.approx([1.0] * llama.config.num_hidden_layers, abs=1e-5)
+    other = make_model("llama", tok, seed=1)
+    one = extract(llama, tok, prompts, list("abcd"), max_new_tokens=1, act_dtype=torch.float32)
+    assert generation_similarity(other, tok, prompts, one, max_new_tokens=1) == pytest.approx(
+        layer_similarity(other, tok, encode(tok, prompts), one), abs=1e-5)
+    mixed = generation_similarity(other, tok, prompts, own, max_new_tokens=4)
+    theirs = extract(other, tok, prompts, list("abcd"), max_new_tokens=4, act_dtype=torch.float32)
+    assert mixed == pytest.approx(per_example_similarity([r.acts_LTD for r in theirs],
+                                                         [r.acts_LTD for r in own]), abs=1e-5)
+
+
 def test_layer_similarity_rejects_mismatched_records(tok, llama):
     bad = TeacherRecord(uid="x", response_ids=torch.tensor([5, 6]), acts_LTD=torch.zeros(3, 2, 64))
     with pytest.raises(IA2Error, match="x"):
@@ -347,3 +431,63 @@ def test_write_report_generation_task_has_no_reliability(tmp_path):
     assert not (tmp_path / "reliability.png").exists()
     assert not (tmp_path / "similarity.png").exists()
     assert "| sft | 2 | 1 | 0.500 ± 0.000 | - | - | - | - |" in (tmp_path / "summary.md").read_text()
+
+
+# ---------------------------------------------------------------- sweeps and out-of-distribution
+
+
+def _sweep_rows():
+    """sft at N=4 over two learning rates, 2 seeds, in-distribution and on finsen; base rows."""
+    rows = [{"method": "base", "n": 4, "seed": s, "accuracy": 0.5} for s in (0, 1)]
+    scores = {"lr0.0001": (0.60, 0.80, 0.40), "lr0.001": (0.70, 0.50, 0.90)}
+    for setting, (test, dev, ood) in scores.items():
+        lr = float(setting[2:])
+        for seed, delta in ((0, -0.05), (1, 0.05)):
+            common = {"method": "sft", "n": 4, "seed": seed, "setting": setting, "lr": lr,
+                      "label_type": "ground_truth"}
+            rows.append({**common, "accuracy": test + delta, "dev_accuracy": dev,
+                         "dev_loss": 1.0})
+            rows.append({**common, "eval_set": "finsen", "accuracy": ood + delta})
+    return rows
+
+
+def test_selection_on_test_picks_the_best_test_mean_per_eval_set():
+    kept, choices = select_settings(_sweep_rows(), "test", task="sst2")
+    by_set = {c["eval_set"]: c for c in choices}
+    assert by_set[None]["setting"] == "lr0.001" and by_set[None]["score"] == pytest.approx(0.7)
+    assert by_set["finsen"]["setting"] == "lr0.001" and by_set["finsen"]["lr"] == 1e-3
+    assert by_set[None]["candidates"] == pytest.approx({"lr0.0001": 0.6, "lr0.001": 0.7})
+    assert len(kept) == 2 + 4 and all(r.get("setting") in (None, "lr0.001") for r in kept)
+
+
+def test_selection_on_dev_ignores_the_test_items():
+    rows = _sweep_rows()
+    kept, choices = select_settings(rows, "dev", task="sst2")
+    assert {c["setting"] for c in choices} == {"lr0.0001"}  # dev 0.8 > 0.5, on every eval set
+    assert "dev accuracy" in choices[0]["criterion"]
+    # ties on dev accuracy: the lower dev loss wins; then grid order
+    for row in rows:
+        row["dev_accuracy"] = 0.5
+        row["dev_loss"] = 0.2 if row.get("setting") == "lr0.001" else 0.4
+    assert {c["setting"] for c in select_settings(rows, "dev")[1]} == {"lr0.001"}
+    for row in rows:
+        row.pop("dev_accuracy", None), row.pop("dev_loss", None)
+    with pytest.raises(ValueError, match="dev_accuracy or dev_loss"):
+        select_settings(rows, "dev")
+
+
+def test_report_labels_the_selection_and_has_ood_sections(tmp_path):
+    summary = write_report(_sweep_rows(), tmp_path, task="sst2", selection="test")
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Hyperparameter selection" in text and "ON THE EVALUATED ITEMS" in text
+    assert "## Out-of-distribution evaluation" in text and "### finsen" in text
+    assert "| sft | 4 | 2 | ground_truth | lr0.001 | 0.700 ± 0.050 |" in text
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    assert stored["selection"]["rule"] == "test" and len(stored["selection"]["choices"]) == 2
+    assert {e["setting"] for e in stored["grid"]} == {"lr0.0001", "lr0.001"}
+    assert [e["method"] for e in stored["ood"]["finsen"]] == ["sft"]
+    assert stored["ood"]["finsen"][0]["accuracy_mean"] == pytest.approx(0.9)
+    assert summary["finsen/N4/sft/ground_truth/accuracy_mean"] == pytest.approx(0.9)
+    assert summary["N4/base/accuracy_mean"] == 0.5
+    write_report(_sweep_rows(), tmp_path, task="sst2", selection="dev")
+    assert "eval.selection = dev" in (tmp_path / "summary.md").read_text()

@@ -58,7 +58,8 @@ def test_local_directory_round_trip(tmp_path, make_tokenizer, make_model):
     model = make_model("gpt2", tok)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    cfg = ModelConfig(name_or_path=str(tmp_path), device="cpu", padding_side="left")
+    cfg = ModelConfig(name_or_path=str(tmp_path), device="cpu", padding_side="left",
+                      dtype="float32")
     loaded_tok = load_tokenizer(cfg)
     loaded = load_model(cfg)
     assert loaded_tok.pad_token_id == tok.eos_token_id and loaded_tok.padding_side == "left"
@@ -147,10 +148,39 @@ def test_full_and_ia3(make_tokenizer, make_model):
         p.requires_grad_(False)
     full = apply_adapter(model, AdapterConfig(type="full"))
     assert full is model and all(p.requires_grad for p in model.parameters())
-    ia3 = apply_adapter(make_model("gpt2", tok), AdapterConfig(type="ia3"))
+    ia3 = apply_adapter(make_model("gpt2", tok), AdapterConfig(type="ia3", ia3_scaling="output"))
     trainable = [n for n, p in ia3.named_parameters() if p.requires_grad]
     assert trainable and all("ia3_l" in n and ".attn." in n for n in trainable)
     assert not ia3.active_peft_config.feedforward_modules
+
+
+@pytest.mark.parametrize("scaling", ["input", "output"])
+def test_ia3_scales_inputs_or_outputs(make_tokenizer, make_model, scaling):
+    """input (the reference: feedforward_modules = targets): y = W (l * x); output: y = l * (W x).
+    Checked on Llama's o_proj with a non-trivial scaling vector."""
+    tok = make_tokenizer()
+    model = apply_adapter(make_model("llama", tok), AdapterConfig(type="ia3", targets=["o_proj"],
+                                                                  ia3_scaling=scaling))
+    layer = next(m for n, m in model.named_modules() if n.endswith("self_attn.o_proj"))
+    vector = layer.ia3_l["default"]
+    width = layer.base_layer.in_features if scaling == "input" else layer.base_layer.out_features
+    assert vector.numel() == width
+    with torch.no_grad():
+        vector.copy_(torch.linspace(0.5, 1.5, width).reshape(vector.shape))
+        x = torch.randn(3, layer.base_layer.in_features)
+        weight, bias = layer.base_layer.weight, layer.base_layer.bias
+        plain = lambda v: torch.nn.functional.linear(v, weight, bias)  # noqa: E731
+        scale = torch.linspace(0.5, 1.5, width)
+        expected = plain(x * scale) if scaling == "input" else plain(x) * scale
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_auto_dtype_is_bfloat16_for_checkpoints_only(tmp_path):
+    assert ModelConfig(name_or_path=str(tmp_path)).dtype == "bfloat16"
+    assert ModelConfig(name_or_path="meta-llama/Llama-3.2-1B").dtype == "bfloat16"
+    assert ModelConfig(name_or_path="embedded").dtype == "float32"
+    assert ModelConfig(name_or_path="tiny:llama").dtype == "float32"
+    assert ModelConfig(name_or_path=str(tmp_path), dtype="float16").dtype == "float16"
 
 
 @pytest.mark.parametrize("kind,expected", [("prompt", 5), ("prefix", 0), ("lora", 0), ("ia3", 0),

@@ -333,7 +333,7 @@ def deep_model_dir(tmp_path_factory):
 
 
 def test_output_larger_than_object_store_spills_and_reads_back(ray_ctx, deep_model_dir):
-    cfg = ModelConfig(name_or_path=str(deep_model_dir), device="cpu")
+    cfg = ModelConfig(name_or_path=str(deep_model_dir), device="cpu", dtype="float32")
     extract_cfg = ExtractConfig(batch_size=32, act_dtype="float32")
     prompts, uids = _prompts(128, offset=5)
     options = TeacherStageOptions(num_actors=1, cpus_per_actor=1, shard_size=32,

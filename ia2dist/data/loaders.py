@@ -1,12 +1,23 @@
 """Read raw dataset rows (local JSON / JSONL / Parquet, or the Hugging Face hub) and turn them into
 a task's training pool and evaluation items.
 
-The data protocol: rows are shuffled once with ``data.pool_seed`` (42), formatted in that order by
-the task, and the first ``max_train_pool`` (2000) training / ``max_eval`` (500) evaluation examples
-are kept. Run-level splits (N train, dev, demo pool) are made later by ``splits``.
+The data protocol, as the reference's data preparation does it: each split's rows are shuffled
+once in the order of Hugging Face ``Dataset.shuffle(seed=data.pool_seed)`` (42), that is numpy's
+``default_rng(42).permutation`` (PCG64), formatted in that order by the task, and the first
+``max_train_pool`` (2000) training / ``max_eval`` (500) evaluation examples are kept. Per dataset:
+poems drops its unused labels before the shuffle, finsen after it; finsen and strategytf split
+their one source into the shuffled head (training) and the last ``max_eval`` rows (evaluation),
+and strategytf shuffles each part again. Run-level splits (N train, dev, demo pool) are made later
+by ``splits``.
+
+Out-of-distribution evaluation sets (``load_ood_sets``): the reference evaluates the models
+trained on sst2 on finsen and poems, agnews on bbcnews, sciq_remap on qasc_remap and gsm8k on
+gsm8ks, with the ICL baseline's demonstrations drawn from the TRAINING task's demo pool.
 """
 
 from __future__ import annotations
+
+import logging
 
 import json
 from dataclasses import dataclass
@@ -18,6 +29,8 @@ from ia2dist.config import DataConfig
 from ia2dist.data.tasks import OOD_EVAL, RowError, TaskSpec, get_task
 from ia2dist.errors import DataError, IA2Error
 from ia2dist.records import Example
+
+log = logging.getLogger(__name__)
 
 #: Keys under which a .json file may hold its rows when its top level is an object.
 _ROW_KEYS = ("data", "rows", "train", "examples", "test", "validation", "eval")
@@ -131,8 +144,10 @@ def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path} row {index}", row) for index, row in enumerate(rows)]
 
 
-def _hub_rows(spec: TaskSpec, split: str) -> list[tuple[str, dict]]:
-    """The split from the Hugging Face hub (or its local cache)."""
+def _hub_rows(spec: TaskSpec, split: str,
+              fix: str = "pass data.train_path / data.eval_path with local JSON/JSONL/Parquet "
+                         "files of the raw rows") -> list[tuple[str, dict]]:
+    """The split from the Hugging Face hub (or its local cache); ``fix`` ends the error message."""
     source = spec.hf_path + (f" ({spec.hf_name})" if spec.hf_name else "")
     try:
         import datasets
@@ -142,52 +157,69 @@ def _hub_rows(spec: TaskSpec, split: str) -> list[tuple[str, dict]]:
     except Exception as exc:  # offline, missing cache, HTTP and auth errors all land here
         detail = " ".join(str(exc).split())[:160]
         raise IA2Error(f"could not load {source} split {split!r} from the Hugging Face hub "
-                       f"({type(exc).__name__}: {detail}); pass data.train_path / data.eval_path "
-                       "with local JSON/JSONL/Parquet files of the raw rows") from None
+                       f"({type(exc).__name__}: {detail}); {fix}") from None
     if not rows:
         raise DataError(f"{source} split {split!r} is empty; pass local files instead")
     return [(f"{spec.hf_path}[{split}] row {index}", row) for index, row in enumerate(rows)]
 
 
-def _source_rows(spec: TaskSpec, path: str | None, split: str) -> list[tuple[str, dict]]:
-    return _located_rows(Path(path).expanduser()) if path is not None else _hub_rows(spec, split)
+def _source_rows(spec: TaskSpec, path: str | None, split: str,
+                 **hub) -> list[tuple[str, dict]]:
+    return (_located_rows(Path(path).expanduser()) if path is not None
+            else _hub_rows(spec, split, **hub))
 
 
 # ----------------------------------------------------------------------------------------------
 # Examples
 
 
-def to_examples(spec: TaskSpec, located: list[tuple[str, dict]], split: str, seed: int,
-                limit: int | None) -> list[Example]:
-    """Shuffle rows with RandomState(seed), drop the rows the protocol filters out, format the
-    rest in shuffled order and keep the first ``limit`` (all when None).
+def shuffled_order(num_rows: int, seed: int) -> np.ndarray:
+    """The row order of Hugging Face ``Dataset.shuffle(seed=seed)`` on ``num_rows`` rows: a
+    permutation by numpy's default generator (PCG64) seeded with ``seed``."""
+    return np.random.default_rng(seed).permutation(num_rows)
 
-    The same generator then drives per-row randomness (sciq option order), so the examples depend
-    only on the rows and the seed. uid = "{task}:{split}:{row index in the source}".
+
+def to_examples(spec: TaskSpec, located: list[tuple[str, dict]], split: str, seed: int,
+                limit: int | None, row_rng: np.random.RandomState | None = None) -> list[Example]:
+    """Shuffle rows in ``Dataset.shuffle(seed)`` order, drop the rows the protocol filters out
+    (before the shuffle for ``spec.filter_before_shuffle``, else after), format the rest in
+    shuffled order and keep the first ``limit`` (all when None).
+
+    row_rng: the generator of per-row randomness (sciq's option order), consumed once per
+    formatted row; shared across calls so the evaluation rows continue the training rows' stream.
+    uid = "{task}:{split}:{row index in the source}".
     """
-    rng = np.random.RandomState(seed)
+    indices = list(range(len(located)))
+    if spec.filter_before_shuffle:
+        indices = [i for i in indices if spec.keeps(located[i][1])]
     examples = []
-    for index in rng.permutation(len(located)):
+    for position in shuffled_order(len(indices), seed):
         if limit is not None and len(examples) >= limit:
             break
+        index = indices[position]
         where, row = located[index]
-        if not spec.keeps(row):
+        if not spec.filter_before_shuffle and not spec.keeps(row):
             continue
         try:
-            examples.append(spec.row_to_example(row, f"{spec.name}:{split}:{index}", rng))
+            examples.append(spec.row_to_example(row, f"{spec.name}:{split}:{index}", row_rng))
         except RowError as exc:
             raise exc.at(where) from None
     return examples
 
 
 def _split_tail(spec: TaskSpec, examples: list[Example], cfg: DataConfig):
-    """Single-source tasks: the last max_eval shuffled examples evaluate, the rest train."""
+    """Single-source tasks: the last max_eval shuffled examples evaluate, the rest train (each
+    part shuffled again with the pool seed for ``spec.reshuffle_after_split``)."""
     if len(examples) <= cfg.max_eval:
         raise DataError(f"{spec.name}: {len(examples)} usable rows, but the last data.max_eval="
                         f"{cfg.max_eval} are held out for evaluation, leaving no training pool; "
                         "lower data.max_eval or supply more rows")
     cut = len(examples) - cfg.max_eval
-    return examples[:cut][: cfg.max_train_pool], examples[cut:]
+    train, held_out = examples[:cut], examples[cut:]
+    if spec.reshuffle_after_split:
+        train = [train[i] for i in shuffled_order(len(train), cfg.pool_seed)]
+        held_out = [held_out[i] for i in shuffled_order(len(held_out), cfg.pool_seed)]
+    return train[: cfg.max_train_pool], held_out
 
 
 def _require_rows(examples: list[Example], what: str, spec: TaskSpec) -> list[Example]:
@@ -204,7 +236,7 @@ def load_task(data_cfg: DataConfig) -> TaskData:
     None loads that split from the hub. For single-source tasks (finsen, strategytf) without an
     eval_path, the evaluation items are the shuffled tail of the training source.
     """
-    spec = get_task(data_cfg.task)
+    spec = task_spec(data_cfg.task, data_cfg)
     if spec.kind == "synthetic":
         return _load_synthetic(spec, data_cfg)
     if spec.eval_only:
@@ -215,24 +247,39 @@ def load_task(data_cfg: DataConfig) -> TaskData:
     train_rows = _source_rows(spec, data_cfg.train_path, spec.train_split)
     train_name = "train" if data_cfg.train_path else spec.train_split
     seed = data_cfg.pool_seed
+    # one stream of per-row randomness: the training rows first, then the evaluation rows
+    row_rng = spec.row_rng(seed) if spec.row_rng is not None else None
     if spec.eval_from_train_tail and data_cfg.eval_path is None:
-        examples = to_examples(spec, train_rows, train_name, seed, limit=None)
+        examples = to_examples(spec, train_rows, train_name, seed, None, row_rng)
         train_pool, eval_items = _split_tail(spec, examples, data_cfg)
     else:
-        train_pool = to_examples(spec, train_rows, train_name, seed, data_cfg.max_train_pool)
-        eval_items = _eval_examples(spec, data_cfg.eval_path, data_cfg)
+        train_pool = to_examples(spec, train_rows, train_name, seed, data_cfg.max_train_pool,
+                                 row_rng)
+        eval_items = _eval_examples(spec, data_cfg.eval_path, data_cfg, row_rng)
     return TaskData(spec, spec.labels, _require_rows(train_pool, "training", spec),
                     _require_rows(eval_items, "evaluation", spec))
 
 
-def _eval_examples(spec: TaskSpec, path: str | None, cfg: DataConfig) -> list[Example]:
+def task_spec(name: str, data_cfg: DataConfig) -> TaskSpec:
+    """The registered task with the data options that change its rows (data.bbc_cut)."""
+    return get_task(name).with_options(bbc_cut=data_cfg.bbc_cut)
+
+
+def _eval_examples(spec: TaskSpec, path: str | None, cfg: DataConfig,
+                   row_rng: np.random.RandomState | None = None) -> list[Example]:
     if path is None and spec.eval_from_train_tail:
-        examples = to_examples(spec, _hub_rows(spec, spec.eval_split), spec.eval_split,
-                               cfg.pool_seed, limit=None)
-        return _split_tail(spec, examples, cfg)[1]
+        return _tail_examples(spec, _hub_rows(spec, spec.eval_split), spec.eval_split, cfg,
+                              row_rng)
     split = "eval" if path else spec.eval_split
     return to_examples(spec, _source_rows(spec, path, spec.eval_split), split, cfg.pool_seed,
-                       cfg.max_eval)
+                       cfg.max_eval, row_rng)
+
+
+def _tail_examples(spec: TaskSpec, located, split: str, cfg: DataConfig,
+                   row_rng: np.random.RandomState | None = None) -> list[Example]:
+    """The evaluation part of a single-source task: the shuffled tail of all its rows."""
+    examples = to_examples(spec, located, split, cfg.pool_seed, None, row_rng)
+    return _split_tail(spec, examples, cfg)[1]
 
 
 def load_eval_items(task_name: str, path: str | None, data_cfg: DataConfig) -> list[Example]:
@@ -240,12 +287,79 @@ def load_eval_items(task_name: str, path: str | None, data_cfg: DataConfig) -> l
 
     ``path``: a local file of the task's raw evaluation rows, used as-is (shuffled, first
     data.max_eval); None loads the task's evaluation split from the hub. The training settings in
-    ``data_cfg`` (pool_seed, max_eval, synthetic_mapping) apply.
+    ``data_cfg`` (pool_seed, max_eval, bbc_cut, synthetic_mapping) apply. sciq_remap's option
+    order here starts its stream afresh (``load_task`` continues it after the training rows).
     """
-    spec = get_task(task_name)
+    spec = task_spec(task_name, data_cfg)
     if spec.kind == "synthetic":
         return _load_synthetic(spec, data_cfg).eval_items
-    return _require_rows(_eval_examples(spec, path, data_cfg), "evaluation", spec)
+    row_rng = spec.row_rng(data_cfg.pool_seed) if spec.row_rng is not None else None
+    return _require_rows(_eval_examples(spec, path, data_cfg, row_rng), "evaluation", spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Out-of-distribution evaluation sets
+
+
+@dataclass
+class EvalSet:
+    """Items a trained model is evaluated on besides its own task's.
+
+    name: the evaluation task (e.g. "finsen"); spec / labels: its template, parser and label
+    strings; items: its evaluation items; icl_source: the task whose run demo pool gives the ICL
+    baseline's demonstrations (the training task, as in the reference), drawn per unit with
+    ``splits.eval_demos(unit_pool, items, n, seed, max_demos)``.
+    """
+
+    name: str
+    spec: TaskSpec
+    labels: tuple[str, ...] | None
+    items: list[Example]
+    icl_source: str
+
+
+def ood_task_names(data_cfg: DataConfig) -> tuple[str, ...]:
+    """data.ood_tasks, or the reference's sets for data.task when it is None."""
+    if data_cfg.ood_tasks is not None:
+        return tuple(data_cfg.ood_tasks)
+    return tuple(OOD_EVAL.get(data_cfg.task, ()))
+
+
+def load_ood_sets(data_cfg: DataConfig) -> list[EvalSet]:
+    """The out-of-distribution evaluation sets of ``data_cfg.task`` (``ood_task_names``), in order.
+
+    Each set's rows come from ``data.ood_paths[name]`` or the hub. With data.ood_tasks None (the
+    reference's sets) and local training files, a set without a path is skipped with a warning
+    (the run is offline); an explicit data.ood_tasks entry must load. finsen's file (or hub split)
+    is the whole single source and its shuffled tail is evaluated, as the reference does; the
+    others give their first data.max_eval shuffled rows. Single-token sets must share the training
+    task's kind of answer (the labels are scored with the eval set's own label strings).
+    """
+    sets = []
+    for name in ood_task_names(data_cfg):
+        spec = task_spec(name, data_cfg)
+        if spec.kind == "synthetic":
+            raise DataError(f"data.ood_tasks: {name} cannot be an out-of-distribution set; name "
+                            "a dataset task")
+        path = data_cfg.ood_paths.get(name)
+        if path is None and data_cfg.ood_tasks is None and data_cfg.train_path is not None:
+            log.warning("out-of-distribution set %s skipped: the training data is local and "
+                        "data.ood_paths.%s is not set", name, name)
+            continue
+        fix = (f"pass data.ood_paths.{name} with a local file of its raw rows, or leave it out "
+               "with data.ood_tasks")
+        located = _source_rows(spec, path, spec.eval_split, fix=fix)
+        source = "eval" if path is not None else spec.eval_split
+        row_rng = spec.row_rng(data_cfg.pool_seed) if spec.row_rng is not None else None
+        if spec.eval_from_train_tail:
+            items = _tail_examples(spec, located, source, data_cfg, row_rng)
+        else:
+            items = to_examples(spec, located, source, data_cfg.pool_seed, data_cfg.max_eval,
+                                row_rng)
+        sets.append(EvalSet(name=name, spec=spec, labels=spec.labels,
+                            items=_require_rows(items, "evaluation", spec),
+                            icl_source=data_cfg.task))
+    return sets
 
 
 def _load_synthetic(spec: TaskSpec, cfg: DataConfig) -> TaskData:

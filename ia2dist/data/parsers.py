@@ -106,3 +106,126 @@ def parse_math(text: str) -> str:
         return ""
     answer = re.sub(r"\s+", "", boxed)
     return answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference's parsers (eval.parser: reference). Re-implemented from the behaviour of the paper
+# code's evaluation, including its quirks, so that its accuracies can be reproduced; the parsers
+# above are the corrected ones.
+
+#: "1,250.50": digits and commas, optional decimals; no sign (the reference drops minus signs).
+_REF_NUMBER = r"([0-9,]+(?:\.[0-9]+)?)"
+_REF_UNITS = (r"(?:miles?|meters?|hours?|minutes?|bolts?|glasses?|vacuum cleaners?|sheep|eggs?|"
+              r"cups?|downloads?|years?|weeks?|dollars?|GB|GB/minute)")
+#: Answer patterns in order of trust; the first pattern that occurs anywhere wins, and of its
+#: occurrences the last one.
+_REF_ANSWER_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
+    r"\\boxed\{([^}]+)\}",
+    r"####\s*([^\n]+)",
+    r"Answer:\s*([^\n]+)",
+    r"The answer is\s*([^\n]+)",
+    r"answer is\s*([^\n]+)",
+    r"Answer\s+([^\n]+)",
+    r"answer\s+([^\n]+)",
+    r"The best answer is:\s*([^\n]+)",
+    r"\$\s*" + _REF_NUMBER,
+    _REF_NUMBER + r"\s*" + _REF_UNITS,
+))
+#: Without an answer pattern: the last plausible number of the first of these that has one.
+_REF_NUMBER_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
+    _REF_NUMBER + r"\s*" + _REF_UNITS + r"\b",
+    r"\$\s*" + _REF_NUMBER,
+    r"\b" + _REF_NUMBER + r"\b",
+))
+_REF_NUMBER_RE = re.compile(_REF_NUMBER)
+#: Clean-ups of a matched answer, in order: leading "$", leading ":", leading "\boxed{", trailing
+#: "}", trailing "." or ",".
+_REF_CLEANUPS = tuple(re.compile(p) for p in (r"^\$", r"^\s*:\s*", r"^\s*\\boxed\{", r"\}\s*$",
+                                              r"[.,]\s*$"))
+
+
+def _reference_number(digits: str) -> str:
+    """"1,050.50" -> "1050.5", "72.0" -> "72" (float formatting; ValueError when not a number)."""
+    value = float(digits.replace(",", ""))
+    return str(int(value)) if value.is_integer() else str(value)
+
+
+def _plausible_reference_number(digits: str) -> str | None:
+    """The number unless it looks like a year (1900-2100) or a rate in (0, 1)."""
+    try:
+        value = float(digits.replace(",", ""))
+    except ValueError:
+        return None
+    if (1900 <= value <= 2100 and value.is_integer()) or 0 < value < 1:
+        return None
+    return str(int(value)) if value.is_integer() else str(value)
+
+
+def parse_gsm8k_reference(text: str) -> str:
+    """GSM8K answers as the reference evaluation parses them.
+
+    1. The first of ``_REF_ANSWER_PATTERNS`` that occurs (\\boxed{} before "####" before
+       "Answer:" ...), its last occurrence, cleaned up; the first number in it, without commas,
+       sign or a trailing ".0" (so "#### -3" is "3"), else the cleaned text itself.
+    2. Otherwise the last number (of the first kind found: with a unit, after "$", any) that is
+       not a year or a rate; then the last such number at the end of a short line without "?".
+    3. Otherwise the whole (stripped) text. "" only for an empty text.
+    """
+    if not text:
+        return ""
+    text = text.replace("<|eot_id|>", "").strip()
+    for pattern in _REF_ANSWER_PATTERNS:
+        found = pattern.findall(text)
+        if not found:
+            continue
+        answer = found[-1].strip()
+        for cleanup in _REF_CLEANUPS:
+            answer = cleanup.sub("", answer)
+        number = _REF_NUMBER_RE.search(answer)
+        if number:
+            try:
+                return _reference_number(number.group(1))
+            except ValueError:
+                pass
+        return answer
+    for pattern in _REF_NUMBER_PATTERNS:
+        for digits in reversed(pattern.findall(text)):
+            value = _plausible_reference_number(digits)
+            if value is not None:
+                return value
+    for line in reversed([line.strip() for line in text.split("\n") if line.strip()]):
+        if len(line) > 200 or "?" in line:
+            continue
+        numbers = _REF_NUMBER_RE.findall(line)
+        if numbers:
+            value = _plausible_reference_number(numbers[-1])
+            if value is not None:
+                return value
+    return text
+
+
+def parse_math_reference(text: str) -> str:
+    """MATH answers as the reference evaluation parses them: from the FIRST "\\boxed{" to the
+    LAST "}" on that line (greedy), spaces removed, "\\dfrac{" written "\\frac{". So
+    "$\\boxed{5}$. Also $y^{2}$" gives "5}$.Also$y^{2". "" when there is no "\\boxed{...}" (the
+    reference returns None, which is never correct either)."""
+    if re.search(r"\\boxed\{(.*?)\}", text) is None:
+        return ""
+    match = re.search(r"\\boxed\{(.*)\}", text)
+    return match.group(1).replace(" ", "").replace("\\dfrac{", "\\frac{") if match else ""
+
+
+#: ia2dist parser -> the reference's parser of the same answers (the others are the same).
+REFERENCE_PARSERS = {parse_gsm8k: parse_gsm8k_reference, parse_math: parse_math_reference}
+PARSER_MODES = ("reference", "ia2dist")
+
+
+def parser_for(parser, mode: str):
+    """The parser of a task (its ia2dist ``parser``) under eval.parser ``mode``; reference-mode
+    results are stripped, as the reference compares ``str(answer).strip()``."""
+    if mode not in PARSER_MODES:
+        raise ValueError(f"eval.parser: {mode!r}; use one of {', '.join(PARSER_MODES)}")
+    if mode == "ia2dist":
+        return parser
+    reference = REFERENCE_PARSERS.get(parser, parser)
+    return lambda text: (reference(text) or "").strip()

@@ -1,10 +1,12 @@
-"""Per-run splits and demonstration lists, exactly as in the IA2 data protocol.
+"""Per-run splits and demonstration lists, following the reference's data protocol draw for draw.
 
-Run r permutes the training pool with ``numpy.random.RandomState(r)``: the first N examples train,
-the next min(max_dev, N // 2) are the dev set, and the rest is the pool ICL demonstrations are
-drawn from at evaluation. Training example i's teacher prompt uses the other N-1 training examples
-(leave-one-out, shuffled); dev example j reuses training example j's list, so the dev objective
-compares like with like. Everything is a pure function of (pool, N, run seed).
+Run r permutes the training pool with one ``numpy.random.RandomState(r)``: the first N examples
+train, the next min(max_dev, N // 2) are the dev set, and the rest is the pool ICL demonstrations
+are drawn from at evaluation. The SAME generator then continues with the leave-one-out demos:
+training example i's teacher prompt uses the other N-1 training examples (a random subset of
+``max_demos`` when N-1 exceeds it), shuffled; dev example j reuses training example j's list, so
+the dev objective compares like with like. Evaluation demos come from a fresh ``RandomState(r)``.
+Everything is a pure function of (pool, N, run seed, max_demos).
 """
 
 from __future__ import annotations
@@ -47,14 +49,24 @@ def make_split(train_pool: list[Example], n: int, run_seed: int, max_dev: int = 
     return RunSplit(train=picked[:n], dev=picked[n:n + dev_size], pool=picked[n + dev_size:])
 
 
-def train_demos(split: RunSplit, run_seed: int) -> list[list[Example]]:
-    """Leave-one-out demos: for training example i, the other N-1 training examples in a seeded
-    random order (one RandomState(run_seed) consumed example by example)."""
+def train_demos(split: RunSplit, run_seed: int, max_demos: int = 256) -> list[list[Example]]:
+    """Leave-one-out demos: for training example i, the other N-1 training examples (a random
+    ``max_demos`` of them when there are more), in a random order.
+
+    The generator is the split's ``RandomState(run_seed)``, continued after the permutation that
+    drew the split (replayed here from the split's sizes): per example, a ``choice`` without
+    replacement only when N-1 > max_demos, then a ``shuffle`` of the demo positions."""
+    if max_demos < 1:
+        raise DataError(f"data.max_icl_demos: {max_demos} must be >= 1")
     rng = np.random.RandomState(run_seed)
+    rng.permutation(len(split.train) + len(split.dev) + len(split.pool))  # the split's draw
     demo_lists = []
     for i in range(len(split.train)):
-        others = split.train[:i] + split.train[i + 1:]
-        demo_lists.append([others[k] for k in rng.permutation(len(others))])
+        positions = [k for k in range(len(split.train)) if k != i]
+        if len(positions) > max_demos:
+            positions = [int(k) for k in rng.choice(positions, max_demos, replace=False)]
+        rng.shuffle(positions)
+        demo_lists.append([split.train[k] for k in positions])
     return demo_lists
 
 
@@ -66,11 +78,13 @@ def dev_demos(split: RunSplit, train_demo_lists: list[list[Example]]) -> list[li
 
 
 def eval_demos(pool: list[Example], eval_items: list[Example], n: int,
-               run_seed: int) -> list[list[Example]]:
-    """N-1 demos per evaluation item, drawn without replacement from the run's demo pool (which is
-    disjoint from the training and dev examples), with one RandomState(run_seed) consumed item by
-    item, so the ICL baseline sees the same prompts on every call."""
-    num_demos = n - 1
+               run_seed: int, max_demos: int = 256) -> list[list[Example]]:
+    """min(N-1, max_demos) demos per evaluation item, drawn without replacement from the run's demo
+    pool (which is disjoint from the training and dev examples), with one fresh
+    RandomState(run_seed) consumed item by item, so the ICL baseline sees the same prompts on every
+    call. The pool is the TRAINING task's also for out-of-distribution items (the reference's ICL
+    source)."""
+    num_demos = min(n - 1, max_demos)
     if num_demos <= 0:
         return [[] for _ in eval_items]
     if len(pool) < num_demos:

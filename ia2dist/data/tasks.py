@@ -11,33 +11,43 @@ Templates (no chat template, a demo is query + answer with no separator):
     mcq             "Question:{q}\\nChoices:\\n[{tag0}]{opt0}\\n...\\n\\nAnswer:"  answer a tag word
 
 Protocol details that the method description leaves open and are taken from the reference's data
-preparation:
+preparation (the order of the steps is the loader's, see ``ia2dist.data.loaders``):
 - poems evaluates on the poem_sentiment TRAIN split (the largest; the task is never trained on),
-  keeping labels 0 (negative) and 1 (positive) and dropping 2 (no_impact) and 3 (mixed).
+  keeping labels 0 (negative) and 1 (positive) and dropping 2 (no_impact) and 3 (mixed); the
+  rows are filtered BEFORE the shuffle.
 - finsen and strategytf have a single source split; after the seed-42 shuffle the LAST ``max_eval``
-  usable rows are the evaluation set and the rest is the training pool.
-- finsen keeps negative (0) and positive (2 -> 1) sentences; neutral (1) rows are dropped.
-- sciq_remap shuffles [distractor1, distractor2, distractor3, correct_answer] per row with the
-  loader's seeded generator; qasc_remap keeps the dataset's 8-choice order (A..H).
+  usable rows are the evaluation set and the rest is the training pool. strategytf then shuffles
+  each part again (seed 42).
+- finsen keeps negative (0) and positive (2 -> 1) sentences; neutral (1) rows are dropped after
+  the shuffle.
+- sciq_remap shuffles [distractor1, distractor2, distractor3, correct_answer] per row with one
+  ``RandomState(42)`` stream that first draws the remap words (as the reference's global
+  ``np.random`` does) and then serves the training rows in shuffled order, then the evaluation
+  rows; qasc_remap keeps the dataset's 8-choice order (A..H).
+- bbcnews texts are cut to 256 characters (``data.bbc_cut``).
 - gsm8k, gsm8ks and hmath_algebra use the dataset's own solution text verbatim (GSM8K's
   "<<48/2=24>>" calculator annotations included) as the answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral
 from typing import Callable
 
 import numpy as np
 
-from ia2dist.data.parsers import parse_gsm8k, parse_label, parse_math, parse_sciqa
+from ia2dist.data.parsers import parse_gsm8k, parse_label, parse_math, parse_sciqa, parser_for
 from ia2dist.errors import DataError
 from ia2dist.records import Example
 
 #: Label words the remapped MCQ tasks use instead of A/B/C/D, so the model cannot rely on letter
-#: priors; the reference drew them from its vocabulary with seed 42 (sciq uses the first four).
+#: priors; the reference drew them from REMAP_VOCABULARY with seed 42 (``draw_remap_words``; sciq
+#: uses the first four).
 REMAP_WORDS = ("apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday")
+#: The vocabulary the reference draws its remap words from, in its order.
+REMAP_VOCABULARY = ("Monday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "apple",
+                    "banana", "orange")
 #: SetFit/bbc-news ids (0 tech, 1 business, 2 sport, 3 entertainment, 4 politics) -> AG News ids
 #: (0 World, 1 Sports, 2 Business, 3 Sci/Tech), so an AG News model can be evaluated on BBC text.
 BBC_TO_AGNEWS = {3: 0, 4: 0, 2: 1, 1: 2, 0: 3}
@@ -87,6 +97,34 @@ def mcq_query(question: str, options: list[str], tags: tuple[str, ...]) -> str:
     with a newline and one more separates the choices from "Answer:")."""
     choices = "".join(f"[{tag}]{option}\n" for tag, option in zip(tags, options))
     return f"Question:{question}\nChoices:\n{choices}\nAnswer:"
+
+
+def draw_remap_words(rng: np.random.RandomState, count: int) -> list[str]:
+    """The reference's remap draw: words picked with ``rng.choice(REMAP_VOCABULARY)`` until
+    ``count`` distinct ones are found (repeats are drawn again), in the order found. With a
+    ``RandomState(42)`` this gives REMAP_WORDS; the number of draws consumed matters for what the
+    same generator produces next (sciq's option order)."""
+    words: list[str] = []
+    while len(words) < count:
+        word = str(rng.choice(REMAP_VOCABULARY))
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def sciq_row_rng(seed: int) -> np.random.RandomState:
+    """The generator of sciq_remap's option order: seeded, then advanced past the draws of its
+    four remap words, as the reference's global ``np.random`` is when its first row is formatted."""
+    rng = np.random.RandomState(seed)
+    draw_remap_words(rng, 4)
+    return rng
+
+
+def cut_like_reference(text: str, max_chars: int) -> str:
+    """The reference's cut: ``text[:max_chars]`` without its last space-separated piece, always
+    (a text shorter than the limit, or one whose cut falls on a space, loses a whole word; a head
+    without a space becomes empty)."""
+    return " ".join(text[:max_chars].split(" ")[:-1])
 
 
 def cut_at_word(text: str, max_chars: int) -> str:
@@ -159,15 +197,19 @@ def _require_gold(answer: str, parser: Callable[[str], str], name: str, uid: str
 # Row formatters, one per dataset family
 
 
-def text_label_row(text_field: str, label_map: dict[int, int],
-                   max_chars: int | None = None) -> RowFormatter:
+#: data.bbc_cut -> how a long text is cut.
+TEXT_CUTS = {"reference": cut_like_reference, "word": cut_at_word}
+
+
+def text_label_row(text_field: str, label_map: dict[int, int], max_chars: int | None = None,
+                   cut: Callable[[str, int], str] = cut_like_reference) -> RowFormatter:
     """Classification rows {text_field: str, "label": int}; the class id is mapped then printed
-    as the answer ("0", "1", ...)."""
+    as the answer ("0", "1", ...). With ``max_chars`` the text is cut by ``cut``."""
 
     def fmt(row, uid, rng):
         text = _text(row, text_field, uid)
         if max_chars is not None:
-            text = cut_at_word(text, max_chars)
+            text = cut(text, max_chars)
         index = _mapped_label(_int(row, "label", uid), label_map, uid)
         return classification_query(text), str(index), index
 
@@ -181,12 +223,13 @@ def strategy_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
 
 
 def sciq_mcq_row(row: dict, uid: str, rng: np.random.RandomState) -> tuple[str, str, int]:
-    """allenai/sciq as 4-way MCQ: the three distractors and the correct answer in a seeded random
-    order, tagged with the remap words; the answer is the correct option's tag."""
+    """allenai/sciq as 4-way MCQ: [distractor1, distractor2, distractor3, correct_answer] shuffled
+    in place by ``rng`` (one ``shuffle`` per row, as the reference), tagged with the remap words;
+    the answer is the correct option's tag."""
     question = _text(row, "question", uid)
     options = [(_text(row, f"distractor{i}", uid), False) for i in (1, 2, 3)]
     options.append((_text(row, "correct_answer", uid), True))
-    options = [options[i] for i in rng.permutation(len(options))]
+    rng.shuffle(options)
     index = next(i for i, (_, correct) in enumerate(options) if correct)
     tags = REMAP_WORDS[:4]
     return mcq_query(question, [text for text, _ in options], tags), tags[index], index
@@ -255,6 +298,11 @@ class TaskSpec:
     eval_only: never a training task (evaluated out of distribution only).
     fields: the raw row fields the formatter reads (documentation and error messages).
     dropped_labels: class ids the protocol filters out before formatting (finsen neutral, ...).
+    filter_before_shuffle: drop those rows before the seed-42 shuffle (poems) instead of after it.
+    reshuffle_after_split: with ``eval_from_train_tail``, shuffle each part again after the tail
+        split (strategytf).
+    row_rng: builds the seeded generator of per-row randomness (sciq's option order) from the
+        pool seed; None when rows are formatted deterministically.
     """
 
     name: str
@@ -271,6 +319,9 @@ class TaskSpec:
     fields: tuple[str, ...] = ()
     dropped_labels: frozenset[int] = frozenset()
     eval_from_train_tail: bool = False
+    filter_before_shuffle: bool = False
+    reshuffle_after_split: bool = False
+    row_rng: Callable[[int], np.random.RandomState] | None = field(default=None, repr=False)
 
     @property
     def single_token(self) -> bool:
@@ -295,6 +346,19 @@ class TaskSpec:
         """The final answer in ``text`` (a generation or a gold completion), normalised."""
         return self.parser(text)
 
+    def parser_for(self, mode: str) -> Callable[[str], str]:
+        """The answer parser under ``eval.parser`` (reference or ia2dist)."""
+        return parser_for(self.parser, mode)
+
+    def with_options(self, *, bbc_cut: str = "reference") -> "TaskSpec":
+        """This task with the data options that change how rows are formatted (data.bbc_cut)."""
+        if self.name != "bbcnews":
+            return self
+        if bbc_cut not in TEXT_CUTS:
+            raise DataError(f"data.bbc_cut: {bbc_cut!r}; use one of {', '.join(TEXT_CUTS)}")
+        return replace(self, formatter=text_label_row("text", BBC_TO_AGNEWS, BBC_MAX_CHARS,
+                                                      TEXT_CUTS[bbc_cut]))
+
 
 def _digits(k: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(k))
@@ -306,14 +370,16 @@ def _identity(k: int) -> dict[int, int]:
 
 def _classification(name, hf_path, hf_name, train_split, eval_split, text_field, num_labels, *,
                     label_map=None, max_chars=None, eval_only=False,
-                    dropped_labels=frozenset(), eval_from_train_tail=False) -> TaskSpec:
+                    dropped_labels=frozenset(), eval_from_train_tail=False,
+                    filter_before_shuffle=False) -> TaskSpec:
     return TaskSpec(name=name, kind="classification", labels=_digits(num_labels), max_new_tokens=1,
                     hf_path=hf_path, hf_name=hf_name, train_split=train_split,
                     eval_split=eval_split, eval_only=eval_only,
                     formatter=text_label_row(text_field, label_map or _identity(num_labels),
                                              max_chars),
                     parser=parse_label, fields=(text_field, "label"),
-                    dropped_labels=dropped_labels, eval_from_train_tail=eval_from_train_tail)
+                    dropped_labels=dropped_labels, eval_from_train_tail=eval_from_train_tail,
+                    filter_before_shuffle=filter_before_shuffle)
 
 
 def _reasoning(name, hf_path, hf_name, train_split, eval_split, formatter, parser, fields,
@@ -332,13 +398,14 @@ def _build_registry() -> dict[str, TaskSpec]:
                         "train", "sentence", 2, label_map={0: 0, 2: 1},
                         dropped_labels=frozenset({1}), eval_from_train_tail=True),
         _classification("poems", "google-research-datasets/poem_sentiment", None, None, "train",
-                        "verse_text", 2, dropped_labels=frozenset({2, 3}), eval_only=True),
+                        "verse_text", 2, dropped_labels=frozenset({2, 3}), eval_only=True,
+                        filter_before_shuffle=True),
         _classification("bbcnews", "SetFit/bbc-news", None, None, "test", "text", 4,
                         label_map=BBC_TO_AGNEWS, max_chars=BBC_MAX_CHARS, eval_only=True),
         TaskSpec(name="sciq_remap", kind="mcq", labels=REMAP_WORDS[:4], max_new_tokens=1,
                  hf_path="allenai/sciq", hf_name=None, train_split="train",
                  eval_split="validation", eval_only=False, formatter=sciq_mcq_row,
-                 parser=parse_label,
+                 parser=parse_label, row_rng=sciq_row_rng,
                  fields=("question", "distractor1", "distractor2", "distractor3",
                          "correct_answer")),
         TaskSpec(name="qasc_remap", kind="mcq", labels=REMAP_WORDS, max_new_tokens=1,
@@ -348,7 +415,8 @@ def _build_registry() -> dict[str, TaskSpec]:
         TaskSpec(name="strategytf", kind="qa", labels=("0", "1"), max_new_tokens=1,
                  hf_path="wics/strategy-qa", hf_name=None, train_split="test", eval_split="test",
                  eval_only=False, formatter=strategy_row, parser=parse_label,
-                 fields=("question", "answer"), eval_from_train_tail=True),
+                 fields=("question", "answer"), eval_from_train_tail=True,
+                 reshuffle_after_split=True),
         _reasoning("gsm8k", "openai/gsm8k", "main", "train", "test", gsm, parse_gsm8k,
                    ("question", "answer")),
         _reasoning("gsm8ks", "apple/GSM-Symbolic", "main", None, "test", gsm, parse_gsm8k,

@@ -4,7 +4,11 @@
   top-1 and label-set accuracy, confidences and equal-mass ECE (plain and reference definitions).
 - ``evaluate_generation``: greedy decoding, cut at the first stop string, parse, exact match.
 - ``layer_similarity``: per-layer cosine similarity between the model's attention outputs (prompt
-  without demos, teacher-forced on the teacher's response) and the ICL teacher's stored ones.
+  without demos, teacher-forced on the teacher's response) and the ICL teacher's stored ones,
+  pooled over all positions.
+- ``generation_similarity``: the reference's variant: the model's attention outputs on its OWN
+  greedy response (prompt without demos) against the ICL teacher's on its response, per example
+  over the first min(T_a, T_b) positions, averaged per example (``per_example_similarity``).
 
 Batches are RIGHT-padded: by causality the real tokens then see exactly what they would see alone,
 at the positions they would have alone, for every architecture and for PEFT prompt tuning (whose
@@ -36,6 +40,11 @@ log = logging.getLogger(__name__)
 #: The reference renormalises the top-1 probability over this many top tokens.
 REFERENCE_TOPK = 10
 CONFIDENCE_KINDS = ("plain", "reference")
+#: Label-set accuracy: "correct" counts a tie of the gold label with the best other label as
+#: correct (the reference), "argmax" needs the gold label to be the first most likely one.
+LABEL_TIE_RULES = ("correct", "argmax")
+#: The reference adds this inside its entropy logarithms.
+_REFERENCE_LOG_EPS = 1e-10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +182,43 @@ def _calibration(name: str, conf: dict[str, torch.Tensor], correct: torch.Tensor
     return out
 
 
+def reference_entropy(probs_NC: torch.Tensor) -> torch.Tensor:
+    """The reference's entropy of each row: -sum p log(p + 1e-10), in float64 -> [N]."""
+    p = probs_NC.double()
+    return -(p * torch.log(p + _REFERENCE_LOG_EPS)).sum(-1)
+
+
+def entropies(probs_NV: torch.Tensor, label_probs_NC: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example entropies (nats) of the four distributions the confidences come from:
+    ``top1_plain`` the full next-token distribution; ``top1_ref`` the top-10 tokens renormalised
+    (the reference's entropy_top1); ``label_plain`` the label probabilities renormalised;
+    ``label_ref`` a softmax over the label probabilities (the reference's entropy_label)."""
+    topk = probs_NV.topk(min(REFERENCE_TOPK, probs_NV.shape[-1]), dim=-1).values
+    label_dist_NC = label_probs_NC / label_probs_NC.sum(-1, keepdim=True)
+    return {"top1_plain": torch.as_tensor(entropy(probs_NV)),
+            "top1_ref": reference_entropy(topk / topk.sum(-1, keepdim=True)),
+            "label_plain": torch.as_tensor(entropy(label_dist_NC)),
+            "label_ref": reference_entropy(label_probs_NC.double().softmax(-1))}
+
+
+def label_set_correct(label_probs_NC: torch.Tensor, gold_N: torch.Tensor,
+                      ties: str = "argmax") -> torch.Tensor:
+    """Per-example label-set correctness [N] (bool): with ``ties`` "correct" the gold label's
+    probability is >= every other label's (the reference: a tie is correct); with "argmax" the
+    gold label is the argmax (the first of tied labels)."""
+    if ties not in LABEL_TIE_RULES:
+        raise IA2Error(f"eval.label_ties: {ties!r}; use one of {', '.join(LABEL_TIE_RULES)}")
+    if ties == "argmax":
+        return label_probs_NC.argmax(-1) == gold_N
+    gold_p = label_probs_NC.gather(-1, gold_N[:, None])
+    return (label_probs_NC <= gold_p).all(-1)
+
+
 def evaluate_single_token(model: nn.Module, tokenizer, prompts: Sequence[str],
                           examples: Sequence[Example], labels: Sequence[str], *,
                           batch_size: int = 16, num_virtual_tokens: int = 0, n_bins: int = 15,
-                          confidence: str = "plain") -> tuple[dict[str, float], list[dict]]:
+                          confidence: str = "plain",
+                          label_ties: str = "argmax") -> tuple[dict[str, float], list[dict]]:
     """Single-token evaluation from one forward per batch.
 
     Top-1: the most likely next token, decoded and stripped, must equal ``example.answer`` (stripped).
@@ -186,9 +228,11 @@ def evaluate_single_token(model: nn.Module, tokenizer, prompts: Sequence[str],
     over the label set. Reference: top-1 probability renormalised over the top-10 tokens; label set:
     a softmax applied to the label probabilities (compresses toward 1/C; kept for comparison).
     ``confidence`` ('plain' or 'reference') picks which one the unsuffixed keys ``ece``,
-    ``label_ece``, ``confidence`` and ``label_confidence`` report; ``*_plain`` and ``*_ref`` keys
-    always hold both. ECE uses ``n_bins`` equal-mass bins. ``label_entropy`` is the mean entropy
-    (nats) of the renormalised label-set distribution.
+    ``label_ece``, ``confidence``, ``label_confidence``, ``entropy`` and ``label_entropy`` report;
+    ``*_plain`` and ``*_ref`` keys always hold both. ECE uses ``n_bins`` equal-mass bins.
+    Entropies (mean, nats) are those of the same distributions (see ``entropies``).
+    ``label_ties``: how label-set correctness treats ties (``label_set_correct``); the label
+    prediction shown per row is the argmax either way.
 
     Returns (metrics, rows) with one row per example (prediction, confidence, correct, ...).
     """
@@ -213,13 +257,17 @@ def evaluate_single_token(model: nn.Module, tokenizer, prompts: Sequence[str],
     label_pred_N = label_probs_NC.argmax(-1)
     label_conf = {"plain": label_dist_NC.max(-1).values,
                   "reference": label_probs_NC.softmax(-1).max(-1).values}
-    label_correct_N = label_pred_N == gold_N
+    label_correct_N = label_set_correct(label_probs_NC, gold_N, label_ties)
+    ent = {k: float(v.double().mean()) for k, v in entropies(probs_NV, label_probs_NC).items()}
+    chosen = "plain" if confidence == "plain" else "ref"
 
     metrics = {"num_eval": len(examples), "accuracy": float(correct_N.float().mean()),
                "label_accuracy": float(label_correct_N.float().mean()),
                **_calibration("", top1_conf, correct_N, n_bins, confidence),
                **_calibration("label", label_conf, label_correct_N, n_bins, confidence),
-               "label_entropy": float(entropy(label_dist_NC).mean())}
+               "entropy": ent[f"top1_{chosen}"], "entropy_plain": ent["top1_plain"],
+               "entropy_ref": ent["top1_ref"], "label_entropy": ent[f"label_{chosen}"],
+               "label_entropy_plain": ent["label_plain"], "label_entropy_ref": ent["label_ref"]}
     rows = []
     for i, ex in enumerate(examples):
         rows.append({
@@ -337,3 +385,47 @@ def layer_similarity(model: nn.Module, tokenizer, prompt_ids_list: Sequence[Sequ
             sums_L += F.cosine_similarity(student_LKD, teacher_LKD, dim=-1).sum(-1).double().cpu()
             count += len(b_idx)
     return (sums_L / count).tolist()
+
+
+def per_example_similarity(acts_a: Sequence[torch.Tensor],
+                           acts_b: Sequence[torch.Tensor]) -> list[float]:
+    """Per-layer cosine similarity of paired activations [L, T_a, D] / [L, T_b, D], the reference's
+    way: per example, cosine over D at each (layer, position) of the first min(T_a, T_b)
+    positions, averaged over those positions; then the mean over examples -> L floats. Examples
+    with an empty response on either side are left out."""
+    if len(acts_a) != len(acts_b):
+        raise IA2Error(f"{len(acts_a)} activations but {len(acts_b)} to compare them with; pass "
+                       "one per example on both sides")
+    per_example = []
+    for a_LTD, b_LTD in zip(acts_a, acts_b):
+        if a_LTD.shape[0] != b_LTD.shape[0] or a_LTD.shape[-1] != b_LTD.shape[-1]:
+            raise IA2Error(f"activations {tuple(a_LTD.shape)} and {tuple(b_LTD.shape)} differ in "
+                           "layers or width; compare activations of the same base model")
+        t = min(a_LTD.shape[1], b_LTD.shape[1])
+        if t == 0:
+            continue
+        cos_LT = F.cosine_similarity(a_LTD[:, :t].float(), b_LTD[:, :t].float(), dim=-1)
+        per_example.append(cos_LT.double().mean(-1))
+    if not per_example:
+        raise IA2Error("no response tokens to compare; every response is empty")
+    return torch.stack(per_example).mean(0).tolist()
+
+
+def generation_similarity(model: nn.Module, tokenizer, prompts: Sequence,
+                          teacher_records: Sequence[TeacherRecord], *, max_new_tokens: int,
+                          stop_strings: Sequence[str] = (), batch_size: int = 16) -> list[float]:
+    """Per-layer similarity of ``model`` (prompted WITHOUT demos: ``prompts``, texts or ids) to
+    the ICL teacher, on each side's own greedy response, as the reference's similarity analysis
+    (eval.similarity_mode: generated): the model's attention outputs at the positions predicting
+    its own greedy tokens (up to ``max_new_tokens``, EOS kept, as the teacher's extraction with
+    ``stop_strings``) against ``teacher_records[i].acts_LTD``, compared by
+    ``per_example_similarity``. At T = 1 it equals ``layer_similarity``."""
+    from ia2dist.teacher.extract import extract
+
+    _check_aligned(prompts, teacher_records)
+    with _eval_mode(model):
+        own = extract(model, tokenizer, list(prompts), [r.uid for r in teacher_records],
+                      max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings),
+                      batch_size=batch_size, act_dtype=torch.float32)
+    return per_example_similarity([r.acts_LTD for r in own],
+                                  [r.acts_LTD for r in teacher_records])

@@ -10,6 +10,21 @@ N may be given as ``n`` or ``num_train``; the per-layer similarity as ``layer_si
 ``similarity`` (a list, or one float). Every other numeric key is aggregated too; missing values
 are shown as '-'. Figures use matplotlib's object API on an Agg canvas (no pyplot, no global
 backend change).
+
+Optional identifying keys:
+- ``eval_set``: the evaluation task of an out-of-distribution result (absent, None or the training
+  task: in-distribution). Each such set gets its own table (summary.md) and aggregate
+  (metrics.json "ood").
+- ``label_type``: the CE targets the method trained on (ground_truth / icl); results of different
+  label types are separate rows of the tables (a "Labels" column), as the reference reports them.
+- ``setting`` (a name) with ``lr`` / ``plus_sft_weight``: one point of a hyperparameter sweep.
+  ``select_settings`` keeps one point per (eval set, method, label type, N): eval.selection "test"
+  (the reference's choice: best mean accuracy on the evaluated items, optimistic) or "dev" (best
+  mean ``dev_accuracy``, ties broken by lower ``dev_loss``; with no ``dev_accuracy``, lowest mean
+  ``dev_loss``) - the dev rule picks on the in-distribution rows and applies that point to every
+  eval set. Results without ``setting`` are kept as they are.
+- ``predictions_path``: where the run's predictions.json is (default
+  ``{run_dir}/N{n}_seed{seed}/{method}/predictions.json``).
 """
 
 from __future__ import annotations
@@ -24,7 +39,11 @@ import numpy as np
 from ia2dist.eval.metrics import ece_equal_mass, reliability_bins
 
 #: Keys that identify a run rather than measure it.
-_ID_KEYS = ("method", "n", "num_train", "seed")
+_ID_KEYS = ("method", "n", "num_train", "seed", "eval_set", "label_type", "setting", "lr",
+            "plus_sft_weight", "predictions_path")
+#: The sweep's hyperparameters a result may carry.
+SETTING_KEYS = ("lr", "plus_sft_weight")
+SELECTIONS = ("test", "dev")
 #: Where a run keeps its per-layer similarity list.
 _SIMILARITY_KEYS = ("layer_similarity", "similarity")
 #: (column title, metric key, show std) of the summary table, after Method / N / Runs.
@@ -58,19 +77,30 @@ def _run_values(row: Mapping) -> dict[str, float]:
     return values
 
 
+def _group_key(row: Mapping) -> tuple:
+    return (_num_train(row), row.get("method"), row.get("label_type"), row.get("setting"))
+
+
 def aggregate(results: Sequence[Mapping]) -> list[dict]:
     """Mean and standard deviation (numpy default, ddof=0) over seeds of every numeric metric,
-    grouped by (num_train, method) in first-seen order.
+    grouped by (num_train, method, label_type, setting) in first-seen order (the last two only
+    when results carry them).
 
     Returns one dict per group: method, num_train, num_seeds, ``{key}_mean``, ``{key}_std`` and,
-    when runs carry per-layer similarity lists of one length, ``similarity_layers`` (per-layer mean).
+    when runs carry per-layer similarity lists of one length, ``similarity_layers`` (per-layer mean);
+    plus label_type / setting and the setting's lr / plus_sft_weight when present.
     """
     groups: dict[tuple, list[Mapping]] = {}
     for row in results:
-        groups.setdefault((_num_train(row), row.get("method")), []).append(row)
+        groups.setdefault(_group_key(row), []).append(row)
     out = []
-    for (num_train, method), runs in groups.items():
+    for (num_train, method, label_type, setting), runs in groups.items():
         entry: dict = {"method": method, "num_train": num_train, "num_seeds": len(runs)}
+        if label_type is not None:
+            entry["label_type"] = label_type
+        if setting is not None:
+            entry["setting"] = setting
+            entry.update({k: runs[0][k] for k in SETTING_KEYS if runs[0].get(k) is not None})
         per_run = [_run_values(r) for r in runs]
         for key in dict.fromkeys(k for values in per_run for k in values):
             column = [values[key] for values in per_run if key in values]
@@ -91,15 +121,144 @@ def _cell(entry: Mapping, key: str, show_std: bool) -> str:
 
 
 def summary_table(rows: Sequence[Mapping]) -> str:
-    """Markdown table, one line per (N, method): runs, accuracy and ECE (top-1 and label set) as
-    mean ± std over seeds, and the mean per-layer similarity to the ICL teacher."""
-    header = ["Method", "N", "Runs"] + [title for title, _, _ in _COLUMNS]
+    """Markdown table, one line per (N, method[, label type]): runs, accuracy and ECE (top-1 and
+    label set) as mean ± std over seeds, and the mean per-layer similarity to the ICL teacher. A
+    "Labels" column appears when results carry a label_type, a "Setting" column when they carry a
+    sweep setting."""
+    entries = aggregate(rows)
+    labels = any("label_type" in e for e in entries)
+    settings = any("setting" in e for e in entries)
+    header = (["Method", "N", "Runs"] + ["Labels"] * labels + ["Setting"] * settings
+              + [title for title, _, _ in _COLUMNS])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in aggregate(rows):
+    for entry in entries:
         n = "-" if entry["num_train"] is None else str(entry["num_train"])
         cells = [str(entry["method"]), n, str(entry["num_seeds"])]
+        cells += [entry.get("label_type") or "-"] * labels + [entry.get("setting") or "-"] * settings
         cells += [_cell(entry, key, show_std) for _, key, show_std in _COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyperparameter selection and evaluation sets
+
+
+def in_distribution(row: Mapping, task: str = "") -> bool:
+    """True for a result on the training task's own evaluation items."""
+    return row.get("eval_set") in (None, "", task)
+
+
+def _mean(rows: Sequence[Mapping], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if _is_number(r.get(key)) and math.isfinite(r[key])]
+    return float(np.mean(values)) if values else None
+
+
+def _candidates(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    """Rows per setting, in first-seen (grid) order."""
+    out: dict[str, list[Mapping]] = {}
+    for row in rows:
+        out.setdefault(str(row["setting"]), []).append(row)
+    return out
+
+
+def _pick(scored: dict[str, tuple]) -> str:
+    """The setting with the best score tuple (larger is better; ties keep grid order)."""
+    best = None
+    for name, score in scored.items():
+        if best is None or score > scored[best]:
+            best = name
+    return best
+
+
+def select_settings(results: Sequence[Mapping], selection: str = "test", *,
+                    task: str = "") -> tuple[list[dict], list[dict]]:
+    """One sweep point per (eval set, method, label type, N), chosen by ``selection``.
+
+    test: the setting with the highest mean ``accuracy`` over seeds on that eval set's items (the
+    reference's rule: the reported number is the best of the sweep on the test items themselves).
+    dev: the setting with the highest mean ``dev_accuracy`` of the in-distribution results (ties:
+    lower mean ``dev_loss``; without dev_accuracy: the lowest mean dev_loss), applied to every eval
+    set; ValueError when the results carry neither. Remaining ties keep the grid order.
+
+    Returns (the kept results: every result without a setting plus the chosen settings' results,
+    in input order; one record per choice: eval_set, method, label_type, num_train, setting, its
+    lr / plus_sft_weight, criterion and score, and every candidate's score).
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"eval.selection: {selection!r}; use one of {', '.join(SELECTIONS)}")
+    swept = [r for r in results if r.get("setting") is not None]
+    groups: dict[tuple, list[Mapping]] = {}
+    for row in swept:
+        key = (row.get("eval_set") if not in_distribution(row, task) else None, row.get("method"),
+               row.get("label_type"), _num_train(row))
+        groups.setdefault(key, []).append(row)
+    chosen: dict[tuple, str] = {}
+    choices = []
+    for key, rows in groups.items():
+        eval_set, method, label_type, num_train = key
+        if selection == "test":
+            criterion = "mean accuracy on the evaluated (test) items"
+            scores = {name: (_mean(runs, "accuracy"),) for name, runs in _candidates(rows).items()}
+            scores = {k: v for k, v in scores.items() if v[0] is not None}
+        else:
+            home = groups.get((None, method, label_type, num_train), [])
+            by_setting = _candidates(home)
+            if any(_mean(runs, "dev_accuracy") is not None for runs in by_setting.values()):
+                criterion = "mean dev accuracy (ties: lower mean dev loss)"
+                scores = {k: (_mean(v, "dev_accuracy"), -(_mean(v, "dev_loss") or 0.0))
+                          for k, v in by_setting.items() if _mean(v, "dev_accuracy") is not None}
+            else:
+                criterion = "mean dev loss (lower is better)"
+                scores = {k: (-_mean(v, "dev_loss"),) for k, v in by_setting.items()
+                          if _mean(v, "dev_loss") is not None}
+            if not scores:
+                raise ValueError(f"eval.selection=dev: the results of {method} at N={num_train} "
+                                 "carry no dev_accuracy or dev_loss; record the dev metrics or use "
+                                 "eval.selection=test")
+        if not scores:
+            continue
+        best = _pick(scores)
+        chosen[key] = best
+        first = next(r for r in rows if str(r["setting"]) == best)
+        choices.append({"eval_set": eval_set, "method": method, "label_type": label_type,
+                        "num_train": num_train, "setting": best,
+                        **{k: first[k] for k in SETTING_KEYS if first.get(k) is not None},
+                        "selection": selection, "criterion": criterion,
+                        "score": scores[best][0], "candidates": {k: v[0] for k, v in scores.items()}})
+    kept = []
+    for row in results:
+        if row.get("setting") is None:
+            kept.append(dict(row))
+            continue
+        key = (row.get("eval_set") if not in_distribution(row, task) else None, row.get("method"),
+               row.get("label_type"), _num_train(row))
+        if chosen.get(key) == str(row["setting"]):
+            kept.append(dict(row))
+    return kept, choices
+
+
+def selection_note(selection: str) -> str:
+    """What a selection rule means, for the report."""
+    if selection == "test":
+        return ("eval.selection = test (the reference protocol): for each (method, N) the sweep "
+                "point with the best mean accuracy over seeds ON THE EVALUATED ITEMS THEMSELVES is "
+                "reported, as the paper's tables do. This is optimistic: the test items choose the "
+                "point, so the numbers are not held-out estimates.")
+    return ("eval.selection = dev: for each (method, N) the sweep point with the best mean dev "
+            "accuracy over seeds (ties: lower dev loss) is reported; the evaluated items play no "
+            "part in the choice, and the same point is reported on every evaluation set.")
+
+
+def selection_table(choices: Sequence[Mapping]) -> str:
+    """Markdown table of the chosen sweep points (eval set, method, N, labels, point, score,
+    every candidate's score)."""
+    lines = ["| Eval set | Method | N | Labels | Chosen | Score | Candidates |",
+             "|---|---|---|---|---|---|---|"]
+    for c in choices:
+        cands = ", ".join(f"{k}: {v:.3f}" for k, v in c["candidates"].items())
+        lines.append(f"| {c['eval_set'] or 'in-distribution'} | {c['method']} | {c['num_train']} | "
+                     f"{c['label_type'] or '-'} | {c['setting']} | {c['score']:.3f} | {cands} |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,8 +390,11 @@ def _difference(a: Mapping, b: Mapping, key: str) -> tuple[float, float] | None:
 def findings(aggregated: Sequence[Mapping]) -> list[str]:
     """Plain statements of what the numbers show, per N: each comparison's accuracy and ECE
     difference, called a gain/loss only when it exceeds the seeds' spread (std of the difference
-    of independent means), otherwise 'no clear difference'."""
-    by_key = {(e["num_train"], e["method"]): e for e in aggregated}
+    of independent means), otherwise 'no clear difference'. With several label types per method
+    the first one listed is compared."""
+    by_key: dict = {}
+    for e in aggregated:
+        by_key.setdefault((e["num_train"], e["method"]), e)
     ns = sorted({n for n, _ in by_key if n is not None})
     lines = []
     for a, b, what in _COMPARISONS:
@@ -267,7 +429,10 @@ def _pooled_predictions(results: Sequence[Mapping], run_dir: Path, num_train) ->
     for row in results:
         if _num_train(row) != num_train or row.get("seed") is None:
             continue
-        path = unit_dir(run_dir, num_train, row["seed"]) / str(row["method"]) / "predictions.json"
+        path = (Path(row["predictions_path"]) if row.get("predictions_path") else
+                unit_dir(run_dir, num_train, row["seed"]) / str(row["method"]) / "predictions.json")
+        if not path.is_absolute():
+            path = run_dir / path
         if not path.is_file():
             continue
         preds = [p for p in json.loads(path.read_text()) if "confidence" in p]
@@ -278,19 +443,37 @@ def _pooled_predictions(results: Sequence[Mapping], run_dir: Path, num_train) ->
 
 
 def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str = "",
-                 n_bins: int = 15) -> dict[str, float]:
-    """Write ``metrics.json`` (runs + aggregate), ``summary.md`` and the figures into ``run_dir``:
+                 n_bins: int = 15, selection: str = "test") -> dict[str, float]:
+    """Write ``metrics.json``, ``summary.md`` and the figures into ``run_dir``.
+
+    metrics.json: "runs" (every result), "aggregate" (the in-distribution results of the kept
+    sweep points, see ``select_settings`` with ``selection``), and when present "selection" (the
+    rule and each choice), "grid" (the aggregate of every in-distribution sweep point) and "ood"
+    ({eval set: aggregate of its kept results}). summary.md: the in-distribution table, the
+    selection (labelled), one table per out-of-distribution set. Figures (in-distribution):
     ``accuracy.png`` (accuracy vs N), and for the largest N ``reliability.png`` (top-1 confidence
     pooled over seeds, read from each run's predictions.json) and ``similarity.png`` (per-layer
     similarity, mean over seeds) when the data exist; with several N, ``reliability_N{n}.png``
-    for each. Returns a flat ``{"N{n}/{method}/{key}_mean": value}`` summary."""
+    for each. Returns a flat ``{"N{n}/{method}/{key}_mean": value}`` summary (out-of-distribution
+    keys prefixed with ``{eval_set}/``; ``/{label_type}`` after the method when present)."""
     from ia2dist.activations import write_json_atomic
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    aggregated = aggregate(results)
-    write_json_atomic(run_dir / "metrics.json",
-                      {"task": task, "runs": [dict(r) for r in results], "aggregate": aggregated})
+    kept, choices = select_settings(results, selection, task=task)
+    home = [r for r in kept if in_distribution(r, task)]
+    ood_names = list(dict.fromkeys(r["eval_set"] for r in kept if not in_distribution(r, task)))
+    ood = {name: aggregate([r for r in kept if r.get("eval_set") == name]) for name in ood_names}
+    aggregated = aggregate(home)
+    stored = {"task": task, "runs": [dict(r) for r in results], "aggregate": aggregated}
+    if choices:
+        stored["selection"] = {"rule": selection, "choices": choices}
+        stored["grid"] = aggregate([r for r in results if in_distribution(r, task)
+                                    and r.get("setting") is not None])
+    if ood:
+        stored["ood"] = ood
+    write_json_atomic(run_dir / "metrics.json", stored)
+    results = home
     title = f"# {task} results\n\n" if task else "# Results\n\n"
     note = ("\nMean ± std over seeds; N = training examples; Similarity = mean over layers of the "
             "cosine similarity to the ICL teacher's attention outputs.\n")
@@ -312,6 +495,17 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
         figures["similarity"] = similarity_plot(layers, run_dir / "similarity.png")
     statements = findings(aggregated)
     body = title + summary_table(results) + note
+    if choices:
+        body += ("\n## Hyperparameter selection\n\n" + selection_note(selection) + "\n\n"
+                 + selection_table(choices))
+    if ood:
+        body += (f"\n## Out-of-distribution evaluation\n\nThe models trained on {task or 'the task'}"
+                 ", evaluated without demonstrations on other tasks' items; icl draws its N-1 "
+                 f"demonstrations from {task or 'the training task'}'s demo pool (the reference's ICL "
+                 "source).\n")
+        for name in ood_names:
+            body += f"\n### {name}\n\n" + summary_table(
+                [r for r in kept if r.get("eval_set") == name])
     if statements:
         body += "\n## What the numbers show\n\n" + "\n".join(statements) + "\n"
     if figures:
@@ -319,5 +513,13 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
                                              for name, path in figures.items())
     (run_dir / "summary.md").write_text(body)
 
-    return {f"N{e['num_train']}/{e['method']}/{key}": value for e in aggregated
-            for key, value in e.items() if key.endswith("_mean") and math.isfinite(value)}
+    def flat(entries, prefix=""):
+        return {f"{prefix}N{e['num_train']}/{e['method']}"
+                f"{'/' + e['label_type'] if e.get('label_type') else ''}/{key}": value
+                for e in entries for key, value in e.items()
+                if key.endswith("_mean") and math.isfinite(value)}
+
+    out = flat(aggregated)
+    for name, entries in ood.items():
+        out.update(flat(entries, f"{name}/"))
+    return out

@@ -5,9 +5,10 @@ trainable weights (IA2 -> SFT continues the IA2-primed adapter with CE). A phase
 shuffled training items; each optimizer step covers ``batch_size`` items split into micro-batches of
 ``micro_batch_size``. The step's global counts (CE targets, IA2 positions) are known from the items
 before any forward, and every micro-batch's loss sum is divided by them, so the gradient does not
-depend on the micro-batch size. Every ``eval_every`` steps the phase's own objective is measured on
-the dev items; ``patience`` evaluations without improvement stop the phase, and the trainable state
-of the best evaluation is copied back into the model at the phase end.
+depend on the micro-batch size. Every ``eval_every`` steps (and at the last step of each epoch with
+``eval_at_epoch_end``, as the reference does) the phase's own objective is measured on the dev
+items; ``patience`` evaluations without improvement stop the phase, and the trainable state of the
+best evaluation is copied back into the model at the phase end.
 
 Data parallelism: with ``world_size`` W > 1 every rank runs this same loop on the same items, seed
 and order. Every example has a HOME rank (``home_ranks``: its position in the first epoch's order
@@ -377,7 +378,10 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
             entry.update(_train_step(engine, _Share.of(train_items, batch, homes, engine), objective,
                                      ctx))
             step += 1
-            if dev_items and (step % cfg.eval_every == 0 or step == total):
+            # dev evaluation every eval_every steps, at the last step, and (eval_at_epoch_end, as
+            # the reference) at the step that ends an epoch: every step when an epoch is one step
+            epoch_end = cfg.eval_at_epoch_end and begin + cfg.batch_size >= len(order)
+            if dev_items and (step % cfg.eval_every == 0 or step == total or epoch_end):
                 dev = _evaluate_objective(engine, dev_items, objective, ctx)
                 entry["dev_loss"] = dev
                 if dev < best_dev:

@@ -220,6 +220,9 @@ class _Runner:
 
 
 def _topk(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k token ids and log-probs; k < 0 (or k >= V) keeps the whole vocabulary."""
+    if k < 0 or k > logits_BV.shape[-1]:
+        k = logits_BV.shape[-1]
     logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
     values_Bk, ids_Bk = logprobs_BV.topk(k, dim=-1)
     return ids_Bk, values_Bk
@@ -352,8 +355,9 @@ def extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: Sequen
     prompts: texts (encoded with the tokenizer's own special tokens) or token-id lists.
     Each record holds response_ids [T_i] (EOS included when generated), acts_LTD [L, T_i, D] in
     ``act_dtype`` on the CPU and, with ``topk`` > 0, the top-k next-token log-probs [T_i, k]
-    (float32) at the same positions. Raises IA2Error naming the uid when a prompt plus
-    ``max_new_tokens`` does not fit the model's context. ``sync``: see ``generate``.
+    (float32) at the same positions (``topk`` -1: the whole vocabulary, k = V). Raises IA2Error
+    naming the uid when a prompt plus ``max_new_tokens`` does not fit the model's context.
+    ``sync``: see ``generate``.
     """
     _check_uids(prompts, uids)
     decoded = _decode_all(model, tokenizer, prompts, [f"example {u}" for u in uids],
