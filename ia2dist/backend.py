@@ -74,14 +74,14 @@ class Work:
 
 @dataclass
 class Outcome:
-    """Something finished: a job trained (``history``; ``metrics`` when it was evaluated too) or a
-    row evaluated (a baseline, or a job trained earlier). ``logged``: its history rows already went
-    to the tracker step by step."""
+    """Something finished: a job trained (``history``; result ``rows`` when it was evaluated too:
+    one per evaluation set) or a row evaluated (a baseline, or a job trained earlier). ``logged``:
+    its history rows already went to the tracker step by step."""
 
     id: str
     unit: Unit
     name: str
-    metrics: dict | None = None
+    rows: list[dict] = field(default_factory=list)
     history: list[dict] | None = None
     logged: bool = False
 
@@ -163,47 +163,69 @@ class LocalBackend:
                                   work.evaluate_trained, work.resume_path(job))
             for job in (j for j in work.evaluate if j.unit.key == unit.key):
                 with self.students.trained(job.out_dir) as model:
-                    metrics = self._evaluate(model, unit, job.method, False, sim)
-                yield Outcome(job.id, unit, job.method, metrics=metrics)
+                    rows = self._evaluate(model, unit, job.name, sim, job_tags(job))
+                yield Outcome(job.id, unit, job.name, rows=rows)
 
-    def _evaluate(self, model, unit: Unit, name: str, with_demos: bool, sim) -> dict:
+    def _evaluate(self, model, unit: Unit, name: str, sim, tags: dict) -> list[dict]:
         from ia2dist.eval.runner import evaluate
 
-        return evaluate(model, self.tokenizer, self.plan, unit, name, with_demos=with_demos,
-                        sim_records=sim)
+        return evaluate(model, self.tokenizer, self.plan, unit, name, with_demos=False,
+                        sim_records=sim, tags=tags)
 
     def _baseline(self, baseline: Baseline, sim) -> Outcome:
-        from ia2dist.eval.runner import accuracy_part, evaluate
+        from ia2dist.eval.runner import evaluate
 
         unit = baseline.unit
         with self.students.frozen() as base:
             shared = None
             if not baseline.with_demos:  # the same prompts for every unit: evaluated once
                 if "base" not in self._shared:
-                    self._shared["base"] = accuracy_part(base, self.tokenizer, self.plan, unit,
-                                                         with_demos=False)
+                    self._shared["base"] = shared_accuracy(base, self.tokenizer, self.plan, unit)
                 shared = self._shared["base"]
-            metrics = evaluate(base, self.tokenizer, self.plan, unit, baseline.name,
-                               with_demos=baseline.with_demos,
-                               sim_records=None if baseline.with_demos else sim, shared=shared)
-        return Outcome(baseline.id, unit, baseline.name, metrics=metrics)
+            rows = evaluate(base, self.tokenizer, self.plan, unit, baseline.name,
+                            with_demos=baseline.with_demos,
+                            sim_records=None if baseline.with_demos else sim, shared=shared)
+        return Outcome(baseline.id, unit, baseline.name, rows=rows)
 
     def _train(self, job: Job, records, sim, evaluate: bool, resume_from: Path | None) -> Outcome:
         from ia2dist.student.job import job_items, run_job
         from ia2dist.student.trainer import EngineFactory
 
         unit = job.unit
-        train_items, dev_items = job_items(self.plan, unit, self.tokenizer, records.__getitem__)
-        log.info("N=%d seed=%d: training %s on %d examples (%d dev)", unit.n, unit.seed, job.method,
+        train_items, dev_items = job_items(self.plan, unit, self.tokenizer, records.__getitem__,
+                                           label_type=job.label_type)
+        log.info("N=%d seed=%d: training %s on %d examples (%d dev)", unit.n, unit.seed, job.name,
                  len(train_items), len(dev_items))
         step_log = (lambda row: self.log_step(job, row)) if self.log_step is not None else None
         outcome = run_job(
             self.students, self.plan, job, train_items, dev_items, engine_factory=EngineFactory(),
             checkpoint=self.plan.checkpoint_options(job, resume_from),
-            evaluate=(lambda model: self._evaluate(model, unit, job.method, False, sim))
+            evaluate=(lambda model, tags: self._evaluate(model, unit, job.name, sim, tags))
             if evaluate else None, log_step=step_log, progress=self.progress)
-        return Outcome(job.id, unit, job.method, metrics=outcome.metrics, history=outcome.history,
+        return Outcome(job.id, unit, job.name, rows=outcome.rows or [], history=outcome.history,
                        logged=step_log is not None)
+
+
+def shared_accuracy(model, tokenizer, plan: Plan, unit: Unit) -> dict:
+    """{eval set: (metrics, rows)} of ``model`` without demos: the base model's prompts are the
+    same for every unit, so this is computed once and passed as ``shared`` to every unit's
+    evaluation."""
+    from ia2dist.eval.runner import accuracy_part
+
+    return {es.name: accuracy_part(model, tokenizer, plan, unit, with_demos=False, eval_set=es)
+            for es in plan.eval_sets()}
+
+
+def job_tags(job: Job, history: dict | None = None) -> dict:
+    """A job's result-row tags: its setting and label type, and the dev loss of its last phase
+    (for eval.selection=dev), read from its history.json when not given."""
+    import json
+
+    if history is None:
+        path = job.out_dir / "history.json"
+        history = json.loads(path.read_text()) if path.is_file() else {}
+    phases = history.get("phases") or [{}]
+    return {**job.tags(), "dev_loss": phases[-1].get("best_dev")}
 
 
 def teacher_store(plan: Plan, unit: Unit, kind: str):

@@ -168,6 +168,8 @@ def _start(cfg: RunConfig, overwrite: bool, fresh: bool,
     from ia2dist.checkpoint import STOP_FILE
 
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
+    for message in plan.ood_skipped:
+        log.warning(message)
     if resuming:
         log.info("resuming %s (status was %s): finished work is reused, unfinished jobs continue "
                  "from their latest checkpoints", run_dir, rundir.read_status(run_dir))
@@ -231,8 +233,7 @@ def _drive(session: Session, work: Work, tracker=None) -> list[dict]:
         seen.add(outcome.id)
         if tracker is not None and outcome.history and not outcome.logged:
             _log_history(tracker, outcome)
-        if outcome.metrics is not None:
-            results.append(outcome.metrics)
+        results += outcome.rows
     check_outcomes(expected, seen, session.run_dir)
     stats = getattr(session.backend, "stats", None)
     if stats:
@@ -264,12 +265,18 @@ def run_extract(cfg: RunConfig, overwrite: bool = False) -> Path:
 def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool = False,
               resume_from: str | None = None) -> Path:
     """`ia2dist train`: train methods (teacher outputs reused or extracted) without evaluating."""
+    from ia2dist.config import expand_grid
+
     methods = methods or list(cfg.train.methods)
     run_dir = Path(cfg.run_dir).expanduser()
+    names = []
+    for method in methods:
+        points = expand_grid(cfg.train, method)
+        names += [method] if len(points) == 1 else [f"{method}-{p.tag}" for p in points]
     for n in cfg.data.num_train:
         for r in cfg.data.seeds:
-            for method in methods:
-                path = rundir.unit_dir(run_dir, n, r) / method
+            for name in names:
+                path = rundir.unit_dir(run_dir, n, r) / name
                 if path.exists() and not overwrite:
                     raise IA2Error(f"{path} already exists; pass --overwrite to retrain it or use "
                                    "another run_dir")
@@ -279,7 +286,7 @@ def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool 
         import shutil
 
         for job in jobs:
-            shutil.rmtree(job.unit.dir / "checkpoints" / job.method, ignore_errors=True)
+            shutil.rmtree(job.unit.dir / "checkpoints" / job.name, ignore_errors=True)
     work = Work(train=jobs, evaluate_trained=False, resume_from=session.resume_from)
     _guarded(session, lambda: _drive(session, work))
     return session.run_dir
@@ -314,7 +321,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
     tracker = Tracker(cfg.wandb, session.run_dir, to_dict(cfg), name=session.run_dir.name)
     if not _is_ray(cfg):
         session.backend.log_step = lambda job, row: tracker.log(
-            {f"N{job.unit.n}/seed{job.unit.seed}/{job.method}/{k}": v for k, v in row.items()
+            {f"N{job.unit.n}/seed{job.unit.seed}/{job.name}/{k}": v for k, v in row.items()
              if isinstance(v, (int, float))})
     status = session.plan.status(resuming=session.resuming)
     for job in status.to_evaluate:
@@ -343,11 +350,14 @@ def write_report(session: Session, results: list[dict]) -> dict:
 
     order = {(u.n, u.seed): k for k, u in enumerate(session.plan.units)}
     names = list(session.cfg.baselines) + list(session.cfg.train.methods)
-    results = sorted(results, key=lambda r: (order.get((r.get("n"), r.get("seed")), 0),
-                                             names.index(r["method"]) if r.get("method") in names
-                                             else len(names)))
+    sets = [es.name for es in session.plan.eval_sets()]
+    results = sorted(results, key=lambda r: (
+        sets.index(r["eval_set"]) if r.get("eval_set") in sets else 0,
+        order.get((r.get("n"), r.get("seed")), 0),
+        names.index(r["method"]) if r.get("method") in names else len(names),
+        str(r.get("setting") or "")))
     summary = render(results, session.run_dir, task=session.plan.spec.name,
-                     n_bins=session.cfg.eval.ece_bins)
+                     n_bins=session.cfg.eval.ece_bins, selection=session.cfg.eval.selection)
     if session.cfg.model.name_or_path == "embedded":
         with open(session.run_dir / "summary.md", "a") as fh:
             fh.write(_embedded_section(session.cfg.model.cache_dir))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ia2dist import rundir
-from ia2dist.config import RunConfig, config_hash, to_dict
+from ia2dist.config import LABEL_METHODS, GridPoint, RunConfig, config_hash, expand_grid, to_dict
 from ia2dist.errors import IA2Error
 from ia2dist.records import Example
 
@@ -46,6 +46,8 @@ class Unit:
     train_demo_lists: tuple[tuple[Example, ...], ...]
     dev_demo_lists: tuple[tuple[Example, ...], ...]
     eval_demo_lists: tuple[tuple[Example, ...], ...]
+    ood_demo_lists: dict = field(default_factory=dict, compare=False)
+    """{out-of-distribution set: its items' N-1 demos from this unit's pool}."""
 
     @property
     def key(self) -> str:
@@ -55,21 +57,48 @@ class Unit:
 
 @dataclass(frozen=True)
 class Job:
-    """Train ``method`` on ``unit`` (then evaluate it, unless the verb only trains)."""
+    """Train ``method`` on ``unit`` at one hyperparameter setting (then evaluate it, unless the
+    verb only trains)."""
 
     unit: Unit
     method: str
     seed: int
     """The student seed (``Plan.student_seed``)."""
+    point: GridPoint | None = None
+    """The setting (``ia2dist.config.expand_grid``): its train config, label type, tag."""
+    swept: bool = False
+    """The method has several settings in this run (a sweep): the folder name carries the tag."""
+
+    @property
+    def name(self) -> str:
+        """The job's folder name: the method, or ``method-<setting>`` in a sweep."""
+        return f"{self.method}-{self.point.tag}" if self.swept else self.method
 
     @property
     def id(self) -> str:
-        return f"{self.unit.key}/{self.method}"
+        return f"{self.unit.key}/{self.name}"
 
     @property
     def out_dir(self) -> Path:
         """The published folder: adapter/model, history.json, metrics.json, predictions.json."""
-        return self.unit.dir / self.method
+        return self.unit.dir / self.name
+
+    @property
+    def train_cfg(self):
+        """The train config of this job's setting (scalar lr, weight and label type)."""
+        return self.point.train
+
+    @property
+    def label_type(self) -> str | None:
+        return self.point.params.get("label_type") or self.point.train.label_type
+
+    def tags(self) -> dict:
+        """What a result row of this job carries besides its metrics (the setting, in a sweep)."""
+        tags = {"label_type": self.label_type if self.method in LABEL_METHODS else None}
+        if self.swept:
+            tags.update(setting=self.point.tag, **self.point.params,
+                        predictions_path=str(self.out_dir / "predictions.json"))
+        return tags
 
 
 @dataclass(frozen=True)
@@ -114,16 +143,25 @@ class Plan:
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.max_new_tokens = cfg.extract.max_new_tokens or self.spec.max_new_tokens
         self.tokenizer = tokenizer
+        from ia2dist.data.loaders import load_ood_sets
+
+        # out-of-distribution sets: loaded now, so that a missing one fails before any work
+        self.ood_skipped: list[str] = []
+        self.ood_sets = load_ood_sets(cfg.data, self.ood_skipped)
+        cap = cfg.data.max_icl_demos
         self.units: list[Unit] = []
         for n in cfg.data.num_train:
             for r in cfg.data.seeds:
                 split = make_split(task.train_pool, n, r, max_dev=cfg.data.max_dev)
-                train_lists = train_demos(split, r)
+                train_lists = train_demos(split, r, cap)
                 self.units.append(Unit(
                     n=n, seed=r, dir=rundir.unit_dir(self.run_dir, n, r), train=tuple(split.train),
                     dev=tuple(split.dev), train_demo_lists=_frozen(train_lists),
                     dev_demo_lists=_frozen(dev_demos(split, train_lists)),
-                    eval_demo_lists=_frozen(eval_demos(split.pool, list(self.eval_items), n, r))))
+                    eval_demo_lists=_frozen(eval_demos(split.pool, list(self.eval_items), n, r,
+                                                       cap)),
+                    ood_demo_lists={es.name: _frozen(eval_demos(split.pool, es.items, n, r, cap))
+                                    for es in self.ood_sets}))
 
     def __getstate__(self) -> dict:
         # shipped to Ray actors and workers, which load their own tokenizer
@@ -142,9 +180,26 @@ class Plan:
         raise KeyError(key)
 
     def jobs(self, methods: Sequence[str] | None = None) -> list[Job]:
-        """Every (unit, method) job, unit by unit in config order (the order workers take them)."""
+        """Every (unit, method, setting) job, unit by unit in config order (the order workers
+        take them). A method has one setting unless train.lr / plus_sft_weight / label_types list
+        several (a sweep inside the run: every setting reads the same teacher records)."""
         methods = list(methods if methods is not None else self.cfg.train.methods)
-        return [Job(unit=u, method=m, seed=self.student_seed(u)) for u in self.units for m in methods]
+        points = {m: expand_grid(self.cfg.train, m) for m in methods}
+        return [Job(unit=u, method=m, seed=self.student_seed(u), point=p, swept=len(points[m]) > 1)
+                for u in self.units for m in methods for p in points[m]]
+
+    def job_for(self, unit: Unit, method: str, *, seed: int | None = None) -> Job:
+        """The job of ``method`` on ``unit`` (its first setting), optionally with another seed."""
+        points = expand_grid(self.cfg.train, method)
+        return Job(unit=unit, method=method, seed=self.student_seed(unit) if seed is None else seed,
+                   point=points[0], swept=len(points) > 1)
+
+    def job(self, job_id: str) -> Job:
+        """The job of ``job.id``."""
+        for job in self.jobs():
+            if job.id == job_id:
+                return job
+        raise KeyError(job_id)
 
     def baselines(self) -> list[Baseline]:
         return [Baseline(unit=u, name=name) for u in self.units for name in self.cfg.baselines]
@@ -181,25 +236,37 @@ class Plan:
         return ([teacher_prompt(d, ex) for ex, d in zip(items, unit.eval_demo_lists)],
                 [ex.uid for ex in items])
 
-    def eval_prompts(self, unit: Unit, with_demos: bool) -> list[str]:
-        """The evaluation prompts: the query alone, or with the unit's N-1 pool demos (ICL)."""
+    def eval_sets(self) -> list:
+        """What every model is evaluated on: the task's own evaluation items first, then the
+        out-of-distribution sets (``data.ood_tasks``; their ICL demos come from the unit's pool)."""
+        from ia2dist.data.loaders import EvalSet
+
+        main = EvalSet(name=self.spec.name, spec=self.spec, labels=self.task.labels,
+                       items=list(self.eval_items), icl_source=self.spec.name)
+        return [main, *self.ood_sets]
+
+    def eval_prompts(self, unit: Unit, with_demos: bool, eval_set=None) -> list[str]:
+        """The evaluation prompts of ``eval_set`` (default: the task's own): the query alone, or
+        with the unit's N-1 pool demos (ICL)."""
         from ia2dist.data.prompts import student_prompt, teacher_prompt
 
+        ood = eval_set is not None and eval_set.name != self.spec.name
+        items = eval_set.items if ood else self.eval_items
         if with_demos:
-            return [teacher_prompt(d, ex) for ex, d in zip(self.eval_items, unit.eval_demo_lists)]
-        return [student_prompt(ex) for ex in self.eval_items]
+            demos = unit.ood_demo_lists[eval_set.name] if ood else unit.eval_demo_lists
+            return [teacher_prompt(d, ex) for ex, d in zip(items, demos)]
+        return [student_prompt(ex) for ex in items]
 
-    def target_ids(self, example: Example, response_ids: Sequence[int] | None) -> list[int]:
-        """CE targets of an example: the teacher's response (label_type icl) or the ground truth
-        (EOS appended when T > 1)."""
-        if self.cfg.train.label_type == "icl":
-            if response_ids is None:
-                raise IA2Error(f"example {example.uid}: label_type=icl needs the teacher's response")
-            return [int(t) for t in response_ids]
-        ids = self.tokenizer(example.answer, add_special_tokens=False)["input_ids"]
-        if self.max_new_tokens > 1 and self.tokenizer.eos_token_id is not None:
-            ids = ids + [self.tokenizer.eos_token_id]
-        return ids[: self.max_new_tokens]
+    def target_ids(self, example: Example, record, label_type: str | None = None) -> list[int]:
+        """CE targets of an example under ``label_type`` (default train.label_type): the
+        teacher's response (icl) or the whole ground truth (EOS appended when T > 1; see
+        ``ia2dist.data.targets``)."""
+        from ia2dist.data.targets import target_ids
+
+        return target_ids(self.tokenizer, example, record,
+                          label_type=label_type or self.cfg.train.label_type,
+                          max_new_tokens=self.max_new_tokens,
+                          truncate=self.cfg.train.truncate_targets)
 
     # ------------------------------------------------------------------ what is left to do
     def status(self, methods: Sequence[str] | None = None, *, evaluate: bool = True,
@@ -217,12 +284,12 @@ class Plan:
             elif evaluate and not (job.out_dir / "metrics.json").is_file():
                 status.to_evaluate.append(job)
             elif evaluate:
-                status.finished.append(json.loads((job.out_dir / "metrics.json").read_text()))
+                status.finished += result_rows(job.out_dir)
         if evaluate:
             for baseline in self.baselines():
                 path = baseline.unit.dir / baseline.name / "metrics.json"
                 if resuming and path.is_file():
-                    status.finished.append(json.loads(path.read_text()))
+                    status.finished += result_rows(path.parent)
                 else:
                     status.baselines.append(baseline)
         return status
@@ -232,7 +299,8 @@ class Plan:
         """Everything that determines a unit's teacher outputs (not train/eval/dist settings, nor
         the other N and seeds of the sweep)."""
         d = to_dict(self.cfg)
-        data = {k: v for k, v in d["data"].items() if k not in ("num_train", "seeds")}
+        data = {k: v for k, v in d["data"].items()
+                if k not in ("num_train", "seeds", "ood_tasks", "ood_paths")}
         model = {k: v for k, v in d["model"].items() if k not in ("device", "cache_dir")}
         e = self.cfg.extract
         return {"model": model, "model_files": _model_fingerprint(self.cfg.model.name_or_path),
@@ -262,9 +330,13 @@ class Plan:
                 "extract": ("batch_size", "cache_dir"),
                 "train": ("methods", "checkpoint_every", "checkpoint_keep", "micro_batch_size")}
         sections = {name: {k: v for k, v in d[name].items() if k not in skip[name]} for name in skip}
+        if job.point is not None:  # the job's own setting, not the sweep's lists
+            sections["train"] = {k: v for k, v in to_dict(job.train_cfg).items()
+                                 if k not in skip["train"]}
         # config_hash: the whole run config's (informational; dist/wandb may differ on resume)
         return {"method": job.method, "n": job.unit.n, "seed": job.unit.seed,
-                "run_seed": self.cfg.seed, "config_hash": config_hash(self.cfg), **sections}
+                "run_seed": self.cfg.seed, "config_hash": config_hash(self.cfg), **sections,
+                **({"setting": job.point.tag} if job.swept else {})}
 
     def checkpoint_options(self, job: Job, resume_from: Path | None = None) -> dict | None:
         """Keyword arguments of ``Checkpointer`` for a job (None: checkpoints are off)."""
@@ -273,7 +345,7 @@ class Plan:
         t = self.cfg.train
         if t.checkpoint_every < 0:
             return None
-        return {"root": str((job.unit.dir / "checkpoints" / job.method).resolve()),
+        return {"root": str((job.unit.dir / "checkpoints" / job.name).resolve()),
                 "every": t.checkpoint_every, "keep": t.checkpoint_keep,
                 "identity": self.job_identity(job),
                 "resume_from": None if resume_from is None else str(resume_from),
@@ -288,13 +360,22 @@ class Plan:
 
         ident = read_identity(Path(path).expanduser())["identity"]
         n, seed, method = ident.get("n"), ident.get("seed"), ident.get("method")
-        if not any((u.n, u.seed) == (n, seed) for u in self.units) or \
-                method not in self.cfg.train.methods:
-            raise IA2Error(f"--resume-from: {path} is a checkpoint of N={n} seed={seed} {method}, "
+        name = f"{method}-{ident['setting']}" if ident.get("setting") else method
+        job_id = f"{rundir.unit_dir(self.run_dir, n, seed).name}/{name}"
+        if job_id not in {j.id for j in self.jobs()}:
+            raise IA2Error(f"--resume-from: {path} is a checkpoint of N={n} seed={seed} {name}, "
                            "which this run does not train; check data.num_train, data.seeds and "
                            "train.methods")
-        return f"{rundir.unit_dir(self.run_dir, n, seed).name}/{method}", \
-            Path(path).expanduser().resolve()
+        return job_id, Path(path).expanduser().resolve()
+
+
+def result_rows(out_dir: Path) -> list[dict]:
+    """The result rows an evaluation wrote under ``out_dir``: its metrics.json, then one per
+    out-of-distribution set (``ood/<set>/metrics.json``)."""
+    rows = [json.loads((out_dir / "metrics.json").read_text())]
+    for path in sorted((out_dir / "ood").glob("*/metrics.json")):
+        rows.append(json.loads(path.read_text()))
+    return rows
 
 
 def _frozen(lists) -> tuple[tuple[Example, ...], ...]:

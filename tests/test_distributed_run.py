@@ -1,6 +1,7 @@
 """`ia2dist run` as the distributed system: a real local Ray cluster, a Ray teacher stage, Ray Train
 workers running DeepSpeed ZeRO-3 on CPU (gloo), compared with the one-process path."""
 
+import contextlib
 import json
 import os
 import time
@@ -55,13 +56,34 @@ def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
     runs = {"local": root / "local", "2x1": root / "2x1", "1x1": root / "1x1", "1x2": root / "1x2"}
     assert main(["run", *_args(runs["local"], *TWO_UNITS)]) == 0
-    assert main(["run", *_args(runs["2x1"], *TWO_UNITS, "dist.backend=ray",
-                               "dist.shard_size=3")]) == 0
+    with _models_built() as built:
+        assert main(["run", *_args(runs["2x1"], *TWO_UNITS, "dist.backend=ray",
+                                   "dist.shard_size=3")]) == 0
+    runs["driver_models"] = built
     assert main(["run", *_args(runs["1x1"], *TWO_UNITS, "dist.backend=ray", "dist.shard_size=3",
                                "dist.num_workers=1", f"dist.inflight_bytes={ONE_UNIT}")]) == 0
     assert main(["run", *_args(runs["1x2"], *TWO_UNITS, "dist.backend=ray", "dist.shard_size=1",
                                "dist.group_size=2")]) == 0
     return runs
+
+
+@contextlib.contextmanager
+def _models_built():
+    """Every transformers model this process builds while the context is open, by the device of
+    its parameters ('meta': shapes only, as the memory plan builds them)."""
+    from transformers import PreTrainedModel
+
+    built: list[str] = []
+    original = PreTrainedModel.post_init
+
+    def post_init(self):
+        original(self)
+        built.append(str(next(self.parameters()).device.type))
+    PreTrainedModel.post_init = post_init
+    try:
+        yield built
+    finally:
+        PreTrainedModel.post_init = original
 
 
 #: Bytes of one unit's records at most (12 train+dev and 4 similarity examples x T=1 x 2 layers x
@@ -89,6 +111,8 @@ def test_job_results_do_not_depend_on_the_group_layout(grid):
     assert objectives == {"ia2", "ce"}
     stats = json.loads((grid["2x1"] / "distributed_stats.json").read_text())
     assert stats["students"]["groups"] == 2 and stats["students"]["tasks_done"] == 4
+    # the driver built no model with weights (only meta-device shapes for the memory plan)
+    assert grid["driver_models"] and set(grid["driver_models"]) == {"meta"}
     # the private local Ray's temp dir (sockets, session logs, spill) is gone after the run
     assert stats["ray_temp_dir"].startswith("/tmp/ray_") and not Path(stats["ray_temp_dir"]).exists()
 

@@ -144,7 +144,6 @@ def test_adapter_swap_equals_a_fresh_copy_of_the_base(tmp_path, make_tokenizer, 
     a fresh copy, and the base is unchanged (loaded once)."""
     from safetensors.torch import load_file
 
-    from ia2dist.plan import Job
     from ia2dist.student.job import run_job
     from ia2dist.student.trainer import EngineFactory
 
@@ -152,7 +151,7 @@ def test_adapter_swap_equals_a_fresh_copy_of_the_base(tmp_path, make_tokenizer, 
     before = {n: p.detach().clone() for n, p in students.base.state_dict().items()}
 
     def go(method, seed, out):
-        job = Job(unit=unit, method=method, seed=seed)
+        job = plan.job_for(unit, method, seed=seed)
         outcome = run_job(students, plan, job, *items(), engine_factory=EngineFactory())
         saved = load_file(str(job.out_dir / "adapter_model.safetensors"))
         (job.out_dir).rename(tmp_path / out)
@@ -166,7 +165,7 @@ def test_adapter_swap_equals_a_fresh_copy_of_the_base(tmp_path, make_tokenizer, 
     assert loads == [None]  # the base was loaded once
     fresh_plan, _, fresh_students, _, fresh_items = _job_setup(tmp_path / "f", make_tokenizer,
                                                                make_model, adapter)
-    job = Job(unit=fresh_plan.units[0], method="ia2_then_sft", seed=5)
+    job = fresh_plan.job_for(fresh_plan.units[0], "ia2_then_sft", seed=5)
     fresh = run_job(fresh_students, fresh_plan, job, *fresh_items(), engine_factory=EngineFactory())
     assert [r["loss"] for r in fresh.history] == [r["loss"] for r in first.history]
     after = students.base.state_dict()
@@ -174,14 +173,13 @@ def test_adapter_swap_equals_a_fresh_copy_of_the_base(tmp_path, make_tokenizer, 
 
 
 def test_full_fine_tuning_reloads_the_base_for_each_job(tmp_path, make_tokenizer, make_model):
-    from ia2dist.plan import Job
     from ia2dist.student.job import run_job
     from ia2dist.student.trainer import EngineFactory
 
     plan, unit, students, loads, items = _job_setup(tmp_path, make_tokenizer, make_model, "full")
     histories = []
     for out in ("a", "b"):
-        job = Job(unit=unit, method="sft", seed=5)
+        job = plan.job_for(unit, "sft", seed=5)
         histories.append(run_job(students, plan, job, *items(),
                                  engine_factory=EngineFactory()).history)
         job.out_dir.rename(tmp_path / out)

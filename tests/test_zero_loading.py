@@ -117,7 +117,7 @@ def _worker(work: Path) -> None:
 
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
-    from ia2dist.plan import Job, Plan
+    from ia2dist.plan import Plan
     from ia2dist.student.deepspeed_engine import (DeepSpeedEngineFactory, forwards,
                                                   init_distributed, load_partitioned)
     from ia2dist.student.dsconfig import fill_ds_config
@@ -190,7 +190,7 @@ def _worker(work: Path) -> None:
         if load not in students:
             students[load] = Students(load, cfg.train.adapter,
                                       forwards=lambda m: forwards(m, ds_config))
-        job = Job(unit=unit, method=method, seed=seed)
+        job = plan.job_for(unit, method, seed=seed)
         outcome = run_job(students[load], plan, job,
                           *job_items(plan, unit, tokenizer, records.__getitem__),
                           engine_factory=DeepSpeedEngineFactory(ds_config), rank=rank,

@@ -325,7 +325,7 @@ def ood_task_names(data_cfg: DataConfig) -> tuple[str, ...]:
     return tuple(OOD_EVAL.get(data_cfg.task, ()))
 
 
-def load_ood_sets(data_cfg: DataConfig) -> list[EvalSet]:
+def load_ood_sets(data_cfg: DataConfig, skipped: list[str] | None = None) -> list[EvalSet]:
     """The out-of-distribution evaluation sets of ``data_cfg.task`` (``ood_task_names``), in order.
 
     Each set's rows come from ``data.ood_paths[name]`` or the hub. With data.ood_tasks None (the
@@ -343,8 +343,12 @@ def load_ood_sets(data_cfg: DataConfig) -> list[EvalSet]:
                             "a dataset task")
         path = data_cfg.ood_paths.get(name)
         if path is None and data_cfg.ood_tasks is None and data_cfg.train_path is not None:
-            log.warning("out-of-distribution set %s skipped: the training data is local and "
-                        "data.ood_paths.%s is not set", name, name)
+            message = (f"out-of-distribution set {name} skipped: the training data is local and "
+                       f"data.ood_paths.{name} is not set")
+            if skipped is not None:  # the caller says so once the run has started
+                skipped.append(message)
+            else:
+                log.warning(message)
             continue
         fix = (f"pass data.ood_paths.{name} with a local file of its raw rows, or leave it out "
                "with data.ood_tasks")

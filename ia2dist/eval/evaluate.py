@@ -413,19 +413,21 @@ def per_example_similarity(acts_a: Sequence[torch.Tensor],
 
 def generation_similarity(model: nn.Module, tokenizer, prompts: Sequence,
                           teacher_records: Sequence[TeacherRecord], *, max_new_tokens: int,
-                          stop_strings: Sequence[str] = (), batch_size: int = 16) -> list[float]:
+                          stop_strings: Sequence[str] = (), batch_size: int = 16,
+                          sync=None) -> list[float]:
     """Per-layer similarity of ``model`` (prompted WITHOUT demos: ``prompts``, texts or ids) to
     the ICL teacher, on each side's own greedy response, as the reference's similarity analysis
     (eval.similarity_mode: generated): the model's attention outputs at the positions predicting
     its own greedy tokens (up to ``max_new_tokens``, EOS kept, as the teacher's extraction with
     ``stop_strings``) against ``teacher_records[i].acts_LTD``, compared by
-    ``per_example_similarity``. At T = 1 it equals ``layer_similarity``."""
+    ``per_example_similarity``. At T = 1 it equals ``layer_similarity``. ``sync``: see
+    ``ia2dist.teacher.extract.generate``."""
     from ia2dist.teacher.extract import extract
 
     _check_aligned(prompts, teacher_records)
     with _eval_mode(model):
         own = extract(model, tokenizer, list(prompts), [r.uid for r in teacher_records],
                       max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings),
-                      batch_size=batch_size, act_dtype=torch.float32)
+                      batch_size=batch_size, act_dtype=torch.float32, sync=sync)
     return per_example_similarity([r.acts_LTD for r in own],
                                   [r.acts_LTD for r in teacher_records])

@@ -28,55 +28,85 @@ log = logging.getLogger("ia2dist")
 
 def evaluate(model: nn.Module, tokenizer, plan, unit, name: str, *, with_demos: bool,
              sim_records: Sequence[TeacherRecord] | None = None,
-             shared: tuple[dict, list[dict]] | None = None,
-             sync: Callable[[bool], bool] | None = None, write: bool = True) -> dict:
-    """Metrics of ``model`` as row ``name`` of ``unit`` (prompts with the unit's N-1 demos when
-    ``with_demos``), plus the per-layer similarity to the ICL teacher when ``sim_records`` is given
-    (never for prompts with demos). ``shared``: (metrics, rows) of the same prompts evaluated before
-    (``accuracy_part``; the base model's prompts are the same for every unit), reused instead of
-    recomputed. Writes metrics.json and predictions.json under ``unit.dir / name`` when ``write``
-    (rank 0 of a group)."""
-    from ia2dist.eval.evaluate import layer_similarity
+             shared: dict | None = None, sync: Callable[[bool], bool] | None = None,
+             write: bool = True, tags: dict | None = None) -> list[dict]:
+    """The result rows of ``model`` as row ``name`` of ``unit``: one per evaluation set (the
+    task's own items first, then ``data.ood_tasks``; prompts with the unit's N-1 demos when
+    ``with_demos``), the first with the per-layer similarity to the ICL teacher when
+    ``sim_records`` is given (never for prompts with demos; ``eval.similarity_mode``).
+
+    shared: {eval set: (metrics, rows)} of the same prompts evaluated before (``accuracy_part``;
+    the base model's prompts are the same for every unit), reused instead of recomputed. Writes
+    metrics.json and predictions.json under ``unit.dir / name`` (an out-of-distribution set's
+    under ``ood/<set>/``) when ``write`` (rank 0 of a group). ``tags`` go into every row."""
+    rows_out = []
+    for index, eval_set in enumerate(plan.eval_sets()):
+        part = (shared or {}).get(eval_set.name) or accuracy_part(
+            model, tokenizer, plan, unit, with_demos=with_demos, sync=sync, eval_set=eval_set)
+        metrics, rows = dict(part[0]), list(part[1])
+        if index == 0 and sim_records is not None and not with_demos:
+            metrics["layer_similarity"] = similarity(model, tokenizer, plan, sim_records,
+                                                     sync=sync)
+        metrics.update({"method": name, "n": unit.n, "seed": unit.seed,
+                        "num_eval": len(eval_set.items), **(tags or {})})
+        out_dir = unit.dir / name
+        if index > 0:
+            metrics["eval_set"] = eval_set.name
+            out_dir = out_dir / "ood" / eval_set.name
+            if "predictions_path" in metrics:
+                metrics["predictions_path"] = str(out_dir / "predictions.json")
+        if write:
+            write_results(out_dir, metrics, rows)
+            log.info("N=%d seed=%d %-14s %saccuracy=%.3f%s", unit.n, unit.seed, name,
+                     f"[{eval_set.name}] " if index else "", metrics.get("accuracy", float("nan")),
+                     f" ece={metrics['ece']:.3f}" if "ece" in metrics else "")
+        rows_out.append(metrics)
+    return rows_out
+
+
+def similarity(model: nn.Module, tokenizer, plan, sim_records: Sequence[TeacherRecord], *,
+               sync: Callable[[bool], bool] | None = None) -> list[float]:
+    """Per-layer similarity of ``model`` (no demos) to the ICL teacher's records of the first
+    similarity items: on the teacher's response (teacher_forced) or on each side's own greedy
+    response (generated, the reference's analysis), per ``eval.similarity_mode``."""
+    from ia2dist.eval.evaluate import generation_similarity, layer_similarity
     from ia2dist.modeling import encode, num_virtual_tokens
 
-    if shared is None:
-        shared = accuracy_part(model, tokenizer, plan, unit, with_demos=with_demos, sync=sync)
-    metrics, rows = dict(shared[0]), list(shared[1])
-    if sim_records is not None and not with_demos:
-        items = plan.similarity_items()[:len(sim_records)]
-        ids = encode(tokenizer, [ex.query for ex in items])
-        with _eval_mode(model):
-            metrics["layer_similarity"] = layer_similarity(
-                model, tokenizer, ids, list(sim_records), batch_size=plan.cfg.eval.batch_size,
-                num_virtual_tokens=num_virtual_tokens(model))
-    metrics.update({"method": name, "n": unit.n, "seed": unit.seed,
-                    "num_eval": len(plan.eval_items)})
-    if write:
-        write_results(unit.dir / name, metrics, rows)
-        log.info("N=%d seed=%d %-14s accuracy=%.3f%s", unit.n, unit.seed, name,
-                 metrics.get("accuracy", float("nan")),
-                 f" ece={metrics['ece']:.3f}" if "ece" in metrics else "")
-    return metrics
+    e = plan.cfg.eval
+    items = plan.similarity_items()[:len(sim_records)]
+    with _eval_mode(model):
+        if e.similarity_mode == "generated":
+            return generation_similarity(
+                model, tokenizer, [ex.query for ex in items], list(sim_records),
+                max_new_tokens=plan.max_new_tokens, stop_strings=plan.cfg.extract.stop_strings,
+                batch_size=e.batch_size, sync=sync)
+        return layer_similarity(model, tokenizer, encode(tokenizer, [ex.query for ex in items]),
+                                list(sim_records), batch_size=e.batch_size,
+                                num_virtual_tokens=num_virtual_tokens(model))
 
 
 def accuracy_part(model: nn.Module, tokenizer, plan, unit, *, with_demos: bool,
-                  sync: Callable[[bool], bool] | None = None) -> tuple[dict, list[dict]]:
-    """(metrics, rows) of the prompts alone: accuracy, confidences, ECE (single-token tasks) or
-    parsed exact match (generation); no similarity, nothing written."""
+                  sync: Callable[[bool], bool] | None = None,
+                  eval_set=None) -> tuple[dict, list[dict]]:
+    """(metrics, rows) of the prompts of ``eval_set`` (default: the task's own items) alone:
+    accuracy, confidences, ECE (single-token tasks) or parsed exact match (generation); no
+    similarity, nothing written."""
     from ia2dist.eval.evaluate import evaluate_generation, evaluate_single_token
     from ia2dist.modeling import num_virtual_tokens
 
     e = plan.cfg.eval
-    prompts = plan.eval_prompts(unit, with_demos)
+    eval_set = eval_set or plan.eval_sets()[0]
+    prompts = plan.eval_prompts(unit, with_demos, eval_set)
+    spec = eval_set.spec
     with _eval_mode(model):
-        if plan.spec.single_token:
+        if spec.single_token:
             return evaluate_single_token(
-                model, tokenizer, prompts, plan.eval_items, list(plan.task.labels),
+                model, tokenizer, prompts, eval_set.items, list(eval_set.labels),
                 batch_size=e.batch_size, num_virtual_tokens=num_virtual_tokens(model),
-                n_bins=e.ece_bins, confidence=e.confidence)
+                n_bins=e.ece_bins, confidence=e.confidence, label_ties=e.label_ties)
         return evaluate_generation(
-            model, tokenizer, prompts, plan.eval_items, plan.spec.parse,
-            max_new_tokens=e.max_new_tokens or plan.spec.max_new_tokens,
+            model, tokenizer, prompts, eval_set.items, spec.parser_for(e.parser),
+            max_new_tokens=e.max_new_tokens or spec.max_new_tokens,
             stop_strings=tuple(e.stop_strings), batch_size=e.batch_size, sync=sync)
 
 

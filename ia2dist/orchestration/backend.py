@@ -112,10 +112,10 @@ class RayBackend:
         need_records = [u for u in units if work.needs_records(u)] if not online else []
         need_sim = [u for u in units if work.needs_similarity(u)] if not online else []
         baselines = work.baselines if not online else []
-        tasks = [Task("train", j.unit.key, j.method, evaluate=work.evaluate_trained,
+        tasks = [Task("train", j.unit.key, j.name, evaluate=work.evaluate_trained,
                       resume_from=None if work.resume_path(j) is None else str(work.resume_path(j)))
                  for j in work.train]
-        tasks += [Task("evaluate", j.unit.key, j.method) for j in work.evaluate]
+        tasks += [Task("evaluate", j.unit.key, j.name) for j in work.evaluate]
         if online:
             tasks += [Task("baseline", b.unit.key, b.name) for b in work.baselines]
         extract_only = {u.key for u in work.extract} - {t.unit for t in tasks} - \
@@ -175,7 +175,7 @@ class RayBackend:
                                              f"{result['group']}, {result['wall_s']:.0f} s)")
                         bar.update(1)
                         yield Outcome(result["id"], plan.unit(result["unit"]), result["name"],
-                                      metrics=result.get("metrics"), history=result.get("history"))
+                                      rows=result.get("rows") or [], history=result.get("history"))
                     if stop_file.exists():
                         queue.stop.remote()
                 groups_done = groups is None or not groups.alive()
@@ -401,14 +401,14 @@ class _Pump:
             with self._lock:
                 baseline = self.pending_evals.pop(ref)
             try:
-                metrics = ray.get(ref)
+                rows = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
                 raise IA2Error(str(cause) if isinstance(cause, IA2Error) else
                                f"evaluating {baseline.id} on a teacher actor failed: "
                                f"{type(cause or exc).__name__}: {str(cause or exc).splitlines()[0]}"
                                ) from None
-            out.append(Outcome(baseline.id, baseline.unit, baseline.name, metrics=metrics))
+            out.append(Outcome(baseline.id, baseline.unit, baseline.name, rows=rows))
         return out
 
     def drain_baselines(self) -> Iterator[Outcome]:

@@ -229,7 +229,6 @@ class _GroupWorker:
         import torch.distributed as dist
 
         from ia2dist.eval.runner import evaluate
-        from ia2dist.plan import Job
 
         plan = self.plan
         unit = plan.unit(task.unit)
@@ -246,21 +245,24 @@ class _GroupWorker:
         result = {"id": task.id, "kind": task.kind, "unit": unit.key, "name": task.name,
                   "group": self.config["group"], "world_size": self.world}
         if task.kind == "train":
-            job = Job(unit=unit, method=task.name, seed=plan.student_seed(unit))
+            job = plan.job(task.id)
             outcome = self._train(job, records, sim, task)
-            result.update(metrics=outcome.metrics, history=outcome.history)
+            result.update(rows=outcome.rows, history=outcome.history)
         elif task.kind == "evaluate":
-            with self.students.trained(unit.dir / task.name) as model:
-                result["metrics"] = evaluate(model, plan.tokenizer, plan, unit, task.name,
-                                             with_demos=False, sim_records=sim, sync=self.sync,
-                                             write=write)
+            from ia2dist.backend import job_tags
+
+            job = plan.job(task.id)
+            with self.students.trained(job.out_dir) as model:
+                result["rows"] = evaluate(model, plan.tokenizer, plan, unit, job.name,
+                                          with_demos=False, sim_records=sim, sync=self.sync,
+                                          write=write, tags=job_tags(job))
         else:
             with_demos = task.name == "icl"
             with self.students.frozen() as base:
-                result["metrics"] = evaluate(base, plan.tokenizer, plan, unit, task.name,
-                                             with_demos=with_demos,
-                                             sim_records=None if with_demos else sim,
-                                             sync=self.sync, write=write)
+                result["rows"] = evaluate(base, plan.tokenizer, plan, unit, task.name,
+                                          with_demos=with_demos,
+                                          sim_records=None if with_demos else sim,
+                                          sync=self.sync, write=write)
         result["wall_s"] = time.perf_counter() - started
         pulls = [{"group": self.config["group"], "rank": self.rank, "node": self.node,
                   "bytes": sum(f.stats.bytes for f in records.values() if hasattr(f, "stats")),
@@ -283,14 +285,15 @@ class _GroupWorker:
         plan, cfg = self.plan, self.plan.cfg
         check = record_checker(self.num_layers, "soft_sft" in cfg.train.methods)
         train_items, dev_items = job_items(plan, job.unit, plan.tokenizer,
-                                           self._fetch(records, "teacher"), check=check)
+                                           self._fetch(records, "teacher"), check=check,
+                                           label_type=job.label_type)
         factory = DeepSpeedEngineFactory(self.ds_config, model_dtype=cfg.model.dtype)
         evaluator = None
         if task.evaluate:
-            def evaluator(model):
-                return evaluate(model, plan.tokenizer, plan, job.unit, job.method,
+            def evaluator(model, tags):
+                return evaluate(model, plan.tokenizer, plan, job.unit, job.name,
                                 with_demos=False, sim_records=sim, sync=self.sync,
-                                write=self.rank == 0)
+                                write=self.rank == 0, tags=tags)
         resume = Path(task.resume_from) if task.resume_from else None
         return run_job(self.students, plan, job, train_items, dev_items, engine_factory=factory,
                        rank=self.rank, world_size=self.world, barrier=dist.barrier,

@@ -184,21 +184,23 @@ class TeacherActor:
                 "finished": time.time()}
         return (done, *packed)
 
-    def evaluate(self, plan, unit_key: str, name: str, with_demos: bool, sim_refs=None) -> dict:
+    def evaluate(self, plan, unit_key: str, name: str, with_demos: bool,
+                 sim_refs=None) -> list[dict]:
         """Evaluate the frozen base as baseline ``name`` of the unit (writes its metrics.json and
-        predictions.json; returns the metrics). The base's prompts without demos are the same for
-        every unit: evaluated once per actor and reused (its similarity is per unit).
+        predictions.json; returns the result rows). The base's prompts without demos are the same
+        for every unit: evaluated once per actor and reused (its similarity is per unit).
         ``sim_refs``: the unit's similarity-record shards (object refs) for the similarity."""
-        from ia2dist.eval.runner import accuracy_part, evaluate
+        from ia2dist.backend import shared_accuracy
+        from ia2dist.eval.runner import evaluate
 
         if self.load_error is not None:
             raise IA2Error(self.load_error)
+        plan.tokenizer = self.tokenizer
         unit = plan.unit(unit_key)
         shared = None
         if not with_demos:
             if name not in self._shared:
-                self._shared[name] = accuracy_part(self.model, self.tokenizer, plan, unit,
-                                                   with_demos=False)
+                self._shared[name] = shared_accuracy(self.model, self.tokenizer, plan, unit)
             shared = self._shared[name]
         sim = None
         if sim_refs is not None and not with_demos:

@@ -157,10 +157,11 @@ class LazyItems(Sequence):
 
 
 def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None], *,
-              check: Callable[[TeacherRecord], None] | None = None
-              ) -> tuple[LazyItems, LazyItems]:
+              check: Callable[[TeacherRecord], None] | None = None,
+              label_type: str | None = None) -> tuple[LazyItems, LazyItems]:
     """(train items, dev items) of ``unit`` in index order, lazily built (see ``LazyItems``);
-    ``fetch(position)`` gives the teacher record at that position of ``plan.read_order(unit)``."""
+    ``fetch(position)`` gives the teacher record at that position of ``plan.read_order(unit)``;
+    CE targets of ``label_type`` (the job's; default train.label_type)."""
     from ia2dist.data.prompts import student_prompt
     from ia2dist.modeling import encode
 
@@ -168,9 +169,10 @@ def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None
     examples = [("train", i, ex) for i, ex in enumerate(unit.train)]
     examples += [("dev", j, ex) for j, ex in enumerate(unit.dev)]
     prompt_ids = encode(tokenizer, [student_prompt(ex) for _, _, ex in examples])
-    icl = plan.cfg.train.label_type == "icl"
+    label_type = label_type or plan.cfg.train.label_type
+    icl = label_type == "icl"
     specs = [ItemSpec(uid=ex.uid, prompt_ids=ids,
-                      target_ids=None if icl else plan.target_ids(ex, None),
+                      target_ids=None if icl else plan.target_ids(ex, None, label_type),
                       position=position[(kind, i)])
              for (kind, i, ex), ids in zip(examples, prompt_ids)]
     n = len(unit.train)
@@ -206,25 +208,26 @@ def record_checker(num_layers: int, need_topk: bool) -> Callable[[TeacherRecord]
 @dataclass
 class JobOutcome:
     """What a finished job reports: its history (per optimizer step) and phases, the checkpoint it
-    resumed from, the world size it trained on, and its metrics when it was evaluated."""
+    resumed from, the world size it trained on, and its result rows when it was evaluated."""
 
     job_id: str
     history: list[dict]
     phases: list[dict]
     resumed_from: str | None
     world_size: int
-    metrics: dict | None = None
+    rows: list[dict] | None = None
 
 
 def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
             dev_items: Sequence[StudentItem], *, engine_factory, rank: int = 0,
             world_size: int = 1, barrier: Callable[[], None] = lambda: None,
             checkpoint: dict | None = None, validate_items: bool = True,
-            evaluate: Callable[[nn.Module], dict] | None = None,
+            evaluate: Callable[[nn.Module, dict], list[dict]] | None = None,
             log_step: Callable[[dict], None] | None = None, progress: bool = False) -> JobOutcome:
     """Train ``job`` and publish ``job.out_dir`` (adapter or full model + history.json, written
-    under a staging name and renamed when complete), then ``evaluate(model)`` with the trained
-    student (its metrics go into the outcome); the base is restored afterwards.
+    under a staging name and renamed when complete), then ``evaluate(model, tags)`` with the
+    trained student and the job's result-row tags (its rows go into the outcome); the base is
+    restored afterwards. The trainer runs the job's own setting (``job.train_cfg``).
 
     engine_factory: an ``EngineFactory``/``DeepSpeedEngineFactory`` (its last engine saves the
         model and stays alive for the evaluation, then is closed). Every rank of a group calls
@@ -237,7 +240,7 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
     checkpointer = Checkpointer(**checkpoint, rank=rank) if checkpoint is not None else None
     with students.student(job.seed) as model:
         try:
-            result = train(model, train_items, dev_items, job.method, plan.cfg.train,
+            result = train(model, train_items, dev_items, job.method, job.train_cfg,
                            seed=job.seed, log=log_step, progress=progress,
                            engine_factory=engine_factory, validate_items=validate_items,
                            checkpointer=checkpointer)
@@ -251,8 +254,12 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
                     "world_size": world_size, "resumed_from": result.resumed_from})
                 rundir.commit_dir(tmp, final)
             barrier()
-            metrics = evaluate(model) if evaluate is not None else None
+            rows = None
+            if evaluate is not None:
+                from ia2dist.backend import job_tags
+
+                rows = evaluate(model, job_tags(job, {"phases": result.phases}))
         finally:
             engine_factory.close()
     return JobOutcome(job_id=job.id, history=result.history, phases=result.phases,
-                      resumed_from=result.resumed_from, world_size=world_size, metrics=metrics)
+                      resumed_from=result.resumed_from, world_size=world_size, rows=rows)
