@@ -170,3 +170,21 @@ def test_failed_deletion_of_an_old_checkpoint_does_not_stop_training(setup, tmp_
     assert result.phases[-1]["steps"] == 5
     assert "could not delete old checkpoint" in caplog.text
     assert (tmp_path / "latest").read_text().strip() == "p1_s0000005_end"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_trains_and_resumes_exactly(setup, tmp_path, dtype):
+    """A bfloat16 / float16 base (LoRA kept in float32 by PEFT; float16 with dynamic loss
+    scaling, whose state is checkpointed too): the SFT phase's loss goes down, and a run killed
+    mid-phase resumes to the uninterrupted run's weights and history bit for bit."""
+    import copy
+
+    half = {"base": copy.deepcopy(setup["base"]).to(dtype), "cls": setup["cls"]}
+    reference = _run(half, tmp_path / "ref", every=0)
+    with pytest.raises(Killed):
+        _run(half, tmp_path / "ckpt", kill_after=7)
+    _assert_same(_run(half, tmp_path / "ckpt"), reference)
+    ce = [row["loss"] for row in reference[0].history if row["objective"] == "ce"]
+    assert ce[-1] < ce[0], ce
+    assert all(p.dtype == torch.float32 for p in reference[1].values())
+    assert not any(row.get("step_skipped") for row in reference[0].history)

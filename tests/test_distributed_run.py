@@ -201,14 +201,24 @@ def test_a_budget_smaller_than_one_unit_fails_before_training(tmp_path, capsys):
     assert err.startswith("error: dist.inflight_bytes: unit N8_seed0 needs up to"), err
 
 
-def test_online_teacher_mode(tmp_path):
-    """Workers compute the teacher activations themselves (adapter disabled): same losses."""
+#: bfloat16 keeps ~3 significant digits; DeepSpeed runs the LoRA weights in bfloat16 (float32
+#: master copies) where the one-process engine keeps them in float32: measured <= 3.5e-3.
+BF16_RTOL = 2e-2
+
+
+def test_online_teacher_mode_in_bfloat16(tmp_path):
+    """Workers of one 2-rank ZeRO-3 group compute the teacher activations themselves (adapter
+    absent), in bfloat16 end to end: the per-step losses of the one-process bfloat16 run within
+    BF16_RTOL, and nothing is transported."""
+    extra = ("train.methods=[ia2_then_sft]", "model.dtype=bfloat16")
     assert main(["run", *_args(tmp_path / "ray", "dist.backend=ray", "dist.teacher_mode=online",
-                               "train.methods=[ia2]")]) == 0
-    assert main(["run", *_args(tmp_path / "local", "train.methods=[ia2]")]) == 0
+                               "dist.group_size=2", *extra)]) == 0
+    assert main(["run", *_args(tmp_path / "local", *extra)]) == 0
     assert not (tmp_path / "ray" / "N8_seed0" / "teacher").exists()
-    _assert_same_losses(_history(tmp_path / "ray", "ia2")["history"],
-                        _history(tmp_path / "local", "ia2")["history"], rel=1e-3)
+    ray_run = _history(tmp_path / "ray", "ia2_then_sft")
+    assert ray_run["world_size"] == 2
+    _assert_same_losses(ray_run["history"], _history(tmp_path / "local", "ia2_then_sft")["history"],
+                        rel=BF16_RTOL)
 
 
 def _fails_fast(capsys, argv, *needles, limit_s=60):

@@ -92,8 +92,10 @@ class DeepSpeedEngine:
         # global count, so the average times the world size is the whole batch's gradient.
         self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One optimizer step; False when DeepSpeed's fp16 loss scaling skipped it (overflow)."""
         self.ds.step()
+        return bool(self.ds.was_step_applied())
 
     def zero_grad(self) -> None:
         self.ds.optimizer.zero_grad()

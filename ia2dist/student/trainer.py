@@ -80,7 +80,8 @@ class Engine(Protocol):
 
     def forward(self, **inputs) -> Any: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> None: ...
+    def step(self) -> bool:
+        """False when the step was skipped (fp16 loss scaling found inf/nan gradients)."""
     def zero_grad(self) -> None: ...
     def save_consolidated(self, out_dir: Path) -> None: ...
     def destroy(self) -> None: ...
@@ -109,6 +110,10 @@ class TorchEngine:
         if not self.params:
             raise IA2Error("student model has no trainable parameters; apply an adapter "
                            "(train.adapter.type) before training")
+        if any(p.dtype == torch.float16 for p in self.params.values()):
+            raise IA2Error("model.dtype=float16 with full fine-tuning: the one-process engine "
+                           "keeps no float32 master weights; use model.dtype=bfloat16, or "
+                           "dist.backend=ray (DeepSpeed's fp16 optimizer)")
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if optimizer not in optimizers:
             raise IA2Error(f"train.optimizer: unknown optimizer {optimizer!r}; use adam or adamw")
@@ -116,6 +121,10 @@ class TorchEngine:
                                                weight_decay=weight_decay)
         self.grad_clip = grad_clip
         self.device = next(iter(self.params.values())).device
+        # a float16 base: gradients flow through float16 activations; dynamic loss scaling keeps
+        # them from underflowing (the trainable float32 adapter weights take unscaled gradients)
+        half = any(p.dtype == torch.float16 for p in model.parameters())
+        self.scaler = torch.amp.GradScaler(self.device.type) if half else None
 
     @classmethod
     def from_config(cls, model: nn.Module, train_cfg: TrainConfig) -> "TorchEngine":
@@ -126,12 +135,21 @@ class TorchEngine:
         return self.model(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One optimizer step; False when loss scaling found inf/nan gradients and skipped it."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,7 +201,8 @@ class TorchEngine:
                     scalars[key] = value
         save_file(tensors, str(path / "optimizer.safetensors"))
         (path / "optimizer.json").write_text(json.dumps(
-            {"names": names, "param_groups": sd["param_groups"], "scalars": scalars}))
+            {"names": names, "param_groups": sd["param_groups"], "scalars": scalars,
+             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}))
 
     def load_checkpoint(self, path: Path, saved_world_size: int = 1) -> None:
         from safetensors.torch import load_file
@@ -200,6 +219,8 @@ class TorchEngine:
             name, slot = key.split("::", 1)
             state.setdefault(meta["names"].index(name), {})[slot] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if self.scaler is not None and meta.get("loss_scaler"):
+            self.scaler.load_state_dict(meta["loss_scaler"])
 
 
 class EngineFactory:
@@ -473,10 +494,12 @@ def _train_step(engine: Engine, share: _Share, objective: str, ctx: _Context) ->
         sums_T[0] += float(loss.detach())
         for i, term in enumerate(terms, start=1):
             sums_T[i] += weight * float(pairs[term][0].detach())
-    engine.step()
+    applied = engine.step()
     engine.zero_grad()
     sums_T = engine.all_reduce_sum(sums_T)
     entry = {"loss": float(sums_T[0])}
+    if applied is False:  # fp16 overflow: the weights did not move (the scale was lowered)
+        entry["step_skipped"] = True
     if len(terms) > 1:
         entry.update({f"loss/{t}": float(sums_T[i]) / max(counts[t], 1)
                       for i, t in enumerate(terms, start=1)})
