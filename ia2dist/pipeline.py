@@ -145,6 +145,9 @@ def _start(cfg: RunConfig, overwrite: bool, fresh: bool,
     else:
         rundir.check_existing_run_dir(run_dir, cfg)
     rundir.setup_logging(None)
+    from ia2dist import procmem
+
+    procmem.baseline()
     task = load_task(cfg.data)
     if _is_ray(cfg):  # this process never builds (or loads) model weights
         build_source_elsewhere(cfg.model)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import ray
 
+from ia2dist import procmem
 from ia2dist.backend import Outcome, Work, teacher_store
 from ia2dist.errors import IA2Error
 from ia2dist.orchestration.cluster import check_resources, connect, object_store_usage
@@ -206,7 +207,18 @@ class RayBackend:
                           "transport": transport.summary(),
                           "units_released": pump.released if pump is not None else {},
                           "object_store_at_end": object_store_usage(),
-                          "ray_temp_dir": self.ctx.temp_dir}
+                          "ray_temp_dir": self.ctx.temp_dir,
+                          "memory": {"student ranks": transport.memory,
+                                     "teacher actors": self._actor_memory(),
+                                     "driver": procmem.report()}}
+
+    def _actor_memory(self) -> list[dict]:
+        if self.stage is None or not self.stage.actors:
+            return []
+        try:
+            return ray.get([a.memory.remote() for a in self.stage.actors], timeout=30)
+        except Exception:  # an actor that is gone reports nothing
+            return []
 
     def _used(self, pump: "_Pump", users: dict[str, set[str]], unit: str, task_id: str) -> None:
         """A task of ``unit`` finished: release the unit's records when nothing needs them."""
@@ -229,17 +241,21 @@ def _largest_node_bytes(local: bool) -> int:
 
 
 class _TransportStats:
-    """Record bytes pulled per rank (group, rank) and per node (each object counted once)."""
+    """Record bytes pulled per rank (group, rank) and per node (each object counted once), and
+    each rank's memory (baseline before loading, peak)."""
 
     def __init__(self):
         self.per_rank: dict[str, int] = {}
         self.per_node: dict[str, dict[str, int]] = {}
+        self.memory: dict[str, dict] = {}
 
     def add(self, pulls: list[dict]) -> None:
         for pull in pulls:
             key = f"group{pull['group']}/rank{pull['rank']}"
             self.per_rank[key] = self.per_rank.get(key, 0) + pull["bytes"]
             self.per_node.setdefault(pull["node"], {}).update(pull["objects"])
+            if pull.get("memory"):
+                self.memory[key] = pull["memory"]
 
     def summary(self) -> dict:
         return {"bytes_per_rank": self.per_rank,

@@ -108,6 +108,10 @@ def group_worker(config: dict) -> None:
         torch.cuda.set_device(get_device())
     rank, world = dist.get_rank(), dist.get_world_size()
     plan.tokenizer = load_tokenizer(cfg.model)
+    from ia2dist import procmem
+
+    procmem.import_model_libraries()
+    procmem.baseline()
     worker = _GroupWorker(config, rank, world)
     queue, group = config["queue"], config["group"]
     stop_file = Path(cfg.run_dir).expanduser() / STOP_FILE
@@ -264,7 +268,10 @@ class _GroupWorker:
                                           sim_records=None if with_demos else sim,
                                           sync=self.sync, write=write)
         result["wall_s"] = time.perf_counter() - started
+        from ia2dist import procmem
+
         pulls = [{"group": self.config["group"], "rank": self.rank, "node": self.node,
+                  "memory": procmem.report(),
                   "bytes": sum(f.stats.bytes for f in records.values() if hasattr(f, "stats")),
                   "objects": {k: v for f in records.values() if hasattr(f, "stats")
                               for k, v in f.stats.objects.items()}}]

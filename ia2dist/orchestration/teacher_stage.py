@@ -127,9 +127,12 @@ class TeacherActor:
 
     def __init__(self, model_cfg, extract_kwargs: dict, device: str, num_threads: int,
                  num_gpus: float = 0.0, reserve_bytes: int = 0):
+        from ia2dist import procmem
         from ia2dist.modeling import load_model, load_tokenizer
 
         torch.set_num_threads(num_threads)
+        procmem.import_model_libraries()
+        procmem.baseline()
         self.extract_kwargs = dict(extract_kwargs)
         self.extract_kwargs["act_dtype"] = getattr(torch, extract_kwargs["act_dtype"])
         self.load_error: str | None = None
@@ -151,6 +154,12 @@ class TeacherActor:
         for param in self.model.parameters():
             param.requires_grad_(False)
         self._shared: dict[str, tuple] = {}
+
+    def memory(self) -> dict:
+        """This replica's resident memory: before loading, now, and its peak."""
+        from ia2dist import procmem
+
+        return procmem.report()
 
     def info(self) -> dict:
         from ia2dist.modeling import attention_sites
