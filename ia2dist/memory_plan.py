@@ -45,6 +45,8 @@ class ModelSize:
     """Key (= value) width per position per layer: num_key_value_heads x head_dim."""
     largest_layer_params: int
     embedding_params: int
+    ffn: int = 0
+    heads: int = 1
 
     @classmethod
     def of(cls, model_config) -> "ModelSize":
@@ -66,8 +68,11 @@ class ModelSize:
         kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(model_config, "head_dim", None) or hidden // heads)
         embed = model.get_input_embeddings()
+        ffn = int(getattr(model_config, "intermediate_size", None)
+                  or getattr(model_config, "n_inner", None) or 4 * hidden)
         return cls(num_params=num_params, num_layers=num_layers_of(model_config), hidden=hidden,
-                   vocab=int(model_config.vocab_size), kv_dim=kv_heads * head_dim,
+                   vocab=int(model_config.vocab_size), kv_dim=kv_heads * head_dim, ffn=ffn,
+                   heads=heads,
                    largest_layer_params=max(sum(p.numel() for p in layer.parameters())
                                             for layer in layers),
                    embedding_params=embed.weight.numel())
@@ -158,13 +163,17 @@ def plan_memory(cfg, model_config, *, max_new_tokens: int, teacher_prompt_tokens
     weights = size.num_params * wbytes
     roles = []
 
-    # teacher replica: one batch of extraction
+    # teacher replica: one batch of extraction, or of the baselines' evaluation
     devices = max(1, int(d.teacher_gpus)) if d.teacher_gpus >= 1 else 1
-    batch = e.batch_size
+    batch = max(e.batch_size, cfg.eval.batch_size)
     per_layer_kv = 2 * size.kv_dim * wbytes
-    kv = batch * (teacher_prompt_tokens + T) * size.num_layers * per_layer_kv if T > 1 else 0
-    prefill = batch * teacher_prompt_tokens * size.hidden * wbytes * 6  # hidden, residual, MLP
-    captured = batch * T * size.num_layers * size.hidden * _BYTES[e.act_dtype]
+    kv = e.batch_size * (teacher_prompt_tokens + T) * size.num_layers * per_layer_kv if T > 1 else 0
+    # the widest layer's forward over a padded batch: hidden states and the MLP's three
+    # projections, plus attention scores and probabilities when computed densely (padded batches
+    # on a CPU take SDPA's math path)
+    prefill = batch * teacher_prompt_tokens * (2 * size.hidden + 3 * size.ffn) * max(wbytes, 4)
+    prefill += 2 * batch * size.heads * teacher_prompt_tokens ** 2 * 4
+    captured = e.batch_size * T * size.num_layers * size.hidden * _BYTES[e.act_dtype]
     logits = batch * size.vocab * 4
     teacher_parts = {"weights": math.ceil(weights / devices) + size.largest_layer_params * wbytes
                      * (devices > 1), "kv cache": math.ceil(kv / devices),

@@ -318,16 +318,23 @@ def load_model(model_cfg, device: torch.device | str | None = None, *,
     source = source or model_source(model_cfg)
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"device_map": device_map} if device_map is not None else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=_attn_implementation(source),
-            trust_remote_code=model_cfg.trust_remote_code, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise _hub_error("model.name_or_path", source, exc) from None
+    model = None
     if device_map is None:
         device = resolve_device(model_cfg.device) if device is None else torch.device(device)
-        model = model.to(device=device, dtype=dtype)
+        if not model_cfg.trust_remote_code:  # a local directory: read tensor by tensor
+            from ia2dist.weights import load_lean
+
+            model = load_lean(source, dtype, device, _attn_implementation(source))
+    if model is None:
+        kwargs = {"device_map": device_map} if device_map is not None else {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=_attn_implementation(source),
+                trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise _hub_error("model.name_or_path", source, exc) from None
+        if device_map is None:
+            model = model.to(device=device, dtype=dtype)
     return model.eval()
 
 

@@ -235,11 +235,6 @@ _DS_CONFIG_FOR_TRANSFORMERS: list = []
 """Keeps transformers' ``HfDeepSpeedConfig`` alive (transformers reads ZeRO-3 settings through a
 weak reference while it exists)."""
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
-                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
@@ -261,12 +256,13 @@ def load_partitioned(model_cfg, ds_config: dict, source: str | None = None) -> n
     from transformers.integrations import HfDeepSpeedConfig
 
     from ia2dist.modeling import _DTYPES, _attn_implementation, model_source
+    from ia2dist.weights import safetensors_index
 
     source = source or model_source(model_cfg)
     if not _DS_CONFIG_FOR_TRANSFORMERS:
         _DS_CONFIG_FOR_TRANSFORMERS.append(HfDeepSpeedConfig(ds_config))
     dtype = _DTYPES[model_cfg.dtype]
-    index = _safetensors_index(source)
+    index = safetensors_index(source)
     model = None
     if index is not None and not model_cfg.trust_remote_code:
         model = _construct_partitioned(source, dtype, ds_config, _attn_implementation(source))
@@ -310,54 +306,11 @@ def _construct_partitioned(source: str, dtype: torch.dtype, ds_config: dict, att
     return model
 
 
-def _safetensors_index(source: str) -> dict[str, tuple] | None:
-    """{tensor name: (file, dtype, shape, first byte, end byte)} of the safetensors files of a
-    model directory, from their headers alone; None when there are none."""
-    import json
-
-    root = Path(source)
-    if not root.is_dir():
-        return None
-    index_file = root / "model.safetensors.index.json"
-    if index_file.is_file():
-        files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-    elif (root / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        return None
-    entries = {}
-    for name in files:
-        path = root / name
-        with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            entries[key] = (path, info["dtype"], info["shape"], 8 + size + start, 8 + size + end)
-    return entries
-
-
-def _read_slice(entry: tuple, first: int, count: int) -> torch.Tensor:
-    """``count`` elements of a stored tensor, flattened, from element ``first`` (one read)."""
-    path, dtype_name, _shape, start, _end = entry
-    dtype = _SAFETENSORS_DTYPES[dtype_name]
-    out = torch.empty(count, dtype=dtype)
-    size = out.element_size()
-    with open(path, "rb") as fh:
-        fh.seek(start + first * size)
-        view = memoryview(out.view(torch.uint8).numpy())
-        got = fh.readinto(view)
-    if got != count * size:
-        raise IA2Error(f"{path}: truncated safetensors file; re-download or re-save the model")
-    return out
-
-
 def _read_partitions(model: nn.Module, index: dict[str, tuple]) -> bool:
     """Fill every rank's partition of every parameter (and the persistent buffers) from the
     checkpoint; False when a parameter has no stored tensor of its shape (the caller falls
     back)."""
+    from ia2dist.weights import read_slice
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     params = list(model.named_parameters())
     for name, param in params:
@@ -373,10 +326,10 @@ def _read_partitions(model: nn.Module, index: dict[str, tuple]) -> bool:
             first = part.ds_numel * rank
             count = max(0, min(part.ds_numel, param.ds_numel - first))
             if count:
-                part.narrow(0, 0, count).copy_(_read_slice(index[key], first, count))
+                part.narrow(0, 0, count).copy_(read_slice(index[key], first, count))
         for name, buf in model.named_buffers():
             if name in index and list(index[name][2]) == list(buf.shape):
-                buf.copy_(_read_slice(index[name], 0, buf.numel()).view(buf.shape))
+                buf.copy_(read_slice(index[name], 0, buf.numel()).view(buf.shape))
     return True
 
 
