@@ -181,7 +181,8 @@ def run(quick: bool = False, source: str | None = None, model_dir: str | None = 
         roles[role]["planned"] = need
         roles[role]["planned_over_measured"] = round(need / worst, 3) if worst > 0 else None
     stats_path = root / "big" / "distributed_stats.json"
-    in_process = json.loads(stats_path.read_text()).get("memory") if stats_path.is_file() else None
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    in_process = stats.get("memory") if isinstance(stats, dict) else None
     result = {"name": "scale", "model_bytes": model_bytes, "roles": roles,
               "wall_s": {"tiny": base["wall_s"], "big": big["wall_s"]}, "source": str(cwd),
               "in_process_marks": in_process if isinstance(in_process, dict) else None}
