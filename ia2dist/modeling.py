@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 import sys
+import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from ia2dist.errors import IA2Error
+
+log = logging.getLogger("ia2dist")
 
 _ATTN_NAMES = ("self_attn", "self_attention", "attn", "attention")
 
@@ -77,6 +82,29 @@ def attention_sites(model: nn.Module) -> list[nn.Module]:
     return [_attention_child(block) for block in decoder_layers(model)]
 
 
+def check_supported(model: nn.Module, where: str = "model.name_or_path") -> None:
+    """IA2Error (one line) unless ``model`` is a decoder-only causal LM whose every decoder layer
+    has a self-attention block to capture: encoder-decoder and encoder (masked-LM) families, and
+    families with state-space, recurrent or convolution layers (Mamba, RWKV, xLSTM, Jamba, Bamba,
+    Zamba, Falcon-H1, LFM2's conv layers, ...) are refused before any work."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    cfg = getattr(model, "config", None)
+    name, family = type(model).__name__, getattr(cfg, "model_type", "?")
+    fix = "use a decoder-only causal LM (Llama, Qwen, Mistral, Gemma, Phi, GPT-2, ...)"
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise IA2Error(f"{where}: {name} ({family}) is an encoder-decoder model; IA2 aligns the "
+                       f"self-attention of a decoder-only causal LM; {fix}")
+    if family in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise IA2Error(f"{where}: {name} ({family}) is an encoder family used as a decoder; IA2 "
+                       f"aligns the self-attention of a decoder-only causal LM; {fix}")
+    try:
+        attention_sites(model)
+    except ValueError as exc:
+        raise IA2Error(f"{where}: {name} ({family}) is not supported: {exc} (IA2 needs a "
+                       f"self-attention block in every decoder layer); {fix}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Devices, tokenizers, models
 # --------------------------------------------------------------------------------------------------
@@ -96,9 +124,10 @@ _NO_BOS_ARCHS = ("qwen2", "qwen3", "gpt2", "gpt_neox")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: Attention kernel for models loaded from disk or the hub ('tiny:' models use eager). Both give the
-#: same greedy responses as the naive reference; sdpa is the fast one on GPUs.
-ATTN_IMPLEMENTATION = "sdpa"
+#: Attention kernel for models loaded from disk or the hub ('tiny:' models use eager): None lets
+#: transformers pick sdpa (the fast one on GPUs) where the family supports it, else eager (Gemma 2,
+#: GPT-OSS, ...). Both give the same greedy responses as the naive reference.
+ATTN_IMPLEMENTATION = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -214,6 +243,7 @@ def load_model(model_cfg, device: torch.device | str | None = None) -> nn.Module
                 trust_remote_code=model_cfg.trust_remote_code)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise _hub_error("model.name_or_path", source, exc) from None
+    check_supported(model)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -227,14 +257,21 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in encoded["input_ids"]]
 
 
+#: Families whose positions enter only as attention biases (ALiBi) and whose configs state no
+#: context length: no position table limits the prompt.
+_UNBOUNDED_POSITION_FAMILIES = ("bloom",)
+
+
 def context_length(model: nn.Module) -> int:
     """The most positions the model accepts (max_position_embeddings / n_positions / n_ctx)."""
     cfg = model.config
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
-                 "seq_length"):
+                 "seq_length", "max_seq_len"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value > 0:
             return value
+    if getattr(cfg, "model_type", None) in _UNBOUNDED_POSITION_FAMILIES:
+        return sys.maxsize
     raise IA2Error(f"model: {type(model).__name__}'s config states no context length "
                    f"(max_position_embeddings); set it in the model's config.json")
 
@@ -380,33 +417,173 @@ def load_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.Mo
     return model.to(param.device).eval()
 
 
+# --------------------------------------------------------------------------------------------------
+# Last-position shortcuts, each proven once per model against the plain forward
+# --------------------------------------------------------------------------------------------------
+
+#: Outcome of each shortcut's one-time check: patched module -> {(shortcut, kernel, dtype,
+#: device): mode or None}. Keyed weakly by the module, so a freed model takes its entries along.
+_PROOFS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _probe_batch(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Short inputs for the checks: a left-padded batch of two rows (with its mask) and one
+    unpadded row (no mask: sdpa's causal fast path). Token ids are spread over the vocabulary."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = ((torch.arange(14).view(2, 7) * 7919 + 3) % vocab).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return [(ids, mask), (ids[:1], None)]
+
+
+class _train_mode_saved:
+    """Eval mode (no dropout) inside the context; every module's own training flag restored."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def _probe_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, ctx):
+    """(logits at the last position [B, V], per layer the attention output [B, S or 1, D]) of one
+    forward of ``model`` inside ``ctx``."""
+    from contextlib import ExitStack
+
+    sites = attention_sites(model)
+    outs: dict[int, torch.Tensor] = {}
+
+    def keeper(layer):
+        def hook(_m, _a, out):
+            outs[layer] = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        return hook
+
+    with ExitStack() as stack:
+        for layer, site in enumerate(sites):
+            stack.callback(site.register_forward_hook(keeper(layer)).remove)
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(ctx)
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    return logits[:, -1].float(), [outs[i] for i in range(len(sites))]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Equal up to rounding: a relative tolerance of the working dtype on the largest value."""
+    if got.shape != want.shape or not torch.isfinite(got).all():
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    return bool((got - want).abs().max() <= tol * (1.0 + want.abs().max()))
+
+
+def _prove(model: nn.Module, key: nn.Module, name: str, candidates, every_position: bool):
+    """The first of ``candidates`` ((mode, context factory) pairs) whose forward reproduces the
+    plain one on the probe inputs, or None (logged): the logits at the last position and every
+    layer's attention output at the last position (``every_position``: at every real position).
+    The outcome is kept per ``key`` module, attention kernel, dtype and device."""
+    param = next(model.parameters())
+    setting = (name, getattr(model.config, "_attn_implementation", None), param.dtype,
+               param.device.type)
+    memo = _PROOFS.setdefault(key, {})
+    if setting in memo:
+        return memo[setting]
+    found, why = None, "no candidate"
+    with _train_mode_saved(model):
+        probes = _probe_batch(model)
+        plain = [_probe_forward(model, ids, mask, nullcontext()) for ids, mask in probes]
+        for mode, make in candidates:
+            try:
+                ok = True
+                for (ids, mask), (want_logits, want_acts) in zip(probes, plain):
+                    logits, acts = _probe_forward(model, ids, mask, make())
+                    ok &= _close(logits, want_logits, param.dtype)
+                    for got, want in zip(acts, want_acts):
+                        if every_position:
+                            real = (mask if mask is not None else torch.ones_like(ids)).bool()
+                            ok &= _close(got[real], want[real], param.dtype)
+                        else:
+                            ok &= _close(got[:, -1], want[:, -1], param.dtype)
+                if ok:
+                    found = mode
+                    break
+                why = f"mode {mode}: differs from the plain forward"
+            except Exception as exc:  # any failure of a shortcut means: do not use it
+                why = f"mode {mode}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    if found is None:
+        log.info("%s: the %s shortcut is off for %s (%s); the plain forward is used",
+                 type(model).__name__, name, type(key).__name__, why)
+    memo[setting] = found
+    return found
+
+
+def _mlp_child(block: nn.Module) -> nn.Module | None:
+    for name in ("mlp", "feed_forward", "block_sparse_moe", "ffn"):
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
 class last_position_mlp:
     """Within the context, the LAST decoder block's MLP runs on the last position only.
 
     For forwards where nothing reads the last block's output at the other positions: a teacher
     prefill (the keys and values cached for decoding come from the blocks' inputs, the captured
     attention outputs from before the MLP, and only the last position's logits are used) and an
-    IA2-only student forward (the loss reads attention outputs only). The MLP's (B, 1, D) output is broadcast into the
-    residual sum, so the last position is exact and the others (never read) are not computed.
-    Applies to blocks with an ``mlp`` child (Llama, Qwen, Mistral, GPT-2, GPT-NeoX, ...)."""
+    IA2-only student forward (the loss reads attention outputs only). The MLP's (B, 1, D) output
+    goes back into the residual sum broadcast (mode 'broadcast') or, for blocks that add it in
+    place (Falcon's parallel attention/MLP), as a full-length tensor that is zero except at the
+    last position (mode 'padded'); the last position is exact, the others are never read.
+
+    Proven once per model: on first use the shortcut's last-position logits and attention outputs
+    are compared with the plain forward's on a short input (``prove``); a mode that differs or
+    raises is not used, and with neither the context does nothing (logged). Prove before
+    registering capture hooks that expect a particular batch (the check runs forwards)."""
 
     def __init__(self, model: nn.Module | None):
-        self.mlp = None
+        self.model, self.mlp, self.mode, self.handles = model, None, None, []
+        self.proven = False
         if model is not None:
             try:
-                self.mlp = getattr(decoder_layers(model)[-1], "mlp", None)
+                self.mlp = _mlp_child(decoder_layers(model)[-1])
             except ValueError:
                 self.mlp = None
-        self.handle = None
+
+    def prove(self) -> str | None:
+        """The mode used ('broadcast', 'padded' or None: off)."""
+        if not self.proven:
+            self.proven = True
+            if self.mlp is not None:
+                self.mode = _prove(self.model, self.mlp, "last-position MLP",
+                                   [(m, lambda m=m: self._apply(m)) for m in ("broadcast",
+                                                                             "padded")],
+                                   every_position=True)
+        return self.mode
+
+    def _apply(self, mode: str):
+        clone = last_position_mlp(None)
+        clone.mlp, clone.mode, clone.proven = self.mlp, mode, True
+        return clone
 
     def __enter__(self):
-        if isinstance(self.mlp, nn.Module):
-            self.handle = self.mlp.register_forward_pre_hook(_to_last_position, with_kwargs=True)
+        if self.prove() is not None:
+            self.handles = [self.mlp.register_forward_pre_hook(_to_last_position,
+                                                               with_kwargs=True)]
+            if self.mode == "padded":
+                self.handles.append(self.mlp.register_forward_hook(_to_full_length))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 def _to_last_position(module, args, kwargs):
@@ -418,6 +595,15 @@ def _to_last_position(module, args, kwargs):
     key = next(iter(kwargs))
     module._ia2_full_len = kwargs[key].shape[1]
     return args, {**kwargs, key: kwargs[key][:, -1:]}
+
+
+def _to_full_length(module, args, output):
+    """Forward hook: the last-position output [B, 1, D] (first element of a tuple) placed at the
+    last of ``module._ia2_full_len`` positions of a zero tensor."""
+    first = output[0] if isinstance(output, tuple) else output
+    full = first.new_zeros(first.shape[0], module._ia2_full_len, *first.shape[2:])
+    full[:, -1:] = first
+    return (full, *output[1:]) if isinstance(output, tuple) else full
 
 
 _LAST_QUERY = "ia2dist_last_query"
@@ -455,11 +641,16 @@ class last_query_attention:
     block's output is then [B, 1, D], broadcast into the residual sum). Used together with
     ``last_position_mlp``. Applies to self-attention modules that dispatch through transformers'
     attention interface with the eager or sdpa kernel (Llama, Qwen, Mistral, GPT-2, GPT-NeoX, ...
-    in transformers 5); a no-op for others."""
+    in transformers 5); a no-op for others.
+
+    Proven once per model like ``last_position_mlp`` (with the q/o projections cut, else without,
+    else off): an attention whose keys are not what the last query should see (e.g. position
+    biases built for the full query length) is caught there and left to the plain forward."""
 
     def __init__(self, model: nn.Module | None):
         self.attn = self.inner = self.q_proj = self.o_proj = None
         self.handles: list = []
+        self.model, self.mode, self.proven, self.active = model, None, False, False
         if model is None:
             return
         try:
@@ -492,20 +683,37 @@ class last_query_attention:
         # the attention module views the queries as [B, S, H, hd]: a broadcast of the last row
         return output.expand(output.shape[0], module._ia2_full_len, *output.shape[2:])
 
+    def prove(self) -> str | None:
+        """The mode used ('q/o cut': projections too, 'kernel': the attention only, None: off)."""
+        if not self.proven:
+            self.proven = True
+            if self.attn is not None:
+                modes = (["q/o cut"] if self.q_proj is not None else []) + ["kernel"]
+                self.mode = _prove(self.model, self.attn, "last-query attention",
+                                   [(m, lambda m=m: self._applied(m)) for m in modes],
+                                   every_position=False)
+        return self.mode
+
+    def _applied(self, mode: str):
+        clone = copy.copy(self)
+        clone.mode, clone.proven, clone.handles = mode, True, []
+        return clone
+
     def __enter__(self):
-        if self.attn is None:
+        if self.prove() is None:
             return self
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
         if _LAST_QUERY not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(_LAST_QUERY, _last_query_attention_forward)
+        self.active = True
         self.config = self.attn.config
         own = copy.copy(self.config)
         # the internal field: the property's setter would also rewrite the shared sub-configs
         own._attn_implementation_internal = _LAST_QUERY
         self.attn._ia2_inner_attention = self.inner
         self.attn.config = own
-        if self.q_proj is not None:
+        if self.mode == "q/o cut":
             self.handles = [
                 self.q_proj.register_forward_pre_hook(_to_last_position, with_kwargs=True),
                 self.q_proj.register_forward_hook(self._expand_back, with_kwargs=True),
@@ -513,9 +721,10 @@ class last_query_attention:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.attn is not None:
+        if self.active:
             self.attn.config = self.config
             del self.attn._ia2_inner_attention
+            self.active = False
         for handle in self.handles:
             handle.remove()
         self.handles = []
