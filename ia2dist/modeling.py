@@ -16,11 +16,11 @@ sub-module is the child whose name says attention (self_attn, attn, attention, s
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 import os
 import sys
-import weakref
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -159,12 +159,19 @@ def _looks_local(path: str) -> bool:
         os.altsep is not None and path.count(os.altsep) >= 2)
 
 
-def _resolve_source(name_or_path: str, cache_dir: str | None, field_name: str) -> str:
-    """A local directory or a hub id for ``from_pretrained`` ('embedded' becomes its directory)."""
+def _resolve_source(name_or_path: str, cache_dir: str | None, field_name: str,
+                    gguf_file: str | None = None) -> str:
+    """A local directory or a hub id for ``from_pretrained`` ('embedded' becomes its directory, a
+    GGUF source its cached dequantized copy: see ``ia2dist.gguf``)."""
     if name_or_path == "embedded":
         from ia2dist.embedded import get_embedded_model_dir
 
         return str(get_embedded_model_dir(cache_dir))
+    from ia2dist.gguf import resolve_gguf_source
+
+    converted = resolve_gguf_source(name_or_path, gguf_file, cache_dir, field_name)
+    if converted is not None:
+        return converted
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
         return expanded
@@ -211,7 +218,8 @@ def load_tokenizer(model_cfg):
                                          add_bos=arch not in _NO_BOS_ARCHS)
         return _finish_tokenizer(tokenizer, model_cfg.padding_side)
     field_name = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
-    source = _resolve_source(name, model_cfg.cache_dir, field_name)
+    source = _resolve_source(name, model_cfg.cache_dir, field_name,
+                             None if model_cfg.tokenizer else model_cfg.gguf_file)
     from transformers import AutoTokenizer
 
     try:
@@ -234,7 +242,8 @@ def load_model(model_cfg, device: torch.device | str | None = None) -> nn.Module
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
             model = build_tiny_model(arch, load_tokenizer(model_cfg), seed=0)
     else:
-        source = _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path")
+        source = _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path",
+                                 model_cfg.gguf_file)
         from transformers import AutoModelForCausalLM
 
         try:
@@ -421,9 +430,21 @@ def load_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.Mo
 # Last-position shortcuts, each proven once per model against the plain forward
 # --------------------------------------------------------------------------------------------------
 
-#: Outcome of each shortcut's one-time check: patched module -> {(shortcut, kernel, dtype,
-#: device): mode or None}. Keyed weakly by the module, so a freed model takes its entries along.
-_PROOFS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: Outcome of each shortcut's one-time check: (shortcut, model structure, kernel, dtype, device)
+#: -> mode or None. Whether a shortcut is exact depends on the architecture, never on the weights,
+#: so copies of a model (an adapter on a deep copy of the base, each evaluated method) share it.
+_PROOFS: dict[tuple, str | None] = {}
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """What determines whether a shortcut is exact for ``model``: its classes (the wrapper's and
+    the base model's), its config and any PEFT adapter configs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
+    peft = repr(sorted((k, repr(v)) for k, v in getattr(model, "peft_config", {}).items()))
+    digest = hashlib.sha256((text + peft).encode()).hexdigest()[:16]
+    return type(model).__qualname__, type(base).__qualname__, digest
 
 
 def _probe_batch(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -487,13 +508,13 @@ def _prove(model: nn.Module, key: nn.Module, name: str, candidates, every_positi
     """The first of ``candidates`` ((mode, context factory) pairs) whose forward reproduces the
     plain one on the probe inputs, or None (logged): the logits at the last position and every
     layer's attention output at the last position (``every_position``: at every real position).
-    The outcome is kept per ``key`` module, attention kernel, dtype and device."""
+    The outcome is kept per model structure (``structure_key``), attention kernel, dtype and
+    device."""
     param = next(model.parameters())
-    setting = (name, getattr(model.config, "_attn_implementation", None), param.dtype,
-               param.device.type)
-    memo = _PROOFS.setdefault(key, {})
-    if setting in memo:
-        return memo[setting]
+    setting = (name, type(key).__qualname__, structure_key(model),
+               getattr(model.config, "_attn_implementation", None), param.dtype, param.device.type)
+    if setting in _PROOFS:
+        return _PROOFS[setting]
     found, why = None, "no candidate"
     with _train_mode_saved(model):
         probes = _probe_batch(model)
@@ -519,7 +540,7 @@ def _prove(model: nn.Module, key: nn.Module, name: str, candidates, every_positi
     if found is None:
         log.info("%s: the %s shortcut is off for %s (%s); the plain forward is used",
                  type(model).__name__, name, type(key).__name__, why)
-    memo[setting] = found
+    _PROOFS[setting] = found
     return found
 
 

@@ -61,7 +61,11 @@ def test_falcon_runs_the_last_position_mlp_padded(make_tokenizer, make_model):
     assert last_query_attention(make_model("llama", tok)).prove() == "q/o cut"
 
 
-def test_shortcuts_a_family_breaks_are_switched_off_and_logged(make_tokenizer, make_model, caplog):
+def test_shortcuts_a_family_breaks_are_switched_off_and_logged(make_tokenizer, make_model, caplog,
+                                                               monkeypatch):
+    import ia2dist.teacher.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "_DECODE_PROOFS", {})  # prove afresh, so it is logged
     tok = make_tokenizer(add_bos=True)
     model = make_model("openai-gpt", tok)  # its forward returns no KV cache
     runner = _Runner(model)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import weakref
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ from torch import nn
 
 from ia2dist.errors import IA2Error
 from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
-                              last_position_mlp, last_query_attention, num_prefix_positions)
+                              last_position_mlp, last_query_attention, num_prefix_positions,
+                              structure_key)
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
 
@@ -157,7 +157,7 @@ class _Runner:
         self.one_by_one = self.one_by_one or settings.get("one_by_one", False)
 
     def prove(self, tokenizer, stop: "_StopRule", pad_id: int) -> None:
-        """Check once per model (kernel, dtype, device) that this decoder reproduces
+        """Check once per model structure (kernel, dtype, device) that this decoder reproduces
         ``naive_extract`` on two short prompts of different lengths (responses, every layer's
         attention outputs, top-k log-probs; T = 1 and T = 3, batched prefill and, on a CPU, the
         separate one); where it does not, turn the shortcuts off in ``_LADDER``'s order until it
@@ -168,11 +168,10 @@ class _Runner:
         self.last_mlp.prove()
         self.last_query.prove()
         param = next(self.model.parameters())
-        key = (getattr(self.model.config, "_attn_implementation", None), param.dtype,
-               param.device.type)
-        memo = _DECODE_PROOFS.setdefault(self.model, {})
-        if key in memo:
-            self._apply(memo[key])
+        key = (structure_key(self.model), getattr(self.model.config, "_attn_implementation", None),
+               param.dtype, param.device.type)
+        if key in _DECODE_PROOFS:
+            self._apply(_DECODE_PROOFS[key])
             return
         vocab = self.model.get_input_embeddings().weight.shape[0]
         probe = [[(i * 7919 + 11) % vocab for i in range(n)] for n in (5, 8)]
@@ -195,7 +194,7 @@ class _Runner:
         if step:
             log.info("%s: decoding with %s (the faster settings %s)", type(self.model).__name__,
                      self.settings(), why)
-        memo[key] = self.settings()
+        _DECODE_PROOFS[key] = self.settings()
 
     def _reproduces(self, probe, want, stop, pad_id) -> bool:
         cap = ActivationCapture(attention_sites(self.model))
@@ -326,8 +325,8 @@ _LADDER = (
     {"static_cache": False, "separate": False, "keep": False, "kv_cache": False,
      "one_by_one": True},
 )
-#: Outcome of ``_Runner.prove`` per model and (kernel, dtype, device).
-_DECODE_PROOFS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: Outcome of ``_Runner.prove`` per model structure (``structure_key``), kernel, dtype and device.
+_DECODE_PROOFS: dict[tuple, dict] = {}
 
 
 def _restore(settings: dict, runner: "_Runner") -> dict:
