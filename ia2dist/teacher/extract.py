@@ -39,7 +39,7 @@ from torch import nn
 from ia2dist.errors import IA2Error
 from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
                               last_position_mlp, last_query_attention, num_prefix_positions,
-                              structure_key)
+                              structure_key, vocab_size)
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
 
@@ -173,11 +173,19 @@ class _Runner:
         if key in _DECODE_PROOFS:
             self._apply(_DECODE_PROOFS[key])
             return
-        vocab = self.model.get_input_embeddings().weight.shape[0]
+        vocab = vocab_size(self.model)
         probe = [[(i * 7919 + 11) % vocab for i in range(n)] for n in (5, 8)]
-        want = naive_extract(self.model, tokenizer, probe, ["probe0", "probe1"], max_new_tokens=3,
-                             stop_strings=tuple(stop.stop_strings), act_dtype=torch.float32,
-                             topk=4)
+        try:
+            want = naive_extract(self.model, tokenizer, probe, ["probe0", "probe1"],
+                                 max_new_tokens=3, stop_strings=tuple(stop.stop_strings),
+                                 act_dtype=torch.float32, topk=4)
+        except IA2Error:
+            raise
+        except Exception as exc:  # the family's own forward fails on a short plain input
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise IA2Error(f"model: {type(self.model).__name__} fails a plain forward of a short "
+                           f"prompt ({type(exc).__name__}: {first}); this family is not "
+                           f"supported") from None
         base, why = self.settings(), ""
         for step, settings in enumerate(_LADDER):
             self._apply({**base, **settings})
@@ -187,14 +195,14 @@ class _Runner:
                 why = "differs from the reference"
             except Exception as exc:  # a shortcut that raises is a shortcut not to use
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            self.__dict__.update(_restore(base, self))
+            self.__dict__.update(_restore(base))
         else:
             raise IA2Error(f"model: {type(self.model).__name__} does not decode like the per-token "
                            f"reference even without KV cache or padding ({why}); this family is "
                            f"not supported")
         if step:
-            log.info("%s: decoding with %s (the faster settings %s)", type(self.model).__name__,
-                     self.settings(), why)
+            log.info("%s: decoding with %s (faster settings failed the check: %s)",
+                     type(self.model).__name__, self.settings(), why)
         _DECODE_PROOFS[key] = self.settings()
 
     def _reproduces(self, probe, want, stop, pad_id) -> bool:
@@ -326,7 +334,7 @@ _LADDER = (
 _DECODE_PROOFS: dict[tuple, dict] = {}
 
 
-def _restore(settings: dict, runner: "_Runner") -> dict:
+def _restore(settings: dict) -> dict:
     """Runner attributes as they were before ``settings`` were applied (``_Runner.settings``)."""
     return dict(static_cache=settings["static_cache"], kv_cache=settings["kv_cache"],
                 separate=settings["separate"], one_by_one=settings["one_by_one"],
