@@ -42,9 +42,13 @@ demo: $(STAMP)
 real-model: $(STAMP)
 	$(PY) -c "from ia2dist.gguf import resolve_gguf_source; print(resolve_gguf_source('smollm2', None, None))"
 
+# configs/real.yaml once per task, each in REAL_RUN_DIR/<task>.
 REAL_RUN_DIR ?= runs/real-$(shell date +%Y%m%d-%H%M%S)
+REAL_TASKS ?= country_region country_language country_capital
 demo-real: real-model
-	$(VENV)/bin/ia2dist run configs/real.yaml run_dir=$(REAL_RUN_DIR)
+	set -e; for task in $(REAL_TASKS); do \
+	  $(VENV)/bin/ia2dist run configs/real.yaml data.task=$$task run_dir=$(REAL_RUN_DIR)/$$task; \
+	done
 
 test: $(STAMP)
 	$(PY) -m pytest -q
