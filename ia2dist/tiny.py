@@ -130,6 +130,9 @@ def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2
         moe_intermediate_size=ffn // 4, shared_expert_intermediate_size=ffn // 4,
         rotary_dim=head_dim // 2, sliding_window=_WINDOW, window_size=_WINDOW,
         word_embed_proj_dim=hidden, query_pre_attn_scalar=head_dim)
+    if arch in CORE_ARCHS:  # the common matrix keeps its families' own windows (Mistral: 4096)
+        sizes.pop("sliding_window")
+        sizes.pop("window_size")
     kwargs = _sized(default, sizes)
     types = default.get("layer_types")
     if isinstance(types, list) and types:
