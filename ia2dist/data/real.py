@@ -187,6 +187,11 @@ def word_syllables_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
     return f"Word: {_field(row, 'word', uid)}\nSyllables:", SYLLABLES[count - 1], count - 1
 
 
+def country_demonym_row(row: dict, uid: str, rng) -> tuple[str, str, None]:
+    return (f"Country: {_field(row, 'country', uid)}\nDemonym:", f" {_field(row, 'demonym', uid)}",
+            None)
+
+
 def parse_first_line(text: str) -> str:
     """Generated short answers: the first line, stripped, case-folded ("  Paris\\nCountry" ->
     "paris")."""

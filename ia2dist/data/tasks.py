@@ -353,6 +353,8 @@ def _real_tasks() -> list[TaskSpec]:
                   real.COUNTRYINFO, ("country", "language")),
         _packaged("country_capital", "qa", None, 8, real.country_capital_row,
                   real.parse_first_line, "countryinfo", real.COUNTRYINFO, ("country", "capital")),
+        _packaged("country_demonym", "qa", None, 8, real.country_demonym_row,
+                  real.parse_first_line, "countryinfo", real.COUNTRYINFO, ("country", "demonym")),
         _packaged("word_sentiment", "classification", (" negative", " positive"), 1,
                   real.word_sentiment_row, parse_label, "vader", real.VADER, ("word", "label")),
         _packaged("word_syllables", "classification", real.SYLLABLES, 1,
@@ -405,8 +407,8 @@ def _build_registry() -> dict[str, TaskSpec]:
 
 
 #: Every task by name: the paper's 12 datasets, ``synthetic`` and the real-language tasks built
-#: from pinned data packages (country_region, country_language, country_capital, word_sentiment,
-#: word_syllables).
+#: from pinned data packages (country_region, country_language, country_capital, country_demonym,
+#: word_sentiment, word_syllables).
 TASKS: dict[str, TaskSpec] = _build_registry()
 
 
