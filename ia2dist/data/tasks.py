@@ -348,6 +348,9 @@ def _real_tasks() -> list[TaskSpec]:
         _packaged("country_region", "classification", real.REGION_LABELS, 1,
                   real.country_region_row, parse_label, "countryinfo", real.COUNTRYINFO,
                   ("country", "region")),
+        _packaged("capital_region", "classification", real.REGION_LABELS, 1,
+                  real.capital_region_row, parse_label, "countryinfo", real.COUNTRYINFO,
+                  ("capital", "region")),
         _packaged("country_language", "classification", tuple(real.LANGUAGES.values()), 1,
                   real.country_language_row, parse_label, "countryinfo_language",
                   real.COUNTRYINFO, ("country", "language")),
@@ -407,8 +410,8 @@ def _build_registry() -> dict[str, TaskSpec]:
 
 
 #: Every task by name: the paper's 12 datasets, ``synthetic`` and the real-language tasks built
-#: from pinned data packages (country_region, country_language, country_capital, country_demonym,
-#: word_sentiment, word_syllables).
+#: from pinned data packages (country_region, capital_region, country_language, country_capital,
+#: country_demonym, word_sentiment, word_syllables).
 TASKS: dict[str, TaskSpec] = _build_registry()
 
 
