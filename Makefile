@@ -44,7 +44,7 @@ real-model: $(STAMP)
 
 # configs/real.yaml once per task, each in REAL_RUN_DIR/<task>.
 REAL_RUN_DIR ?= runs/real-$(shell date +%Y%m%d-%H%M%S)
-REAL_TASKS ?= country_region country_language country_capital
+REAL_TASKS ?= country_region capital_region country_demonym
 demo-real: real-model
 	set -e; for task in $(REAL_TASKS); do \
 	  $(VENV)/bin/ia2dist run configs/real.yaml data.task=$$task run_dir=$(REAL_RUN_DIR)/$$task; \

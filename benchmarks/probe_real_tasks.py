@@ -60,7 +60,7 @@ def probe(model_name: str, tasks, items: int, shots, threads: int) -> dict:
                                                  max_new_tokens=spec.max_new_tokens,
                                                  stop_strings=("\n",), batch_size=8)
                 acc = metrics["accuracy"]
-            row["by_k"][k] = {"accuracy": round(acc, 4), "seconds": round(
+            row["by_k"][str(k)] = {"accuracy": round(acc, 4), "seconds": round(
                 time.perf_counter() - start, 1)}
             print(f"{name:16s} k={k:2d} accuracy {acc:.3f}", flush=True)
         results["tasks"][name] = row
@@ -74,7 +74,7 @@ def to_markdown(results: dict) -> str:
              "| task | source | T | " + " | ".join(f"k={k}" for k in shots) + " |",
              "|---|---|---|" + "---|" * len(shots)]
     for name, row in results["tasks"].items():
-        accs = " | ".join(f"{row['by_k'][k]['accuracy']:.2f}" for k in shots)
+        accs = " | ".join(f"{row['by_k'][str(k)]['accuracy']:.2f}" for k in shots)
         lines.append(f"| {name} | {row['source']} | {row['T']} | {accs} |")
     lines += ["", "Classification: label-set accuracy; generation: exact match of the first "
               "generated line (case-folded)."]
