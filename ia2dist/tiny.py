@@ -11,8 +11,23 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-#: Architectures ``build_tiny_model`` knows how to configure (the test matrix).
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
+#: The families ``build_tiny_model`` configures first (the common test matrix).
+CORE_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
+#: Every decoder-only causal-LM family of the pinned transformers that ``build_tiny_model`` builds
+#: offline (the extraction equivalence matrix). Families with layers that are not self-attention
+#: (Mamba, RWKV, xLSTM, hybrids such as Jamba, Bamba, Zamba, Falcon-H1, Qwen3-Next) are not
+#: supported (``ia2dist.modeling.check_supported``); multimodal and encoder(-decoder) models are
+#: not decoder-only causal LMs.
+TINY_ARCHS = CORE_ARCHS + (
+    "afmoe", "apertus", "arcee", "aria_text", "beam", "biogpt", "bitnet", "bloom", "codegen",
+    "cohere", "cohere2", "ctrl", "cwm", "deepseek_v2", "deepseek_v3", "diffllama", "doge",
+    "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "falcon", "flex_olmo", "gemma", "gemma2",
+    "gemma3_text", "glm", "glm4", "glm4_moe", "gpt_bigcode", "gpt_neo", "gpt_neox_japanese",
+    "gpt_oss", "gptj", "granite", "granitemoe", "granitemoeshared", "helium", "hunyuan_v1_dense",
+    "hunyuan_v1_moe", "jetmoe", "lfm2", "llama4_text", "minicpm3", "minimax", "ministral",
+    "mixtral", "mpt", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "openai-gpt",
+    "opt", "persimmon", "phi", "phi3", "phimoe", "qwen2_moe", "qwen3_moe", "seed_oss", "smollm3",
+    "stablelm", "starcoder2", "vaultgemma", "xglm")
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 
@@ -59,31 +74,74 @@ def build_tiny_tokenizer(
     return wrapped
 
 
+#: Sliding-window size of tiny families that have one: shorter than the test prompts, so windowed
+#: attention (and its caches) really is exercised.
+_WINDOW = 8
+
+
+def _mla(default, hidden, layers):
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...): small low-rank projections."""
+    return _sized(default, dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                                qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, head_dim=8,
+                                first_k_dense_replace=1, n_shared_experts=1, n_group=1,
+                                topk_group=1, num_experts_per_tok=2))
+
+
+#: Families whose config needs more than the common size fields.
+_FAMILY_FIXES = {
+    "gpt_neo": lambda d, h, n: dict(attention_types=[[["global", "local"], n // 2]]),
+    "mpt": lambda d, h, n: dict(expansion_ratio=2),
+    "deepseek_v2": _mla,
+    "deepseek_v3": _mla,
+    "minicpm3": _mla,
+}
+
+
+def _sized(default: dict, sizes: dict) -> dict:
+    """The entries of ``sizes`` that the family's config has (its default dict ``default``)."""
+    return {k: v for k, v in sizes.items() if k in default}
+
+
 def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int | None = None, ffn: int = 128, max_positions: int = 1024,
                 bos_token_id: int | None = None, eos_token_id: int | None = None,
                 pad_token_id: int | None = None):
-    """A small transformers config of the given family (see ``TINY_ARCHS``)."""
-    from transformers import AutoConfig
+    """A small transformers config of family ``arch`` (see ``TINY_ARCHS``).
 
+    The family's default config with its size fields (whatever each family calls them: hidden_size
+    / n_embd / d_model, layer and head counts, FFN width, experts, latent-attention ranks, rotary
+    dims, sliding windows) set small; per-layer type lists follow the layer count. Families whose
+    fields need more than that are handled in ``_FAMILY_FIXES``."""
+    from transformers import CONFIG_MAPPING
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     kv_heads = kv_heads or heads
-    common = dict(vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+    head_dim = hidden // heads
+    cls = CONFIG_MAPPING[arch]
+    default = cls().to_dict()
+    sizes = dict(
+        hidden_size=hidden, n_embd=hidden, d_model=hidden, num_hidden_layers=layers, n_layer=layers,
+        num_layers=layers, n_layers=layers, num_attention_heads=heads, n_head=heads, n_heads=heads,
+        num_heads=heads, num_key_value_heads=kv_heads, num_kv_heads=kv_heads,
+        intermediate_size=ffn, ffn_dim=ffn, n_inner=ffn, ffn_hidden_size=ffn, head_dim=head_dim,
+        max_position_embeddings=max_positions, n_positions=max_positions, max_seq_len=max_positions,
+        num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=ffn // 4, shared_expert_intermediate_size=ffn // 4,
+        rotary_dim=head_dim // 2, sliding_window=_WINDOW, window_size=_WINDOW,
+        word_embed_proj_dim=hidden, query_pre_attn_scalar=head_dim)
+    if arch in CORE_ARCHS:  # the common matrix keeps its families' own windows (Mistral: 4096)
+        sizes.pop("sliding_window")
+        sizes.pop("window_size")
+    kwargs = _sized(default, sizes)
+    types = default.get("layer_types")
+    if isinstance(types, list) and types:
+        # the family's own alternation (sliding first where it has one), cut to the layer count
+        kwargs["layer_types"] = (sorted(set(types), reverse=True) * layers)[:layers]
+    kwargs.update(_FAMILY_FIXES.get(arch, lambda d, h, n: {})(default, hidden, layers))
+    kwargs.update(vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                   pad_token_id=pad_token_id, tie_word_embeddings=False)
-    if arch in ("llama", "qwen2", "qwen3", "mistral"):
-        extra = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     num_key_value_heads=kv_heads, intermediate_size=ffn,
-                     max_position_embeddings=max_positions)
-        if arch == "qwen3":
-            extra["head_dim"] = hidden // heads
-        return AutoConfig.for_model(arch, **extra, **common)
-    if arch == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=heads,
-                                    n_inner=ffn, n_positions=max_positions, **common)
-    if arch == "gpt_neox":
-        return AutoConfig.for_model("gpt_neox", hidden_size=hidden, num_hidden_layers=layers,
-                                    num_attention_heads=heads, intermediate_size=ffn,
-                                    max_position_embeddings=max_positions, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+    return cls(**kwargs)
 
 
 def build_tiny_model(arch: str, tokenizer, *, seed: int = 0, **config_kwargs):

@@ -43,7 +43,11 @@ def make_pool(k: int) -> list[Example]:
 
 
 def test_registry_has_the_paper_tasks_and_synthetic():
-    assert set(TASKS) == set(PAPER_TASKS) | {"synthetic"}
+    packaged = {n for n, s in TASKS.items() if s.builder is not None}
+    assert packaged == {"country_region", "capital_region", "country_language", "country_capital", "country_demonym",
+                        "word_sentiment", "word_syllables"}
+    assert all(TASKS[n].source and not TASKS[n].hf_path for n in packaged)
+    assert set(TASKS) == set(PAPER_TASKS) | {"synthetic"} | packaged
     long_form = {"gsm8k", "gsm8ks", "hmath_algebra", "sciqa"}
     for name in PAPER_TASKS:
         spec = TASKS[name]

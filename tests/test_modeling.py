@@ -10,7 +10,7 @@ from ia2dist.errors import IA2Error
 from ia2dist.modeling import (attach_trained, apply_adapter, attention_sites, context_length, encode,
                               last_position_mlp, last_query_attention, load_model, load_tokenizer,
                               num_virtual_tokens, remove_adapter, resolve_device, save_trained)
-from ia2dist.tiny import TINY_ARCHS
+from ia2dist.tiny import CORE_ARCHS
 
 TEXTS = ["Text:the movie was great\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]
 
@@ -224,7 +224,7 @@ def test_save_and_reload_gives_identical_logits(tmp_path, make_tokenizer, make_m
     assert torch.equal(untouched, base)  # and removing the adapter gives the base model back
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", CORE_ARCHS)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_last_position_prefill_is_exact_at_the_last_position(make_tokenizer, make_model, arch,
                                                               attn):

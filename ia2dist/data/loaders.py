@@ -165,8 +165,19 @@ def _hub_rows(spec: TaskSpec, split: str,
 
 def _source_rows(spec: TaskSpec, path: str | None, split: str,
                  **hub) -> list[tuple[str, dict]]:
-    return (_located_rows(Path(path).expanduser()) if path is not None
-            else _hub_rows(spec, split, **hub))
+    if path is not None:
+        return _located_rows(Path(path).expanduser())
+    if spec.builder is not None:
+        return _built_rows(spec)
+    return _hub_rows(spec, split, **hub)
+
+
+def _built_rows(spec: TaskSpec) -> list[tuple[str, dict]]:
+    """The rows a real-language task builds from its pinned data package (fetched once)."""
+    from ia2dist.data.real import cached_rows
+
+    rows = cached_rows(spec.builder, None)
+    return [(f"{spec.source} row {index}", dict(row)) for index, row in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +279,8 @@ def task_spec(name: str, data_cfg: DataConfig) -> TaskSpec:
 def _eval_examples(spec: TaskSpec, path: str | None, cfg: DataConfig,
                    row_rng: np.random.RandomState | None = None) -> list[Example]:
     if path is None and spec.eval_from_train_tail:
-        return _tail_examples(spec, _hub_rows(spec, spec.eval_split), spec.eval_split, cfg,
-                              row_rng)
+        return _tail_examples(spec, _source_rows(spec, None, spec.eval_split), spec.eval_split,
+                              cfg, row_rng)
     split = "eval" if path else spec.eval_split
     return to_examples(spec, _source_rows(spec, path, spec.eval_split), split, cfg.pool_seed,
                        cfg.max_eval, row_rng)

