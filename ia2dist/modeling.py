@@ -281,14 +281,18 @@ def build_source_elsewhere(model_cfg) -> None:
     import subprocess
 
     code = ("import json, sys\nfrom ia2dist.config import ModelConfig\n"
-            "from ia2dist.modeling import model_source\n"
-            "model_source(ModelConfig(**json.loads(sys.argv[1])))\n")
+            "from ia2dist.errors import IA2Error\nfrom ia2dist.modeling import model_source\n"
+            "try:\n    model_source(ModelConfig(**json.loads(sys.argv[1])))\n"
+            "except IA2Error as exc:\n    print(f'IA2Error: {exc}', file=sys.stderr)\n"
+            "    sys.exit(2)\n")
     fields = {"name_or_path": model_cfg.name_or_path, "cache_dir": model_cfg.cache_dir,
               "gguf_file": model_cfg.gguf_file}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(fields)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        if last.startswith("IA2Error: "):  # the input's own one-line error
+            raise IA2Error(last[len("IA2Error: "):])
         raise IA2Error(f"model.name_or_path: building {model_cfg.name_or_path!r} failed ({last}); "
                        f"check model.cache_dir / $IA2DIST_CACHE is writable")
 

@@ -28,7 +28,7 @@ def tiny_gguf(tmp_path, make_tokenizer, make_model):
 def test_gguf_file_loads_dequantized_within_quantization_error(tmp_path, tiny_gguf):
     path, model, tok, source = tiny_gguf
     cache = tmp_path / "cache"
-    cfg = ModelConfig(name_or_path=str(path), cache_dir=str(cache), device="cpu")
+    cfg = ModelConfig(name_or_path=str(path), cache_dir=str(cache), device="cpu", dtype="float32")
     loaded, loaded_tok = load_model(cfg), load_tokenizer(cfg)
     state = loaded.state_dict()
     assert set(state) == set(source)
@@ -47,7 +47,7 @@ def test_gguf_file_loads_dequantized_within_quantization_error(tmp_path, tiny_gg
     # the same file in a directory + gguf_file: the cached conversion, not a second one
     mtime = marker.stat().st_mtime_ns
     again = load_model(ModelConfig(name_or_path=str(path.parent), gguf_file="tiny.gguf",
-                                   cache_dir=str(cache), device="cpu"))
+                                   cache_dir=str(cache), device="cpu", dtype="float32"))
     assert marker.stat().st_mtime_ns == mtime
     ids = torch.tensor([tok(TEXT)["input_ids"]])
     with torch.no_grad():
