@@ -79,7 +79,8 @@ def test_no_rank_ever_holds_the_whole_model(launched):
 def test_partitioned_weights_and_forward_equal_the_checkpoint(launched):
     for rank in launched["ranks"]:
         assert rank["mismatched_parameters"] == []
-        assert rank["logits_max_diff"] == 0.0
+        # the reference ran the eager kernel, the loaded model the default (sdpa): float noise
+        assert rank["logits_max_diff"] < 1e-5
 
 
 def test_adapter_swap_on_the_partitioned_base_equals_a_fresh_load(launched):
@@ -130,7 +131,7 @@ def _worker(work: Path) -> None:
     cfg = load_config(None, [f"run_dir={work / f'run{rank}'}", f"model.name_or_path={work / 'model'}",
                              "data.task=sst2", f"data.train_path={FIXTURES / 'sst2_train.jsonl'}",
                              f"data.eval_path={FIXTURES / 'sst2_validation.jsonl'}",
-                             "data.num_train=[4]", "train.micro_batch_size=1", "train.max_steps=3",
+                             "data.num_train=[4]", "train.micro_batch_size=1", "train.max_steps=2",
                              "train.adapter.dropout=0.1", "train.checkpoint_every=-1",
                              "dist.group_size=2", "dist.num_workers=2"])
     template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())

@@ -170,7 +170,8 @@ class TeacherActor:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "device": ",".join(devices), "device_map": self.device_map,
                 "num_layers": len(attention_sites(self.model)),
-                "hidden": int(self.model.config.hidden_size)}
+                "hidden": int(self.model.config.hidden_size),
+                "vocab": int(self.model.config.vocab_size)}
 
     def run_shard(self, shard_index: int, prompts: list, uids: list[str], attempt: int,
                   store=None, parts: list[list[int]] | None = None) -> tuple:
@@ -314,7 +315,7 @@ class TeacherStage:
                                "stop_strings": tuple(extract_cfg.stop_strings),
                                "batch_size": int(extract_cfg.batch_size),
                                "act_dtype": str(extract_cfg.act_dtype),
-                               "topk": int(extract_cfg.topk)}
+                               "topk": int(extract_cfg.topk or 0)}
         self.stats = StageStats()
         self._actors: list[_Actor] = []
         self._pg = None
@@ -452,6 +453,8 @@ class TeacherStage:
         """Upper bound of a shard's bytes: every example producing max_new_tokens positions."""
         assert self._info is not None, "start() first"
         k = self.extract_kwargs["topk"]
+        if k < 0:  # the whole vocabulary
+            k = self._info["vocab"]
         per_position = (self._info["num_layers"] * self._info["hidden"]
                         * _ACT_BYTES[self.extract_kwargs["act_dtype"]] + 8 + k * 12)
         return num_examples * self.extract_kwargs["max_new_tokens"] * per_position \
