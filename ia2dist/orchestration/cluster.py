@@ -347,9 +347,12 @@ def object_store_usage() -> dict[str, float]:
     memory summary; spilled objects not included)."""
     import re
 
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # the cluster this process is connected to, never 'the one found on this host': tests and
+    # users can have several local Rays at once
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
     if match is None:
         return {}

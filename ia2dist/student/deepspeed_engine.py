@@ -82,6 +82,7 @@ class DeepSpeedEngine:
                                                              dist_init_required=False)
         self.device = torch.device(self.ds.device)
         self.zero_stage = int(self.ds.zero_optimization_stage())
+        self._untraced = untraced(self.ds)
 
     # ------------------------------------------------------------------------------- training
     def forward(self, **inputs):
@@ -179,6 +180,8 @@ class DeepSpeedEngine:
 
     def destroy(self) -> None:
         """Release DeepSpeed's hooks and buffers (the model keeps its current weights)."""
+        if self._untraced is not None:
+            self._untraced.remove()
         self.ds.destroy()
 
 
@@ -344,7 +347,35 @@ def forwards(model: nn.Module, ds_config: dict):
         return
     config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
     engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    hook = untraced(engine)
     try:
         yield model
     finally:
+        if hook is not None:
+            hook.remove()
         engine.destroy()
+
+
+def untraced(ds_engine):
+    """Keep ZeRO-3's parameter-fetch trace of ``ds_engine`` unrecorded; returns the hook handle
+    (None below stage 3).
+
+    ZeRO-3 records the order in which the first forward/backward fetched parameters and checks
+    every later pass against it. IA2's passes differ from one another (adapter on for the student,
+    off for online teacher records; evaluation; the first pass of a resumed job), and DeepSpeed
+    notices a different module order but not a different parameter order within the same modules
+    (a small persistent parameter already fetched), which ends in "tracing error at step N"
+    (deepspeedai/DeepSpeed#3599). The trace only serves prefetching and parameter reuse, which
+    our ZeRO-3 templates turn off (prefetch_bucket_size 0, max_reuse_distance 0), so nothing is
+    lost by invalidating it at the start of every forward of the whole model: each pass then
+    fetches and releases module by module as it goes."""
+    offload = getattr(ds_engine.optimizer, "parameter_offload", ds_engine.optimizer)
+    coordinator = getattr(offload, "get_param_coordinator", lambda: None)()
+    if coordinator is None:
+        return None
+
+    def invalidate(module, args):
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+
+    return ds_engine.module.register_forward_pre_hook(invalidate, prepend=True)
