@@ -115,12 +115,12 @@ def run_config(name: str, run_dir: Path, common: list[str], extra: list[str]) ->
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{name}: ia2dist run exited {rc}:\n{tail}")
     stats = json.loads((run_dir / "distributed_stats.json").read_text())
-    teacher = next(s["teacher"] for s in stats if "teacher" in s)
-    # the student stage's clock: one entry for all methods, or one per method
-    students = [s["student"] for s in stats if "student" in s] or \
-        [s for s in stats if "method" in s]
+    teacher, students = stats["teacher"], stats["students"]
+    # the students' clock starts when the groups are launched: after extraction stage after
+    # stage (dist.pipeline=false), with it when pipelined
+    train_s = students["wall_s"]
     return {"name": name, "wall_s": wall, "teacher": teacher, "students": students,
-            "train_s": sum(s["train_s"] for s in students), "peak_rss_bytes": dict(sampler.peak)}
+            "train_s": train_s, "peak_rss_bytes": dict(sampler.peak)}
 
 
 def run(*, quick: bool = False, keep_dir: str | None = None) -> dict:

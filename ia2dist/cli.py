@@ -19,7 +19,7 @@ VERBS = {
     "run": "the whole experiment: extract -> train each method -> eval -> report; on a run_dir "
            "it made before, resume it (finished work reused, jobs continue from checkpoints)",
     "plan": "print the memory each process role needs for the configured cluster shape (from the "
-            "model's config, no weights loaded) and whether it fits",
+            "model's config, no weights loaded) and whether it fits (exit status 1 when not)",
 }
 
 EPILOG = """\
@@ -126,8 +126,9 @@ def _dispatch(ns) -> int:
     from ia2dist import pipeline
 
     if ns.verb == "plan":
-        print(pipeline.memory_report(cfg))
-        return 0
+        report, fits = pipeline.memory_report(cfg)
+        print(report)
+        return 0 if fits else 1
     if ns.verb in ("train", "run"):
         _stop_on_signals(cfg.run_dir)
     if cfg.dist.backend == "ray" and cfg.dist.ray_address is None:

@@ -729,8 +729,11 @@ def validate(cfg: RunConfig) -> list[str]:
                                  if t.micro_batch_size * d.group_size <= t.batch_size else True):
         p.append(f"dist.group_size: train.batch_size={t.batch_size} must be a multiple of "
                  f"train.micro_batch_size x dist.group_size = {t.micro_batch_size} x "
-                 f"{d.group_size}; lower train.micro_batch_size (e.g. "
-                 f"{max(1, t.batch_size // d.group_size)})")
+                 f"{d.group_size}; " + (
+                     f"lower train.micro_batch_size (e.g. {t.batch_size // d.group_size})"
+                     if t.batch_size >= d.group_size and t.batch_size % d.group_size == 0 else
+                     f"set train.batch_size to a multiple of {t.micro_batch_size * d.group_size}"
+                     f" (e.g. {t.micro_batch_size * d.group_size})"))
     for key in ("train_path", "eval_path"):
         path = getattr(cfg.data, key)
         if path is not None and not Path(path).expanduser().exists():

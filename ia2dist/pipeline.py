@@ -102,7 +102,7 @@ def available_memory(cfg: RunConfig) -> tuple[int | None, int | None]:
     return gpu, node
 
 
-def memory_report(cfg: RunConfig) -> str:
+def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     """`ia2dist plan`: the memory table of the run and whether it fits (nothing is started)."""
     from ia2dist.data.loaders import load_task
     from ia2dist.memory_plan import check_fits
@@ -119,11 +119,11 @@ def memory_report(cfg: RunConfig) -> str:
     try:
         check_fits(memory, cfg, gpu_bytes=gpu, node_bytes=node if cfg.dist.ray_address is None
                    else None)
-        lines.append("fits" + ("" if gpu is not None or not cfg.dist.use_gpu else
-                               " the host (GPU memory unknown: set dist.gpu_memory_gb)"))
     except IA2Error as exc:
-        lines.append(f"does not fit: {exc}")
-    return "\n".join(lines)
+        return "\n".join([*lines, f"does not fit: {exc}"]), False
+    lines.append("fits" + ("" if gpu is not None or not cfg.dist.use_gpu else
+                           " the host (GPU memory unknown: set dist.gpu_memory_gb)"))
+    return "\n".join(lines), True
 
 
 def _start(cfg: RunConfig, overwrite: bool, fresh: bool,
