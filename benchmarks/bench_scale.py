@@ -14,6 +14,12 @@ driver <= 0.05x, teacher actor <= 1.25x, each student rank <= 0.75x.
 
     python -m benchmarks.bench_scale                   # this checkout (~6 min on 2 cores)
     python -m benchmarks.bench_scale --source DIR      # another checkout, e.g. an older commit
+    python -m benchmarks.bench_scale --gpu             # GPU tier: the same run on one GPU, bf16
+
+``--gpu`` (needs CUDA): model.dtype=bfloat16, one teacher actor and one student group of 1 rank
+sharing the GPU (``dist.colocate``: extraction, then training); each role's peak GPU memory
+(torch's allocator, ``distributed_stats.json``) next to the planner's figure per GPU, as a
+multiple of the model's bf16 bytes.
 """
 
 from __future__ import annotations
@@ -109,7 +115,11 @@ class Sampler:
         return {role: sorted(peaks, reverse=True) for role, peaks in roles.items()}
 
 
-def _args(run_dir: Path, model: str, legacy: bool) -> list[str]:
+GPU_ARGS = ["model.dtype=bfloat16", "dist.use_gpu=true", "dist.teacher_gpus=1",
+            "dist.colocate=true", "dist.num_workers=1", "dist.group_size=1", "dist.cpus_per_worker=1"]
+
+
+def _args(run_dir: Path, model: str, legacy: bool, gpu: bool = False) -> list[str]:
     args = [f"run_dir={run_dir}", f"model.name_or_path={model}", "data.task=sst2",
             f"data.train_path={FIXTURES / 'sst2_train.jsonl'}",
             f"data.eval_path={FIXTURES / 'sst2_validation.jsonl'}", "data.num_train=[4]",
@@ -119,6 +129,8 @@ def _args(run_dir: Path, model: str, legacy: bool) -> list[str]:
             "train.checkpoint_every=-1", "eval.similarity_items=4", "wandb.mode=disabled",
             "dist.backend=ray", "dist.num_workers=2", "dist.teacher_actors=1",
             "model.dtype=float32"]
+    if gpu:
+        return [*args, "protocol=ia2dist", *GPU_ARGS]
     if not legacy:  # one group of 2 ZeRO-3 ranks
         args += ["dist.group_size=2", "protocol=ia2dist"]
     return args
@@ -136,24 +148,65 @@ def _run(python: str, cwd: Path, env: dict, args: list[str]) -> dict:
     return {"peaks": peaks, "wall_s": time.perf_counter() - started}
 
 
-def _planned(model_dir: Path, run_dir: Path) -> dict[str, int]:
-    """What ``ia2dist plan`` predicts per role for the run (bytes above the process baseline)."""
+def _planned(model_dir: Path, run_dir: Path, gpu: bool = False) -> dict[str, int]:
+    """What ``ia2dist plan`` predicts per role for the run (bytes above the process baseline;
+    with ``gpu``, per GPU without the CUDA context)."""
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
     from ia2dist.modeling import load_model_config, load_tokenizer
     from ia2dist.pipeline import check_context, memory_plan
     from ia2dist.plan import Plan
 
-    cfg = load_config(None, _args(run_dir, str(model_dir), legacy=False))
+    cfg = load_config(None, _args(run_dir, str(model_dir), legacy=False, gpu=gpu))
     tokenizer = load_tokenizer(cfg.model)
     plan = Plan(cfg, load_task(cfg.data), tokenizer=tokenizer)
     config = load_model_config(cfg.model)
     memory = memory_plan(plan, tokenizer, config, check_context(plan, tokenizer, config))
-    from ia2dist.memory_plan import _CPU_OVERHEAD
+    from ia2dist.memory_plan import _CPU_OVERHEAD, _GPU_OVERHEAD
 
+    overhead = int(_GPU_OVERHEAD if gpu else _CPU_OVERHEAD)
     return {"driver": memory.role("driver").per_process,
-            "teacher actor": memory.role("teacher replica").per_process - int(_CPU_OVERHEAD),
-            "student rank": memory.role("student rank").per_process - int(_CPU_OVERHEAD)}
+            "teacher actor": memory.role("teacher replica").per_process - overhead,
+            "student rank": memory.role("student rank").per_process - overhead}
+
+
+def run_gpu(model_dir: str | None = None) -> dict:
+    """The GPU tier: the same run on one GPU in bf16; peak GPU memory per role."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_scale --gpu: no CUDA device on this machine")
+    root = Path(tempfile.mkdtemp(prefix="ia2scale_gpu_"))
+    model_path = Path(model_dir) if model_dir else RESULTS_DIR.parent / ".cache" / "scale-llama-0.5b"
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model_bytes = build_model(model_path) // 2  # bf16
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    env.pop("DS_ACCELERATOR", None)
+    big = _run(sys.executable, REPO, env, _args(root / "big", str(model_path), False, gpu=True))
+    stats = json.loads((root / "big" / "distributed_stats.json").read_text())
+    memory = stats["memory"]
+    measured = {"teacher actor": [m.get("cuda_peak") for m in memory["teacher actors"]],
+                "student rank": [m.get("cuda_peak") for m in memory["student ranks"].values()],
+                "driver": [memory["driver"].get("cuda_peak", 0)]}
+    planned = _planned(model_path, root / "plan", gpu=True)
+    roles = {}
+    for role, peaks in measured.items():
+        peaks = [p for p in peaks if p is not None]
+        roles[role] = {"cuda_peaks": peaks, "x_model": [round(p / model_bytes, 3) for p in peaks],
+                       "planned": planned.get(role),
+                       "planned_over_measured": round(planned[role] / max(peaks), 3)
+                       if peaks and max(peaks) and role in planned else None}
+    lines = [f"GPU tier: {model_bytes / 2 / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in "
+             f"bfloat16, {torch.cuda.get_device_name(0)}", "",
+             "| role | peak GPU memory (x model bytes) | planned (x) |", "|---|---|---|"]
+    for role, r in roles.items():
+        xs = ", ".join(f"{x:.2f}" for x in r["x_model"]) or "-"
+        plan_x = "-" if r["planned"] is None else f"{r['planned'] / model_bytes:.2f}"
+        lines.append(f"| {role} | {xs} | {plan_x} |")
+    lines.append(f"\nRun wall time: {big['wall_s']:.0f} s.")
+    return {"name": "scale_gpu", "model_bytes": model_bytes, "roles": roles,
+            "wall_s": big["wall_s"], "markdown": "\n".join(lines)}
 
 
 def run(quick: bool = False, source: str | None = None, model_dir: str | None = None) -> dict:
@@ -210,9 +263,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", help="another checkout of the project to measure instead")
     parser.add_argument("--model-dir", help="where the 0.5B model directory is (built once)")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "scale"))
+    parser.add_argument("--gpu", action="store_true", help="the GPU tier: one GPU, bf16")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    result = run(source=args.source, model_dir=args.model_dir)
+    args.out = args.out or str(RESULTS_DIR / ("scale_gpu" if args.gpu else "scale"))
+    result = (run_gpu(model_dir=args.model_dir) if args.gpu else
+              run(source=args.source, model_dir=args.model_dir))
     result["machine"] = machine()
     write_json(Path(args.out + ".json"), result)
     Path(args.out + ".md").write_text(result["markdown"] + "\n")

@@ -48,5 +48,14 @@ def baseline() -> int | None:
 
 
 def report() -> dict:
-    """{"baseline": bytes before loading, "rss": now, "peak": most ever} (None off Linux)."""
-    return {"baseline": _baseline, "rss": rss_bytes(), "peak": peak_rss_bytes()}
+    """{"baseline": bytes before loading, "rss": now, "peak": most ever} (None off Linux), and
+    "cuda_peak": the most bytes torch's allocator held on any one GPU of this process (only in a
+    process that used CUDA)."""
+    import sys
+
+    out = {"baseline": _baseline, "rss": rss_bytes(), "peak": peak_rss_bytes()}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak"] = max(torch.cuda.max_memory_allocated(i)
+                               for i in range(torch.cuda.device_count()))
+    return out

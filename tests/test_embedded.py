@@ -180,3 +180,31 @@ def test_time_budget_stops_training_early(tmp_path):
     report = pretrain(tmp_path, budget_s=0.5, recipe=recipe, progress=False)
     assert 0 < report["steps"] < recipe.steps and report["train_s"] < 5
     assert (tmp_path / REPORT_NAME).is_file()
+
+
+def test_default_model_ships_with_the_package(tmp_path, monkeypatch):
+    """The default recipe's model is packaged: found without pretraining, nothing written to the
+    cache, and it is what the recipe describes (same recipe in its report) and learns in context."""
+    import ia2dist.embedded as embedded
+    from ia2dist.config import ModelConfig
+    from ia2dist.modeling import load_model, load_tokenizer
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("pretrained instead of using the packaged model")
+
+    monkeypatch.setattr(embedded, "pretrain", must_not_train)
+    monkeypatch.setenv("IA2DIST_CACHE", str(tmp_path))
+    found = get_embedded_model_dir(progress=False)
+    assert found.parent == embedded.PACKAGED_DIR and not any(tmp_path.iterdir())
+    assert embedded.cached_embedded_model_dir() == found
+    report = json.loads((found / REPORT_NAME).read_text())
+    recipe = PretrainRecipe()
+    assert json.loads(json.dumps(dataclasses.asdict(recipe))) == report["recipe"]
+    assert found.name == f"embedded-{recipe.cache_key(0)}" and report["steps"] == recipe.steps
+    icl = report["heldout_icl"]
+    assert icl["8"]["accuracy"] > 0.8 and icl["0"]["accuracy"] < 0.4  # chance is 0.25
+    # and it loads as the model of `model.name_or_path: embedded`
+    cfg = ModelConfig(name_or_path="embedded", dtype="float32", device="cpu")
+    model, tok = load_model(cfg), load_tokenizer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == report["num_parameters"]
+    assert tok.convert_tokens_to_ids("\nLabel:") != tok.unk_token_id

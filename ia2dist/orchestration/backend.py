@@ -95,6 +95,7 @@ class RayBackend:
             self.ctx.shutdown()
             raise
         self.stage: TeacherStage | None = None
+        self._teacher_memory: list[dict] = []  # the actors' memory when they left early
         self.stats: dict = {}
 
     def close(self, failed: bool = False) -> None:
@@ -141,6 +142,7 @@ class RayBackend:
                 pump.join_production()
                 if d.colocate:  # the actors give their devices to the workers
                     yield from pump.drain_baselines()
+                    self._teacher_memory = self._actor_memory()
                     self.stage.close()
         groups = None
         started = time.perf_counter()
@@ -209,7 +211,8 @@ class RayBackend:
                           "object_store_at_end": object_store_usage(),
                           "ray_temp_dir": self.ctx.temp_dir,
                           "memory": {"student ranks": transport.memory,
-                                     "teacher actors": self._actor_memory(),
+                                     "teacher actors": self._actor_memory()
+                                     or self._teacher_memory,
                                      "driver": procmem.report()}}
 
     def _actor_memory(self) -> list[dict]:
