@@ -67,7 +67,7 @@ def _run(layout: str, args: list[str], env: dict, cwd: Path, python: str,
     watched = _watch([python, "-m", "ia2dist.cli", "run", *args, *dist], env, cwd)
     stats = json.loads((run_dir / "distributed_stats.json").read_text())
     out = {"layout": layout, **watched}
-    students = stats.get("students")
+    students = stats.get("students") if isinstance(stats, dict) else None
     if isinstance(students, dict):  # this checkout's stats
         out.update(stage_s=students["wall_s"], jobs=students["tasks_done"],
                    jobs_per_hour=students["tasks_per_hour"])

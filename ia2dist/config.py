@@ -734,6 +734,10 @@ def validate(cfg: RunConfig) -> list[str]:
                      if t.batch_size >= d.group_size and t.batch_size % d.group_size == 0 else
                      f"set train.batch_size to a multiple of {t.micro_batch_size * d.group_size}"
                      f" (e.g. {t.micro_batch_size * d.group_size})"))
+    elif d.backend == "ray" and cfg.data.num_train and min(cfg.data.num_train) < d.group_size:
+        p.append(f"dist.group_size: {d.group_size} ranks share each job but data.num_train has "
+                 f"N={min(cfg.data.num_train)}, which leaves a rank without a training example; "
+                 f"use dist.group_size <= {min(cfg.data.num_train)} or larger N")
     for key in ("train_path", "eval_path"):
         path = getattr(cfg.data, key)
         if path is not None and not Path(path).expanduser().exists():

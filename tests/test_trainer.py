@@ -410,3 +410,31 @@ def test_lm_head_on_selected_positions_gives_full_logits_losses(setup, make_mode
         assert fast[term][0] == pytest.approx(full[term][0], rel=1e-5)
     for name in full_grads:
         torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_rank_with_no_dev_item_runs_fillers_on_an_item_of_its_own():
+    """N=2 on a group of 2 ranks: one dev item, read by rank 0 only. Rank 1's zero-weighted filler
+    forwards must use one of its own training items: a rank never reads another rank's records
+    (they are not sent to it)."""
+    from types import SimpleNamespace
+
+    from ia2dist.student.trainer import _own_item, _Share, home_ranks
+
+    class OwnOnly(list):
+        def __init__(self, items, own):
+            super().__init__(items)
+            self.own = own
+
+        def __getitem__(self, i):
+            assert i in self.own, f"read item {i} of another rank"
+            return list.__getitem__(self, i)
+
+    engine = SimpleNamespace(rank=1, world_size=2)
+    homes = home_ranks(2, seed=0, world_size=2)
+    train = OwnOnly(["t0", "t1"], own={i for i, h in enumerate(homes) if h == 1})
+    dev = OwnOnly(["d0"], own=set())
+    spare = _own_item(train, homes, engine.rank)
+    share = _Share.of(dev, range(1), [0], engine, spare=spare)
+    assert share.items == [] and share.largest == 1 and share.filler == spare
+    with pytest.raises(ValueError, match="no item of its own"):
+        _Share.of(dev, range(1), [0], engine)

@@ -403,7 +403,8 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
             # the reference) at the step that ends an epoch: every step when an epoch is one step
             epoch_end = cfg.eval_at_epoch_end and begin + cfg.batch_size >= len(order)
             if dev_items and (step % cfg.eval_every == 0 or step == total or epoch_end):
-                dev = _evaluate_objective(engine, dev_items, objective, ctx)
+                dev = _evaluate_objective(engine, dev_items, objective, ctx,
+                                          spare=_own_item(train_items, homes, engine.rank))
                 entry["dev_loss"] = dev
                 if dev < best_dev:
                     best_dev, best_step, best_state, stale = dev, step, engine.trainable_state(), 0
@@ -464,7 +465,7 @@ class _Share:
 
     @classmethod
     def of(cls, items: Sequence[StudentItem], indices: Sequence[int], homes: Sequence[int],
-           engine: Engine) -> "_Share":
+           engine: Engine, spare: StudentItem | None = None) -> "_Share":
         rank, world = engine.rank, engine.world_size
         sizes = [0] * world
         for i in indices:
@@ -472,10 +473,20 @@ class _Share:
         mine = [items[i] for i in indices if homes[i] == rank]
         if mine:
             filler = mine[0]
-        else:  # nothing of this rank's in the batch: any item it reads anyway (else the first)
-            own = next((i for i, home in enumerate(homes) if home == rank), 0)
-            filler = items[own]
+        else:  # nothing of this rank's in the batch: an item it reads anyway (records of other
+            # ranks' items never reach this rank)
+            own = next((i for i, home in enumerate(homes) if home == rank), None)
+            filler = items[own] if own is not None else spare
+            if filler is None:
+                raise ValueError(f"rank {rank} of {world} has no item of its own to run filler "
+                                 f"forwards with ({len(items)} items)")
         return cls(mine, max(sizes), filler)
+
+
+def _own_item(items: Sequence[StudentItem], homes: Sequence[int], rank: int) -> StudentItem | None:
+    """The first of ``items`` whose home is ``rank`` (None when it has none)."""
+    own = next((i for i, home in enumerate(homes) if home == rank), None)
+    return None if own is None else items[own]
 
 
 def _train_step(engine: Engine, share: _Share, objective: str, ctx: _Context) -> dict:
@@ -508,13 +519,14 @@ def _train_step(engine: Engine, share: _Share, objective: str, ctx: _Context) ->
 
 @torch.no_grad()
 def _evaluate_objective(engine: Engine, items: Sequence[StudentItem], objective: str,
-                       ctx: _Context) -> float:
+                       ctx: _Context, spare: StudentItem | None = None) -> float:
     """The objective over all ``items`` (sums over micro-batches and ranks divided by the total
-    counts); every rank returns the same value."""
+    counts); every rank returns the same value. ``spare``: an item of this rank's own for
+    zero-weighted filler forwards when it has no item of ``items`` (fewer items than ranks)."""
     terms = OBJECTIVE_TERMS[objective]
     engine.model.eval()
     share = _Share.of(items, range(len(items)), [j % engine.world_size for j in range(len(items))],
-                      engine)
+                      engine, spare=spare)
     sums_T = torch.zeros(len(terms), device=ctx.device)
     for micro, weight in _micro_batches(share, ctx.cfg.micro_batch_size):
         pairs = _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx)
