@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
-.PHONY: venv demo demo-real real-model test test-fast bench bench-quick clean help
+.PHONY: venv demo demo-real real-model test test-fast bench bench-quick bench-grid bench-scale clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
@@ -23,6 +23,7 @@ help:
 	@echo "make demo-real  - the IA2 experiment on SmolLM2-135M with real-language tasks (configs/real.yaml)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the CPU benchmarks (results in benchmarks/results/latest.{json,md})"
+	@echo "make bench-grid / bench-scale - job-parallel grid; memory per role on a 0.5B model"
 
 venv: $(STAMP)
 
@@ -62,6 +63,14 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run_all --quick --out benchmarks/results/quick
+
+# Job-parallel grid: 2 groups x 1 rank vs 1 group x 2 ranks, 24 jobs (~5 min on 2 cores).
+bench-grid: $(STAMP)
+	$(PY) -m benchmarks.bench_grid
+
+# Memory per process role on a 0.5B model (~6 min on 2 cores; builds the model once, 2 GB).
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.bench_scale
 
 clean:
 	rm -rf $(VENV) .torch_ext .pytest_cache
