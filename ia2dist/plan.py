@@ -395,10 +395,13 @@ def _publish_if_complete(final: Path) -> bool:
 
 
 def _model_fingerprint(name_or_path: str) -> list | None:
-    """(file, size, mtime) of a local model directory's weights and config, so a teacher cache
-    is not reused after the files at the same path changed; None for hub ids and built-in models."""
+    """(file, size, mtime) of a local model directory's weights and config (or of a GGUF file),
+    so a teacher cache is not reused after the files at the same path changed; None for hub ids
+    and built-in models."""
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # a GGUF file as the model
+        return [(path.name, path.stat().st_size, int(path.stat().st_mtime))]
     if not path.is_dir():
         return None
     return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(path.iterdir())
-            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file()]
+            if f.suffix in (".safetensors", ".bin", ".json", ".gguf") and f.is_file()]

@@ -185,3 +185,24 @@ def test_full_fine_tuning_reloads_the_base_for_each_job(tmp_path, make_tokenizer
         job.out_dir.rename(tmp_path / out)
     assert [r["loss"] for r in histories[0]] == [r["loss"] for r in histories[1]]
     assert loads == [None, None]  # one fresh copy of the base weights per job
+
+
+def test_teacher_cache_key_follows_the_model_files(tmp_path):
+    """A changed model file at the same path (a directory's weights, or a GGUF file) changes the
+    teacher metadata, so cached teacher outputs are not reused."""
+    import os
+
+    from ia2dist.plan import _model_fingerprint
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 16)
+    model_dir = tmp_path / "dir"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"x" * 8)
+    before = (_model_fingerprint(str(gguf)), _model_fingerprint(str(model_dir)))
+    gguf.write_bytes(b"GGUF" + b"\0" * 17)
+    (model_dir / "model.safetensors").write_bytes(b"y" * 9)
+    os.utime(gguf, (1, 1))
+    after = (_model_fingerprint(str(gguf)), _model_fingerprint(str(model_dir)))
+    assert None not in before and before[0] != after[0] and before[1] != after[1]
+    assert _model_fingerprint("tiny:llama") is None and _model_fingerprint("org/name") is None
