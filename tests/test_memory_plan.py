@@ -15,7 +15,7 @@ from ia2dist.memory_plan import GiB, ModelSize, _trainable_params, check_fits, p
 
 DEMO = "configs/demo.yaml"
 # a Ray run on GPUs: bf16, one GPU per teacher replica, micro-batches of 1
-GPU_RUN = ["model.dtype=bfloat16", "train.batch_size=8", "dist.backend=ray", "dist.use_gpu=true", "dist.teacher_gpus=1",
+GPU_RUN = ["model.dtype=bfloat16", "train.batch_size=8", "data.num_train=[16]", "dist.backend=ray", "dist.use_gpu=true", "dist.teacher_gpus=1",
            "train.micro_batch_size=1", "extract.batch_size=8", "eval.batch_size=8"]
 
 
