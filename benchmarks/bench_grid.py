@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine, write_json
+from benchmarks.common import RESULTS_DIR, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,10 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS_DIR / "grid"))
     args = parser.parse_args(argv)
     result = run(quick=args.quick, source=args.source)
-    result["machine"] = machine()
-    write_json(Path(args.out + ".json"), result)
-    Path(args.out + ".md").write_text(result["markdown"] + "\n")
-    print(result["markdown"])
+    publish(result, args.out)
     return 0
 
 

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine, write_json
+from benchmarks.common import RESULTS_DIR, publish
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "data"
@@ -269,10 +269,7 @@ def main(argv=None) -> int:
     args.out = args.out or str(RESULTS_DIR / ("scale_gpu" if args.gpu else "scale"))
     result = (run_gpu(model_dir=args.model_dir) if args.gpu else
               run(source=args.source, model_dir=args.model_dir))
-    result["machine"] = machine()
-    write_json(Path(args.out + ".json"), result)
-    Path(args.out + ".md").write_text(result["markdown"] + "\n")
-    print(result["markdown"])
+    publish(result, args.out)
     return 0
 
 

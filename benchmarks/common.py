@@ -199,6 +199,15 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def publish(result: dict, out: str) -> None:
+    """Write ``result`` (with this machine's facts) to ``out``.json and its markdown to ``out``.md,
+    and print the markdown."""
+    result["machine"] = machine()
+    write_json(Path(out + ".json"), result)
+    Path(out + ".md").write_text(result["markdown"] + "\n")
+    print(result["markdown"])
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ia2dist.activations import write_json_atomic
+from ia2dist.eval.evaluate import _eval_mode
 from ia2dist.records import TeacherRecord
 
 log = logging.getLogger("ia2dist")
@@ -108,17 +107,6 @@ def accuracy_part(model: nn.Module, tokenizer, plan, unit, *, with_demos: bool,
             model, tokenizer, prompts, eval_set.items, spec.parser_for(e.parser),
             max_new_tokens=e.max_new_tokens or spec.max_new_tokens,
             stop_strings=tuple(e.stop_strings), batch_size=e.batch_size, sync=sync)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def write_results(out_dir: Path, metrics: dict, rows: list[dict]) -> None:

@@ -475,8 +475,8 @@ class _Share:
             filler = mine[0]
         else:  # nothing of this rank's in the batch: an item it reads anyway (records of other
             # ranks' items never reach this rank)
-            own = next((i for i, home in enumerate(homes) if home == rank), None)
-            filler = items[own] if own is not None else spare
+            filler = _own_item(items, homes, rank)
+            filler = spare if filler is None else filler
             if filler is None:
                 raise ValueError(f"rank {rank} of {world} has no item of its own to run filler "
                                  f"forwards with ({len(items)} items)")
