@@ -16,6 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from ia2dist.errors import ConfigError
@@ -398,7 +399,10 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         return _coerce(value, inner[0], where, problems)
     if origin is Literal:
         if value not in args:
-            problems.append(f"{where}: {value!r} is not allowed; use one of {', '.join(map(str, args))}")
+            close = did_you_mean(str(value), [str(a) for a in args])
+            problems.append(f"{where}: {value!r} is not allowed; "
+                            + (f"did you mean {close!r}? " if close else "")
+                            + f"use one of {', '.join(map(str, args))}")
         return value
     if origin is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -463,12 +467,26 @@ def _build(cls, data: Any, where: str, problems: list[str]):
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
         if key not in hints:
-            close = [n for n in names if n.startswith(str(key)[:3])]
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(names)}"
+            close = did_you_mean(str(key), names)
+            hint = f"; did you mean {close!r}?" if close else f"; known fields: {', '.join(names)}"
             problems.append(f"{dotted}: unknown field{hint}")
             continue
         kwargs[key] = _coerce(value, hints[key], dotted, problems)
     return cls(**kwargs)
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str | None:
+    """The choice a mistyped ``word`` most likely meant: a close spelling (difflib), else the
+    longest choice that ``word`` starts with or that starts with it (``lr_rate`` -> ``lr``)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    low = word.lower()
+    prefixed = [c for c in choices if len(c) >= 2 and (low.startswith(c.lower()) or
+                                                        c.lower().startswith(low[:3]))]
+    return max(prefixed, key=len) if prefixed else None
 
 
 def _parse_scalar(text: str) -> Any:
@@ -607,13 +625,39 @@ def is_sweep(train_cfg: "TrainConfig") -> bool:
     return any(len(expand_grid(train_cfg, m)) > 1 for m in train_cfg.methods)
 
 
+def unknown_method(name: str) -> str:
+    """'unknown method ...; did you mean ...? use one of ...' (config and --method)."""
+    close = did_you_mean(name, METHODS)
+    return (f"unknown method {name!r}; " + (f"did you mean {close!r}? " if close else "")
+            + f"use one of {', '.join(METHODS)}")
+
+
+def _ranks(cfg: RunConfig) -> int:
+    """Data-parallel ranks a job's batch is split over (a worker group on Ray; 1 in-process)."""
+    return max(1, cfg.dist.group_size) if cfg.dist.backend == "ray" else 1
+
+
+def _batch_fix(batch: int, micro: int, group: int) -> str:
+    """A change that makes ``batch`` a multiple of ``micro x group``: the largest smaller
+    micro-batch that works, else the nearest batch size."""
+    step = micro * group
+    up = -(-batch // step) * step
+    smaller = [m for m in range(micro - 1, 0, -1) if batch % (m * group) == 0]
+    if smaller:
+        return f"set train.micro_batch_size={smaller[0]} or train.batch_size={up}"
+    return f"set train.batch_size={up} (or another multiple of {step})"
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Semantic checks beyond types; returns 'field: problem; fix' strings."""
     from ia2dist.data.tasks import TASKS
 
     p: list[str] = []
     if cfg.data.task not in TASKS:
-        p.append(f"data.task: unknown task {cfg.data.task!r}; use one of {', '.join(sorted(TASKS))}")
+        close = did_you_mean(cfg.data.task, sorted(TASKS))
+        p.append(f"data.task: unknown task {cfg.data.task!r}; "
+                 + (f"did you mean {close!r}? " if close else "")
+                 + f"use one of {', '.join(sorted(TASKS))}")
     for i, n in enumerate(cfg.data.num_train):
         if n < 2:
             p.append(f"data.num_train[{i}]: N={n} is too small; IA2 needs N >= 2 (leave-one-out demos)")
@@ -626,7 +670,7 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"data.{name}: must be >= 1")
     for i, m in enumerate(cfg.train.methods):
         if m not in METHODS:
-            p.append(f"train.methods[{i}]: unknown method {m!r}; use one of {', '.join(METHODS)}")
+            p.append(f"train.methods[{i}]: {unknown_method(m)}")
     for i, b in enumerate(cfg.baselines):
         if b not in BASELINES:
             p.append(f"baselines[{i}]: unknown baseline {b!r}; use one of {', '.join(BASELINES)}")
@@ -643,7 +687,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("train.batch_size/micro_batch_size: must be >= 1")
     elif t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size "
-                 f"{t.micro_batch_size}; make it one (gradient accumulation = batch / micro)")
+                 f"{t.micro_batch_size} (gradient accumulation = batch / micro); "
+                 f"{_batch_fix(t.batch_size, t.micro_batch_size, _ranks(cfg))}")
     if isinstance(t.plus_sft_weight, list) and not t.plus_sft_weight:
         p.append("train.plus_sft_weight: empty list; give a value or a list to sweep")
     for weight in _as_list(t.plus_sft_weight):
@@ -725,15 +770,10 @@ def validate(cfg: RunConfig) -> list[str]:
     elif d.num_workers % d.group_size:
         p.append(f"dist.num_workers: {d.num_workers} is not a multiple of dist.group_size="
                  f"{d.group_size}; use e.g. dist.num_workers={d.group_size * max(1, d.num_workers // d.group_size)}")
-    elif d.backend == "ray" and (t.batch_size % (t.micro_batch_size * d.group_size)
-                                 if t.micro_batch_size * d.group_size <= t.batch_size else True):
+    elif d.backend == "ray" and t.batch_size % (t.micro_batch_size * d.group_size):
         p.append(f"dist.group_size: train.batch_size={t.batch_size} must be a multiple of "
                  f"train.micro_batch_size x dist.group_size = {t.micro_batch_size} x "
-                 f"{d.group_size}; " + (
-                     f"lower train.micro_batch_size (e.g. {t.batch_size // d.group_size})"
-                     if t.batch_size >= d.group_size and t.batch_size % d.group_size == 0 else
-                     f"set train.batch_size to a multiple of {t.micro_batch_size * d.group_size}"
-                     f" (e.g. {t.micro_batch_size * d.group_size})"))
+                 f"{d.group_size}; {_batch_fix(t.batch_size, t.micro_batch_size, d.group_size)}")
     elif d.backend == "ray" and cfg.data.num_train and min(cfg.data.num_train) < d.group_size:
         p.append(f"dist.group_size: {d.group_size} ranks share each job but data.num_train has "
                  f"N={min(cfg.data.num_train)}, which leaves a rank without a training example; "
@@ -745,19 +785,28 @@ def validate(cfg: RunConfig) -> list[str]:
     return p
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (or defaults when ``path`` is None), apply overrides, type-check and validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                extra_checks: Callable[[RunConfig], list[str]] | None = None) -> RunConfig:
+    """Read YAML (or defaults when ``path`` is None), apply overrides, type-check and validate.
+
+    Every problem is reported in one ``ConfigError``, each named by where its value came from
+    (``FILE:LINE`` or ``override KEY=VALUE``); a check that depends on a field already reported
+    invalid is left out (its message would be about the bad value, not a second mistake).
+    ``extra_checks(cfg)`` adds the problems of the command line's other choices (e.g. --method)
+    to the same pass."""
     import yaml
 
     problems: list[str] = []
     source = str(path) if path else "defaults"
     data: dict = {}
+    origins: dict[str, str] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError([f"{p}: config file not found; pass an existing YAML file"], source)
+        text = p.read_text()
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -766,15 +815,61 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"{p}: top level must be a mapping of sections"], source)
         data = loaded or {}
+        origins.update(_yaml_lines(text, str(p)))
+    for item in overrides or []:
+        origins[item.split("=", 1)[0].strip()] = f"override {item}"
     data = apply_overrides(data, list(overrides or []), problems)
     data = apply_protocol(data, problems)
     cfg = _build(RunConfig, data, "", problems)
-    # Semantic checks too, so one invocation reports everything; skip fields already reported.
-    reported = {p.split(":", 1)[0].split("[", 1)[0] for p in problems}
-    problems.extend(p for p in validate(cfg) if p.split(":", 1)[0].split("[", 1)[0] not in reported)
+    reported = {_field_of(x) for x in problems}
+    semantic = validate(cfg) + (extra_checks(cfg) if extra_checks and not problems else [])
+    for problem in semantic:
+        if _field_of(problem) not in reported and not any(_mentions(problem, f) for f in reported):
+            problems.append(problem)
+            reported.add(_field_of(problem))
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError([_locate(x, origins) for x in problems], None)
     return cfg
+
+
+def _field_of(problem: str) -> str:
+    """'train.methods[1]: ...' -> 'train.methods'."""
+    return problem.split(":", 1)[0].split("[", 1)[0].strip()
+
+
+def _mentions(problem: str, dotted: str) -> bool:
+    """Whether a problem's text refers to the config field ``dotted`` (a derived problem)."""
+    return "." in dotted and re.search(rf"(?<![\w.]){re.escape(dotted)}(?![\w])", problem) is not None
+
+
+def _locate(problem: str, origins: dict[str, str]) -> str:
+    """Prefix a problem with where its field's value came from (the longest matching key)."""
+    field_ = _field_of(problem)
+    for key in sorted(origins, key=len, reverse=True):
+        if field_ == key or field_.startswith(key + ".") or key.startswith(field_ + "."):
+            where = origins[key]
+            return problem if problem.startswith(where) else f"{where}: {problem}"
+    return problem
+
+
+def _yaml_lines(text: str, name: str) -> dict[str, str]:
+    """{dotted key: 'FILE:LINE'} of every mapping key in a YAML document."""
+    import yaml
+
+    out: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                dotted = f"{prefix}{key.value}"
+                out[dotted] = f"{name}:{key.start_mark.line + 1}"
+                walk(value, dotted + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return out
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -18,10 +18,11 @@ class IA2Error(Exception):
 class ConfigError(IA2Error):
     """One or more config fields are invalid; ``problems`` lists each as 'field: what; fix'."""
 
-    def __init__(self, problems: list[str], source: str = "config"):
+    def __init__(self, problems: list[str], source: str | None = "config"):
         self.problems = list(problems)
         joined = "; ".join(self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in {source}: {joined}")
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) > 1 else ''}"
+        super().__init__(f"{count}{f' in {source}' if source else ''}: {joined}")
 
 
 class DataError(IA2Error):

@@ -157,6 +157,10 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, object_store_bytes:
                       object_store_bytes=object_store_bytes, remove_temp_dir=made)
 
 
+#: The documented way back to a private local Ray, named by every unreachable-cluster error.
+_LOCAL = "remove dist.ray_address (null starts a private local Ray)"
+
+
 def _resolve_address(address: str) -> str:
     """'auto' -> the address of the running cluster Ray would join; 'host:port' unchanged."""
     from ray._private import services
@@ -164,14 +168,14 @@ def _resolve_address(address: str) -> str:
     try:
         resolved = services.canonicalize_bootstrap_address(address)
     except ValueError:
-        raise IA2Error(f"ray address {address!r}: expected host:port (e.g. 10.0.0.1:6379), "
-                       f"'auto' or 'local'") from None
+        raise IA2Error(f"ray address {address!r}: expected host:port (e.g. 10.0.0.1:6379) "
+                       f"or 'auto'") from None
     except ConnectionError as exc:
         raise IA2Error(f"ray address {address!r}: {' '.join(str(exc).split())}; start a cluster "
-                       f"with `ray start --head`, set RAY_ADDRESS, or use address=local") from None
+                       f"with `ray start --head`, set RAY_ADDRESS, or {_LOCAL}") from None
     if resolved is None:
         raise IA2Error(f"ray address {address!r}: no running Ray cluster found; start one with "
-                       f"`ray start --head`, set RAY_ADDRESS=host:port, or use address=local")
+                       f"`ray start --head`, set RAY_ADDRESS=host:port, or {_LOCAL}")
     return resolved
 
 
@@ -180,8 +184,8 @@ def _probe(address: str, original: str, timeout_s: float) -> None:
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise IA2Error(f"ray address {original!r}: expected host:port (e.g. 10.0.0.1:6379), "
-                       f"'auto' or 'local'")
+        raise IA2Error(f"ray address {original!r}: expected host:port (e.g. 10.0.0.1:6379) "
+                       f"or 'auto'")
     where = f"ray address {original!r}" + (f" (-> {hostport})" if hostport != original else "")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
@@ -189,8 +193,8 @@ def _probe(address: str, original: str, timeout_s: float) -> None:
     except OSError as exc:
         raise IA2Error(f"{where}: cannot reach a Ray head at {hostport} "
                        f"({type(exc).__name__}: {exc}) within {timeout_s:g} s; check that "
-                       f"`ray start --head` runs there and the port is open, or use "
-                       f"address=local") from None
+                       f"`ray start --head` runs there and the port is open, or "
+                       f"{_LOCAL}") from None
 
 
 #: Asks the GCS at argv[1] for its cluster id (run in a child process: Ray's client retries for
@@ -208,13 +212,12 @@ def _handshake(address: str, original: str, timeout_s: float) -> None:
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise IA2Error(f"{where}: no answer from a Ray head within {timeout_s:g} s; check the "
-                       f"address and that `ray start --head` runs there, or use address=local"
+                       f"address and that `ray start --head` runs there, or {_LOCAL}"
                        ) from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
         raise IA2Error(f"{where}: not a Ray head ({last}); check the host and port (the GCS port, "
-                       f"6379 by default) and that `ray start --head` runs there, or use "
-                       f"address=local")
+                       f"6379 by default) and that `ray start --head` runs there, or {_LOCAL}")
 
 
 def _join(address: str, timeout_s: float, log_to_driver: bool) -> RayContext:
