@@ -1,8 +1,9 @@
 """Command line: ``ia2dist <verb> [CONFIG.yaml] [key=value ...] [flags]``.
 
 Verbs: extract (teacher responses + activations), train (methods), eval (baselines + trained
-methods, report), run (the whole experiment; resumes a run directory it made before), export (a
-checkpoint -> adapter / full model). Overrides use dotted config paths, e.g.
+methods, report), run (the whole experiment; continues any run directory that is not complete),
+status (a run directory's state), plan (memory per role), export (a checkpoint -> adapter / full
+model). Overrides use dotted config paths, e.g.
 ``train.lr=3e-4 data.num_train=[2,4,8] model.name_or_path=/models/llama-3.2-1b``.
 Errors caused by input print one line ``error: ...`` and exit with status 2.
 """
@@ -18,6 +19,8 @@ VERBS = {
     "eval": "evaluate baselines and the trained methods of a run directory, write the report",
     "run": "the whole experiment: extract -> train each method -> eval -> report; on a run_dir "
            "it made before, resume it (finished work reused, jobs continue from checkpoints)",
+    "status": "print a run directory's state (complete, partial, running, failed, preempted, "
+              "interrupted) and what is done and left",
     "plan": "print the memory each process role needs for the configured cluster shape (from the "
             "model's config, no weights loaded) and whether it fits (exit status 1 when not)",
 }
@@ -32,6 +35,16 @@ values parsed as YAML, e.g.
 """
 
 
+STATUS_EPILOG = """
+
+States: complete (every planned job trained and evaluated, baselines evaluated, report written
+after them), partial (the last verb finished its part, work is left), running (a live process
+holds the run directory), interrupted (it was running and its process is gone), failed (with the
+error), preempted (stopped on request after checkpointing). `ia2dist run` continues every state but
+complete; extract, train and eval never make a run complete unless nothing is left.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ia2dist", description="IA2 (ICL activation alignment) "
                                      "trainer.", epilog=EPILOG,
@@ -39,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, text in VERBS.items():
+        if verb == "status":
+            p = sub.add_parser(verb, help=text, description=text + STATUS_EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p.add_argument("run_dir", metavar="RUN_DIR")
+            p.add_argument("--json", action="store_true", help="print status.json as it is")
+            p.add_argument("--state", action="store_true",
+                           help="print only the state word ('none' for a directory without a run)")
+            continue
         p = sub.add_parser(verb, help=text, description=text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value",
@@ -118,8 +139,10 @@ def _dispatch(ns) -> int:
         out = export(ns.checkpoint, ns.out, merge=ns.merge, overwrite=ns.overwrite)
         print(f"done: {out}")
         return 0
+    if ns.verb == "status":
+        return _status(ns)
     config_path, overrides = _split_args(ns.args)
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, extra_checks=lambda c: _choice_problems(ns, c))
     if ns.print_config:
         print(dump_yaml(cfg), end="")
         return 0
@@ -145,6 +168,74 @@ def _dispatch(ns) -> int:
         out = pipeline.run_all(cfg, overwrite=ns.overwrite, resume_from=ns.resume_from)
     final = out / "summary.md"
     print(f"done: {final if final.exists() else out}")
+    return 0
+
+
+def _choice_problems(ns, cfg) -> list[str]:
+    """The command line's choices beyond the config (--method, --resume-from), checked in the
+    same pass as the config, before anything is written or loaded."""
+    from ia2dist.config import METHODS, expand_grid, unknown_method
+
+    problems = []
+    methods = getattr(ns, "method", None) or []
+    for name in methods:
+        if name not in METHODS:
+            problems.append(f"--method {name}: {unknown_method(name)}")
+        elif name not in cfg.train.methods:
+            problems.append(f"--method {name}: not in train.methods ({', '.join(cfg.train.methods)}); "
+                            f"add it (train.methods=[...,{name}]) so that the run directory plans it")
+    resume_from = getattr(ns, "resume_from", None)
+    if resume_from:
+        from pathlib import Path
+
+        from ia2dist.checkpoint import read_identity
+        from ia2dist.errors import IA2Error
+
+        path = Path(resume_from).expanduser()
+        if not (path / "state.json").is_file():
+            problems.append(f"--resume-from {resume_from}: not a checkpoint (no state.json); pass "
+                            "a directory like RUN/N4_seed0/checkpoints/ia2/p0_s0000050")
+            return problems
+        try:
+            ident = read_identity(path)["identity"]
+        except IA2Error as exc:
+            problems.append(f"--resume-from {resume_from}: {exc}")
+            return problems
+        planned = {(n, r, m if len(pts) == 1 else f"{m}-{p.tag}")
+                   for m in (methods or cfg.train.methods) if m in METHODS
+                   for pts in [expand_grid(cfg.train, m)] for p in pts
+                   for n in cfg.data.num_train for r in cfg.data.seeds}
+        name = f"{ident.get('method')}-{ident['setting']}" if ident.get("setting") \
+            else ident.get("method")
+        if (ident.get("n"), ident.get("seed"), name) not in planned:
+            problems.append(f"--resume-from {resume_from}: a checkpoint of N={ident.get('n')} "
+                            f"seed={ident.get('seed')} {name}, which this command does not train; "
+                            "check data.num_train, data.seeds, train.methods and --method")
+    return problems
+
+
+def _status(ns) -> int:
+    """`ia2dist status RUN_DIR`: the state recorded in status.json (a dead writer shows as
+    interrupted); exit status 0, or 2 when the directory holds no run."""
+    import json
+    from pathlib import Path
+
+    from ia2dist import rundir
+    from ia2dist.errors import IA2Error
+
+    run_dir = Path(ns.run_dir).expanduser()
+    state = rundir.read_state(run_dir)
+    if ns.state:
+        print(state.get("state", "none"))
+        return 0
+    if not state:
+        raise IA2Error(f"status: {run_dir} holds no run (no readable status.json); check the path")
+    if ns.json:
+        print(json.dumps(state, indent=1))
+        return 0
+    from ia2dist.pipeline import describe_progress
+
+    print(f"{run_dir}: {describe_progress(state)}")
     return 0
 
 

@@ -46,6 +46,10 @@ def _trainable_state(ckpt: Path, engine: str) -> dict[str, torch.Tensor]:
     raise IA2Error(f"{ckpt}: unknown engine {engine!r} in state.json")
 
 
+#: Adapters whose weights fold into the base model (``export --merge``).
+MERGEABLE = ("lora", "ia3")
+
+
 def run_dir_of(ckpt: Path) -> Path:
     """<run_dir>/N{n}_seed{r}/checkpoints/<method>/<checkpoint> -> <run_dir>."""
     return Path(ckpt).resolve().parents[3]
@@ -59,6 +63,9 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
     from ia2dist.modeling import apply_adapter, load_model, load_tokenizer, save_trained
 
     ckpt = Path(ckpt).expanduser()
+    if not ckpt.exists():
+        raise IA2Error(f"export: {ckpt} does not exist; pass a checkpoint directory like "
+                       "RUN/N4_seed0/checkpoints/ia2/p0_s0000050")
     if not (ckpt / "state.json").is_file():
         raise IA2Error(f"export: {ckpt} is not a checkpoint (no state.json); pass a directory like "
                        "RUN/N4_seed0/checkpoints/ia2/p0_s0000050")
@@ -75,6 +82,11 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise IA2Error(f"export: {out} already exists; pass --overwrite or choose --out")
+    if merge and cfg.train.adapter.type not in MERGEABLE:
+        raise IA2Error(f"export --merge: adapter {cfg.train.adapter.type!r} has nothing to merge "
+                       "(full fine-tuning is already a full model; prompt/prefix tuning cannot "
+                       "be merged); drop --merge")
+    rundir.check_writable(out, "export --out")
     state = _trainable_state(ckpt, ident.get("engine", "torch"))
     base = load_model(cfg.model, device="cpu")
     seed = cfg.seed * 1000 + ident["seed"]
@@ -92,11 +104,6 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
     tmp = rundir.staging_dir(out)
     save_trained(student, tmp)
     if merge:
-        if not hasattr(student, "merge_and_unload"):
-            shutil.rmtree(tmp)
-            raise IA2Error(f"export --merge: adapter {cfg.train.adapter.type!r} has nothing to merge "
-                           "(full fine-tuning is already a full model; prompt/prefix tuning cannot "
-                           "be merged); drop --merge")
         merged = student.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         load_tokenizer(cfg.model).save_pretrained(tmp / "merged")

@@ -43,6 +43,9 @@ class Session:
     run_dir: Path
     resuming: bool
     backend: Backend
+    verb: str = "run"
+    lock: object = None
+    """The ``runlock.RunLock`` this process holds on ``run_dir`` while the verb works."""
     resume_from: tuple[str, Path] | None = None
 
 
@@ -126,16 +129,20 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     return "\n".join(lines), True
 
 
-def _start(cfg: RunConfig, overwrite: bool, fresh: bool,
+def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
            resume_from: str | None = None) -> Session:
-    """Validate everything that can fail on user input BEFORE writing anything, then connect the
-    backend (a Ray cluster: reachable, big enough) and only then create the run directory.
-    ``fresh`` verbs (extract, run) resume a run directory they made earlier when its config
-    matches (``Session.resuming``)."""
+    """Validate everything that can fail on user input BEFORE writing anything, take the run
+    directory's lock (one writer per run directory), connect the backend (a Ray cluster:
+    reachable, big enough) and only then create the run directory. ``fresh`` verbs (extract,
+    run) resume a run directory they made earlier when its config matches
+    (``Session.resuming``)."""
     from ia2dist.data.loaders import load_task
     from ia2dist.modeling import build_source_elsewhere, load_model_config, load_tokenizer
+    from ia2dist.runlock import RunLock, check_unlocked
 
     run_dir = Path(cfg.run_dir).expanduser()
+    if run_dir.is_dir():
+        check_unlocked(run_dir)
     resuming = False
     if fresh and not overwrite and rundir.is_run_dir(run_dir):
         rundir.check_resumable(run_dir, cfg)
@@ -143,30 +150,32 @@ def _start(cfg: RunConfig, overwrite: bool, fresh: bool,
     elif fresh:
         rundir.check_fresh_run_dir(run_dir, overwrite)
     else:
-        rundir.check_existing_run_dir(run_dir, cfg)
+        rundir.check_existing_run_dir(run_dir, cfg, verb)
     rundir.setup_logging(None)
-    from ia2dist import procmem
-
-    procmem.baseline()
-    task = load_task(cfg.data)
-    if _is_ray(cfg):  # this process never builds (or loads) model weights
-        build_source_elsewhere(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    plan = Plan(cfg, task, tokenizer=tokenizer)
-    target = plan.resume_target(resume_from)
-    model_config = load_model_config(cfg.model)
-    longest = check_context(plan, tokenizer, model_config)
-    backend = _backend(cfg, plan, tokenizer, model_config, longest)
+    lock = RunLock(run_dir, verb).acquire()
+    backend = None
     try:
+        from ia2dist import procmem
+
+        procmem.baseline()
+        task = load_task(cfg.data)
+        if _is_ray(cfg):  # this process never builds (or loads) model weights
+            build_source_elsewhere(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
+        plan = Plan(cfg, task, tokenizer=tokenizer)
+        target = plan.resume_target(resume_from)
+        model_config = load_model_config(cfg.model)
+        longest = check_context(plan, tokenizer, model_config)
+        backend = _backend(cfg, plan, tokenizer, model_config, longest)
         if fresh and not resuming:
             rundir.create_run_dir(run_dir, cfg, overwrite)
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "config.yaml").exists():
-                rundir.save_config(run_dir, cfg)
+        elif not (run_dir / "config.yaml").exists():
+            rundir.save_config(run_dir, cfg)
         rundir.setup_logging(run_dir)
     except BaseException:
-        backend.close(failed=False)
+        if backend is not None:
+            backend.close(failed=False)
+        lock.release(remove_empty_dir=True)
         raise
     from ia2dist.checkpoint import STOP_FILE
 
@@ -174,10 +183,10 @@ def _start(cfg: RunConfig, overwrite: bool, fresh: bool,
     for message in plan.ood_skipped:
         log.warning(message)
     if resuming:
-        log.info("resuming %s (status was %s): finished work is reused, unfinished jobs continue "
+        log.info("resuming %s (state was %s): finished work is reused, unfinished jobs continue "
                  "from their latest checkpoints", run_dir, rundir.read_status(run_dir))
     return Session(cfg=cfg, plan=plan, tokenizer=tokenizer, run_dir=run_dir, resuming=resuming,
-                   backend=backend, resume_from=target)
+                   backend=backend, verb=verb, lock=lock, resume_from=target)
 
 
 def _backend(cfg: RunConfig, plan: Plan, tokenizer, model_config, longest: int) -> Backend:
@@ -202,28 +211,85 @@ def _already_complete(cfg: RunConfig, overwrite: bool) -> Path | None:
     return run_dir
 
 
+def progress(plan: Plan, report_written: bool = False) -> dict:
+    """What the run directory holds of what the config plans, and what is left: teacher units
+    extracted, jobs trained and evaluated, baselines evaluated, the report (written after the last
+    of them). ``ia2dist run`` continues from exactly what is left."""
+    from ia2dist.backend import teacher_store
+
+    units = plan.units
+    extracted = sum(1 for u in units if not teacher_store(plan, u, "teacher").missing())
+    jobs = plan.jobs()
+    trained = [j for j in jobs if (j.out_dir / "history.json").is_file()]
+    evaluated = sum(1 for j in trained if (j.out_dir / "metrics.json").is_file())
+    baselines = plan.baselines()
+    base_done = sum(1 for b in baselines if (b.unit.dir / b.name / "metrics.json").is_file())
+    left = {"teacher_units": len(units) - extracted, "train": len(jobs) - len(trained),
+            "evaluate": len(jobs) - evaluated, "baselines": len(baselines) - base_done}
+    report = report_written and not any(left.values())
+    left["report"] = 0 if report else 1
+    return {"done": {"teacher_units": extracted, "trained": len(trained), "evaluated": evaluated,
+                     "baselines": base_done, "report": report},
+            "planned": {"teacher_units": len(units), "jobs": len(jobs),
+                        "baselines": len(baselines)},
+            "left": left}
+
+
+def describe_progress(state: dict) -> str:
+    """One line of a status.json: its state and the counts."""
+    done, planned = state.get("done") or {}, state.get("planned") or {}
+    if not planned:
+        return state.get("state", "unknown")
+    line = (f"{state.get('state')}: teacher {done.get('teacher_units', 0)}/"
+            f"{planned.get('teacher_units', 0)} units, {done.get('trained', 0)}/"
+            f"{planned.get('jobs', 0)} jobs trained, {done.get('evaluated', 0)}/"
+            f"{planned.get('jobs', 0)} evaluated, baselines {done.get('baselines', 0)}/"
+            f"{planned.get('baselines', 0)}, report {'written' if done.get('report') else 'not written'}"
+            f" (last: ia2dist {state.get('verb', '?')})")
+    if state.get("error"):
+        line += f"; error: {state['error']}"
+    return line
+
+
 def _guarded(session: Session, body, tracker=None) -> None:
-    """Run ``body`` with status.json saying running -> complete (or failed, with the error), then
-    always close the backend and the tracker."""
+    """Run ``body`` with status.json saying running, then what the directory holds now: complete
+    (nothing left, report written), partial, failed (with the error) or preempted; always close
+    the backend and the tracker and give the run directory's lock back.
+
+    ``body`` returns True when it wrote the report after everything else."""
     from ia2dist.checkpoint import Preempted
 
-    rundir.set_status(session.run_dir, "running")
+    run_dir, verb = session.run_dir, session.verb
+    rundir.write_state(run_dir, "running", verb)
     failed = False
     try:
-        body()
-    except Preempted as exc:
-        rundir.set_status(session.run_dir, "preempted", error=str(exc))
-        raise
-    except BaseException as exc:
-        failed = True
-        rundir.set_status(session.run_dir, "failed", error=str(exc).splitlines()[0] if str(exc)
-                          else type(exc).__name__)
-        raise
+        try:
+            report = bool(body())
+        except Preempted as exc:
+            rundir.write_state(run_dir, "preempted", verb, _progress_or_none(session), error=str(exc))
+            raise
+        except BaseException as exc:
+            failed = True
+            rundir.write_state(run_dir, "failed", verb, _progress_or_none(session),
+                               error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        finally:
+            session.backend.close(failed=failed)
+            if tracker is not None:
+                tracker.finish()
+        counts = progress(session.plan, report_written=report)
+        state = "complete" if not any(counts["left"].values()) else "partial"
+        rundir.write_state(run_dir, state, verb, counts)
+        log.info("%s: %s", run_dir, describe_progress({"state": state, "verb": verb, **counts}))
     finally:
-        session.backend.close(failed=failed)
-        if tracker is not None:
-            tracker.finish()
-    rundir.set_status(session.run_dir, "complete")
+        session.lock.release()
+
+
+def _progress_or_none(session: Session) -> dict | None:
+    try:
+        return progress(session.plan)
+    except Exception:  # noqa: BLE001 - a failed run's state must be written whatever broke
+        return None
 
 
 def _drive(session: Session, work: Work, tracker=None) -> list[dict]:
@@ -259,7 +325,7 @@ def run_extract(cfg: RunConfig, overwrite: bool = False) -> Path:
     done = _already_complete(cfg, overwrite)
     if done is not None:
         return done
-    session = _start(cfg, overwrite, fresh=True)
+    session = _start(cfg, "extract", overwrite, fresh=True)
     work = Work(extract=list(session.plan.units), similarity=cfg.eval.similarity)
     _guarded(session, lambda: _drive(session, work))
     return session.run_dir
@@ -268,9 +334,15 @@ def run_extract(cfg: RunConfig, overwrite: bool = False) -> Path:
 def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool = False,
               resume_from: str | None = None) -> Path:
     """`ia2dist train`: train methods (teacher outputs reused or extracted) without evaluating."""
-    from ia2dist.config import expand_grid
+    from ia2dist.config import METHODS, expand_grid, unknown_method
 
     methods = methods or list(cfg.train.methods)
+    for method in methods:  # the CLI checks these with the config; a library caller here
+        if method not in METHODS:
+            raise IA2Error(f"--method {method}: {unknown_method(method)}")
+        if method not in cfg.train.methods:
+            raise IA2Error(f"--method {method}: not in train.methods; add it so that the run "
+                           "directory plans it")
     run_dir = Path(cfg.run_dir).expanduser()
     names = []
     for method in methods:
@@ -283,7 +355,7 @@ def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool 
                 if path.exists() and not overwrite:
                     raise IA2Error(f"{path} already exists; pass --overwrite to retrain it or use "
                                    "another run_dir")
-    session = _start(cfg, overwrite, fresh=False, resume_from=resume_from)
+    session = _start(cfg, "train", overwrite, fresh=False, resume_from=resume_from)
     jobs = session.plan.jobs(methods)
     if overwrite:  # retraining from scratch: older checkpoints of these jobs must not be resumed
         import shutil
@@ -298,16 +370,21 @@ def run_train(cfg: RunConfig, methods: list[str] | None = None, overwrite: bool 
 def run_eval(cfg: RunConfig, overwrite: bool = False) -> Path:
     """`ia2dist eval`: evaluate the baselines and every trained method found in the run
     directory, then write the report."""
-    session = _start(cfg, overwrite, fresh=False)
-    trained = []
-    for job in session.plan.jobs():
-        if (job.out_dir / "history.json").is_file():
-            trained.append(job)
-        else:
-            log.warning("%s: not trained, skipped", job.out_dir)
+    session = _start(cfg, "eval", overwrite, fresh=False)
+    jobs = session.plan.jobs()
+    trained = [job for job in jobs if (job.out_dir / "history.json").is_file()]
+    if len(trained) < len(jobs):
+        missing = [job.id for job in jobs if job not in trained]
+        log.warning("%d of %d jobs are not trained yet and are left out of the report (%s%s); "
+                    "`ia2dist run` with this config trains them", len(missing), len(jobs),
+                    ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "")
     work = Work(baselines=session.plan.baselines(), evaluate=trained,
                 similarity=cfg.eval.similarity)
-    _guarded(session, lambda: write_report(session, _drive(session, work)))
+
+    def body():
+        write_report(session, _drive(session, work))
+        return True
+    _guarded(session, body)
     return session.run_dir
 
 
@@ -320,7 +397,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
     done = _already_complete(cfg, overwrite)
     if done is not None and resume_from is None:
         return done
-    session = _start(cfg, overwrite, fresh=True, resume_from=resume_from)
+    session = _start(cfg, "run", overwrite, fresh=True, resume_from=resume_from)
     tracker = Tracker(cfg.wandb, session.run_dir, to_dict(cfg), name=session.run_dir.name)
     if not _is_ray(cfg):
         session.backend.log_step = lambda job, row: tracker.log(
@@ -336,6 +413,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
     def body():
         results = status.finished + _drive(session, work, tracker)
         _report_and_track(session, results, tracker)
+        return True
     _guarded(session, body, tracker)
     return session.run_dir
 

@@ -11,9 +11,14 @@ Layout::
         base/ icl/      metrics.json of the evaluation-only baselines
       metrics.json  summary.md  reliability.png  similarity.png  accuracy.png
 
-``status.json`` says ``running``, ``failed`` (with the error) or ``complete``; only a complete run
-directory has a summary that reflects every requested method. Method folders are written under a
-temporary name and renamed when complete, so a killed run never leaves one that looks finished.
+``status.json`` holds the run's one state (``write_state``): ``complete`` means every job the
+config plans is trained and evaluated, every baseline evaluated and the report written after the
+last of them; ``partial`` means the last verb finished what it was asked and work is left (the
+counts say what); ``running`` (a live process holds the lock, see ``ia2dist.runlock``),
+``failed`` (with the error) and ``preempted`` (stopped on request after checkpointing) are the
+others; ``read_state`` shows a ``running`` state whose process is gone as ``interrupted``. ``ia2dist run`` continues any directory that is not complete. Method folders are written
+under a temporary name and renamed when complete, so a killed run never leaves one that looks
+finished.
 """
 
 from __future__ import annotations
@@ -31,51 +36,59 @@ from ia2dist.errors import IA2Error
 
 log = logging.getLogger("ia2dist")
 
-#: Config sections that determine teacher outputs and splits; train/eval may differ between verbs.
-TEACHER_SECTIONS = ("model", "data", "extract")
-
-
-def _check_writable(path: Path) -> None:
-    """Fail early, without creating anything, when ``path`` cannot become a run directory."""
+def check_writable(path: Path, what: str = "run_dir") -> None:
+    """Fail early, without creating anything, when the directory ``path`` cannot be created or
+    written (``what``: the setting that names it, e.g. run_dir or --out)."""
     if path.exists() and not path.is_dir():
-        raise IA2Error(f"run_dir: {path} exists and is not a directory; choose another run_dir")
+        raise IA2Error(f"{what}: {path} exists and is not a directory; choose another {what}")
     anchor = path
     while not anchor.exists():
         anchor = anchor.parent
     if not anchor.is_dir():
-        raise IA2Error(f"run_dir: {anchor} is a file, so {path} cannot be created; choose another run_dir")
+        raise IA2Error(f"{what}: {anchor} is a file, so {path} cannot be created; choose another "
+                       f"{what}")
     try:  # os.access lies for root and read-only mounts: really try
         fd, probe = tempfile.mkstemp(prefix=".ia2dist-probe-", dir=anchor)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise IA2Error(f"run_dir: cannot write to {anchor} ({exc.strerror}); choose a writable "
-                       "run_dir, e.g. run_dir=$HOME/runs/ia2") from None
+        raise IA2Error(f"{what}: cannot write to {anchor} ({exc.strerror}); choose a writable "
+                       f"{what}" + (", e.g. run_dir=$HOME/runs/ia2" if what == "run_dir" else "")
+                       ) from None
+
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What the directory holds besides a run lock."""
+    from ia2dist.runlock import LOCK_FILE
+
+    return [p for p in run_dir.iterdir() if not p.name.startswith(LOCK_FILE)]
 
 
 def check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A new experiment needs an absent or empty directory (or --overwrite to replace it)."""
-    _check_writable(run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+    check_writable(run_dir)
+    if run_dir.is_dir() and _contents(run_dir) and not overwrite:
         raise IA2Error(f"run_dir: {run_dir} is not empty; choose another run_dir or pass --overwrite "
                        "to replace it")
 
 
-def check_existing_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """train/eval on a directory made by extract/run: the teacher-determining config must match."""
-    _check_writable(run_dir)
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
+def check_existing_run_dir(run_dir: Path, cfg: RunConfig, verb: str) -> None:
+    """train/eval on a run directory: it must describe what is in it, so the config must be the
+    one it was made with (up to ``RESUME_MAY_CHANGE``), for the training and evaluation settings
+    too: a changed learning rate or evaluation set would otherwise mix settings in one report.
+    ``eval`` needs a run directory; ``train`` may start one (it extracts what it needs)."""
+    check_writable(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        if verb == "eval":
+            raise IA2Error(f"run_dir: {run_dir} holds no run (no config.yaml), so there is nothing "
+                           "to evaluate; check the path, or start the run with `ia2dist run`")
+        if run_dir.is_dir() and _contents(run_dir):
+            raise IA2Error(f"run_dir: {run_dir} is not empty and holds no run (no config.yaml); "
+                           "choose another run_dir")
         return
-    import yaml
-
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = to_dict(cfg)
-    diffs = differences({s: saved.get(s, {}) for s in TEACHER_SECTIONS},
-                        {s: current[s] for s in TEACHER_SECTIONS})
-    if diffs:
-        raise IA2Error(f"run_dir: {run_dir} was made with a different config ({'; '.join(diffs)}); "
-                       "use the same settings or another run_dir")
+    _check_same_config(run_dir, cfg, f"`ia2dist {verb}` would mix settings in one run directory; "
+                       f"use its config ({run_dir / 'config.yaml'}) or another run_dir")
 
 
 #: Config fields that may change when a run is resumed (placement, tracking, checkpoint cadence).
@@ -90,37 +103,57 @@ def is_run_dir(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file() and (run_dir / "config_hash.txt").is_file()
 
 
-def read_status(run_dir: Path) -> str | None:
+def read_state(run_dir: Path) -> dict:
+    """The run's status.json ({} when absent or unreadable). A ``running`` state whose process
+    is gone (killed, node lost) reads as ``interrupted``."""
     import json
 
     try:
-        return json.loads((run_dir / "status.json").read_text()).get("state")
+        state = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    if state.get("state") == "running":
+        from ia2dist.runlock import holder_is_alive, read_holder
+
+        holder = read_holder(run_dir)
+        if not holder or not holder_is_alive(run_dir, holder):
+            state["state"] = "interrupted"
+    return state
+
+
+def read_status(run_dir: Path) -> str | None:
+    """The run's state word (see the module doc), or None for a directory without one."""
+    return read_state(run_dir).get("state")
 
 
 def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     """Resuming ``run_dir`` needs the config it was started with (up to ``RESUME_MAY_CHANGE``);
     otherwise fail listing every difference."""
-    import yaml
-
-    _check_writable(run_dir)
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise IA2Error(f"{run_dir / 'config.yaml'}: unreadable ({exc}); the run cannot be resumed, "
-                       "use another run_dir") from None
-    diffs = differences(saved, to_dict(cfg), frozenset(RESUME_MAY_CHANGE))
-    if diffs:
-        raise IA2Error(f"run_dir: {run_dir} holds a run with a different config, it cannot be "
-                       f"resumed with this one ({'; '.join(diffs)}); use its config "
+    check_writable(run_dir)
+    _check_same_config(run_dir, cfg, f"it cannot be resumed with this one; use its config "
                        f"({run_dir / 'config.yaml'}), another run_dir, or --overwrite to replace it")
 
 
+def _check_same_config(run_dir: Path, cfg: RunConfig, fix: str) -> None:
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise IA2Error(f"{run_dir / 'config.yaml'}: unreadable ({' '.join(str(exc).split())}); "
+                       "use another run_dir") from None
+    diffs = differences(saved, to_dict(cfg), frozenset(RESUME_MAY_CHANGE))
+    if diffs:
+        raise IA2Error(f"run_dir: {run_dir} holds a run with a different config "
+                       f"({'; '.join(diffs)}): {fix}")
+
+
 def create_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """Make (or replace, with overwrite) the run directory and save the resolved config."""
+    """Make (or empty, with overwrite: everything but this process's lock) the run directory
+    and save the resolved config."""
     if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        for path in _contents(run_dir):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     # user-only: run directories hold the config, logs and model weights
     os.chmod(run_dir, 0o700)
@@ -152,8 +185,20 @@ def _data_source_comment(cfg: RunConfig) -> str:
     return f"# data source of task {spec.name}: {where}\n"
 
 
-def set_status(run_dir: Path, state: str, **extra) -> None:
-    write_json_atomic(run_dir / "status.json", {"state": state, "time": time.time(), **extra})
+#: The states of status.json (see the module doc).
+STATES = ("running", "partial", "failed", "preempted", "complete")
+
+
+def write_state(run_dir: Path, state: str, verb: str, progress: dict | None = None,
+                **extra) -> None:
+    """Record the run's state after (or while) ``ia2dist <verb>`` works on it; ``progress``:
+    ``{"done": {...}, "left": {...}}`` counts (``pipeline.progress``)."""
+    import socket
+
+    assert state in STATES, state
+    write_json_atomic(run_dir / "status.json", {
+        "state": state, "verb": verb, "time": time.time(), "host": socket.gethostname(),
+        "pid": os.getpid(), **(progress or {}), **extra})
 
 
 def setup_logging(run_dir: Path | None) -> None:

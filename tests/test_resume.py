@@ -183,7 +183,8 @@ def test_resume_from_an_explicit_checkpoint(uninterrupted, tmp_path):
 
 def test_sigterm_checkpoints_and_stops_then_rerun_resumes(uninterrupted, tmp_path):
     """SIGTERM (a scheduler preempting the job): the run saves a checkpoint after its current step,
-    says so, exits 143 with status 'preempted'; the rerun resumes from that checkpoint."""
+    says so, exits 143 with status 'preempted'; an `eval` of the partial results leaves it partial;
+    the rerun resumes from that checkpoint."""
     run = tmp_path / "run"
     proc = _popen(run, "train.checkpoint_every=100")  # only the stop request makes a mid-phase one
     deadline = time.monotonic() + 240
@@ -197,6 +198,11 @@ def test_sigterm_checkpoints_and_stops_then_rerun_resumes(uninterrupted, tmp_pat
     assert json.loads((run / "status.json").read_text())["state"] == "preempted"
     saved = _latest(run)
     assert saved is not None and saved.startswith("p0_s") and not saved.endswith("_end"), saved
+    # a look at the partial results between the preemption and the requeue leaves the run partial
+    assert main(["eval", *_args(run, "train.checkpoint_every=100")]) == 0
+    state = json.loads((run / "status.json").read_text())
+    assert state["state"] == "partial" and state["left"]["train"] == 1, state
+    assert _latest(run) == saved
     proc = _popen(run, "train.checkpoint_every=100")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
