@@ -279,6 +279,10 @@ class _Actor:
     healthy: bool = True
     ping: ray.ObjectRef | None = None
     failures: int = 0
+    ping_errors: int = 0
+    """Pings failed with a dead-actor error since the actor was last known alive."""
+    down_since: float | None = None
+    """When the actor was first known dead (monotonic), until a ping answers."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -429,7 +433,8 @@ class TeacherStage:
         self.close()
 
     def actor_pids(self) -> list[int | None]:
-        """Current process id of each actor (updated after a restart is confirmed)."""
+        """Current process id of each actor: None while it is known dead (from its first failed
+        task until a ping answers from its replacement, or for good)."""
         return [a.pid for a in self._actors]
 
     def wait_for_actors(self, timeout_s: float = 120.0) -> list[int | None]:
@@ -565,21 +570,40 @@ class TeacherStage:
 
 
 def _handle_ping(stage: TeacherStage, actor_index: int) -> None:
-    """A restarted actor answered (back in the pool) or is gone for good (out of the pool)."""
+    """A restarted actor answered (back in the pool, with its new pid) or is gone for good (out of
+    the pool, pid None). Until then it is known dead, whatever the timing:
+
+    - ActorUnavailableError: Ray is restarting it (or the ping reached the dead process): ask
+      again, for as long as a fresh actor may take to load its model (``ready_timeout_s``); on a
+      loaded machine a restart takes many seconds and fails every ping meanwhile;
+    - another actor error (ActorDiedError: out of restarts): gone, after two more asks (a ping
+      sent in the instant of the death may fail like that too)."""
     actor = stage._actors[actor_index]
     ref, actor.ping = actor.ping, None
+    if actor.down_since is None:
+        actor.down_since = time.monotonic()
     try:
         actor.pid = ray.get(ref)["pid"]
         actor.healthy = True
+        actor.ping_errors, actor.down_since = 0, None
         log.info("teacher stage: actor %d is back (pid %d)", actor_index, actor.pid)
         return
-    except ray.exceptions.ActorUnavailableError:
-        if actor.failures <= stage.options.max_restarts:  # not confirmed dead yet
-            actor.failures += 1
+    except ray.exceptions.ActorUnavailableError as exc:
+        if time.monotonic() - actor.down_since < stage.options.ready_timeout_s:
+            time.sleep(0.2)  # it answers nothing while restarting: do not spin
             actor.ping = actor.handle.info.remote()
             return
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+        log.warning("teacher stage: actor %d leaves the pool (not back after %.0f s: %s)",
+                    actor_index, stage.options.ready_timeout_s, _first_line(exc))
+    except ray.exceptions.RayActorError as exc:
+        actor.ping_errors += 1
+        if actor.ping_errors <= 2:
+            actor.ping = actor.handle.info.remote()
+            return
         log.warning("teacher stage: actor %d leaves the pool (%s)", actor_index, _first_line(exc))
+    except ray.exceptions.RayTaskError as exc:
+        log.warning("teacher stage: actor %d leaves the pool (%s)", actor_index, _first_line(exc))
+    actor.pid = None
     if not any(a.healthy or a.ping is not None for a in stage._actors):
         raise IA2Error(f"teacher stage: every teacher actor died and used up max_restarts="
                        f"{stage.options.max_restarts}; check the actor logs in the Ray temp "
@@ -670,8 +694,9 @@ class _Run:
         log.warning("teacher stage: actor %d died running shard %d (%s); re-running it",
                     task.actor, task.shard, _first_line(exc))
         self.pending.appendleft(task.shard)
-        if actor.healthy:
+        if actor.healthy:  # known dead until a ping answers from its replacement
             actor.healthy = False
+            actor.pid, actor.down_since = None, time.monotonic()
             actor.failures += 1
             self.stats.actor_failures += 1
             actor.ping = actor.handle.info.remote()
