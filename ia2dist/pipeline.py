@@ -79,7 +79,7 @@ def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int):
     from ia2dist.modeling import encode
 
     cfg = plan.cfg
-    queries = [ex.query for u in plan.units for ex in (*u.train, *u.dev)]
+    queries = [plan.student_prompt(ex) for u in plan.units for ex in (*u.train, *u.dev)]
     student = max(len(ids) for ids in encode(tokenizer, queries)) + plan.max_new_tokens
     per_unit = max(len(u.train) + len(u.dev) for u in plan.units) + len(plan.similarity_items())
     in_flight = min(max(1, cfg.dist.num_workers // cfg.dist.group_size), len(plan.units))
