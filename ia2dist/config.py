@@ -356,7 +356,8 @@ class DistConfig:
     """One GPU per student worker (and CUDA teacher actors when teacher_gpus > 0)."""
     cpus_per_worker: float = 1.0
     ds_config: str = "zero3"
-    """DeepSpeed template: zero3, zero3_offload, zero2 (from ds_configs/) or a JSON file path."""
+    """DeepSpeed template: zero3, zero3_offload, zero2 (shipped in the package,
+    ia2dist/ds_configs/) or a JSON file path."""
     teacher_mode: Literal["stage", "online"] = "stage"
     """'stage': teacher actors extract and stream records through the object store. 'online': each
     student worker computes the teacher activations itself with the adapter disabled (no transport;

@@ -1,5 +1,5 @@
-"""data.task=custom: a task defined by your own files (JSONL / JSON / CSV / TSV / Parquet rows with an
-input and an output) and a template in the config; classification with a label set, generation
+"""data.task=custom: a task defined by your own files (JSONL / JSON / CSV / TSV / Parquet rows
+with an input and an output) and a template in the config; classification with a label set, generation
 without; the chat-template option; every bad row and setting gives one line naming where and how
 to fix it."""
 
@@ -21,7 +21,8 @@ CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'
 
 def _rows(n: int, start: int = 0) -> list[dict]:
     return [{"input": f"item {i} is {'good' if i % 2 else 'bad'}",
-             "output": "yes" if i % 2 else "no", "topic": f"t{i % 3}"} for i in range(start, start + n)]
+             "output": "yes" if i % 2 else "no", "topic": f"t{i % 3}"}
+            for i in range(start, start + n)]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -119,7 +120,8 @@ def test_integer_outputs_match_string_labels(tmp_path):
     ({"input": {"a": 1}, "output": "yes"}, {}, ["field 'input' should be text, got dict",
                                                 "store it as a string"]),
     ({"input": "a", "output": "none"}, {"parser": "gsm8k"},
-     ["field 'output' has no answer that data.custom.parser=gsm8k finds", "another data.custom.parser"]),
+     ["field 'output' has no answer that data.custom.parser=gsm8k finds",
+      "another data.custom.parser"]),
     ({"input": "a", "output": "yes"}, {"template": "{src}: {input}"},
      ["field 'src' is missing (data.custom.template uses {src}", "change data.custom.template"]),
 ])
@@ -228,8 +230,9 @@ def test_chat_template_wraps_each_prompt_in_one_user_turn(tmp_path):
     student = plan.eval_prompts(unit, with_demos=False)
     assert student[0] == f"<|user|>{plan.eval_items[0].query}<|end|><|assistant|>"
     assert encode(tokenizer, student[:1])[0].count(tokenizer.bos_token_id) == 1
+    plain = load_tokenizer(ModelConfig(name_or_path="tiny:llama"))
     with pytest.raises(DataError, match="has no chat template; set data.custom.chat_template=false"):
-        Plan(cfg, load_task(cfg.data), tokenizer=load_tokenizer(ModelConfig(name_or_path="tiny:llama")))
+        Plan(cfg, load_task(cfg.data), tokenizer=plain)
 
 
 # ----------------------------------------------------------------------------------------------

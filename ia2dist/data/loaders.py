@@ -1,5 +1,5 @@
-"""Read raw dataset rows (local JSON / JSONL / CSV / TSV / Parquet, or the Hugging Face hub) and turn them into
-a task's training pool and evaluation items.
+"""Read raw dataset rows (local JSON / JSONL / CSV / TSV / Parquet, or the Hugging Face hub) and
+turn them into a task's training pool and evaluation items.
 
 The data protocol, as the reference's data preparation does it: each split's rows are shuffled
 once in the order of Hugging Face ``Dataset.shuffle(seed=data.pool_seed)`` (42), that is numpy's
