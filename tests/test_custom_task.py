@@ -1,7 +1,7 @@
-"""data.task=custom: a task defined by your own files (JSONL / JSON / CSV / TSV / Parquet rows
-with an input and an output) and a template in the config; classification with a label set, generation
-without; the chat-template option; every bad row and setting gives one line naming where and how
-to fix it."""
+"""data.task=custom: a task defined by your own files (JSONL / JSON / CSV / TSV / Parquet
+rows with an input and an output) and a template in the config; classification with a label
+set, generation without; the chat-template option; every bad row and setting gives one line
+naming where and how to fix it."""
 
 import csv
 import json
@@ -96,6 +96,9 @@ def test_csv_tsv_parquet_and_json_files_give_the_same_examples(tmp_path):
     quoted.write_text('input,output\n"a, b",yes\n"two\nlines",no\n')
     assert read_rows(quoted) == [{"input": "a, b", "output": "yes"},
                                  {"input": "two\nlines", "output": "no"}]
+    excel = tmp_path / "excel.csv"  # a byte-order mark before the header is not part of a name
+    excel.write_text("input,output\nx,yes\n", encoding="utf-8-sig")
+    assert read_rows(excel) == [{"input": "x", "output": "yes"}]
 
 
 def test_integer_outputs_match_string_labels(tmp_path):
@@ -136,14 +139,15 @@ def test_bad_row_names_file_line_field_and_fix(tmp_path, row, custom, needles):
 
 
 @pytest.mark.parametrize("text, needles", [
-    ("input,output\na,yes\nb,no,extra\n", [":3: 3 values but the header has 2 columns",
-                                          "quote values that contain ','"]),
-    ("input,output\na,yes\nb\n", [":3: fewer values than the header's 2 columns"]),
-    ("input,output\n", ["no rows"]),
+    (b"input,output\na,yes\nb,no,extra\n", [":3: 3 values but the header has 2 columns",
+                                           "quote values that contain ','"]),
+    (b"input,output\na,yes\nb\n", [":3: fewer values than the header's 2 columns"]),
+    (b"input,output\n", ["no rows"]),
+    (b"input,output\ncaf\xe9,yes\n", ["not UTF-8 text (byte 16); save the file as UTF-8"]),
 ])
 def test_bad_csv_lines(tmp_path, text, needles):
     path = tmp_path / "t.csv"
-    path.write_text(text)
+    path.write_bytes(text)
     with pytest.raises(DataError) as info:
         load_task(_cfg(str(path)))
     for needle in needles:
@@ -231,7 +235,7 @@ def test_chat_template_wraps_each_prompt_in_one_user_turn(tmp_path):
     assert student[0] == f"<|user|>{plan.eval_items[0].query}<|end|><|assistant|>"
     assert encode(tokenizer, student[:1])[0].count(tokenizer.bos_token_id) == 1
     plain = load_tokenizer(ModelConfig(name_or_path="tiny:llama"))
-    with pytest.raises(DataError, match="has no chat template; set data.custom.chat_template=false"):
+    with pytest.raises(DataError, match="no chat template; set data.custom.chat_template=false"):
         Plan(cfg, load_task(cfg.data), tokenizer=plain)
 
 

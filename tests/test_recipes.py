@@ -92,7 +92,8 @@ def test_plan_with_local_rows_and_no_tokenizer_counts_characters(tmp_path, capsy
         {**SHAPES["llama3-8b"], "hidden_size": 256, "intermediate_size": 512,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "vocab_size": 1024}))
-    rc, out = _plan(capsys, f"model.name_or_path={small}", "data.task=custom", f"data.train_path={rows}", "data.max_eval=8",
+    rc, out = _plan(capsys, f"model.name_or_path={small}", "data.task=custom",
+                    f"data.train_path={rows}", "data.max_eval=8",
                     "data.custom.labels=['yes', 'no']", "data.num_train=[8]")
     assert rc == 0, out
     assert f"note: no tokenizer (model.name_or_path: could not load '{small}')" in out

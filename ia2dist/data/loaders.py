@@ -70,17 +70,16 @@ def _located_rows(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found; fix data.train_path / data.eval_path")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        located = _jsonl_rows(path)
-    elif suffix == ".json":
-        located = _json_rows(path)
-    elif suffix in (".csv", ".tsv"):
-        located = _csv_rows(path, "\t" if suffix == ".tsv" else ",")
-    elif suffix == ".parquet":
-        located = _parquet_rows(path)
-    else:
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows,
+               ".csv": lambda p: _csv_rows(p, ","), ".tsv": lambda p: _csv_rows(p, "\t")}
+    if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
                         f"use one of {', '.join(_SUFFIXES)}")
+    try:
+        located = readers[suffix](path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as "
+                        "UTF-8") from None
     if not located:
         raise DataError(f"{path}: no rows; the file must hold at least one dataset row")
     return located
@@ -161,8 +160,6 @@ def _csv_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc}); fix the "
                             "line") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     return located
 
 
