@@ -816,7 +816,7 @@ def _custom_task_problems(dc: DataConfig) -> list[str]:
         stripped = [label.strip() for label in c.labels]
         if len(c.labels) < 2:
             p.append(f"data.custom.labels: {c.labels} has fewer than 2 labels; list every class, "
-                     "e.g. [' negative', ' positive'], or remove it for a generation task")
+                     "e.g. [negative, positive], or remove it for a generation task")
         elif not all(stripped):
             p.append("data.custom.labels: an empty label; every label needs visible text")
         elif len(set(stripped)) < len(stripped):
