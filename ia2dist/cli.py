@@ -21,8 +21,10 @@ VERBS = {
            "it made before, resume it (finished work reused, jobs continue from checkpoints)",
     "status": "print a run directory's state (complete, partial, running, failed, preempted, "
               "interrupted) and what is done and left",
-    "plan": "print the memory each process role needs for the configured cluster shape (from the "
-            "model's config, no weights loaded) and whether it fits (exit status 1 when not)",
+    "plan": "print the memory each process role needs for the configured cluster shape, the GPUs "
+            "it uses in all and whether it fits (exit status 1 when not); needs only the model's "
+            "config.json: no weights are loaded, no dataset is downloaded, and without the "
+            "tokenizer files or local data the prompt lengths are estimated",
 }
 
 EPILOG = """\

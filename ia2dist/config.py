@@ -122,11 +122,51 @@ def resolve_dtype(name_or_path: str) -> str:
 
 
 @dataclass(kw_only=True)
+class CustomTaskConfig:
+    """A task defined by your own files (data.task: custom): rows with an input and an output in
+    data.train_path (and data.eval_path), formatted with ``template``."""
+
+    input_field: str = "input"
+    """The row field (column) holding the input text."""
+    output_field: str = "output"
+    """The row field holding the answer: a label (with ``labels``) or the completion."""
+    labels: list[str] | None = None
+    """The label set: makes a classification task, scored by label-set accuracy and ECE over these
+    labels' first tokens (T = 1). Each row's output must be one of them (surrounding spaces
+    ignored), e.g. [positive, negative]. None: a generation task scored by exact match of
+    ``parser`` on the greedy completion."""
+    answer_prefix: str = ""
+    """Text put before every answer (label or output) where it follows the prompt: " " makes
+    "Label: positive" of "Label:" (for byte-level BPE tokenizers a word then starts with its own
+    token). The paper's templates use none."""
+    template: str | None = None
+    """The prompt of one row: {input} is the input field, {name} any other field of the row. The
+    answer is appended right after it with no separator (demonstrations are joined by a blank
+    line). None: the paper's, "Text:{input}\\nLabel:" with labels, "Question:{input}\\nAnswer:"
+    without."""
+    parser: Literal["exact", "first_line", "number", "gsm8k", "math"] = "exact"
+    """Generation only: what is compared. exact: the stripped completion; first_line: its first
+    line, case-folded; number: the first number (commas and trailing zeros dropped); gsm8k: the
+    number after the last "####" (fallbacks: \\boxed, "the answer is", last number); math: the
+    last \\boxed{...}."""
+    max_new_tokens: int = 64
+    """Generation only: T, the response tokens the teacher generates and evaluation allows
+    (extract.max_new_tokens / eval.max_new_tokens override it)."""
+    chat_template: bool = False
+    """Wrap every prompt (the demonstrations and the query) in ONE user turn of the tokenizer's
+    chat template, the answer being the assistant's reply (for instruct models). False: plain
+    text, as the paper prompts base models."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     task: str = "synthetic"
-    """A task from ia2dist.data.tasks.TASKS (sst2, agnews, ..., synthetic)."""
+    """A task from ia2dist.data.tasks.TASKS (sst2, agnews, ..., synthetic), or 'custom': your own
+    rows in data.train_path, defined by data.custom."""
     train_path: str | None = None
-    """Local JSON/JSONL/Parquet file with the training pool (raw dataset rows). None: the hub."""
+    """Local JSON/JSONL/CSV/TSV/Parquet file with the training pool (raw dataset rows). None: the
+    hub. For data.task=custom it is required; without data.eval_path the last data.max_eval of its
+    shuffled rows are the evaluation set."""
     eval_path: str | None = None
     """Local file with evaluation rows. None: the hub (or the task's own eval split)."""
     num_train: list[int] = field(default_factory=lambda: [4])
@@ -165,6 +205,9 @@ class DataConfig:
     synthetic_mapping: int = 0
     """Synthetic task only: which held-out cluster->label mapping (a task never seen in
     pretraining) the run uses; sweep it to average over tasks."""
+    custom: CustomTaskConfig | None = None
+    """data.task=custom only: the fields, labels, template and parser of your task (None: all
+    defaults, i.e. rows {"input", "output"}, generation scored by exact match)."""
 
 
 @dataclass(kw_only=True)
@@ -314,7 +357,8 @@ class DistConfig:
     """One GPU per student worker (and CUDA teacher actors when teacher_gpus > 0)."""
     cpus_per_worker: float = 1.0
     ds_config: str = "zero3"
-    """DeepSpeed template: zero3, zero3_offload, zero2 (from ds_configs/) or a JSON file path."""
+    """DeepSpeed template: zero3, zero3_offload, zero2 (shipped in the package,
+    ia2dist/ds_configs/) or a JSON file path."""
     teacher_mode: Literal["stage", "online"] = "stage"
     """'stage': teacher actors extract and stream records through the object store. 'online': each
     student worker computes the teacher activations itself with the adapter disabled (no transport;
@@ -448,6 +492,10 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected a number, got {value!r}")
             return 0.0
     if tp is str:
+        if isinstance(value, bool):
+            problems.append(f"{where}: got the boolean {value} (YAML reads yes/no/on/off/true/false "
+                            "unquoted as booleans); quote it, e.g. 'yes'")
+            return str(value)
         if isinstance(value, (dict, list)):
             problems.append(f"{where}: expected a string, got {type(value).__name__}")
             return ""
@@ -653,11 +701,13 @@ def validate(cfg: RunConfig) -> list[str]:
     from ia2dist.data.tasks import TASKS
 
     p: list[str] = []
-    if cfg.data.task not in TASKS:
-        close = did_you_mean(cfg.data.task, sorted(TASKS))
+    if cfg.data.task not in TASKS and cfg.data.task != "custom":
+        names = sorted([*TASKS, "custom"])
+        close = did_you_mean(cfg.data.task, names)
         p.append(f"data.task: unknown task {cfg.data.task!r}; "
                  + (f"did you mean {close!r}? " if close else "")
-                 + f"use one of {', '.join(sorted(TASKS))}")
+                 + f"use one of {', '.join(names)}")
+    p += _custom_task_problems(cfg.data)
     for i, n in enumerate(cfg.data.num_train):
         if n < 2:
             p.append(f"data.num_train[{i}]: N={n} is too small; IA2 needs N >= 2 (leave-one-out demos)")
@@ -783,6 +833,61 @@ def validate(cfg: RunConfig) -> list[str]:
         if path is not None and not Path(path).expanduser().exists():
             p.append(f"data.{key}: file {path} does not exist; fix the path or remove it to use the hub")
     return p
+
+
+def _custom_task_problems(dc: DataConfig) -> list[str]:
+    """data.custom: set only with data.task=custom, which needs local files and a usable template
+    and label set."""
+    if dc.task != "custom":
+        return [f"data.custom: set, but data.task is {dc.task!r}; set data.task=custom or remove "
+                "data.custom"] if dc.custom is not None else []
+    c = dc.custom or CustomTaskConfig()
+    p = []
+    if dc.train_path is None:
+        p.append("data.train_path: data.task=custom reads your rows from a local file; set "
+                 "data.train_path (JSONL, JSON, CSV, TSV or Parquet)")
+    if not c.input_field or not c.output_field:
+        p.append("data.custom.input_field/output_field: empty; name the row fields that hold "
+                 "the input and the output")
+    elif c.input_field == c.output_field:
+        p.append(f"data.custom.output_field: same field as input_field ({c.input_field!r}); name "
+                 "the field that holds the answer")
+    if c.labels is not None:
+        stripped = [label.strip() for label in c.labels]
+        if len(c.labels) < 2:
+            p.append(f"data.custom.labels: {c.labels} has fewer than 2 labels; list every class, "
+                     "e.g. [negative, positive], or remove it for a generation task")
+        elif not all(stripped):
+            p.append("data.custom.labels: an empty label; every label needs visible text")
+        elif len(set(stripped)) < len(stripped):
+            p.append(f"data.custom.labels: {c.labels} repeats a label; list each class once")
+    if c.template is not None:
+        p += _template_problems(c)
+    if not 1 <= c.max_new_tokens <= 4096:
+        p.append("data.custom.max_new_tokens: must be between 1 and 4096")
+    return p
+
+
+def _template_problems(c: CustomTaskConfig) -> list[str]:
+    """data.custom.template must parse, hold {input} and not the answer's field."""
+    import string
+
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(c.template) if name is not None]
+    except ValueError as exc:
+        return [f"data.custom.template: {exc}; write fields as {{input}} and a literal brace as "
+                "{{ or }}"]
+    if "input" not in names:
+        return [f"data.custom.template: {c.template!r} has no {{input}}; put {{input}} where the "
+                "row's input goes"]
+    if c.output_field in names:
+        return [f"data.custom.template: uses {{{c.output_field}}}, the answer; the answer is "
+                "appended after the prompt, so remove it from the template"]
+    bad = [name for name in names if not name.isidentifier()]
+    if bad:
+        return [f"data.custom.template: placeholder {{{bad[0]}}} is not a field name; use "
+                "{input} or {<column name>}"]
+    return []
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -82,7 +82,7 @@ def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int):
     from ia2dist.modeling import encode
 
     cfg = plan.cfg
-    queries = [ex.query for u in plan.units for ex in (*u.train, *u.dev)]
+    queries = [plan.student_prompt(ex) for u in plan.units for ex in (*u.train, *u.dev)]
     student = max(len(ids) for ids in encode(tokenizer, queries)) + plan.max_new_tokens
     per_unit = max(len(u.train) + len(u.dev) for u in plan.units) + len(plan.similarity_items())
     in_flight = min(max(1, cfg.dist.num_workers // cfg.dist.group_size), len(plan.units))
@@ -106,19 +106,42 @@ def available_memory(cfg: RunConfig) -> tuple[int | None, int | None]:
 
 
 def memory_report(cfg: RunConfig) -> tuple[str, bool]:
-    """`ia2dist plan`: the memory table of the run and whether it fits (nothing is started)."""
-    from ia2dist.data.loaders import load_task
-    from ia2dist.memory_plan import check_fits
-    from ia2dist.modeling import load_model_config, load_tokenizer
+    """`ia2dist plan`: the memory table of the run, the GPUs it uses and whether it fits (nothing
+    is started). Needs only the model's config.json: the tokenizer and the rows are used when they
+    are on this machine, otherwise the prompt lengths are estimated and said so
+    (``ia2dist.prompt_estimate``); nothing is downloaded but a hub model's config."""
+    from ia2dist import prompt_estimate as estimate
+    from ia2dist.data.loaders import load_task, task_spec
+    from ia2dist.memory_plan import check_fits, plan_memory
+    from ia2dist.modeling import context_length, load_model_config
 
     rundir.setup_logging(None)
-    task = load_task(cfg.data)
-    tokenizer = load_tokenizer(cfg.model)
-    plan = Plan(cfg, task, tokenizer=tokenizer)
     model_config = load_model_config(cfg.model)
-    memory = memory_plan(plan, tokenizer, model_config, check_context(plan, tokenizer, model_config))
+    spec = task_spec(cfg.data.task, cfg.data)
+    notes = []
+    if estimate.data_is_local(cfg.data, spec):
+        tokenizer, why = estimate.local_tokenizer(cfg)
+        if why:
+            notes.append(why + (" (chat template markup not counted)" if spec.chat_template
+                                else ""))
+        plan_cfg = estimate.without_chat_template(cfg) if why and spec.chat_template else cfg
+        plan = Plan(plan_cfg, load_task(cfg.data), tokenizer=tokenizer)
+        memory = memory_plan(plan, tokenizer, model_config,
+                             check_context(plan, tokenizer, model_config))
+    else:
+        lengths = estimate.estimated_lengths(
+            cfg, spec, cfg.extract.max_new_tokens or spec.max_new_tokens)
+        memory = plan_memory(cfg, model_config, **lengths)
+        longest = lengths["teacher_prompt_tokens"] + lengths["max_new_tokens"]
+        notes.append(f"prompt lengths estimated from the {spec.name} template (longest ICL prompt "
+                     f"~{lengths['teacher_prompt_tokens']} tokens); the data is not read, give "
+                     "data.train_path / data.eval_path for exact figures")
+        if longest > context_length(model_config):
+            notes.append(f"the longest ICL prompt + T (~{longest} tokens) may exceed the model's "
+                         f"context of {context_length(model_config)}; lower data.num_train or "
+                         "data.max_icl_demos")
     gpu, node = available_memory(cfg)
-    lines = [memory.table(), ""]
+    lines = [memory.table(), "", *estimate.gpu_summary(cfg), *(f"note: {n}" for n in notes)]
     try:
         check_fits(memory, cfg, gpu_bytes=gpu, node_bytes=node if cfg.dist.ray_address is None
                    else None)

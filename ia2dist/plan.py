@@ -143,6 +143,7 @@ class Plan:
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.max_new_tokens = cfg.extract.max_new_tokens or self.spec.max_new_tokens
         self.tokenizer = tokenizer
+        self.chat = self._chat_wrap(tokenizer)
         from ia2dist.data.loaders import load_ood_sets
 
         # out-of-distribution sets: loaded now, so that a missing one fails before any work
@@ -162,6 +163,31 @@ class Plan:
                                                        cap)),
                     ood_demo_lists={es.name: _frozen(eval_demos(split.pool, es.items, n, r, cap))
                                     for es in self.ood_sets}))
+
+    def _chat_wrap(self, tokenizer) -> tuple[str, str] | None:
+        """The chat template's (prefix, suffix) around every prompt of a custom task with
+        data.custom.chat_template, else None (plain text)."""
+        if not self.spec.chat_template:
+            return None
+        if tokenizer is None:
+            raise IA2Error("data.custom.chat_template: building the prompts needs the tokenizer; "
+                           "pass it to Plan")
+        from ia2dist.data.custom import chat_wrap
+
+        return chat_wrap(tokenizer, self.cfg.model.tokenizer or self.cfg.model.name_or_path)
+
+    def teacher_prompt(self, demos, ex: Example) -> str:
+        """The ICL prompt of ``ex`` with ``demos`` (``ia2dist.data.prompts``), chat-wrapped when
+        the task asks for it."""
+        from ia2dist.data.prompts import teacher_prompt
+
+        return teacher_prompt(list(demos), ex, self.chat)
+
+    def student_prompt(self, ex: Example) -> str:
+        """The prompt of ``ex`` without demos, chat-wrapped when the task asks for it."""
+        from ia2dist.data.prompts import student_prompt
+
+        return student_prompt(ex, self.chat)
 
     def __getstate__(self) -> dict:
         # shipped to Ray actors and workers, which load their own tokenizer
@@ -217,11 +243,9 @@ class Plan:
 
     def teacher_inputs(self, unit: Unit) -> tuple[list[str], list[str]]:
         """(ICL prompts, uids) of the unit's train + dev examples in ``read_order``."""
-        from ia2dist.data.prompts import teacher_prompt
-
         pick = {"train": (unit.train, unit.train_demo_lists), "dev": (unit.dev, unit.dev_demo_lists)}
         order = self.read_order(unit)
-        prompts = [teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
+        prompts = [self.teacher_prompt(pick[k][1][i], pick[k][0][i]) for k, i in order]
         return prompts, [pick[k][0][i].uid for k, i in order]
 
     def similarity_items(self) -> tuple[Example, ...]:
@@ -230,10 +254,8 @@ class Plan:
 
     def similarity_inputs(self, unit: Unit) -> tuple[list[str], list[str]]:
         """(ICL prompts, uids) of the similarity items with the unit's evaluation demos."""
-        from ia2dist.data.prompts import teacher_prompt
-
         items = self.similarity_items()
-        return ([teacher_prompt(d, ex) for ex, d in zip(items, unit.eval_demo_lists)],
+        return ([self.teacher_prompt(d, ex) for ex, d in zip(items, unit.eval_demo_lists)],
                 [ex.uid for ex in items])
 
     def eval_sets(self) -> list:
@@ -248,14 +270,12 @@ class Plan:
     def eval_prompts(self, unit: Unit, with_demos: bool, eval_set=None) -> list[str]:
         """The evaluation prompts of ``eval_set`` (default: the task's own): the query alone, or
         with the unit's N-1 pool demos (ICL)."""
-        from ia2dist.data.prompts import student_prompt, teacher_prompt
-
         ood = eval_set is not None and eval_set.name != self.spec.name
         items = eval_set.items if ood else self.eval_items
         if with_demos:
             demos = unit.ood_demo_lists[eval_set.name] if ood else unit.eval_demo_lists
-            return [teacher_prompt(d, ex) for ex, d in zip(items, demos)]
-        return [student_prompt(ex) for ex in items]
+            return [self.teacher_prompt(d, ex) for ex, d in zip(items, demos)]
+        return [self.student_prompt(ex) for ex in items]
 
     def target_ids(self, example: Example, record, label_type: str | None = None) -> list[int]:
         """CE targets of an example under ``label_type`` (default train.label_type): the

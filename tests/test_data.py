@@ -414,9 +414,9 @@ def test_empty_files_are_rejected(tmp_path, content, message):
 def test_bad_files_are_rejected(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         read_rows(tmp_path / "missing.jsonl")
-    (tmp_path / "rows.csv").write_text("a,b\n")
+    (tmp_path / "rows.xlsx").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type"):
-        read_rows(tmp_path / "rows.csv")
+        read_rows(tmp_path / "rows.xlsx")
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(DataError, match="no rows"):
         read_rows(tmp_path / "empty.json")

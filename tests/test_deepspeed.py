@@ -25,7 +25,7 @@ from ia2dist.errors import IA2Error
 from ia2dist.student.dsconfig import fill_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
-DS_CONFIGS = REPO / "ds_configs"
+DS_CONFIGS = REPO / "ia2dist" / "ds_configs"
 
 #: Relative tolerance of distributed vs single-process per-step (and dev) losses. Both runs are
 #: float32 and differ only in summation order (per-rank partial sums, the gloo reduction); the

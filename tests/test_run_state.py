@@ -219,14 +219,13 @@ def test_release_keeps_a_lock_that_is_not_ours_and_removes_a_dir_it_made(tmp_pat
     assert other.is_file()
 
 
-def _take(args):
-    run_dir, barrier = args
-    barrier.wait()
+def _take(run_dir, barrier, results):
+    barrier.wait(timeout=60)
     try:
-        RunLock(Path(run_dir), "run").acquire()  # kept until the process exits
-        return os.getpid()
+        RunLock(Path(run_dir), "run").acquire()  # kept until this process exits
+        results.put(os.getpid())
     except IA2Error:
-        return None
+        results.put(None)
 
 
 def test_concurrent_takeovers_of_a_dead_lock_have_one_winner(tmp_path):
@@ -234,11 +233,16 @@ def test_concurrent_takeovers_of_a_dead_lock_have_one_winner(tmp_path):
     old = time.time() - 10_000
     os.utime(tmp_path / "run" / LOCK_FILE, (old, old))
     ctx = multiprocessing.get_context("fork")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(4)
-        with ctx.Pool(4) as pool:
-            winners = [w for w in pool.map(_take, [(str(tmp_path / "run"), barrier)] * 4) if w]
-    assert len(winners) == 1, winners
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_take, args=(str(tmp_path / "run"), barrier, results))
+             for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    winners = [pid for pid in outcomes if pid is not None]
+    assert len(winners) == 1, outcomes
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -134,7 +134,7 @@ def _worker(work: Path) -> None:
                              "data.num_train=[4]", "train.micro_batch_size=1", "train.max_steps=2",
                              "train.adapter.dropout=0.1", "train.checkpoint_every=-1",
                              "dist.group_size=2", "dist.num_workers=2"])
-    template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    template = json.loads((REPO / "ia2dist" / "ds_configs" / "zero3.json").read_text())
     template["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds_config = fill_ds_config(template, train_cfg=cfg.train, model_dtype="float32",
                                world_size=world)

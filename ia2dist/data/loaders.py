@@ -1,5 +1,5 @@
-"""Read raw dataset rows (local JSON / JSONL / Parquet, or the Hugging Face hub) and turn them into
-a task's training pool and evaluation items.
+"""Read raw dataset rows (local JSON / JSONL / CSV / TSV / Parquet, or the Hugging Face hub) and
+turn them into a task's training pool and evaluation items.
 
 The data protocol, as the reference's data preparation does it: each split's rows are shuffled
 once in the order of Hugging Face ``Dataset.shuffle(seed=data.pool_seed)`` (42), that is numpy's
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Keys under which a .json file may hold its rows when its top level is an object.
 _ROW_KEYS = ("data", "rows", "train", "examples", "test", "validation", "eval")
-_SUFFIXES = (".json", ".jsonl", ".parquet")
+_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
 @dataclass
@@ -57,7 +57,8 @@ class TaskData:
 
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a .json (a list of objects, or an object holding one such list, e.g. under
-    "data"), .jsonl (one object per line, blank lines skipped) or .parquet file.
+    "data"), .jsonl (one object per line, blank lines skipped), .csv / .tsv (a header line of
+    column names; values are strings) or .parquet file.
 
     DataError (naming file:line for JSONL) on a missing file, malformed content or no rows.
     """
@@ -69,15 +70,16 @@ def _located_rows(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found; fix data.train_path / data.eval_path")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        located = _jsonl_rows(path)
-    elif suffix == ".json":
-        located = _json_rows(path)
-    elif suffix == ".parquet":
-        located = _parquet_rows(path)
-    else:
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows,
+               ".csv": lambda p: _csv_rows(p, ","), ".tsv": lambda p: _csv_rows(p, "\t")}
+    if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
                         f"use one of {', '.join(_SUFFIXES)}")
+    try:
+        located = readers[suffix](path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as "
+                        "UTF-8") from None
     if not located:
         raise DataError(f"{path}: no rows; the file must hold at least one dataset row")
     return located
@@ -131,6 +133,34 @@ def _row_list(data, path: Path) -> list:
         raise DataError(f"{path}: top-level object has no single list of rows (lists under: "
                         f"{found}); store a list, or one list under \"data\"")
     raise DataError(f"{path}: top level is {type(data).__name__}; store a list of row objects")
+
+
+def _csv_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    """Rows of a CSV/TSV file with a header line (column names); every value is a string. A
+    row is located by the line it starts on."""
+    import csv
+
+    located = []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        try:
+            columns = reader.fieldnames or []
+            start = reader.line_num + 1
+            for row in reader:
+                where = f"{path}:{start}"
+                if None in row:
+                    raise DataError(f"{where}: {len(columns) + len(row[None])} values but the "
+                                    f"header has {len(columns)} columns; quote values that "
+                                    f"contain {delimiter!r}")
+                if None in row.values():
+                    raise DataError(f"{where}: fewer values than the header's {len(columns)} "
+                                    "columns; fill in every column (an empty value is allowed)")
+                located.append((where, row))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc}); fix the "
+                            "line") from None
+    return located
 
 
 def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
@@ -272,7 +302,12 @@ def load_task(data_cfg: DataConfig) -> TaskData:
 
 
 def task_spec(name: str, data_cfg: DataConfig) -> TaskSpec:
-    """The registered task with the data options that change its rows (data.bbc_cut)."""
+    """The registered task with the data options that change its rows (data.bbc_cut), or the
+    task data.custom defines (data.task=custom)."""
+    if name == "custom":
+        from ia2dist.data.custom import custom_spec
+
+        return custom_spec(data_cfg)
     return get_task(name).with_options(bbc_cut=data_cfg.bbc_cut)
 
 

@@ -328,6 +328,9 @@ class TaskSpec:
     source: str | None = None
     """The pinned package release the builder reads ("countryinfo==1.0.1"); recorded in every
     example's meta["source"]."""
+    chat_template: bool = False
+    """Prompts are wrapped in one user turn of the tokenizer's chat template (a custom task's
+    data.custom.chat_template; see ``ia2dist.data.custom.chat_wrap``)."""
 
     @property
     def single_token(self) -> bool:

@@ -76,10 +76,11 @@ def similarity(model: nn.Module, tokenizer, plan, sim_records: Sequence[TeacherR
     with _eval_mode(model):
         if e.similarity_mode == "generated":
             return generation_similarity(
-                model, tokenizer, [ex.query for ex in items], list(sim_records),
+                model, tokenizer, [plan.student_prompt(ex) for ex in items], list(sim_records),
                 max_new_tokens=plan.max_new_tokens, stop_strings=plan.cfg.extract.stop_strings,
                 batch_size=e.batch_size, sync=sync)
-        return layer_similarity(model, tokenizer, encode(tokenizer, [ex.query for ex in items]),
+        prompt_ids = encode(tokenizer, [plan.student_prompt(ex) for ex in items])
+        return layer_similarity(model, tokenizer, prompt_ids,
                                 list(sim_records), batch_size=e.batch_size,
                                 num_virtual_tokens=num_virtual_tokens(model))
 

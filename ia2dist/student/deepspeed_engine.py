@@ -54,7 +54,7 @@ class DeepSpeedEngine:
     """``Engine`` (see ``ia2dist.student.trainer``) over ``deepspeed.initialize`` with a torch
     Adam/AdamW optimiser on ``model``'s trainable parameters.
 
-    ds_config: a template (dict or JSON path, e.g. ds_configs/zero3.json), filled by
+    ds_config: a template (dict or JSON path, e.g. ia2dist/ds_configs/zero3.json), filled by
         ``fill_ds_config`` from ``train_cfg``, ``model_dtype`` and the world size.
     """
 

@@ -1,6 +1,6 @@
 """DeepSpeed config templates filled from the run config (plain Python; no deepspeed import).
 
-``ds_configs/*.json`` leave every value that the run config decides as ``"auto"``.
+``ia2dist/ds_configs/*.json`` leave every value that the run config decides as ``"auto"``.
 ``fill_ds_config`` is the one place that resolves them, so that micro batch x accumulation x world
 size = global batch always holds, and that refuses templates whose concrete values disagree with the
 run config:
@@ -45,7 +45,7 @@ def load_ds_template(template: dict | str | os.PathLike) -> tuple[dict, str]:
             loaded = json.load(handle)
     except FileNotFoundError:
         raise IA2Error(f"deepspeed config {path} does not exist; give the path of a JSON file such "
-                       f"as ds_configs/zero3.json") from None
+                       f"as ia2dist/ds_configs/zero3.json") from None
     except json.JSONDecodeError as exc:
         raise IA2Error(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
     if not isinstance(loaded, dict):

@@ -162,13 +162,12 @@ def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None
     """(train items, dev items) of ``unit`` in index order, lazily built (see ``LazyItems``);
     ``fetch(position)`` gives the teacher record at that position of ``plan.read_order(unit)``;
     CE targets of ``label_type`` (the job's; default train.label_type)."""
-    from ia2dist.data.prompts import student_prompt
     from ia2dist.modeling import encode
 
     position = {key: k for k, key in enumerate(plan.read_order(unit))}
     examples = [("train", i, ex) for i, ex in enumerate(unit.train)]
     examples += [("dev", j, ex) for j, ex in enumerate(unit.dev)]
-    prompt_ids = encode(tokenizer, [student_prompt(ex) for _, _, ex in examples])
+    prompt_ids = encode(tokenizer, [plan.student_prompt(ex) for _, _, ex in examples])
     label_type = label_type or plan.cfg.train.label_type
     icl = label_type == "icl"
     specs = [ItemSpec(uid=ex.uid, prompt_ids=ids,
