@@ -62,10 +62,12 @@ def test_bootstrap_is_reproducible_with_its_seed_and_brackets_the_mean():
         assert other.mean == first.mean and (other.low, other.high) != (first.low, first.high)
     # the mean is exactly the mean of the per-seed differences of the plain metrics
     acc = stats.paired_difference(pairs, "accuracy", num_bootstrap=10)
-    assert acc.mean == pytest.approx(np.mean([p.correct_a.mean() - p.correct_b.mean() for p in pairs]))
+    plain = [p.correct_a.mean() - p.correct_b.mean() for p in pairs]
+    assert acc.mean == pytest.approx(np.mean(plain))
     ece = stats.paired_difference(pairs, "ece", num_bootstrap=10, n_bins=5)
-    assert ece.per_seed == pytest.approx([ece_equal_mass(p.conf_a, p.correct_a, 5)
-                                          - ece_equal_mass(p.conf_b, p.correct_b, 5) for p in pairs])
+    assert ece.per_seed == pytest.approx([
+        ece_equal_mass(p.conf_a, p.correct_a, 5) - ece_equal_mass(p.conf_b, p.correct_b, 5)
+        for p in pairs])
 
 
 def test_equal_differences_collapse_the_interval():
@@ -190,7 +192,8 @@ def test_report_of_a_sweep_has_one_row_per_method_and_compares_the_chosen_points
     assert claim["accuracy"]["items"] == [10, 10, 10]
     assert "IA2 -> SFT vs SFT: N=4 (ground_truth labels): accuracy +0.200 [" in text
     assert "(higher, outside the noise; 3/3 seeds > 0)" in text
-    assert "## Paired differences" in text and "| ia2_then_sft − sft | 4 | ground_truth | 3 |" in text
+    assert "## Paired differences" in text
+    assert "| ia2_then_sft − sft | 4 | ground_truth | 3 |" in text
     # with the dev rule the table reports the dev choices
     write_report(_sweep_run(tmp_path / "dev"), tmp_path / "dev", task="sst2", selection="dev",
                  num_bootstrap=100)
@@ -214,10 +217,13 @@ def test_paired_comparisons_need_the_same_items(tmp_path):
 
 
 def test_phase_convergence_cases():
-    assert phase_convergence({"stopped_early": True, "best_step": 3, "steps": 6}) == "stopped_early"
-    assert phase_convergence({"stopped_early": False, "best_step": 6, "steps": 6}) == "still_improving"
-    assert phase_convergence({"stopped_early": False, "best_step": 4, "steps": 6}) == "best_before_limit"
-    assert phase_convergence({"stopped_early": False, "best_step": None, "steps": 6}) == "no_dev"
+    def status(stopped, best):
+        return phase_convergence({"stopped_early": stopped, "best_step": best, "steps": 6})
+
+    assert status(True, 3) == "stopped_early"
+    assert status(False, 6) == "still_improving"  # best step = last step, at the epoch limit
+    assert status(False, 4) == "best_before_limit"
+    assert status(False, None) == "no_dev"
 
 
 def test_report_flags_phases_still_improving_at_the_limit(tmp_path):
@@ -257,12 +263,15 @@ def test_compare_merges_runs_into_one_table_and_figure(tmp_path, capsys):
     assert main(["compare", str(one), str(two), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("# Comparison") and out.read_text().startswith(printed)
-    assert "| tiny:llama | sst2 | test | 4 | ia2_then_sft | ground_truth | lr0.0001_gt | 3 |" in printed
+    assert ("| tiny:llama | sst2 | test | 4 | ia2_then_sft | ground_truth | lr0.0001_gt | 3 |"
+            in printed)
     assert "| tiny:qwen2 | capital_region | test | 4 | sft |" in printed
-    assert "| tiny:qwen2 | capital_region | ia2_then_sft − sft | 4 | ground_truth | 3 | +0.200 [" in printed
+    assert ("| tiny:qwen2 | capital_region | ia2_then_sft − sft | 4 | ground_truth | 3 | +0.200 ["
+            in printed)
     assert "| tiny:llama | sst2 | a | 12 | 18 | 12 |" in printed  # convergence per run
     png = out.with_suffix(".png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "![IA2 -> SFT minus SFT](comparison.png)" in out.read_text()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![IA2 -> SFT minus SFT](comparison.png)" in out.read_text()
     assert compare([one]).count("| tiny:llama |") == 3 + 1 + 1  # results, paired, convergence
 
 
@@ -289,7 +298,8 @@ def test_lr_sweep_end_to_end_selects_per_method(tmp_path, capsys):
     selection with both candidates, the paired comparison and convergence from the real files."""
     from test_cli import _write_sst2
 
-    train, evals = _write_sst2(tmp_path / "train.jsonl", 40, 0), _write_sst2(tmp_path / "e.jsonl", 12, 1)
+    train = _write_sst2(tmp_path / "train.jsonl", 40, 0)
+    evals = _write_sst2(tmp_path / "eval.jsonl", 12, 1)
     run = tmp_path / "run"
     assert main(["run", f"run_dir={run}", "model.name_or_path=tiny:llama", "data.task=sst2",
                  f"data.train_path={train}", f"data.eval_path={evals}", "data.num_train=[4]",

@@ -544,8 +544,8 @@ def paired_note(num_bootstrap: int, seed: int) -> str:
     return ("Method minus reference, paired: the same seeds, the same evaluated items. The mean is "
             "over seeds of each seed's difference; the 95% interval is a percentile bootstrap "
             f"({num_bootstrap} replicates, seed {seed}) that redraws the seeds and, inside each, "
-            "the items, with replacement. * marks an interval that excludes 0 (a difference outside "
-            "the noise). A positive ECE difference means worse calibration.")
+            "the items, with replacement. * marks an interval that excludes 0 (a difference "
+            "outside the noise). A positive ECE difference means worse calibration.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,9 +607,9 @@ def convergence_section(jobs: Sequence[Mapping]) -> str:
                if phase["status"] == "still_improving"]
     text = f"Phases of the {len(jobs)} trained jobs:\n\n" + "\n".join(lines) + "\n"
     if flagged:
-        text += ("\n**Still improving at the epoch limit** (best step = last step): these numbers "
-                 "may rise with more epochs (train.epochs).\n\n| Job | N | Seed | Phase | Objective | "
-                 "Steps |\n|---|---|---|---|---|---|\n")
+        text += ("\n**Still improving at the epoch limit** (best step = last step): these "
+                 "numbers may rise with more epochs (train.epochs).\n\n"
+                 "| Job | N | Seed | Phase | Objective | Steps |\n|---|---|---|---|---|---|\n")
         text += "".join(f"| {job['job']} | {job['num_train']} | {job['seed']} | {phase['phase']} | "
                         f"{phase['objective']} | {phase['steps']} |\n" for job, phase in flagged)
     return text
