@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--merge", action="store_true",
                      help="also write the base model with the adapter merged in (DIR/merged)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    cmp = sub.add_parser("compare", help="merge the reports of several run directories (tasks, "
+                         "models) into one markdown table and figure",
+                         description="Print one markdown comparison of the reports (metrics.json) "
+                         "of RUN_DIRs: every method's accuracy / ECE / similarity at the chosen "
+                         "sweep points, the paired differences (IA2 -> SFT minus SFT, ...) with "
+                         "their 95% intervals, and the phases still improving at their limit.")
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cmp.add_argument("--out", metavar="FILE.md", help="also write the markdown to FILE.md and the "
+                     "figure of IA2 -> SFT minus SFT against N to FILE.png")
     return parser
 
 
@@ -135,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(ns) -> int:
     from ia2dist.config import dump_yaml, load_config
 
+    if ns.verb == "compare":
+        from ia2dist.eval.compare import compare
+
+        print(compare(ns.run_dirs, ns.out), end="")
+        return 0
     if ns.verb == "export":
         from ia2dist.export import export
 

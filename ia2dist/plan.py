@@ -93,10 +93,12 @@ class Job:
         return self.point.params.get("label_type") or self.point.train.label_type
 
     def tags(self) -> dict:
-        """What a result row of this job carries besides its metrics (the setting, in a sweep)."""
+        """What a result row of this job carries besides its metrics: in a sweep, the method
+        without the folder's setting tag (so that the report groups a method's settings and
+        selects among them), the setting and where its predictions are."""
         tags = {"label_type": self.label_type if self.method in LABEL_METHODS else None}
         if self.swept:
-            tags.update(setting=self.point.tag, **self.point.params,
+            tags.update(method=self.method, setting=self.point.tag, **self.point.params,
                         predictions_path=str(self.out_dir / "predictions.json"))
         return tags
 

@@ -1,4 +1,5 @@
-"""Reports across methods: a markdown summary table, reliability diagrams and per-layer similarity.
+"""Reports across methods: a markdown summary table, paired differences with bootstrap intervals,
+the sweep selection, convergence flags, reliability diagrams and per-layer similarity.
 
 A result is one evaluated (method, N, seed) run: the metrics of ``evaluate_single_token`` /
 ``evaluate_generation`` plus identifying keys, e.g.::
@@ -24,7 +25,9 @@ Optional identifying keys:
   ``dev_loss``) - the dev rule picks on the in-distribution rows and applies that point to every
   eval set. Results without ``setting`` are kept as they are.
 - ``predictions_path``: where the run's predictions.json is (default
-  ``{run_dir}/N{n}_seed{seed}/{method}/predictions.json``).
+  ``{run_dir}/N{n}_seed{seed}/{method}/predictions.json``); the folder also holds a trained job's
+  history.json. The per-item rows of predictions.json (uid, correct, confidence) feed the paired
+  differences (``paired_comparisons``), the phases of history.json the convergence flags.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ia2dist.eval import stats
 from ia2dist.eval.metrics import ece_equal_mass, reliability_bins
 
 #: Keys that identify a run rather than measure it.
@@ -183,7 +187,8 @@ def select_settings(results: Sequence[Mapping], selection: str = "test", *,
 
     Returns (the kept results: every result without a setting plus the chosen settings' results,
     in input order; one record per choice: eval_set, method, label_type, num_train, setting, its
-    lr / plus_sft_weight, criterion and score, and every candidate's score).
+    lr / plus_sft_weight, criterion and score, and every candidate's score; a score is the
+    criterion's value: accuracy, dev accuracy, or dev loss).
     """
     if selection not in SELECTIONS:
         raise ValueError(f"eval.selection: {selection!r}; use one of {', '.join(SELECTIONS)}")
@@ -218,6 +223,8 @@ def select_settings(results: Sequence[Mapping], selection: str = "test", *,
                                  "eval.selection=test")
         if not scores:
             continue
+        # shown: the criterion's own value (a dev loss as a loss, not negated)
+        sign = -1.0 if criterion.startswith("mean dev loss") else 1.0
         best = _pick(scores)
         chosen[key] = best
         first = next(r for r in rows if str(r["setting"]) == best)
@@ -225,7 +232,8 @@ def select_settings(results: Sequence[Mapping], selection: str = "test", *,
                         "num_train": num_train, "setting": best,
                         **{k: first[k] for k in SETTING_KEYS if first.get(k) is not None},
                         "selection": selection, "criterion": criterion,
-                        "score": scores[best][0], "candidates": {k: v[0] for k, v in scores.items()}})
+                        "score": sign * scores[best][0],
+                        "candidates": {k: sign * v[0] for k, v in scores.items()}})
     kept = []
     for row in results:
         if row.get("setting") is None:
@@ -252,14 +260,15 @@ def selection_note(selection: str) -> str:
 
 def selection_table(choices: Sequence[Mapping]) -> str:
     """Markdown table of the chosen sweep points (eval set, method, N, labels, point, score,
-    every candidate's score)."""
+    every candidate's score), then what the scores are."""
     lines = ["| Eval set | Method | N | Labels | Chosen | Score | Candidates |",
              "|---|---|---|---|---|---|---|"]
     for c in choices:
         cands = ", ".join(f"{k}: {v:.3f}" for k, v in c["candidates"].items())
         lines.append(f"| {c['eval_set'] or 'in-distribution'} | {c['method']} | {c['num_train']} | "
                      f"{c['label_type'] or '-'} | {c['setting']} | {c['score']:.3f} | {cands} |")
-    return "\n".join(lines) + "\n"
+    criteria = ", ".join(dict.fromkeys(c["criterion"] for c in choices))
+    return "\n".join(lines) + f"\n\nScores: {criteria}.\n"
 
 
 def _new_figure(nrows: int, ncols: int, panel_size: tuple[float, float]):
@@ -387,52 +396,245 @@ def _difference(a: Mapping, b: Mapping, key: str) -> tuple[float, float] | None:
     return diff, noise
 
 
-def findings(aggregated: Sequence[Mapping]) -> list[str]:
-    """Plain statements of what the numbers show, per N: each comparison's accuracy and ECE
-    difference, called a gain/loss only when it exceeds the seeds' spread (std of the difference
-    of independent means), otherwise 'no clear difference'. With several label types per method
-    the first one listed is compared."""
+def _spread_text(a: Mapping, b: Mapping) -> str | None:
+    """The comparison of two aggregate entries without per-item predictions: called a gain/loss
+    only when the difference exceeds the seeds' spread (std of the difference of independent
+    means)."""
+    acc = _difference(a, b, "accuracy")
+    if acc is None:
+        return None
+    verdict = ("better" if acc[0] > acc[1] else "worse" if -acc[0] > acc[1]
+               else "no clear difference")
+    text = f"accuracy {acc[0]:+.3f} ({verdict}; seed spread ±{acc[1]:.3f})"
+    ece = _difference(a, b, "ece")
+    if ece is not None:
+        calib = ("better calibrated" if -ece[0] > ece[1] else "worse calibrated"
+                 if ece[0] > ece[1] else "similar calibration")
+        text += f", ECE {ece[0]:+.3f} ({calib})"
+    return text
+
+
+def _signed(value: float) -> str:
+    """+0.012; a difference too small for three decimals in scientific notation (-1.7e-05)."""
+    return f"{value:+.3f}" if value == 0 or abs(value) >= 5e-4 else f"{value:+.1e}"
+
+
+def _interval(d: Mapping) -> str:
+    return f"{_signed(d['mean'])} [{_signed(d['low'])}, {_signed(d['high'])}]"
+
+
+def _paired_text(entry: Mapping) -> str:
+    """A paired comparison in words: each difference with its interval, and whether the interval
+    excludes 0 (outside the noise) or not."""
+    parts = []
+    for key, up, down in (("accuracy", "higher", "lower"), ("ece", "worse calibrated",
+                                                              "better calibrated")):
+        d = entry.get(key)
+        if d is None:
+            continue
+        verdict = ((up if d["mean"] > 0 else down) + ", outside the noise" if d["outside_noise"]
+                   else "within the noise")
+        parts.append(f"{'accuracy' if key == 'accuracy' else 'ECE'} {_interval(d)} "
+                     f"({verdict}; {d['positive']}/{d['seeds']} seeds > 0)")
+    return ", ".join(parts)
+
+
+def findings(aggregated: Sequence[Mapping], paired: Sequence[Mapping] = ()) -> list[str]:
+    """Plain statements of what the numbers show, per comparison and N. With ``paired`` entries
+    (``paired_comparisons``) for that comparison and N: the mean paired difference, its 95%
+    interval and whether it is outside the noise (the interval excludes 0), per label type.
+    Otherwise from the aggregate: the difference of means against the seeds' spread (the first
+    label type listed)."""
     by_key: dict = {}
     for e in aggregated:
         by_key.setdefault((e["num_train"], e["method"]), e)
+    by_pair: dict = {}
+    for entry in paired:
+        by_pair.setdefault((entry["num_train"], entry["method"], entry["reference"]),
+                           []).append(entry)
     ns = sorted({n for n, _ in by_key if n is not None})
     lines = []
     for a, b, what in _COMPARISONS:
         parts = []
         for n in ns:
-            if (n, a) not in by_key or (n, b) not in by_key:
+            for entry in by_pair.get((n, a, b), []):
+                label = f" ({entry['label_type']} labels)" if entry.get("label_type") else ""
+                parts.append(f"N={n}{label}: {_paired_text(entry)}")
+            if (n, a, b) in by_pair or (n, a) not in by_key or (n, b) not in by_key:
                 continue
-            acc = _difference(by_key[(n, a)], by_key[(n, b)], "accuracy")
-            ece = _difference(by_key[(n, a)], by_key[(n, b)], "ece")
-            if acc is None:
-                continue
-            verdict = ("better" if acc[0] > acc[1] else "worse" if -acc[0] > acc[1]
-                       else "no clear difference")
-            text = f"N={n}: accuracy {acc[0]:+.3f} ({verdict}; seed spread ±{acc[1]:.3f})"
-            if ece is not None:
-                calib = ("better calibrated" if -ece[0] > ece[1] else "worse calibrated"
-                         if ece[0] > ece[1] else "similar calibration")
-                text += f", ECE {ece[0]:+.3f} ({calib})"
-            parts.append(text)
+            text = _spread_text(by_key[(n, a)], by_key[(n, b)])
+            if text is not None:
+                parts.append(f"N={n}: {text}")
         if parts:
             lines.append(f"- {what}: " + "; ".join(parts) + ".")
     return lines
 
 
-def _pooled_predictions(results: Sequence[Mapping], run_dir: Path, num_train) -> dict[str, tuple]:
-    """(confidence, correct) per method pooled over seeds, from each run's predictions.json
-    (``{run_dir}/N{n}_seed{seed}/{method}/predictions.json``); runs without confidences (generation
-    tasks) or without the file are skipped."""
+def paired_comparisons(results: Sequence[Mapping], run_dir: str | Path, *, n_bins: int = 15,
+                       num_bootstrap: int = stats.NUM_BOOTSTRAP, seed: int = 0) -> list[dict]:
+    """The paired differences of the report's comparisons (method minus reference: IA2 -> SFT
+    minus SFT, ...), per N and label type (a reference without label types pairs with every label
+    type of the method), over the seeds where both have predictions.json on the same items.
+
+    Each entry: method, reference, num_train, label_type, and per metric ("accuracy"; "ece" when
+    the predictions carry confidences) a ``stats.PairedDifference`` as a dict (mean, low, high,
+    per_seed, positive, seeds, items, outside_noise), bootstrapped with ``num_bootstrap``
+    replicates from ``seed``."""
+    run_dir = Path(run_dir)
+    runs: dict[tuple, Mapping] = {}
+    for row in results:
+        if row.get("seed") is not None:
+            runs.setdefault((_num_train(row), row.get("method"), row.get("label_type"),
+                             row["seed"]), row)
+    loaded: dict[Path, list | None] = {}
+
+    def predictions(row: Mapping) -> list | None:
+        path = _predictions_file(row, run_dir)
+        if path not in loaded:
+            loaded[path] = json.loads(path.read_text()) if path.is_file() else None
+        return loaded[path]
+
+    out = []
+    for a, b, _ in _COMPARISONS:
+        keys = dict.fromkeys((n, label) for n, m, label, _ in runs if m == a)
+        for n, label in keys:
+            ref_label = label if any(k[:3] == (n, b, label) for k in runs) else None
+            pairs = []
+            for seed_ in dict.fromkeys(k[3] for k in runs if k[:3] == (n, a, label)):
+                other = runs.get((n, b, ref_label, seed_))
+                if other is None:
+                    continue
+                preds_a, preds_b = predictions(runs[(n, a, label, seed_)]), predictions(other)
+                pair = stats.align(preds_a, preds_b) if preds_a and preds_b else None
+                if pair is not None:
+                    pairs.append(pair)
+            if not pairs:
+                continue
+            entry = {"method": a, "reference": b, "num_train": n, "label_type": label}
+            metrics = ("accuracy", "ece") if all(p.conf_a is not None for p in pairs) else (
+                "accuracy",)
+            for metric in metrics:
+                entry[metric] = stats.paired_difference(
+                    pairs, metric, num_bootstrap=num_bootstrap, seed=seed, n_bins=n_bins).as_dict()
+            out.append(entry)
+    return out
+
+
+def paired_table(paired: Sequence[Mapping], first: Sequence[str] = ()) -> str:
+    """Markdown table of the paired differences: per comparison, N and label type, the seeds, and
+    the accuracy and ECE difference with its 95% interval and the seeds where it is > 0; the
+    entries' ``first`` keys (e.g. model, task) as leading columns."""
+    header = [key.capitalize() for key in first] + [
+        "Comparison", "N", "Labels", "Seeds", "Δ accuracy [95% CI]", "Seeds > 0",
+        "Δ ECE [95% CI]", "Seeds > 0"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in paired:
+        cells = [str(e.get(key, "-")) for key in first] + [
+            f"{e['method']} − {e['reference']}", str(e["num_train"]), e.get("label_type") or "-",
+            str(e["accuracy"]["seeds"])]
+        for key in ("accuracy", "ece"):
+            d = e.get(key)
+            mark = " *" if d and d["outside_noise"] else ""
+            cells += [f"{_interval(d)}{mark}", f"{d['positive']}/{d['seeds']}"] if d else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_note(num_bootstrap: int, seed: int) -> str:
+    return ("Method minus reference, paired: the same seeds, the same evaluated items. The mean is "
+            "over seeds of each seed's difference; the 95% interval is a percentile bootstrap "
+            f"({num_bootstrap} replicates, seed {seed}) that redraws the seeds and, inside each, "
+            "the items, with replacement. * marks an interval that excludes 0 (a difference "
+            "outside the noise). A positive ECE difference means worse calibration.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Convergence
+
+#: What a phase's end says about its training length, and whether the report flags it.
+CONVERGENCE = {"stopped_early": "stopped early (dev loss stopped improving)",
+               "best_before_limit": "ran to its step limit; best dev loss before the last step",
+               "still_improving": "ran to its step limit with its best dev loss at the last step "
+                                  "(still improving: more epochs may help)",
+               "no_dev": "no dev evaluation"}
+
+
+def phase_convergence(phase: Mapping) -> str:
+    """The CONVERGENCE key of one phase of history.json (objective, best_step, best_dev,
+    stopped_early, steps): a phase that did not stop early ran to its epoch (or max_steps)
+    limit."""
+    if phase.get("stopped_early"):
+        return "stopped_early"
+    if phase.get("best_step") is None:
+        return "no_dev"
+    return "still_improving" if phase["best_step"] == phase.get("steps") else "best_before_limit"
+
+
+def convergence(results: Sequence[Mapping], run_dir: str | Path) -> list[dict]:
+    """How every phase of every trained job ended, from the history.json beside each
+    in-distribution result's predictions (results without one, e.g. baselines, are skipped).
+
+    One entry per job: method, num_train, seed, label_type, setting (when present), job (its
+    folder) and phases (per phase: phase, objective, steps, best_step, status = a CONVERGENCE
+    key)."""
+    run_dir = Path(run_dir)
+    out = []
+    for row in results:
+        if row.get("seed") is None or row.get("eval_set"):
+            continue
+        path = _predictions_file(row, run_dir).parent / "history.json"
+        if not path.is_file():
+            continue
+        phases = json.loads(path.read_text()).get("phases") or []
+        entry = {k: row.get(k) for k in ("method", "seed", "label_type", "setting")
+                 if row.get(k) is not None}
+        entry.update(num_train=_num_train(row), job=path.parent.name, phases=[
+            {"phase": i, "objective": p.get("objective"), "steps": p.get("steps"),
+             "best_step": p.get("best_step"), "status": phase_convergence(p)}
+            for i, p in enumerate(phases)])
+        out.append(entry)
+    return out
+
+
+def convergence_section(jobs: Sequence[Mapping]) -> str:
+    """Markdown: how many phases ended each way, and every phase still improving at its limit."""
+    counts = {key: 0 for key in CONVERGENCE}
+    for job in jobs:
+        for phase in job["phases"]:
+            counts[phase["status"]] += 1
+    lines = [f"- {CONVERGENCE[key]}: {count}" for key, count in counts.items() if count]
+    flagged = [(job, phase) for job in jobs for phase in job["phases"]
+               if phase["status"] == "still_improving"]
+    text = f"Phases of the {len(jobs)} trained jobs:\n\n" + "\n".join(lines) + "\n"
+    if flagged:
+        text += ("\n**Still improving at the epoch limit** (best step = last step): these "
+                 "numbers may rise with more epochs (train.epochs).\n\n"
+                 "| Job | N | Seed | Phase | Objective | Steps |\n|---|---|---|---|---|---|\n")
+        text += "".join(f"| {job['job']} | {job['num_train']} | {job['seed']} | {phase['phase']} | "
+                        f"{phase['objective']} | {phase['steps']} |\n" for job, phase in flagged)
+    return text
+
+
+def _predictions_file(row: Mapping, run_dir: Path) -> Path:
+    """Where a result's predictions.json is: ``predictions_path`` (relative to the run directory
+    unless absolute), else ``{run_dir}/N{n}_seed{seed}/{method}/predictions.json``."""
     from ia2dist.rundir import unit_dir
 
+    if row.get("predictions_path"):
+        path = Path(row["predictions_path"])
+        return path if path.is_absolute() else run_dir / path
+    return unit_dir(run_dir, _num_train(row), row["seed"]) / str(row["method"]) / "predictions.json"
+
+
+def _pooled_predictions(results: Sequence[Mapping], run_dir: Path, num_train) -> dict[str, tuple]:
+    """(confidence, correct) per method pooled over seeds, from each run's predictions.json
+    (``_predictions_file``); runs without confidences (generation tasks) or without the file are
+    skipped."""
     pooled: dict[str, tuple[list, list]] = {}
     for row in results:
         if _num_train(row) != num_train or row.get("seed") is None:
             continue
-        path = (Path(row["predictions_path"]) if row.get("predictions_path") else
-                unit_dir(run_dir, num_train, row["seed"]) / str(row["method"]) / "predictions.json")
-        if not path.is_absolute():
-            path = run_dir / path
+        path = _predictions_file(row, run_dir)
         if not path.is_file():
             continue
         preds = [p for p in json.loads(path.read_text()) if "confidence" in p]
@@ -442,20 +644,37 @@ def _pooled_predictions(results: Sequence[Mapping], run_dir: Path, num_train) ->
     return {name: value for name, value in pooled.items() if value[0]}
 
 
+def _other_selection(results: Sequence[Mapping], selection: str, task: str) -> dict:
+    """The choices the other selection rule would make ({"rule", "choices"}, or {"rule", "error"}
+    when it cannot be computed, e.g. dev without dev metrics), reported beside the one used."""
+    other = next(rule for rule in SELECTIONS if rule != selection)
+    try:
+        return {"rule": other, "choices": select_settings(results, other, task=task)[1]}
+    except ValueError as exc:
+        return {"rule": other, "error": str(exc)}
+
+
 def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str = "",
-                 n_bins: int = 15, selection: str = "test") -> dict[str, float]:
+                 n_bins: int = 15, selection: str = "test",
+                 num_bootstrap: int = stats.NUM_BOOTSTRAP,
+                 bootstrap_seed: int = 0) -> dict[str, float]:
     """Write ``metrics.json``, ``summary.md`` and the figures into ``run_dir``.
 
     metrics.json: "runs" (every result), "aggregate" (the in-distribution results of the kept
-    sweep points, see ``select_settings`` with ``selection``), and when present "selection" (the
-    rule and each choice), "grid" (the aggregate of every in-distribution sweep point) and "ood"
-    ({eval set: aggregate of its kept results}). summary.md: the in-distribution table, the
-    selection (labelled), one table per out-of-distribution set. Figures (in-distribution):
-    ``accuracy.png`` (accuracy vs N), and for the largest N ``reliability.png`` (top-1 confidence
-    pooled over seeds, read from each run's predictions.json) and ``similarity.png`` (per-layer
-    similarity, mean over seeds) when the data exist; with several N, ``reliability_N{n}.png``
-    for each. Returns a flat ``{"N{n}/{method}/{key}_mean": value}`` summary (out-of-distribution
-    keys prefixed with ``{eval_set}/``; ``/{label_type}`` after the method when present)."""
+    sweep points, see ``select_settings`` with ``selection``), "paired" (``paired_comparisons`` of
+    the kept points, when predictions.json files exist), "convergence" (``convergence`` of every
+    trained job, when history.json files exist) and "still_improving" (how many phases ended at
+    their limit with the best dev loss at the last step), and when present "selection" (the rule
+    used, each choice with every candidate's score, and under "other" the other rule's choices),
+    "grid" (the aggregate of every in-distribution sweep point) and "ood" ({eval set: aggregate
+    of its kept results}). summary.md: the in-distribution table, the paired differences, the
+    selection (labelled), one table per out-of-distribution set, the findings in words, the
+    convergence. Figures (in-distribution): ``accuracy.png`` (accuracy vs N), and for the largest
+    N ``reliability.png`` (top-1 confidence pooled over seeds, read from each run's
+    predictions.json) and ``similarity.png`` (per-layer similarity, mean over seeds) when the data
+    exist; with several N, ``reliability_N{n}.png`` for each. Returns a flat
+    ``{"N{n}/{method}/{key}_mean": value}`` summary (out-of-distribution keys prefixed with
+    ``{eval_set}/``; ``/{label_type}`` after the method when present)."""
     from ia2dist.activations import write_json_atomic
 
     run_dir = Path(run_dir)
@@ -465,9 +684,21 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
     ood_names = list(dict.fromkeys(r["eval_set"] for r in kept if not in_distribution(r, task)))
     ood = {name: aggregate([r for r in kept if r.get("eval_set") == name]) for name in ood_names}
     aggregated = aggregate(home)
+    paired = paired_comparisons(home, run_dir, n_bins=n_bins, num_bootstrap=num_bootstrap,
+                                seed=bootstrap_seed)
+    jobs = convergence(results, run_dir)
     stored = {"task": task, "runs": [dict(r) for r in results], "aggregate": aggregated}
+    if paired:
+        stored["paired"] = paired
+        stored["bootstrap"] = {"replicates": num_bootstrap, "seed": bootstrap_seed,
+                               "level": 0.95}
+    if jobs:
+        stored["convergence"] = jobs
+        stored["still_improving"] = sum(p["status"] == "still_improving"
+                                        for job in jobs for p in job["phases"])
     if choices:
-        stored["selection"] = {"rule": selection, "choices": choices}
+        stored["selection"] = {"rule": selection, "choices": choices,
+                               "other": _other_selection(results, selection, task)}
         stored["grid"] = aggregate([r for r in results if in_distribution(r, task)
                                     and r.get("setting") is not None])
     if ood:
@@ -477,6 +708,9 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
     title = f"# {task} results\n\n" if task else "# Results\n\n"
     note = ("\nMean ± std over seeds; N = training examples; Similarity = mean over layers of the "
             "cosine similarity to the ICL teacher's attention outputs.\n")
+    if choices:
+        note += (f"\nSweep points chosen by eval.selection = {selection} (see Hyperparameter "
+                 "selection).\n")
     figures: dict[str, Path] = {}
     ns = sorted({e["num_train"] for e in aggregated if e["num_train"] is not None})
     if ns:
@@ -493,11 +727,18 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
               if e["num_train"] == (ns[-1] if ns else None) and "similarity_layers" in e}
     if layers:
         figures["similarity"] = similarity_plot(layers, run_dir / "similarity.png")
-    statements = findings(aggregated)
+    statements = findings(aggregated, paired)
     body = title + summary_table(results) + note
+    if paired:
+        body += ("\n## Paired differences\n\n" + paired_note(num_bootstrap, bootstrap_seed)
+                 + "\n\n" + paired_table(paired))
     if choices:
-        body += ("\n## Hyperparameter selection\n\n" + selection_note(selection) + "\n\n"
-                 + selection_table(choices))
+        other = stored["selection"]["other"]
+        body += ("\n## Hyperparameter selection\n\n" + selection_note(selection)
+                 + " The tables above use this rule.\n\n" + selection_table(choices)
+                 + f"\nFor comparison, eval.selection = {other['rule']} (not used above) "
+                 + (f"cannot be computed: {other['error']}\n" if "error" in other else
+                    "would choose:\n\n" + selection_table(other["choices"])))
     if ood:
         body += (f"\n## Out-of-distribution evaluation\n\nThe models trained on {task or 'the task'}"
                  ", evaluated without demonstrations on other tasks' items; icl draws its N-1 "
@@ -508,6 +749,8 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
                 [r for r in kept if r.get("eval_set") == name])
     if statements:
         body += "\n## What the numbers show\n\n" + "\n".join(statements) + "\n"
+    if jobs:
+        body += "\n## Convergence\n\n" + convergence_section(jobs)
     if figures:
         body += "\n## Figures\n\n" + "".join(f"![{name}]({path.name})\n\n"
                                              for name, path in figures.items())
