@@ -90,7 +90,7 @@ class Resume:
     generator_state: torch.Tensor
     torch_rng: torch.Tensor
     cuda_rng: torch.Tensor | None
-    """This rank's CUDA RNG state (its current device), when the checkpoint has one for it."""
+    """This rank's CUDA RNG state (its model's device), when the checkpoint has one for it."""
     best_state: dict[str, torch.Tensor] | None
 
     @property
