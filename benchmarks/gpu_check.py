@@ -135,8 +135,8 @@ def step_env() -> dict:
         free, total = torch.cuda.mem_get_info(0)
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, gpu_total_bytes=total, gpu_free_bytes=free,
-                   capability=f"{props.major}.{props.minor}", nccl=".".join(
-                       map(str, torch.cuda.nccl.version())), cudnn=torch.backends.cudnn.version(),
+                   capability=f"{props.major}.{props.minor}", nccl=str(torch.cuda.nccl.version()),
+                   cudnn=torch.backends.cudnn.version(),
                    sdpa={"flash": torch.backends.cuda.flash_sdp_enabled(),
                          "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                          "math": torch.backends.cuda.math_sdp_enabled()})
@@ -257,12 +257,12 @@ def step_zero3() -> dict:
     from ia2dist.config import ModelConfig, TrainConfig
     from ia2dist.modeling import load_model
     from ia2dist.student.deepspeed_engine import forwards, init_distributed, load_partitioned
-    from ia2dist.student.dsconfig import fill_ds_config
+    from ia2dist.student.dsconfig import fill_ds_config, reduce_bucket_elements
 
-    init_distributed()
     dev = torch.device("cpu") if DRYRUN else torch.device("cuda", 0)
     if not DRYRUN:
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(dev)  # before NCCL's first collective
+    init_distributed()
     model_cfg = ModelConfig(name_or_path=str(MODEL_DIR), dtype="bfloat16", device=str(dev))
     tcfg = TrainConfig(methods=["ia2_then_sft"], epochs=50, batch_size=2, micro_batch_size=1,
                        max_steps=2 * KILL_AFTER, patience=0, eval_every=100, lr=1e-3)
@@ -287,6 +287,8 @@ def step_zero3() -> dict:
         torch_losses=plain, deepspeed_losses=zero3,
         losses_max_rel_diff=max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(zero3, plain)),
         engine_init_reserved_bytes=runs[("deepspeed", False)]["engine_bytes"],
+        reduce_bucket_bytes=reduce_bucket_elements(ds_config) * 2,
+        peak_reserved_bytes=torch.cuda.max_memory_reserved() if not DRYRUN else None,
         resume_bit_identical={kind: _equal(runs[(kind, False)]["final"],
                                            runs[(kind, True)]["final"])
                               for kind in ("torch", "deepspeed")},
