@@ -15,7 +15,8 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
-.PHONY: venv wheel demo demo-real real-model test test-fast bench bench-quick bench-grid bench-scale clean help
+.PHONY: venv wheel demo demo-real real-model test test-fast test-gpu bench bench-quick bench-grid \
+        bench-scale gpu-check gpu-wheels clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
@@ -25,6 +26,9 @@ help:
 	@echo "make wheel  - build dist/ia2dist-<version>-py3-none-any.whl"
 	@echo "make bench  - run the CPU benchmarks (results in benchmarks/results/latest.{json,md})"
 	@echo "make bench-grid / bench-scale - job-parallel grid; memory per role on a 0.5B model"
+	@echo "make test-gpu  - the GPU tier of the tests (pytest -m gpu; skipped without CUDA)"
+	@echo "make gpu-check - one GPU: a bf16 run, extraction benchmark, ZeRO-3 over NCCL -> one JSON"
+	@echo "make gpu-wheels - download what gpu-check installs offline on the GPU machine (~33 MiB)"
 
 venv: $(STAMP)
 
@@ -62,6 +66,20 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The GPU tier (tests marked gpu, with the GPUs visible); every other run is pinned to the CPU.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+# One GPU, no network, no .venv: the machine's own python3 (with torch, transformers, peft,
+# accelerate) plus gpu_wheels/. Results: $(GPU_CHECK_OUT)/gpu_check.json (~5 min on an H100).
+# GPU_CHECK_DRYRUN=1 runs the same steps on the CPU with a tiny model.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m benchmarks.gpu_check
+
+gpu-wheels:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash benchmarks/gpu_wheels.sh gpu_wheels
 
 # CPU set in under 10 minutes on 2 cores; the GPU tier runs too when CUDA is available.
 bench: $(STAMP)

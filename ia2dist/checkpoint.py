@@ -11,7 +11,7 @@ Layout of a job's checkpoint root (``<unit>/checkpoints/<method>/``)::
                                  must not change, world size, engine kind, schema versions)
       tensors.safetensors        RNG states (torch, the data-order generator) and the
                                  early-stopping best-so-far trainable state
-      rng/rank{r}.safetensors    each rank's CUDA RNG state of its own device (CUDA only)
+      rng/rank{r}.safetensors    each rank's CUDA RNG state of its model's device (CUDA only)
       manifest.json              sha256 of every other file; written after them
     p0_s0000037_end/             phase 0 finished (best state restored into the weights)
     .p1_s0000010.partial/        being written (never read)
@@ -90,7 +90,7 @@ class Resume:
     generator_state: torch.Tensor
     torch_rng: torch.Tensor
     cuda_rng: torch.Tensor | None
-    """This rank's CUDA RNG state (its current device), when the checkpoint has one for it."""
+    """This rank's CUDA RNG state (its model's device), when the checkpoint has one for it."""
     best_state: dict[str, torch.Tensor] | None
 
     @property
@@ -222,10 +222,12 @@ class Checkpointer:
             tmp.mkdir()
         barrier()
         engine.save_checkpoint(tmp / "engine")
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            # each rank its own device's generator (ranks see different devices, or fewer)
+        device = cuda_device(engine)
+        if device is not None:
+            # each rank the generator of its model's device (ranks see different devices, or
+            # fewer; the current device need not be the model's, e.g. model.device=cuda:1)
             (tmp / "rng").mkdir(exist_ok=True)
-            save_file({"cuda_rng": torch.cuda.get_rng_state()},
+            save_file({"cuda_rng": torch.cuda.get_rng_state(device)},
                       str(tmp / "rng" / f"rank{self.rank}.safetensors"))
         barrier()
         if self.rank == 0:
@@ -316,13 +318,23 @@ class Checkpointer:
                       cuda_rng=cuda, best_state=best if payload.get("has_best_state") else None)
 
 
-def restore_rng(resume: Resume) -> None:
+def cuda_device(engine) -> torch.device | None:
+    """The CUDA device the engine's model runs on (its dropout draws from that device's
+    generator); None on a CPU."""
+    device = torch.device(getattr(engine, "device", "cpu"))
+    if device.type != "cuda":
+        return None
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None
+                        else device.index)
+
+
+def restore_rng(resume: Resume, device: torch.device | None = None) -> None:
     """The RNG states of the checkpoint: torch's CPU generator (the same on every rank), and this
-    rank's CUDA generator of its current device (a rank the checkpoint has none for, e.g. after
-    a change of world size, keeps its own)."""
+    rank's CUDA generator of its model's ``device`` (``cuda_device(engine)``; a rank the
+    checkpoint has none for, e.g. after a change of world size, keeps its own)."""
     torch.set_rng_state(resume.torch_rng)
-    if resume.cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(resume.cuda_rng)
+    if resume.cuda_rng is not None and device is not None:
+        torch.cuda.set_rng_state(resume.cuda_rng, device)
 
 
 def read_identity(path: str | os.PathLike) -> dict:

@@ -294,8 +294,9 @@ def _private_ray_local_only() -> None:
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's switch for single-machine Ray, honoured on every
     platform). Ray reads it when it is imported, so this must run first; when Ray was imported
     already, cluster.connect says that the ports are not confined to 127.0.0.1. The student
-    workers' gloo connections go over the loopback interface (GLOO_SOCKET_IFNAME, unless set).
-    IA2_RAY_METRICS is checked here, before anything is written."""
+    workers' gloo and NCCL connections go over the loopback interface (GLOO_SOCKET_IFNAME,
+    NCCL_SOCKET_IFNAME, each unless set: NCCL would otherwise listen on its first non-loopback
+    interface). IA2_RAY_METRICS is checked here, before anything is written."""
     import os
     import socket
 
@@ -305,8 +306,9 @@ def _private_ray_local_only() -> None:
         loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
     except OSError:
         loopback = []
-    if loopback and not os.environ.get("GLOO_SOCKET_IFNAME"):
-        os.environ["GLOO_SOCKET_IFNAME"] = loopback[0]
+    for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if loopback and not os.environ.get(key):
+            os.environ[key] = loopback[0]
     from ia2dist.orchestration.cluster import ray_metrics_enabled
 
     ray_metrics_enabled()

@@ -354,7 +354,8 @@ class DistConfig:
     needs ZeRO-3 over several devices to fit. train.batch_size must be a multiple of
     train.micro_batch_size x group_size."""
     use_gpu: bool = False
-    """One GPU per student worker (and CUDA teacher actors when teacher_gpus > 0)."""
+    """One GPU per student worker, and one per teacher replica unless dist.teacher_gpus says
+    otherwise."""
     cpus_per_worker: float = 1.0
     ds_config: str = "zero3"
     """DeepSpeed template: zero3, zero3_offload, zero2 (shipped in the package,
@@ -366,8 +367,9 @@ class DistConfig:
     teacher_actors: int = 1
     """Frozen teacher replicas (Ray actors)."""
     teacher_cpus: float = 1.0
-    teacher_gpus: float = 0.0
-    """GPUs per teacher replica: fractional to share a GPU, > 1 for a model split over several."""
+    teacher_gpus: float | None = None
+    """GPUs per teacher replica: fractional to share a GPU, > 1 for a model split over several,
+    0 for the CPU. None: 1 with dist.use_gpu, else 0."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     colocate: bool = False
     """Teacher and students share the devices: the stage finishes and its actors are released
@@ -385,11 +387,16 @@ class DistConfig:
     num_cpus: int | None = None
     """CPUs a local Ray advertises (None: enough for the teacher actors and workers)."""
     gpu_memory_gb: float | None = None
-    """Memory of one GPU of the cluster in GiB, for the memory check before a run (`ia2dist plan`
-    prints it): None takes this machine's first GPU, or skips the GPU check without one."""
+    """Free memory of one GPU of the cluster in GiB, for the memory check before a run (`ia2dist
+    plan` prints it): None takes what is free on this machine's first GPU, or skips the GPU check
+    without one."""
     max_failures: int = 2
     """Student worker failures tolerated: the Ray Train worker group restarts and every job
     continues from its latest checkpoint (0: the first failure fails the run)."""
+
+    def __post_init__(self):
+        if self.teacher_gpus is None:
+            self.teacher_gpus = 1.0 if self.use_gpu else 0.0
 
 
 @dataclass(kw_only=True)

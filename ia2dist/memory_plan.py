@@ -4,19 +4,26 @@
 loading a weight (the parameter count comes from the model built on the meta device):
 
 - teacher replica (per device of its ``dist.teacher_gpus`` devices): its share of the weights
-  (whole layers per device), the KV cache of one extraction batch (prompt + T positions, only when
-  T > 1), the prefill's activations, and the captured records of the batch;
+  (whole layers per device), the KV cache of its largest generating batch (extraction at
+  ``extract.batch_size``, the ICL baseline at ``eval.batch_size``; prompt + T positions, only when
+  T > 1), the prefill's activations (with the B x S x S attention scores only where they are
+  built: on a CPU, or with eager attention; SDPA's flash / memory-efficient CUDA kernels never
+  build them) and the captured records of the batch. Replicas with a fractional
+  ``dist.teacher_gpus`` f share a GPU, up to 1/f of them: the GPU must hold them all;
 - student rank (ZeRO-3 over ``dist.group_size`` ranks): its partition of the frozen base, its
   partition of the trainable weights with fp32 master copies, gradients and Adam's two moments
   (all on the host with ``zero3_offload``), the parameters gathered for the layer being computed,
-  and the activations kept for the backward pass of one micro-batch;
+  the gradient reduce bucket the template makes DeepSpeed allocate (``reduce_bucket_size``
+  elements, on the device even with offload) and the activations kept for the backward pass of
+  one micro-batch;
 - the driver (tokenizer, plan, metrics: no weights with ``dist.backend: ray``);
 - the teacher records: bytes per example (L x T x d x dtype), per unit, and in the object store.
 
 Figures are estimates of what the process allocates ABOVE its own baseline (imports, CUDA
 context); they are checked against measured peak memory on CPU (``benchmarks/bench_scale.py``).
-``check_fits`` turns a plan and what the cluster offers into a one-line refusal naming the role,
-the need, what is available and the fix.
+On a GPU they are compared with what the caching allocator reserved (``procmem.report``).
+``check_fits`` turns a plan and what the cluster offers (free memory of a GPU) into a one-line
+refusal naming the role, the need, what is available and the fix.
 """
 
 from __future__ import annotations
@@ -89,6 +96,13 @@ class RoleNeed:
     parts: dict[str, int] = field(default_factory=dict)
     host: int = 0
     """Bytes the role also needs in host memory (offloaded partitions, staging)."""
+    per_gpu: int = 1
+    """Processes of the role that share one GPU (replicas with fractional GPUs)."""
+
+    @property
+    def gpu_need(self) -> int:
+        """Bytes one GPU must hold for the role."""
+        return self.per_process * self.per_gpu
 
 
 @dataclass
@@ -109,8 +123,9 @@ class MemoryPlan:
         for r in self.roles:
             parts = ", ".join(f"{k} {_fmt(v)}" for k, v in r.parts.items() if v)
             host = f" (+ {_fmt(r.host)} host)" if r.host else ""
-            lines.append(f"| {r.role} | {r.count} | {r.device} | {_fmt(r.per_process)}{host} | "
-                         f"{parts} |")
+            shared = f" (x {r.per_gpu} on one GPU)" if r.per_gpu > 1 else ""
+            lines.append(f"| {r.role} | {r.count} | {r.device} | {_fmt(r.per_process)}{shared}"
+                         f"{host} | {parts} |")
         lines += ["", f"teacher records: {_fmt(self.record_bytes_per_position)} per response "
                       f"position (L x d x dtype), up to {_fmt(self.record_bytes_per_example)} per "
                       f"example, {_fmt(self.record_bytes_per_unit)} per unit; object store need "
@@ -165,23 +180,31 @@ def plan_memory(cfg, model_config, *, max_new_tokens: int, teacher_prompt_tokens
 
     # teacher replica: one batch of extraction, or of the baselines' evaluation
     devices = max(1, int(d.teacher_gpus)) if d.teacher_gpus >= 1 else 1
+    teacher_on_gpu = d.teacher_gpus > 0
     batch = max(e.batch_size, cfg.eval.batch_size)
     per_layer_kv = 2 * size.kv_dim * wbytes
-    kv = e.batch_size * (teacher_prompt_tokens + T) * size.num_layers * per_layer_kv if T > 1 else 0
+    # the ICL baseline generates from the same prompts at eval.batch_size
+    kv_batch = max(e.batch_size, cfg.eval.batch_size if "icl" in cfg.baselines else 0)
+    kv = kv_batch * (teacher_prompt_tokens + T) * size.num_layers * per_layer_kv if T > 1 else 0
     # the widest layer's forward over a padded batch: hidden states and the MLP's three
-    # projections, plus attention scores and probabilities when computed densely (padded batches
-    # on a CPU take SDPA's math path)
+    # projections, the padding mask (bool, B x S x S), plus attention scores and probabilities
+    # where they are built densely (SDPA's math path on a CPU, eager attention)
     prefill = batch * teacher_prompt_tokens * (2 * size.hidden + 3 * size.ffn) * max(wbytes, 4)
-    prefill += 2 * batch * size.heads * teacher_prompt_tokens ** 2 * 4
+    prefill += batch * teacher_prompt_tokens ** 2
+    if _dense_attention(cfg, teacher_on_gpu):
+        prefill += 2 * batch * size.heads * teacher_prompt_tokens ** 2 * 4
     captured = e.batch_size * T * size.num_layers * size.hidden * _BYTES[e.act_dtype]
     logits = batch * size.vocab * 4
     teacher_parts = {"weights": math.ceil(weights / devices) + size.largest_layer_params * wbytes
                      * (devices > 1), "kv cache": math.ceil(kv / devices),
                      "prefill": prefill, "records": captured + logits}
     if d.teacher_mode == "stage":
-        roles.append(RoleNeed("teacher replica", d.teacher_actors, "gpu" if d.teacher_gpus else
-                              "cpu", sum(teacher_parts.values())
-                              + (_GPU_OVERHEAD if d.teacher_gpus else _CPU_OVERHEAD), teacher_parts))
+        sharing = min(d.teacher_actors, math.floor(1 / d.teacher_gpus + 1e-9)) \
+            if 0 < d.teacher_gpus < 1 else 1
+        roles.append(RoleNeed("teacher replica", d.teacher_actors,
+                              "gpu" if teacher_on_gpu else "cpu", sum(teacher_parts.values())
+                              + (_GPU_OVERHEAD if teacher_on_gpu else _CPU_OVERHEAD),
+                              teacher_parts, per_gpu=sharing))
 
     # student rank under ZeRO-3 over the group (ZeRO-2: the whole base on every rank)
     k = d.group_size
@@ -197,9 +220,11 @@ def plan_memory(cfg, model_config, *, max_new_tokens: int, teacher_prompt_tokens
     tokens = t.micro_batch_size * student_tokens
     acts = tokens * size.hidden * size.num_layers * 34 * wbytes // 2
     logits_train = tokens * size.vocab * 4 * 2
+    bucket = _reduce_bucket_elements(d.ds_config) * wbytes if d.backend == "ray" else 0
     student_parts = {"frozen base": 0 if offload else base_part,
                      "trainable + optimizer": 0 if offload else optim,
-                     "gathered layers": gathered, "activations": acts + logits_train}
+                     "gathered layers": gathered, "reduce bucket": bucket,
+                     "activations": acts + logits_train}
     host = base_part + optim if offload else 0
     roles.append(RoleNeed("student rank", d.num_workers, "gpu" if d.use_gpu else "cpu",
                           sum(student_parts.values()) + (_GPU_OVERHEAD if d.use_gpu
@@ -226,9 +251,10 @@ def check_fits(plan: MemoryPlan, cfg, *, gpu_bytes: int | None, node_bytes: int 
     fix the message suggests."""
     d = cfg.dist
     for role in plan.roles:
-        if role.device == "gpu" and gpu_bytes is not None and role.per_process > gpu_bytes:
-            raise IA2Error(f"plan: a {role.role} needs {_fmt(role.per_process)} per GPU "
-                           f"({_describe(role)}) but a GPU has {_fmt(gpu_bytes)}; "
+        if role.device == "gpu" and gpu_bytes is not None and role.gpu_need > gpu_bytes:
+            shared = f" ({role.per_gpu} replicas on one GPU)" if role.per_gpu > 1 else ""
+            raise IA2Error(f"plan: a {role.role} needs {_fmt(role.per_process)} per GPU{shared} "
+                           f"({_describe(role)}) but a GPU has {_fmt(gpu_bytes)} free; "
                            f"{_fix(role, cfg, alternatives, gpu_bytes)} (`ia2dist plan` shows "
                            f"every role)")
     if node_bytes is None:
@@ -245,6 +271,28 @@ def check_fits(plan: MemoryPlan, cfg, *, gpu_bytes: int | None, node_bytes: int 
                        f"{_fmt(worst.per_process + worst.host)} each, {_describe(worst)}) but "
                        f"{where} has {_fmt(node_bytes)}; "
                        f"{_fix(worst, cfg, alternatives, None)} (`ia2dist plan` shows every role)")
+
+
+def _dense_attention(cfg, on_gpu: bool) -> bool:
+    """Whether a padded batch's attention builds its B x heads x S x S scores: always on a CPU
+    (SDPA's math path), on a GPU only with eager attention (the 'tiny:' models)."""
+    import os
+
+    name = str(cfg.model.name_or_path)
+    eager = name.startswith("tiny:") or os.path.basename(os.path.normpath(name)).startswith("tiny-")
+    return not on_gpu or eager
+
+
+def _reduce_bucket_elements(ds_config: str) -> int:
+    """The template's gradient reduce bucket (elements); DeepSpeed's default when the template
+    cannot be read (the run itself reports that)."""
+    from ia2dist.student.dsconfig import (DEEPSPEED_REDUCE_BUCKET, reduce_bucket_elements,
+                                          resolve_ds_template)
+
+    try:
+        return reduce_bucket_elements(resolve_ds_template(ds_config))
+    except IA2Error:
+        return DEEPSPEED_REDUCE_BUCKET
 
 
 def _describe(role: RoleNeed) -> str:

@@ -92,17 +92,36 @@ def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int):
 
 
 def available_memory(cfg: RunConfig) -> tuple[int | None, int | None]:
-    """(bytes of one GPU, bytes of host memory of this machine) for the memory check:
-    ``dist.gpu_memory_gb`` or this machine's first GPU (None: unknown)."""
-    import torch
-
+    """(free bytes of one GPU, bytes of host memory of this machine) for the memory check:
+    ``dist.gpu_memory_gb`` or the free memory of this machine's first GPU (None: unknown)."""
     gpu = None
     if cfg.dist.gpu_memory_gb is not None:
         gpu = int(cfg.dist.gpu_memory_gb * 1024 ** 3)
-    elif torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(0).total_memory
+    else:
+        gpu = free_gpu_memory()
     node = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return gpu, node
+
+
+def free_gpu_memory() -> int | None:
+    """Free bytes of this machine's first visible GPU (None without one): what other processes
+    already hold on it is not available to the run. NVML answers without creating a CUDA context
+    in this process (a driver of a Ray run would otherwise hold ~0.5 GiB of the GPU its workers
+    use); torch's ``mem_get_info`` where NVML is missing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(visible))
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:  # no NVML (or a MIG/UUID form it cannot resolve): ask CUDA
+        return int(torch.cuda.mem_get_info(0)[0])
 
 
 def memory_report(cfg: RunConfig) -> tuple[str, bool]:

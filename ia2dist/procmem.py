@@ -48,14 +48,17 @@ def baseline() -> int | None:
 
 
 def report() -> dict:
-    """{"baseline": bytes before loading, "rss": now, "peak": most ever} (None off Linux), and
-    "cuda_peak": the most bytes torch's allocator held on any one GPU of this process (only in a
-    process that used CUDA)."""
+    """{"baseline": bytes before loading, "rss": now, "peak": most ever} (None off Linux), and,
+    only in a process that used CUDA, on the GPU where each is largest: "cuda_peak", the most
+    bytes torch's caching allocator reserved from the device (what the GPU had to hold: tensors
+    plus the allocator's cached and fragmented blocks; the CUDA context and NCCL's own buffers
+    come on top), and "cuda_allocated_peak", the most bytes live tensors held."""
     import sys
 
     out = {"baseline": _baseline, "rss": rss_bytes(), "peak": peak_rss_bytes()}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda_peak"] = max(torch.cuda.max_memory_allocated(i)
-                               for i in range(torch.cuda.device_count()))
+        devices = range(torch.cuda.device_count())
+        out["cuda_peak"] = max(torch.cuda.max_memory_reserved(i) for i in devices)
+        out["cuda_allocated_peak"] = max(torch.cuda.max_memory_allocated(i) for i in devices)
     return out

@@ -72,10 +72,11 @@ case "$cmd" in
       # ports on every interface, unless multi-machine clusters are off (its switch for
       # single-machine Ray, honoured on every platform): keeps everything on 127.0.0.1
       # (clients need it too: Ray would turn their 127.0.0.1 into that address; cluster.env has
-      # it); the student workers' gloo connections go over the loopback interface
+      # it); the student workers' gloo and NCCL connections go over the loopback interface
       127.0.0.1|localhost)
         net_env+=(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
-        if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then net_env+=(GLOO_SOCKET_IFNAME=lo); fi ;;
+        if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then net_env+=(GLOO_SOCKET_IFNAME=lo); fi
+        if [ -z "${NCCL_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then net_env+=(NCCL_SOCKET_IFNAME=lo); fi ;;
     esac
     # metrics off: no metrics export, and no autoscaler monitor (a cluster of fixed size needs no
     # autoscaler; Ray starts it with a metrics server of its own, and `ray status` reads it)

@@ -1,4 +1,12 @@
-"""Test environment: no network, no telemetry, deterministic threads; shared tiny fixtures."""
+"""Test environment: no network, no telemetry, deterministic threads; shared tiny fixtures.
+
+Two tiers. The CPU tier (every run that does not select ``-m gpu``) is pinned to the CPU even on
+a machine with GPUs: this process and everything it starts (Ray workers, torchrun ranks) see no
+GPU (``CUDA_VISIBLE_DEVICES=""``) and DeepSpeed uses its CPU accelerator, so `model.device: auto`
+means the CPU and the results compare with the CPU references. Tests marked ``gpu`` are skipped
+there. ``pytest -m gpu`` (``make test-gpu``) runs the GPU tier instead, with the GPUs visible and
+DeepSpeed on CUDA; it skips itself on a machine without CUDA.
+"""
 
 import os
 
@@ -13,6 +21,32 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def gpu_tier(config) -> bool:
+    """Whether this run selected the GPU tier (``-m gpu``, possibly combined with other marks)."""
+    expr = config.getoption("markexpr") or ""
+    return "gpu" in expr.replace("not gpu", "")
+
+
+def pytest_configure(config):
+    # before any test touches CUDA or DeepSpeed's accelerator (both read these once)
+    if gpu_tier(config):
+        os.environ["DS_ACCELERATOR"] = "cuda"
+    else:
+        os.environ.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not gpu_tier(config):
+        reason = "GPU tier: run `pytest -m gpu` (make test-gpu) on a machine with CUDA"
+    elif not torch.cuda.is_available():
+        reason = "GPU tier: no CUDA device on this machine"
+    else:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 #: Text the test tokenizers are trained on: covers the classification/QA templates and digits.
 TOKENIZER_TEXTS = [

@@ -44,9 +44,10 @@ def _launcher_env(home: Path, state: Path) -> dict:
             "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
             "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_ext"), "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1"}
+    # (set by in-process `ia2dist` calls)
     for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS",
                 "IA2_RAY_METRICS", "IA2_RAY_HOST", "IA2_RAY_PORT", "GLOO_SOCKET_IFNAME",
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):  # (set by in-process `ia2dist` calls)
+                "NCCL_SOCKET_IFNAME", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         base.pop(key, None)
     return base
 

@@ -102,7 +102,8 @@ def private_ray_run(tmp_path_factory):
     env.update(HOME=str(home), PYTHONPATH=str(repo), RAY_USAGE_STATS_ENABLED="0",
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=str(repo / ".torch_ext"))
-    for key in ("IA2_RAY_METRICS", "GLOO_SOCKET_IFNAME", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+    for key in ("IA2_RAY_METRICS", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         env.pop(key, None)
     argv = [sys.executable, "-m", "ia2dist.cli", "extract", f"run_dir={run}",
             "model.name_or_path=tiny:llama", "data.task=sst2",

@@ -58,8 +58,8 @@ def slurm(tmp_path_factory):
            "IA2_SLURM_MEM_MB": "16000", "IA2_SLURM_PORT": "16917"}
     # what an in-process `ia2dist` call of another test may have left in this process (the jobs
     # inherit it; a worker node refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
-    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME", "IA2_RAY_METRICS",
-                "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+                "IA2_RAY_METRICS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         env.pop(key, None)
     up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
     if up.returncode != 0:

@@ -27,8 +27,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from importlib import resources
-from pathlib import Path
 
 import ray
 
@@ -41,24 +39,9 @@ from ia2dist.orchestration.teacher_stage import TeacherStage, TeacherStageOption
 from ia2dist.orchestration.transport import UnitRecords
 from ia2dist.plan import Plan, Unit
 from ia2dist.progress import progress
+from ia2dist.student.dsconfig import resolve_ds_template
 
 log = logging.getLogger("ia2dist")
-
-
-def resolve_ds_template(name: str) -> Path:
-    """'zero3' -> the template shipped in the package (ia2dist/ds_configs/zero3.json, found through
-    the installed package, so a wheel install has it too); a path is used as is."""
-    path = Path(name).expanduser()
-    if path.suffix == ".json" or os.sep in name:
-        if not path.is_file():
-            raise IA2Error(f"dist.ds_config: {name} does not exist; use zero3, zero3_offload, zero2 "
-                           "or the path of a DeepSpeed JSON template")
-        return path.resolve()
-    bundled = Path(str(resources.files("ia2dist") / "ds_configs" / f"{name}.json"))
-    if not bundled.is_file():
-        raise IA2Error(f"dist.ds_config: no template named {name!r} in {bundled.parent}; use zero3, "
-                       "zero3_offload, zero2 or a JSON file path")
-    return bundled
 
 
 class RayBackend:

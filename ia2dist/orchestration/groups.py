@@ -20,7 +20,6 @@ from its latest checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -94,8 +93,9 @@ def group_worker(config: dict) -> None:
 
     plan = config["plan"]
     cfg = plan.cfg
-    if not cfg.dist.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from ia2dist.orchestration.devices import worker_environment
+
+    worker_environment(cfg.dist.use_gpu)
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     from ia2dist.checkpoint import STOP_FILE, Preempted
     from ia2dist.modeling import load_tokenizer
@@ -154,9 +154,8 @@ class _GroupWorker:
         self.ds_config = fill_ds_config(config["ds_template"], train_cfg=cfg.train,
                                         model_dtype=cfg.model.dtype, world_size=world)
         partitioned = zero_stage(self.ds_config) == 3
-        device = None
-        if cfg.dist.use_gpu:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", torch.cuda.current_device()) if cfg.dist.use_gpu \
+            else torch.device("cpu")
 
         def load(source):
             src = None if source is None else str(source)

@@ -129,7 +129,9 @@ class TeacherActor:
                  num_gpus: float = 0.0, reserve_bytes: int = 0):
         from ia2dist import procmem
         from ia2dist.modeling import load_model, load_tokenizer
+        from ia2dist.orchestration.devices import worker_environment
 
+        worker_environment(num_gpus > 0)
         torch.set_num_threads(num_threads)
         procmem.import_model_libraries()
         procmem.baseline()
@@ -221,13 +223,14 @@ class TeacherActor:
 
 def _device_map(model_cfg, reserve_bytes: int) -> dict:
     """One replica over every GPU Ray gave this actor: whole layers per device, each device's
-    weights within its memory minus ``reserve_bytes`` (activations, KV cache)."""
+    weights within its free memory (at most 95% of its total) minus ``reserve_bytes`` (activations,
+    KV cache)."""
     from ia2dist.modeling import load_model_config, plan_device_map
 
     budgets = []
     for index in range(torch.cuda.device_count()):
-        _free, total = torch.cuda.mem_get_info(index)
-        budgets.append(int(total * 0.95) - int(reserve_bytes))
+        free, total = torch.cuda.mem_get_info(index)
+        budgets.append(min(free, int(total * 0.95)) - int(reserve_bytes))
     return plan_device_map(load_model_config(model_cfg), model_cfg.dtype, budgets)
 
 

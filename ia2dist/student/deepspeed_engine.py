@@ -290,9 +290,10 @@ def _construct_partitioned(source: str, dtype: torch.dtype, ds_config: dict, att
     is not a transformers causal LM)."""
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
     from transformers.modeling_utils import local_torch_dtype, set_zero3_state
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from ia2dist.student.transformers_compat import prevent_arange_dtype_change
 
     config = AutoConfig.from_pretrained(source)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)

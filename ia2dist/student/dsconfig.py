@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ia2dist.errors import IA2Error
@@ -33,6 +35,22 @@ _REQUIRED = {
     "managed_gradient_accumulation": (False,
                                       "the training loop decides where an optimizer step ends"),
 }
+
+
+def resolve_ds_template(name: str) -> Path:
+    """'zero3' -> the template shipped in the package (ia2dist/ds_configs/zero3.json, found through
+    the installed package, so a wheel install has it too); a path is used as is."""
+    path = Path(name).expanduser()
+    if path.suffix == ".json" or os.sep in name:
+        if not path.is_file():
+            raise IA2Error(f"dist.ds_config: {name} does not exist; use zero3, zero3_offload, zero2 "
+                           "or the path of a DeepSpeed JSON template")
+        return path.resolve()
+    bundled = Path(str(resources.files("ia2dist") / "ds_configs" / f"{name}.json"))
+    if not bundled.is_file():
+        raise IA2Error(f"dist.ds_config: no template named {name!r} in {bundled.parent}; use zero3, "
+                       "zero3_offload, zero2 or a JSON file path")
+    return bundled
 
 
 def load_ds_template(template: dict | str | os.PathLike) -> tuple[dict, str]:
@@ -104,3 +122,18 @@ def _fill(config: dict, key: str, value: Any, origin: str, problems: list[str],
     elif current != value:
         problems.append(f"{prefix}{key}={json.dumps(current)} conflicts with {origin} "
                         f"(= {json.dumps(value)}); set it to \"auto\" or {json.dumps(value)}")
+
+
+#: DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements).
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+
+
+def reduce_bucket_elements(template: dict | str | os.PathLike) -> int:
+    """Elements of the gradient bucket that ZeRO-2/3 with ``contiguous_gradients`` allocates on
+    each rank's device at engine start, whatever the number of trainable parameters (one bucket
+    per gradient dtype; 0 when there is none)."""
+    config, _ = load_ds_template(template)
+    zero = config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) < 2 or not zero.get("contiguous_gradients", True):
+        return 0
+    return int(float(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)))

@@ -41,7 +41,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ia2dist.checkpoint import Checkpointer, LoopState, Preempted, Resume, restore_rng
+from ia2dist.checkpoint import (Checkpointer, LoopState, Preempted, Resume, cuda_device,
+                                restore_rng)
 from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
@@ -325,7 +326,7 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
                 _check_engine_kind(engine, resume)
                 engine.load_checkpoint(resume.engine_dir, resume.identity.get("world_size", 1))
                 generator.set_state(resume.generator_state)
-                restore_rng(resume)
+                restore_rng(resume, cuda_device(engine))
                 start, resume = resume, None
                 if start.state.phase_done:
                     continue

@@ -93,7 +93,8 @@ _ia2_ray_up() {
         return 1
       fi
       export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-      if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then export GLOO_SOCKET_IFNAME=lo; fi ;;
+      if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then export GLOO_SOCKET_IFNAME=lo; fi
+      if [ -z "${NCCL_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then export NCCL_SOCKET_IFNAME=lo; fi ;;
   esac
   # node-specific arguments are added by ray_node.sh (temp dir, agent port, CPUs of the node)
   export IA2_RAY_BASE=$base IA2_RAY_ADDRESS=$head_ip:$base
