@@ -422,15 +422,13 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
                 with part("dev_eval"):
                     dev = _evaluate_objective(engine, dev_items, objective, ctx,
                                               spare=_own_item(train_items, homes, engine.rank))
-                    improved = dev < best_dev
-                    if improved:
-                        best_state = engine.trainable_state()
-                entry["dev_loss"] = dev
-                if improved:
-                    best_dev, best_step, stale = dev, step, 0
-                else:
-                    stale += 1
-                    stopped = cfg.patience > 0 and stale >= cfg.patience
+                    entry["dev_loss"] = dev
+                    if dev < best_dev:
+                        best_dev, best_step, best_state = dev, step, engine.trainable_state()
+                        stale = 0
+                    else:
+                        stale += 1
+                        stopped = cfg.patience > 0 and stale >= cfg.patience
             history.append(entry)
             if log is not None:
                 log(dict(entry))
