@@ -5,7 +5,8 @@ Every configuration is one ``ia2dist run`` subprocess (a fresh local Ray) on the
 as a local model directory, with data written as local JSONL in the SST-2 format (examples of
 realistic length, so teacher prompts are long). Figures come from the files the run writes
 (``distributed_stats.json``: teacher ``extract_s``, ``first_shard_s``, ``peak_inflight_bytes``,
-``act_bytes``; per method ``train_s``; ``history.json``: optimizer steps) and from a psutil sampler
+``act_bytes``; per method ``train_s``; ``history.json``: optimizer steps; ``metrics.json``
+"timing": where each method's job time went) and from a psutil sampler
 that follows the run's process tree (Ray's teacher actors and Ray Train workers are descendants
 of the driver) and records the peak RSS of each kind of process.
 
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (bench_examples, fmt_bytes, md_table, save_bench_model)
+from ia2dist.eval.report import timing_table
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_TARGET = 0.8
@@ -119,8 +121,10 @@ def run_config(name: str, run_dir: Path, common: list[str], extra: list[str]) ->
     # the students' clock starts when the groups are launched: after extraction stage after
     # stage (dist.pipeline=false), with it when pipelined
     train_s = students["wall_s"]
+    # where each method's job time went (the report's aggregate of the jobs' timing.json)
+    job_timing = json.loads((run_dir / "metrics.json").read_text()).get("timing", {})
     return {"name": name, "wall_s": wall, "teacher": teacher, "students": students,
-            "train_s": train_s, "peak_rss_bytes": dict(sampler.peak)}
+            "train_s": train_s, "peak_rss_bytes": dict(sampler.peak), "job_timing": job_timing}
 
 
 def run(*, quick: bool = False, keep_dir: str | None = None) -> dict:
@@ -248,6 +252,10 @@ def markdown(res: dict) -> str:
              f"{fmt_bytes(res['inflight_budget_bytes'])}, half the unit's activations; the other "
              f"runs use the default, half the object store). Activation bytes = (N + dev) x L x T x d x 2 = "
              f"{res['act_bytes_expected']} exactly: {'yes' if res['act_bytes_exact'] else 'NO'}."]
+    for r in res["runs"].values():
+        if r.get("job_timing"):
+            lines += ["", f"Where the student jobs' time went ({r['name']}):", "",
+                      timing_table(r["job_timing"])]
     return "\n".join(lines)
 
 

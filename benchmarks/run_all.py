@@ -17,9 +17,10 @@ import traceback
 
 from benchmarks.common import RESULTS_DIR, machine, write_json
 
-ORDER = ("extract", "student", "memory", "pipeline", "gpu")
+ORDER = ("extract", "student", "eval", "memory", "pipeline", "gpu")
 TITLES = {"extract": "Teacher extraction vs the reference (examples/s)",
           "student": "Student training vs the reference loop (examples/s, effective batch 4)",
+          "eval": "Evaluation batching: dev evaluations and short-prompt prefill (SmolLM2-135M shape)",
           "memory": "Memory: activation bytes per example",
           "pipeline": "Distributed run (Ray teacher stage -> Ray Train/DeepSpeed students)",
           "gpu": "GPU tier (1B-class Llama, random weights)"}

@@ -298,6 +298,8 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     batch_size: int = 16
+    """Prompts per forward of test evaluation and similarity, and dev items per forward of the
+    dev evaluations during training."""
     ece_bins: int = 15
     confidence: Literal["plain", "reference"] = _reference("eval.confidence")
     """Distributions behind the reported confidence and entropy: plain softmax probabilities, or

@@ -4,7 +4,7 @@ count is right. (Speed figures are not asserted: they go to files, see benchmark
 import pytest
 import torch
 
-from benchmarks import bench_extract, bench_gpu, bench_memory, bench_student
+from benchmarks import bench_eval, bench_extract, bench_gpu, bench_memory, bench_student
 
 
 def test_extract_quick_outputs_equal_the_reference():
@@ -23,6 +23,14 @@ def test_student_quick_rows():
     for row in result["rows"]:
         assert set(row["examples_per_s"]) == {"train_micro4", "train_micro1", "reference"}
         assert all(v > 0 for v in row["examples_per_s"].values())
+
+
+def test_eval_batching_quick_gives_the_same_results():
+    """Batched dev evaluation and batched short-prompt prefill give the one-by-one results."""
+    result = bench_eval.run(quick=True)
+    assert [r["what"].split()[0] for r in result["rows"]] == ["generate", "extract", *["dev"] * 4]
+    assert all(r["same"] for r in result["rows"]), result["markdown"]
+    assert all(r["after_cpu_s"] > 0 and r["before_cpu_s"] > 0 for r in result["rows"])
 
 
 def test_memory_bytes_are_exact():

@@ -40,7 +40,8 @@ GRAD_NORM_RTOL = 1e-4
 _TRAIN = dict(lr=1e-2, epochs=50, batch_size=4, micro_batch_size=1, patience=0, eval_every=2,
               max_steps=6)
 
-#: name -> method, adapter, template, train config overrides, dev set kind, whether to save.
+#: name -> method, adapter, template, train config overrides, dev set kind, whether to save, dev
+#: items per forward (eval_batch; default the micro-batch size, 1, with a filler forward on rank 1).
 #: 5 training items with a global batch of 4: the last batch of each epoch has one item, so rank 1
 #: runs a zero-weighted filler micro-batch there.
 SCENARIOS = {
@@ -48,7 +49,8 @@ SCENARIOS = {
     "sft_zero3": dict(method="sft", adapter="lora", template="zero3.json",
                       train=dict(grad_clip=0.05), dev=None, reload=True),
     "ia2_then_sft_zero3": dict(method="ia2_then_sft", adapter="lora", template="zero3.json",
-                               train=dict(max_steps=4, eval_every=1), dev="plain", save=True),
+                               train=dict(max_steps=4, eval_every=1), dev="plain", save=True,
+                               eval_batch=2),
     "early_stop_zero3": dict(method="sft_then_ia2", adapter="lora", template="zero3.json",
                              train=dict(batch_size=2, patience=2, eval_every=1, max_steps=16),
                              dev="contradicting", record=True),
@@ -250,7 +252,8 @@ def reference(data):
         model = make_student(data["base"], scenario["adapter"])
         train_items, dev_items = scenario_items(data, scenario)
         result = train(model, train_items, dev_items, scenario["method"], train_config(scenario),
-                       seed=0, engine_factory=NormEngine.from_config)
+                       seed=0, engine_factory=NormEngine.from_config,
+                       eval_batch_size=scenario.get("eval_batch"))
         state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         out[name] = {"history": result.history, "phases": result.phases, "final": state,
                      "grad_norms": norms}
@@ -415,7 +418,7 @@ def _worker(work_dir: Path) -> None:
         train_items, dev_items = scenario_items(data, scenario)
         factory = DeepSpeedEngineFactory(_template(scenario), engine_class=RecordingEngine)
         result = train(model, train_items, dev_items, scenario["method"], train_config(scenario),
-                       seed=0, engine_factory=factory)
+                       seed=0, engine_factory=factory, eval_batch_size=scenario.get("eval_batch"))
         engine = factory.engine
         assert engine is engines[-1]
         some_param = next(iter(engine.params.values()))

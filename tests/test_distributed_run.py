@@ -136,6 +136,11 @@ def test_evaluation_on_the_cluster_equals_the_one_process_evaluation(grid):
     assert "ia2_then_sft" in (run / "summary.md").read_text()
     unit = run / "N8_seed0"
     assert (unit / "ia2_then_sft" / "adapter_model.safetensors").stat().st_size > 0
+    # each job on a Ray worker group records where its time went (rank 0's clock)
+    spent = json.loads((unit / "ia2_then_sft" / "timing.json").read_text())
+    assert spent["world_size"] == 1 and spent["parts"]["train"]["wall_s"] > 0
+    assert sum(p["wall_s"] for p in spent["parts"].values()) <= spent["wall_s"] * (1 + 1e-6)
+    assert "## Where the time went" in (run / "summary.md").read_text()
     shards = sorted((unit / "teacher").iterdir())
     assert len(shards) == 4 and all((s / "manifest.json").is_file() for s in shards)
     teacher = json.loads((run / "distributed_stats.json").read_text())["teacher"]

@@ -204,3 +204,39 @@ def test_context_length_error_names_the_example(make_tokenizer, make_model):
     assert len(extract(model, tok, short, ["s"], max_new_tokens=24 - n)[0].response_ids) <= 24 - n
     with pytest.raises(IA2Error, match="example s"):
         extract(model, tok, short, ["s"], max_new_tokens=25 - n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("max_new_tokens", [1, 6])
+@pytest.mark.parametrize("long", [False, True])
+def test_short_prompts_prefill_batched_long_ones_one_by_one(make_tokenizer, make_model,
+                                                            monkeypatch, arch, max_new_tokens,
+                                                            long):
+    """On a CPU, prompts up to SEPARATE_PREFILL_ABOVE (T = 1: PAD_FREE_ABOVE) tokens are
+    prefilled as one left-padded batch (position ids from the mask), longer ones one by one (T = 1:
+    batches of equal lengths only); both give the naive reference's responses, activations and
+    log-probs."""
+    from ia2dist.teacher import extract as extract_module
+
+    tok = make_tokenizer(add_bos=True)
+    model = make_model(arch, tok)
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    longest = max(map(len, prompt_ids))
+    for name in ("SEPARATE_PREFILL_ABOVE", "PAD_FREE_ABOVE"):
+        if long:  # the rule's threshold just below the longest prompt: one-by-one applies
+            monkeypatch.setattr(extract_module, name, longest - 1)
+        else:
+            assert longest <= getattr(extract_module, name)
+    kwargs = dict(max_new_tokens=max_new_tokens, act_dtype=torch.float32, topk=4)
+    want = naive_extract(model, tok, PROMPTS, UIDS, **kwargs)
+    extract(model, tok, PROMPTS[:1], UIDS[:1], **kwargs)  # the decoder's proof, once per model
+    separate_calls, exact_lengths = [], []
+    prefill_separately = extract_module._Runner.prefill_separately
+    length_batches = extract_module._length_batches
+    monkeypatch.setattr(extract_module._Runner, "prefill_separately", lambda self, *a: (
+        separate_calls.append(1), prefill_separately(self, *a))[1])
+    monkeypatch.setattr(extract_module, "_length_batches", lambda ids, size, pad_free=False: (
+        exact_lengths.append(pad_free), length_batches(ids, size, pad_free))[1])
+    assert_records_match(extract(model, tok, PROMPTS, UIDS, batch_size=4, **kwargs), want)
+    assert bool(separate_calls) == (long and max_new_tokens > 1)
+    assert exact_lengths == [long and max_new_tokens == 1]

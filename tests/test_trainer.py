@@ -1,6 +1,7 @@
 """Student batching and the training loop on a tiny Llama with LoRA (CPU, a few seconds)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -438,3 +439,89 @@ def test_a_rank_with_no_dev_item_runs_fillers_on_an_item_of_its_own():
     assert share.items == [] and share.largest == 1 and share.filler == spare
     with pytest.raises(ValueError, match="no item of its own"):
         _Share.of(dev, range(1), [0], engine)
+
+
+# ------------------------------------------------------------------------------ dev evaluation
+
+class CountingEngine(TorchEngine):
+    """TorchEngine counting its forwards outside training (the dev evaluations')."""
+
+    instances: list = []
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.eval_forwards = 0
+        CountingEngine.instances.append(self)
+
+    def forward(self, **inputs):
+        self.eval_forwards += not self.model.training
+        return super().forward(**inputs)
+
+
+def _adapted(setup, make_model, arch):
+    from ia2dist.config import AdapterConfig
+    from ia2dist.modeling import apply_adapter
+
+    base = copy.deepcopy(setup["base"]) if arch == "llama" else make_model(arch, setup["tok"])
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return apply_adapter(base, AdapterConfig(), seed=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])  # (records from the Llama teacher)
+@pytest.mark.parametrize("objective", ["ce", "kl", "ia2", "ia2+ce"])
+def test_dev_loss_does_not_depend_on_the_eval_batch(setup, make_model, arch, objective):
+    """The dev objective of items of unequal lengths, one item per forward vs all in one padded
+    forward, left or right padded (GPT-2's absolute positions show any position shift)."""
+    from ia2dist.modeling import last_position_mlp
+    from ia2dist.student.trainer import _Context, _evaluate_objective, _logits_to_keep_kwargs
+
+    model = _adapted(setup, make_model, arch)
+    items = setup["cls"][:3] + setup["qa"]
+    engine = CountingEngine(model)
+    values = {}
+    for side in ("right", "left"):
+        for eval_batch in (1, 2, len(items)):
+            ctx = _Context(sites=attention_sites(model), device=torch.device("cpu"), pad_id=0,
+                           padding_side=side, num_virtual_tokens=0, cfg=cfg(),
+                           logits_kwargs=_logits_to_keep_kwargs(model),
+                           last_mlp=last_position_mlp(model), seed=0, eval_batch_size=eval_batch)
+            before = engine.eval_forwards
+            values[side, eval_batch] = _evaluate_objective(engine, items, objective, ctx)
+            assert engine.eval_forwards - before == -(-len(items) // eval_batch)
+    one_by_one = values["right", 1]
+    assert math.isfinite(one_by_one) and one_by_one > 0
+    for key, value in values.items():
+        assert value == pytest.approx(one_by_one, rel=1e-5), key
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_dev_evaluations_in_one_forward_give_the_same_training(setup, side):
+    """train(): each dev evaluation in ONE forward (eval_batch_size >= dev items) instead of one
+    per micro-batch; the dev losses, the early-stopping decisions and the restored state agree."""
+    items, dev = setup["cls"][:3] + setup["qa"][:2], setup["cls"][3:] + setup["qa"][2:]
+    runs = []
+    for eval_batch in (None, 16):
+        CountingEngine.instances.clear()
+        model = lora_student(setup["base"])
+        result = train(model, items, dev, "ia2_then_sft",
+                       cfg(micro_batch_size=1, eval_every=1, patience=2, max_steps=6), seed=0,
+                       engine_factory=CountingEngine.from_config, padding_side=side,
+                       eval_batch_size=eval_batch)
+        evaluations = sum("dev_loss" in h for h in result.history)
+        assert sum(e.eval_forwards for e in CountingEngine.instances) == (
+            evaluations * (len(dev) if eval_batch is None else 1))
+        runs.append((result, {n: p.detach().clone() for n, p in model.named_parameters()
+                              if p.requires_grad}))
+    (micro, micro_state), (batched, batched_state) = runs
+    assert [h.get("dev_loss") for h in batched.history] == pytest.approx(
+        [h.get("dev_loss") for h in micro.history], rel=1e-5)
+    assert [p["best_step"] for p in batched.phases] == [p["best_step"] for p in micro.phases]
+    for name, value in micro_state.items():
+        torch.testing.assert_close(batched_state[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_batch_size_must_be_positive(setup):
+    with pytest.raises(IA2Error, match="eval.batch_size=0"):
+        train(lora_student(setup["base"]), setup["cls"][:2], setup["cls"][2:3], "sft", cfg(),
+              seed=0, eval_batch_size=0)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ia2dist import timing
 from ia2dist.eval import stats
 from ia2dist.eval.metrics import ece_equal_mass, reliability_bins
 
@@ -654,6 +655,43 @@ def _other_selection(results: Sequence[Mapping], selection: str, task: str) -> d
         return {"rule": other, "error": str(exc)}
 
 
+def job_timings(run_dir: str | Path) -> list[dict]:
+    """Every trained job's ``timing.json`` under ``run_dir`` (``ia2dist.timing``), path order."""
+    return [json.loads(path.read_text()) for path in sorted(Path(run_dir).rglob(timing.FILE))]
+
+
+def timing_by_method(timings: Sequence[Mapping]) -> dict[str, dict]:
+    """Per method: jobs, mean wall and CPU seconds per job, and each part's mean wall and CPU
+    seconds per job (``{part}_wall_s``, ``{part}_cpu_s``)."""
+    by_method: dict[str, list[Mapping]] = {}
+    for t in timings:
+        by_method.setdefault(t["method"], []).append(t)
+    out = {}
+    for method, runs in by_method.items():
+        entry = {"jobs": len(runs), "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+                 "cpu_s": float(np.mean([r["cpu_s"] for r in runs]))}
+        for name in (*timing.PARTS, "other"):
+            for kind in ("wall_s", "cpu_s"):
+                entry[f"{name}_{kind}"] = float(np.mean([r["parts"].get(name, {}).get(kind, 0.0)
+                                                         for r in runs]))
+        out[method] = entry
+    return out
+
+
+def timing_table(per_method: Mapping[str, Mapping]) -> str:
+    """Markdown: per method, mean wall seconds per job in each part and its share of the job."""
+    names = (*timing.PARTS, "other")
+    lines = ["| Method | Jobs | Wall s/job | CPU s/job | " + " | ".join(names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for method, e in per_method.items():
+        cells = [f"{e[f'{n}_wall_s']:.2f} ({100 * e[f'{n}_wall_s'] / max(e['wall_s'], 1e-12):.0f}%)"
+                 for n in names]
+        lines.append(f"| {method} | {e['jobs']} | {e['wall_s']:.2f} | {e['cpu_s']:.2f} | "
+                     + " | ".join(cells) + " |")
+    legend = "; ".join(f"{n}: {timing.PART_TITLES[n]}" for n in names)
+    return "\n".join(lines) + f"\n\nMean wall seconds per job (share of the job's wall time). {legend}.\n"
+
+
 def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str = "",
                  n_bins: int = 15, selection: str = "test",
                  num_bootstrap: int = stats.NUM_BOOTSTRAP,
@@ -664,12 +702,13 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
     sweep points, see ``select_settings`` with ``selection``), "paired" (``paired_comparisons`` of
     the kept points, when predictions.json files exist), "convergence" (``convergence`` of every
     trained job, when history.json files exist) and "still_improving" (how many phases ended at
-    their limit with the best dev loss at the last step), and when present "selection" (the rule
+    their limit with the best dev loss at the last step), "timing" (where each method's job time
+    went, from the trained jobs' ``timing.json``), and when present "selection" (the rule
     used, each choice with every candidate's score, and under "other" the other rule's choices),
     "grid" (the aggregate of every in-distribution sweep point) and "ood" ({eval set: aggregate
     of its kept results}). summary.md: the in-distribution table, the paired differences, the
     selection (labelled), one table per out-of-distribution set, the findings in words, the
-    convergence. Figures (in-distribution): ``accuracy.png`` (accuracy vs N), and for the largest
+    convergence, and where each method's job time went. Figures (in-distribution): ``accuracy.png`` (accuracy vs N), and for the largest
     N ``reliability.png`` (top-1 confidence pooled over seeds, read from each run's
     predictions.json) and ``similarity.png`` (per-layer similarity, mean over seeds) when the data
     exist; with several N, ``reliability_N{n}.png`` for each. Returns a flat
@@ -703,6 +742,9 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
                                     and r.get("setting") is not None])
     if ood:
         stored["ood"] = ood
+    timings = timing_by_method(job_timings(run_dir))
+    if timings:
+        stored["timing"] = timings
     write_json_atomic(run_dir / "metrics.json", stored)
     results = home
     title = f"# {task} results\n\n" if task else "# Results\n\n"
@@ -747,6 +789,8 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
         for name in ood_names:
             body += f"\n### {name}\n\n" + summary_table(
                 [r for r in kept if r.get("eval_set") == name])
+    if timings:
+        body += "\n## Where the time went\n\n" + timing_table(timings)
     if statements:
         body += "\n## What the numbers show\n\n" + "\n".join(statements) + "\n"
     if jobs:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ia2dist import timing
 from ia2dist.activations import write_json_atomic
 from ia2dist.eval.evaluate import _eval_mode
 from ia2dist.records import TeacherRecord
@@ -73,7 +74,7 @@ def similarity(model: nn.Module, tokenizer, plan, sim_records: Sequence[TeacherR
 
     e = plan.cfg.eval
     items = plan.similarity_items()[:len(sim_records)]
-    with _eval_mode(model):
+    with _eval_mode(model), timing.part("similarity"):
         if e.similarity_mode == "generated":
             return generation_similarity(
                 model, tokenizer, [plan.student_prompt(ex) for ex in items], list(sim_records),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import ray
 
+from ia2dist import timing
 from ia2dist.errors import IA2Error
 
 log = logging.getLogger("ia2dist")
@@ -228,6 +229,7 @@ class _GroupWorker:
         return got if isinstance(got, list) else got.all(len(self.plan.similarity_items()))
 
     # ------------------------------------------------------------------ tasks
+    @timing.clocked
     def run(self, task: Task) -> dict:
         import torch.distributed as dist
 
@@ -242,8 +244,9 @@ class _GroupWorker:
         if plan.cfg.eval.similarity and task.evaluate and \
                 not (task.kind == "baseline" and task.name == "icl"):
             kinds += ("teacher_eval",)
-        records = self._unit_records(unit, kinds)
-        sim = self._similarity(unit, records) if "teacher_eval" in kinds else None
+        with timing.part("teacher_wait"):  # a trained job's time counts from here (run_job)
+            records = self._unit_records(unit, kinds)
+            sim = self._similarity(unit, records) if "teacher_eval" in kinds else None
         write = self.rank == 0
         result = {"id": task.id, "kind": task.kind, "unit": unit.key, "name": task.name,
                   "group": self.config["group"], "world_size": self.world}

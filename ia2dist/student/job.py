@@ -11,6 +11,8 @@ instead (``load_base`` again).
 engine, every rank of a Ray worker group with a DeepSpeed engine. Items come from ``job_items``,
 which builds them lazily from a record fetcher, so a rank only ever touches (and, distributed,
 fetches) the teacher records of the examples it trains on.
+
+Each job records where its time went (``ia2dist.timing``): ``timing.json`` in its folder.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ia2dist import rundir
+from ia2dist import rundir, timing
 from ia2dist.activations import write_json_atomic
 from ia2dist.errors import IA2Error
 from ia2dist.records import TeacherRecord
@@ -70,13 +72,17 @@ class Students:
 
         torch.manual_seed(seed)
         if self.full:
-            yield apply_adapter(self.load(None), self.adapter_cfg, seed=seed)
+            with timing.part("engine_setup"):
+                model = apply_adapter(self.load(None), self.adapter_cfg, seed=seed)
+            yield model
             return
-        model = apply_adapter(self.base, self.adapter_cfg, seed=seed)
+        with timing.part("engine_setup"):
+            model = apply_adapter(self.base, self.adapter_cfg, seed=seed)
         try:
             yield model
         finally:
-            self._base = _frozen(remove_adapter(model))
+            with timing.part("engine_setup"):
+                self._base = _frozen(remove_adapter(model))
 
     @contextlib.contextmanager
     def trained(self, trained_dir: Path) -> Iterator[nn.Module]:
@@ -141,7 +147,8 @@ class LazyItems(Sequence):
             raise IndexError(index)
         if index not in self._items:
             spec = self.specs[index]
-            record = self.fetch(spec.position)
+            with timing.part("teacher_wait"):
+                record = self.fetch(spec.position)
             if record is not None:
                 if record.uid != spec.uid:
                     raise IA2Error(f"teacher record {record.uid} where {spec.uid} was expected; "
@@ -207,7 +214,8 @@ def record_checker(num_layers: int, need_topk: bool) -> Callable[[TeacherRecord]
 @dataclass
 class JobOutcome:
     """What a finished job reports: its history (per optimizer step) and phases, the checkpoint it
-    resumed from, the world size it trained on, and its result rows when it was evaluated."""
+    resumed from, the world size it trained on, its result rows when it was evaluated, and
+    where its time went (``ia2dist.timing.JobClock.summary``; rank 0's in a group)."""
 
     job_id: str
     history: list[dict]
@@ -215,8 +223,10 @@ class JobOutcome:
     resumed_from: str | None
     world_size: int
     rows: list[dict] | None = None
+    timing: dict | None = None
 
 
+@timing.clocked
 def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
             dev_items: Sequence[StudentItem], *, engine_factory, rank: int = 0,
             world_size: int = 1, barrier: Callable[[], None] = lambda: None,
@@ -226,7 +236,10 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
     """Train ``job`` and publish ``job.out_dir`` (adapter or full model + history.json, written
     under a staging name and renamed when complete), then ``evaluate(model, tags)`` with the
     trained student and the job's result-row tags (its rows go into the outcome); the base is
-    restored afterwards. The trainer runs the job's own setting (``job.train_cfg``).
+    restored afterwards. The trainer runs the job's own setting (``job.train_cfg``), its dev
+    evaluations in forwards of ``eval.batch_size`` items. Rank 0 then writes where the job's time
+    went to ``job.out_dir / timing.json`` (counted from the caller's ``timing.clock`` when one
+    runs, e.g. to include waiting for records before this call).
 
     engine_factory: an ``EngineFactory``/``DeepSpeedEngineFactory`` (its last engine saves the
         model and stays alive for the evaluation, then is closed). Every rank of a group calls
@@ -242,23 +255,31 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
             result = train(model, train_items, dev_items, job.method, job.train_cfg,
                            seed=job.seed, log=log_step, progress=progress,
                            engine_factory=engine_factory, validate_items=validate_items,
-                           checkpointer=checkpointer)
+                           checkpointer=checkpointer, eval_batch_size=plan.cfg.eval.batch_size)
             final = job.out_dir
-            tmp = rundir.staging_dir(final) if rank == 0 else rundir.staging_name(final)
-            barrier()
-            engine_factory.engine.save_consolidated(tmp)
-            if rank == 0:
-                write_json_atomic(tmp / "history.json", {
-                    "history": result.history, "phases": result.phases,
-                    "world_size": world_size, "resumed_from": result.resumed_from})
-                rundir.commit_dir(tmp, final)
-            barrier()
+            with timing.part("checkpoint"):
+                tmp = rundir.staging_dir(final) if rank == 0 else rundir.staging_name(final)
+                barrier()
+                engine_factory.engine.save_consolidated(tmp)
+                if rank == 0:
+                    write_json_atomic(tmp / "history.json", {
+                        "history": result.history, "phases": result.phases,
+                        "world_size": world_size, "resumed_from": result.resumed_from})
+                    rundir.commit_dir(tmp, final)
+                barrier()
             rows = None
             if evaluate is not None:
                 from ia2dist.backend import job_tags
 
-                rows = evaluate(model, job_tags(job, {"phases": result.phases}))
+                with timing.part("test_eval"):
+                    rows = evaluate(model, job_tags(job, {"phases": result.phases}))
         finally:
-            engine_factory.close()
+            with timing.part("engine_setup"):
+                engine_factory.close()
+    spent = timing.summary()
+    if rank == 0:
+        write_json_atomic(job.out_dir / timing.FILE,
+                          {"job": job.id, "method": job.method, "world_size": world_size, **spent})
     return JobOutcome(job_id=job.id, history=result.history, phases=result.phases,
-                      resumed_from=result.resumed_from, world_size=world_size, rows=rows)
+                      resumed_from=result.resumed_from, world_size=world_size, rows=rows,
+                      timing=spent)

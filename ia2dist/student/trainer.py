@@ -8,7 +8,9 @@ before any forward, and every micro-batch's loss sum is divided by them, so the 
 depend on the micro-batch size. Every ``eval_every`` steps (and at the last step of each epoch with
 ``eval_at_epoch_end``, as the reference does) the phase's own objective is measured on the dev
 items; ``patience`` evaluations without improvement stop the phase, and the trainable state of the
-best evaluation is copied back into the model at the phase end.
+best evaluation is copied back into the model at the phase end. Dev evaluations need no gradients,
+so they run in forwards of ``eval_batch_size`` items (``eval.batch_size``), not micro-batches: the
+loss is a sum over items divided by global counts, so the value does not depend on the batching.
 
 Data parallelism: with ``world_size`` W > 1 every rank runs this same loop on the same items, seed
 and order. Every example has a HOME rank (``home_ranks``: its position in the first epoch's order
@@ -50,6 +52,7 @@ from ia2dist.modeling import attention_sites, last_position_mlp, num_virtual_tok
 from ia2dist.student.batching import (Positions, StudentBatch, StudentItem, collate,
                                       item_counts)
 from ia2dist.teacher.capture import ActivationCapture
+from ia2dist.timing import part
 
 #: Objectives of the phases of each method. "ia2+ce" is (1 - w) * IA2 + w * CE in one forward.
 METHOD_PHASES: dict[str, tuple[str, ...]] = {
@@ -271,6 +274,8 @@ class _Context:
     """For IA2-only forwards (resolved once: finding the block walks every module)."""
     seed: int
     """The job's seed (the data order, hence every item's home rank)."""
+    eval_batch_size: int | None = None
+    """Dev items per forward (None: ``cfg.micro_batch_size``)."""
 
 
 def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Sequence[StudentItem],
@@ -278,7 +283,8 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
           log: Callable[[dict], None] | None = None, progress: bool = False,
           engine_factory: Callable[[nn.Module, TrainConfig], Engine] = TorchEngine.from_config,
           pad_id: int | None = None, padding_side: str = "right",
-          validate_items: bool = True, checkpointer: Checkpointer | None = None) -> TrainResult:
+          validate_items: bool = True, checkpointer: Checkpointer | None = None,
+          eval_batch_size: int | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters in place with ``method`` (see ``METHOD_PHASES``).
 
     Each phase builds a fresh engine (hence a fresh optimiser) with ``engine_factory``. On return
@@ -291,10 +297,13 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     checkpointer: save the complete loop + engine state every ``checkpointer.every`` steps and at
         each phase end, and first continue from its newest complete checkpoint when there is one;
         the resumed run ends with the same weights and history as an uninterrupted one.
+    eval_batch_size: dev items per forward of each dev evaluation (``eval.batch_size``; default
+        ``train.micro_batch_size``); the dev loss does not depend on it.
     """
     if method not in METHOD_PHASES:
         raise IA2Error(f"train.methods: unknown method {method!r}; use one of {', '.join(METHODS)}")
     _check_config(train_cfg)
+    _check_eval_batch_size(eval_batch_size)
     phases = METHOD_PHASES[method]
     terms = {t for obj in phases for t in OBJECTIVE_TERMS[obj]}
     sites = attention_sites(model)
@@ -305,8 +314,9 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
                    pad_id=_pad_id(model) if pad_id is None else pad_id,
                    padding_side="right" if shift else padding_side, num_virtual_tokens=shift,
                    cfg=train_cfg, logits_kwargs=_logits_to_keep_kwargs(model),
-                   last_mlp=last_position_mlp(model), seed=seed)
-    resume = checkpointer.load() if checkpointer is not None else None
+                   last_mlp=last_position_mlp(model), seed=seed, eval_batch_size=eval_batch_size)
+    with part("checkpoint"):
+        resume = checkpointer.load() if checkpointer is not None else None
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()
@@ -319,12 +329,15 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
         for index, objective in enumerate(phases):
             if resume is not None and index < resume.state.phase:
                 continue
-            engine = engine_factory(model, train_cfg)
+            with part("engine_setup"):
+                engine = engine_factory(model, train_cfg)
             ctx.device = engine.device
             start = None
             if resume is not None and index == resume.state.phase:
                 _check_engine_kind(engine, resume)
-                engine.load_checkpoint(resume.engine_dir, resume.identity.get("world_size", 1))
+                with part("checkpoint"):
+                    engine.load_checkpoint(resume.engine_dir,
+                                           resume.identity.get("world_size", 1))
                 generator.set_state(resume.generator_state)
                 restore_rng(resume, cuda_device(engine))
                 start, resume = resume, None
@@ -338,7 +351,9 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
                                   position=0, best_dev=None, best_step=None, stale=0,
                                   stopped=summary["stopped_early"], history=result.history,
                                   phases=result.phases)
-                checkpointer.save(engine, state, generator.get_state(), None, _barrier(engine))
+                with part("checkpoint"):
+                    checkpointer.save(engine, state, generator.get_state(), None,
+                                      _barrier(engine))
     finally:
         model.train(was_training)
     return result
@@ -397,21 +412,24 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
         for begin in range(position, len(order), cfg.batch_size):
             batch = order[begin:begin + cfg.batch_size]
             entry = {"phase": index, "objective": objective, "step": step + 1, "epoch": epoch}
-            entry.update(_train_step(engine, _Share.of(train_items, batch, homes, engine), objective,
-                                     ctx))
+            with part("train"):
+                entry.update(_train_step(engine, _Share.of(train_items, batch, homes, engine),
+                                         objective, ctx))
             step += 1
             # dev evaluation every eval_every steps, at the last step, and (eval_at_epoch_end, as
             # the reference) at the step that ends an epoch: every step when an epoch is one step
             epoch_end = cfg.eval_at_epoch_end and begin + cfg.batch_size >= len(order)
             if dev_items and (step % cfg.eval_every == 0 or step == total or epoch_end):
-                dev = _evaluate_objective(engine, dev_items, objective, ctx,
-                                          spare=_own_item(train_items, homes, engine.rank))
-                entry["dev_loss"] = dev
-                if dev < best_dev:
-                    best_dev, best_step, best_state, stale = dev, step, engine.trainable_state(), 0
-                else:
-                    stale += 1
-                    stopped = cfg.patience > 0 and stale >= cfg.patience
+                with part("dev_eval"):
+                    dev = _evaluate_objective(engine, dev_items, objective, ctx,
+                                              spare=_own_item(train_items, homes, engine.rank))
+                    entry["dev_loss"] = dev
+                    if dev < best_dev:
+                        best_dev, best_step, best_state = dev, step, engine.trainable_state()
+                        stale = 0
+                    else:
+                        stale += 1
+                        stopped = cfg.patience > 0 and stale >= cfg.patience
             history.append(entry)
             if log is not None:
                 log(dict(entry))
@@ -430,8 +448,10 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
                                   best_step=best_step, stale=stale, stopped=stopped,
                                   history=history, phases=result.phases)
                 # the order of an unfinished epoch is re-drawn from its start state on resume
-                checkpointer.save(engine, state, epoch_start if in_epoch else generator.get_state(),
-                                  best_state, _barrier(engine))
+                with part("checkpoint"):
+                    checkpointer.save(engine, state,
+                                      epoch_start if in_epoch else generator.get_state(),
+                                      best_state, _barrier(engine))
                 if preempt:
                     bar.close()
                     raise Preempted(f"stopped on request after step {step} of phase {index}; "
@@ -439,7 +459,8 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
         position = 0
     bar.close()
     if best_state is not None:
-        engine.load_trainable_state(best_state)
+        with part("dev_eval"):
+            engine.load_trainable_state(best_state)
     return {"objective": objective, "best_step": best_step,
             "best_dev": None if best_step is None else best_dev, "stopped_early": stopped,
             "steps": step}
@@ -521,15 +542,16 @@ def _train_step(engine: Engine, share: _Share, objective: str, ctx: _Context) ->
 @torch.no_grad()
 def _evaluate_objective(engine: Engine, items: Sequence[StudentItem], objective: str,
                        ctx: _Context, spare: StudentItem | None = None) -> float:
-    """The objective over all ``items`` (sums over micro-batches and ranks divided by the total
-    counts); every rank returns the same value. ``spare``: an item of this rank's own for
+    """The objective over all ``items`` (sums over forwards of ``ctx.eval_batch_size`` items and
+    over ranks, divided by the total counts); every rank returns the same value and runs the same
+    number of forwards (the largest share's). ``spare``: an item of this rank's own for
     zero-weighted filler forwards when it has no item of ``items`` (fewer items than ranks)."""
     terms = OBJECTIVE_TERMS[objective]
     engine.model.eval()
     share = _Share.of(items, range(len(items)), [j % engine.world_size for j in range(len(items))],
                       engine, spare=spare)
     sums_T = torch.zeros(len(terms), device=ctx.device)
-    for micro, weight in _micro_batches(share, ctx.cfg.micro_batch_size):
+    for micro, weight in _micro_batches(share, ctx.eval_batch_size or ctx.cfg.micro_batch_size):
         pairs = _term_pairs(engine, _collate(micro, terms, ctx), terms, ctx)
         for i, term in enumerate(terms):
             sums_T[i] += weight * pairs[term][0].float()
@@ -630,6 +652,12 @@ def _check_config(cfg: TrainConfig) -> None:
                        f"train.micro_batch_size={cfg.micro_batch_size}; make it one")
     if cfg.eval_every < 1:
         raise IA2Error("train.eval_every: must be >= 1 optimizer step")
+
+
+def _check_eval_batch_size(eval_batch_size: int | None) -> None:
+    if eval_batch_size is not None and eval_batch_size < 1:
+        raise IA2Error(f"eval.batch_size={eval_batch_size}: dev evaluations need >= 1 item per "
+                       "forward; set eval.batch_size to a positive number")
 
 
 def _check_items(items: list[StudentItem], terms: set[str], num_layers: int,

@@ -46,6 +46,18 @@ from ia2dist.teacher.capture import ActivationCapture
 Prompt = str | Sequence[int]
 log = logging.getLogger("ia2dist")
 
+#: On a CPU, a batch whose longest prompt has more tokens than this is prefilled one prompt at a
+#: time (``_Runner.prefill_separately``); shorter prompts are prefilled as one left-padded batch.
+#: Measured on the SmolLM2-135M shape (random weights, one torch thread, 16 prompts of the given
+#: lengths, T = 8, CPU seconds one by one vs batched): 6-12 tokens 1.77 vs 1.22, 40-60 3.82 vs
+#: 3.23, 100-140 6.52 vs 6.39, 200-300 11.3 vs 13.3, 400-600 21.4 vs 29.3 (padded attention grows
+#: with the square of the longest prompt).
+SEPARATE_PREFILL_ABOVE = 128
+#: The same rule at T = 1 (no decode step follows): above this many tokens only prompts of equal
+#: length share a batch. Measured as above (exact-length batches vs padded batches of 16, CPU s):
+#: 6-12 tokens 0.69 vs 0.58, 40-60 2.53 vs 2.47, 100-140 5.19 vs 5.58.
+PAD_FREE_ABOVE = 64
+
 
 @dataclass
 class _Decoded:
@@ -137,8 +149,10 @@ class _Runner:
         self.static_cache = "cache" in params or "past_key_values" in params
         # decode steps reuse the prefill's KV cache (else: a full forward of the sequence per step)
         self.kv_cache = True
-        # on a CPU, prompts of different lengths are prefilled one by one (see prefill_separately)
+        # on a CPU, long prompts of different lengths are prefilled one by one (see
+        # prefill_separately and SEPARATE_PREFILL_ABOVE)
         self.separate = True
+        self.separate_above = SEPARATE_PREFILL_ABOVE
         # batches of one prompt (no padding at all)
         self.one_by_one = False
         # prefills of plain (and LoRA/IA3) models compute the last block on the last position only
@@ -210,7 +224,9 @@ class _Runner:
         with cap:
             for T in (1, 3):
                 for separate in ({self.separate, False} if T > 1 else {self.separate}):
-                    saved, self.separate = self.separate, separate
+                    # the probe prompts are short: the separate prefill is checked whatever
+                    # their length
+                    saved, self.separate, self.separate_above = self.separate, separate, 0
                     try:
                         groups = [[0], [1]] if self.one_by_one else [[0, 1]]
                         got = [None, None]
@@ -221,7 +237,7 @@ class _Runner:
                                     topk=4)):
                                 got[i] = item
                     finally:
-                        self.separate = saved
+                        self.separate, self.separate_above = saved, SEPARATE_PREFILL_ABOVE
                     if not all(_same_decoding(g, w, T) for g, w in zip(got, want)):
                         return False
         return True
@@ -391,9 +407,10 @@ def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, sto
     acts_T_LBD, topk_ids_T_Bk, topk_lp_T_Bk = [], [], []
     rows_B, last_B = torch.arange(B, device=device), torch.full((B,), -1, device=device)
     out = pos_B = mask = None
-    # on a CPU, prompts of different lengths are prefilled one by one (see prefill_separately)
+    # on a CPU, long prompts of different lengths are prefilled one by one (see
+    # prefill_separately and SEPARATE_PREFILL_ABOVE)
     separate = (runner.separate and runner.kv_cache and device.type == "cpu"
-                and runner.peft_model is None and max_new_tokens > 1
+                and runner.peft_model is None and max_new_tokens > 1 and S > runner.separate_above
                 and len({len(ids) for ids in prompt_ids}) > 1)
     for step in range(max_new_tokens):
         prefill_acts = None
@@ -468,9 +485,10 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
             runner.prove(tokenizer, stop, pad_id)
         with torch.no_grad(), hooks as cap, progress_bar(len(prompt_ids), desc, "prompt",
                                                          enabled=progress) as bar:
-            # one token per prompt on a CPU: a padded batch costs more (masked attention, padding)
-            # than it saves, so only prompts of equal length are batched
-            pad_free = max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
+            # one token per prompt on a CPU: for long prompts a padded batch costs more (masked
+            # attention, padding) than it saves, so only prompts of equal length are batched
+            pad_free = (max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
+                        and max(map(len, prompt_ids)) > PAD_FREE_ABOVE)
             for batch in _length_batches(prompt_ids, 1 if runner.one_by_one else batch_size,
                                          pad_free=pad_free):
                 decoded = _decode_batch(runner, [prompt_ids[i] for i in batch], pad_id, stop,
