@@ -3,7 +3,7 @@
 Verbs: extract (teacher responses + activations), train (methods), eval (baselines + trained
 methods, report), run (the whole experiment; continues any run directory that is not complete),
 status (a run directory's state), plan (memory per role), export (a checkpoint -> adapter / full
-model). Overrides use dotted config paths, e.g.
+model), compare (several runs' reports in one table). Overrides use dotted config paths, e.g.
 ``train.lr=3e-4 data.num_train=[2,4,8] model.name_or_path=/models/llama-3.2-1b``.
 Errors caused by input print one line ``error: ...`` and exit with status 2.
 """
@@ -18,7 +18,8 @@ VERBS = {
     "train": "train methods on the teacher outputs (extracting them first when absent)",
     "eval": "evaluate baselines and the trained methods of a run directory, write the report",
     "run": "the whole experiment: extract -> train each method -> eval -> report; on a run_dir "
-           "it made before, resume it (finished work reused, jobs continue from checkpoints)",
+           "that is not complete, continue it (finished work reused, jobs continue from "
+           "checkpoints)",
     "status": "print a run directory's state (complete, partial, running, failed, preempted, "
               "interrupted) and what is done and left",
     "plan": "print the memory each process role needs for the configured cluster shape, the GPUs "
