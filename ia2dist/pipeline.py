@@ -73,8 +73,10 @@ def check_context(plan: Plan, tokenizer, model_config) -> int:
     return longest
 
 
-def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int):
-    """The memory each role of the run needs (``ia2dist.memory_plan``), from the config alone."""
+def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int,
+                ds_config: str | None = None):
+    """The memory each role of the run needs (``ia2dist.memory_plan``), from the config alone
+    (``ds_config``: the student engine's template when the run chose another one)."""
     from ia2dist.memory_plan import plan_memory
     from ia2dist.modeling import encode
 
@@ -85,7 +87,8 @@ def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int):
     in_flight = min(max(1, cfg.dist.num_workers // cfg.dist.group_size), len(plan.units))
     return plan_memory(cfg, model_config, max_new_tokens=plan.max_new_tokens,
                        teacher_prompt_tokens=longest_prompt, student_tokens=student,
-                       units_in_flight=in_flight, examples_per_unit=per_unit)
+                       units_in_flight=in_flight, examples_per_unit=per_unit,
+                       ds_config=ds_config)
 
 
 def available_memory(cfg: RunConfig) -> tuple[int | None, int | None]:
@@ -184,8 +187,15 @@ def _backend(cfg: RunConfig, plan: Plan, tokenizer, model_config, longest: int) 
     if _is_ray(cfg):
         from ia2dist.orchestration.backend import RayBackend
 
+        from ia2dist.student.engine_choice import choose_engine, planned_template
+
         memory = memory_plan(plan, tokenizer, model_config, longest)
-        return RayBackend(plan, model_config, memory=memory, gpu_bytes=available_memory(cfg)[0])
+        gpu = available_memory(cfg)[0]
+        engine = choose_engine(cfg.dist, student_bytes=memory.role("student rank").per_process,
+                               gpu_bytes=gpu)
+        if engine.template != planned_template(cfg.dist):  # re-planned for the chosen engine
+            memory = memory_plan(plan, tokenizer, model_config, longest, ds_config=engine.template)
+        return RayBackend(plan, model_config, memory=memory, gpu_bytes=gpu, engine=engine)
     from ia2dist.backend import LocalBackend
 
     return LocalBackend(plan, tokenizer)
