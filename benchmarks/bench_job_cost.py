@@ -16,14 +16,14 @@ are not timed), once per engine, each engine in its own process:
 - ``zero2``: ``dist.ds_config: zero2`` (DeepSpeed without partitioning parameters).
 
 The compute floor of a job, measured in the same process right after it: the same optimizer
-steps as plain PyTorch (the trainer with its one-process engine, each step ONE forward + backward
-of its whole batch, no dev set, no checkpoint), one no-grad forward of the dev set per dev
-evaluation the job ran, and the job's test evaluation and similarity with a plain model. Reported
+steps as plain PyTorch (the trainer with its one-process engine: the same micro-batches, forwards
+and backwards, no dev set, no checkpoint), one no-grad forward of the dev set per dev evaluation
+the job ran, and the job's test evaluation and similarity with a plain model. Reported
 per job: wall time and process CPU time over the floor's; ``job_cost_over_floor`` is the worst
 job's wall ratio of the ``auto`` engine (target <= 1.3). Machine load changes wall times: compare
 ratios from one run, and the CPU-time ratios.
 
-    python -m benchmarks.bench_job_cost            # the 135M shape (~20-40 min on 2 loaded cores)
+    python -m benchmarks.bench_job_cost            # the 135M shape (~40 min on 2 loaded cores)
     python -m benchmarks.bench_job_cost --quick    # the same shape with 4 layers
 """
 
@@ -158,7 +158,7 @@ def _floor(model, plan, unit, job, records, history: dict, worker) -> dict:
     for phase in history["phases"]:
         if phase["steps"]:
             cfg = dataclasses.replace(t, max_steps=phase["steps"], epochs=10_000, patience=0,
-                                      micro_batch_size=t.batch_size, checkpoint_every=-1)
+                                      checkpoint_every=-1)
             train(model, train_items, [], _METHOD_OF[phase["objective"]], cfg, seed=job.seed,
                   pad_id=plan.tokenizer.pad_token_id)
     dev_evals = sum("dev_loss" in r for r in history["history"])

@@ -105,6 +105,21 @@ def available_memory(cfg: RunConfig) -> tuple[int | None, int | None]:
     return gpu, node
 
 
+def student_engine(plan: Plan, tokenizer, model_config, longest_prompt: int,
+                   gpu_bytes: int | None):
+    """(the students' ``EngineChoice``, the memory plan for it): under ``dist.ds_config: auto`` a
+    one-rank group whose plain engine does not fit one GPU is re-planned with ZeRO-3 offload."""
+    from ia2dist.student.engine_choice import choose_engine, planned_template
+
+    memory = memory_plan(plan, tokenizer, model_config, longest_prompt)
+    engine = choose_engine(plan.cfg.dist, gpu_bytes=gpu_bytes,
+                           student_bytes=memory.role("student rank").per_process)
+    if engine.template != planned_template(plan.cfg.dist):
+        memory = memory_plan(plan, tokenizer, model_config, longest_prompt,
+                             ds_config=engine.template)
+    return engine, memory
+
+
 def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     """`ia2dist plan`: the memory table of the run and whether it fits (nothing is started)."""
     from ia2dist.data.loaders import load_task
@@ -116,9 +131,10 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     tokenizer = load_tokenizer(cfg.model)
     plan = Plan(cfg, task, tokenizer=tokenizer)
     model_config = load_model_config(cfg.model)
-    memory = memory_plan(plan, tokenizer, model_config, check_context(plan, tokenizer, model_config))
     gpu, node = available_memory(cfg)
-    lines = [memory.table(), ""]
+    engine, memory = student_engine(plan, tokenizer, model_config,
+                                    check_context(plan, tokenizer, model_config), gpu)
+    lines = [memory.table(), "", f"student engine: {engine.describe()}", ""]
     try:
         check_fits(memory, cfg, gpu_bytes=gpu, node_bytes=node if cfg.dist.ray_address is None
                    else None)
@@ -187,14 +203,8 @@ def _backend(cfg: RunConfig, plan: Plan, tokenizer, model_config, longest: int) 
     if _is_ray(cfg):
         from ia2dist.orchestration.backend import RayBackend
 
-        from ia2dist.student.engine_choice import choose_engine, planned_template
-
-        memory = memory_plan(plan, tokenizer, model_config, longest)
         gpu = available_memory(cfg)[0]
-        engine = choose_engine(cfg.dist, student_bytes=memory.role("student rank").per_process,
-                               gpu_bytes=gpu)
-        if engine.template != planned_template(cfg.dist):  # re-planned for the chosen engine
-            memory = memory_plan(plan, tokenizer, model_config, longest, ds_config=engine.template)
+        engine, memory = student_engine(plan, tokenizer, model_config, longest, gpu)
         return RayBackend(plan, model_config, memory=memory, gpu_bytes=gpu, engine=engine)
     from ia2dist.backend import LocalBackend
 

@@ -217,6 +217,8 @@ def test_plan_verb_prints_every_role_and_refuses_what_does_not_fit(capsys):
     for role in ("teacher replica", "student rank", "driver"):
         assert f"| {role} |" in out
     assert out.strip().endswith("fits")
+    assert "student engine: plain PyTorch engine: a group of one rank" in out
     assert main(["plan", DEMO, *tiny, "dist.use_gpu=true", "dist.gpu_memory_gb=0.001"]) == 1
     out = capsys.readouterr().out
     assert "does not fit: plan: a " in out and "| student rank |" in out
+    assert "student engine: DeepSpeed zero3_offload: the memory plan gives a student rank" in out
