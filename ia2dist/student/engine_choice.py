@@ -1,10 +1,10 @@
 """Which training engine a run's student jobs use, and why (plain Python; no deepspeed import).
 
 ZeRO-3 on a group of ONE rank partitions nothing, yet gathers and frees every weight on every
-forward and backward: on the SmolLM2-135M shape that is ~0.27 s CPU per full-model pass, a
-training step 2.2-2.3x and a dev evaluation 2.4-2.9x a plain engine's
-(``benchmarks/bench_job_cost.py`` measures whole jobs). So ``dist.ds_config: auto`` (the default)
-picks from the layout:
+forward and backward: on the SmolLM2-135M shape a whole job cost 2.6-3.7x the CPU time of its
+forwards and backwards as plain PyTorch, against 1.1-1.3x with the plain engine
+(``benchmarks/bench_job_cost.py``). So ``dist.ds_config: auto`` (the default) picks from the
+layout:
 
 - ``dist.backend: local``: the plain PyTorch engine (``TorchEngine``), one process;
 - a worker group of one rank: the plain engine, the model loaded whole, unless the memory plan
