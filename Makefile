@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
-.PHONY: venv demo demo-real real-model test test-fast bench bench-quick bench-grid bench-scale clean help
+.PHONY: venv demo demo-real real-model test test-fast bench bench-quick bench-grid bench-scale bench-job-cost clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
@@ -24,6 +24,7 @@ help:
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the CPU benchmarks (results in benchmarks/results/latest.{json,md})"
 	@echo "make bench-grid / bench-scale - job-parallel grid; memory per role on a 0.5B model"
+	@echo "make bench-job-cost - a student job's time over its compute floor (135M shape)"
 
 venv: $(STAMP)
 
@@ -71,6 +72,11 @@ bench-grid: $(STAMP)
 # Memory per process role on a 0.5B model (~6 min on 2 cores; builds the model once, 2 GB).
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.bench_scale
+
+# A student job's wall time over its compute floor, auto vs ZeRO-3 vs ZeRO-2 on one rank, on the
+# SmolLM2-135M shape (~25 min on 2 loaded cores; --quick: 4 layers, ~6 min).
+bench-job-cost: $(STAMP)
+	$(PY) -m benchmarks.bench_job_cost
 
 clean:
 	rm -rf $(VENV) .torch_ext .pytest_cache
