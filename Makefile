@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
 .PHONY: venv wheel demo demo-real real-model test test-fast test-gpu bench bench-quick bench-grid \
-        bench-scale gpu-check gpu-wheels clean help
+        bench-scale bench-job-cost gpu-check gpu-wheels clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
@@ -29,6 +29,7 @@ help:
 	@echo "make test-gpu  - the GPU tier of the tests (pytest -m gpu; skipped without CUDA)"
 	@echo "make gpu-check - one GPU: a bf16 run, extraction benchmark, ZeRO-3 over NCCL -> one JSON"
 	@echo "make gpu-wheels - download what gpu-check installs offline on the GPU machine (~33 MiB)"
+	@echo "make bench-job-cost - a student job's time over its compute floor (135M shape)"
 
 venv: $(STAMP)
 
@@ -95,6 +96,11 @@ bench-grid: $(STAMP)
 # Memory per process role on a 0.5B model (~6 min on 2 cores; builds the model once, 2 GB).
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.bench_scale
+
+# A student job's wall time over its compute floor, auto vs ZeRO-3 vs ZeRO-2 on one rank, on the
+# SmolLM2-135M shape (~25 min on 2 loaded cores; --quick: 4 layers, ~6 min).
+bench-job-cost: $(STAMP)
+	$(PY) -m benchmarks.bench_job_cost
 
 clean:
 	rm -rf $(VENV) .torch_ext .pytest_cache

@@ -103,10 +103,13 @@ class LocalBackend:
     def __init__(self, plan: Plan, tokenizer, *, log_step: Callable[[Job, dict], None] | None = None,
                  progress: bool = True):
         from ia2dist.modeling import load_model
+        from ia2dist.student.engine_choice import choose_engine
         from ia2dist.student.job import Students
 
         self.plan, self.tokenizer, self.log_step, self.progress = plan, tokenizer, log_step, progress
         cfg = plan.cfg
+        self.engine = choose_engine(cfg.dist)
+        self._engine_logged = False
         self.students = Students(
             lambda source: load_model(cfg.model, source=None if source is None else str(source)),
             cfg.train.adapter)
@@ -194,6 +197,9 @@ class LocalBackend:
         unit = job.unit
         train_items, dev_items = job_items(self.plan, unit, self.tokenizer, records.__getitem__,
                                            label_type=job.label_type)
+        if not self._engine_logged:
+            log.info("student engine: %s", self.engine.describe())
+            self._engine_logged = True
         log.info("N=%d seed=%d: training %s on %d examples (%d dev)", unit.n, unit.seed, job.name,
                  len(train_items), len(dev_items))
         step_log = (lambda row: self.log_step(job, row)) if self.log_step is not None else None
@@ -201,7 +207,8 @@ class LocalBackend:
             self.students, self.plan, job, train_items, dev_items, engine_factory=EngineFactory(),
             checkpoint=self.plan.checkpoint_options(job, resume_from),
             evaluate=(lambda model, tags: self._evaluate(model, unit, job.name, sim, tags))
-            if evaluate else None, log_step=step_log, progress=self.progress)
+            if evaluate else None, log_step=step_log, progress=self.progress,
+            engine=self.engine.record())
         return Outcome(job.id, unit, job.name, rows=outcome.rows or [], history=outcome.history,
                        logged=step_log is not None)
 

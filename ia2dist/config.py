@@ -359,9 +359,13 @@ class DistConfig:
     """One GPU per student worker, and one per teacher replica unless dist.teacher_gpus says
     otherwise."""
     cpus_per_worker: float = 1.0
-    ds_config: str = "zero3"
-    """DeepSpeed template: zero3, zero3_offload, zero2 (shipped in the package,
-    ia2dist/ds_configs/) or a JSON file path."""
+    ds_config: str = "auto"
+    """The student engine. 'auto': chosen from the layout (``ia2dist.student.engine_choice``):
+    the plain PyTorch engine on a group of one rank (ZeRO-3 there partitions nothing yet gathers
+    every weight on every pass), zero3_offload on one rank when the memory plan says the model
+    does not fit one GPU, zero3 on groups of several ranks. A DeepSpeed template (zero3,
+    zero3_offload, zero2, shipped in the package: ia2dist/ds_configs/, or a JSON file path) asks
+    for DeepSpeed with it on every layout."""
     teacher_mode: Literal["stage", "online"] = "stage"
     """'stage': teacher actors extract and stream records through the object store. 'online': each
     student worker computes the teacher activations itself with the adapter disabled (no transport;

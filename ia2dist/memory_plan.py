@@ -10,12 +10,12 @@ loading a weight (the parameter count comes from the model built on the meta dev
   built: on a CPU, or with eager attention; SDPA's flash / memory-efficient CUDA kernels never
   build them) and the captured records of the batch. Replicas with a fractional
   ``dist.teacher_gpus`` f share a GPU, up to 1/f of them: the GPU must hold them all;
-- student rank (ZeRO-3 over ``dist.group_size`` ranks): its partition of the frozen base, its
-  partition of the trainable weights with fp32 master copies, gradients and Adam's two moments
-  (all on the host with ``zero3_offload``), the parameters gathered for the layer being computed,
-  the gradient reduce bucket the template makes DeepSpeed allocate (``reduce_bucket_size``
-  elements, on the device even with offload) and the activations kept for the backward pass of
-  one micro-batch;
+- student rank (the engine ``dist.ds_config`` picks; ZeRO-3 over ``dist.group_size`` ranks): its
+  partition of the frozen base, its partition of the trainable weights with fp32 master copies,
+  gradients and Adam's two moments (all on the host with ``zero3_offload``), the parameters
+  gathered for the layer being computed, the gradient reduce bucket a DeepSpeed template makes
+  DeepSpeed allocate (``reduce_bucket_size`` elements, on the device even with offload; none for
+  the plain engine) and the activations kept for the backward pass of one micro-batch;
 - the driver (tokenizer, plan, metrics: no weights with ``dist.backend: ray``);
 - the teacher records: bytes per example (L x T x d x dtype), per unit, and in the object store.
 
@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 
 from ia2dist.errors import IA2Error
+from ia2dist.student.engine_choice import planned_template
 
 GiB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -165,11 +166,13 @@ def _trainable_params(size: ModelSize, adapter) -> int:
 
 def plan_memory(cfg, model_config, *, max_new_tokens: int, teacher_prompt_tokens: int,
                 student_tokens: int, units_in_flight: int = 1, examples_per_unit: int = 1,
-                size: ModelSize | None = None) -> MemoryPlan:
+                size: ModelSize | None = None, ds_config: str | None = None) -> MemoryPlan:
     """The memory of every role of ``cfg``'s run (see the module docstring).
 
     teacher_prompt_tokens: the longest ICL prompt; student_tokens: the longest student sequence
     (prompt + response); examples_per_unit: train + dev + similarity examples of the largest unit.
+    ds_config: the student engine's template (default: the one ``dist.ds_config`` picks before
+    any fit check; None there means the plain engine, the model whole on each rank).
     """
     size = size or ModelSize.of(model_config)
     d, t, e = cfg.dist, cfg.train, cfg.extract
@@ -206,10 +209,12 @@ def plan_memory(cfg, model_config, *, max_new_tokens: int, teacher_prompt_tokens
                               + (_GPU_OVERHEAD if teacher_on_gpu else _CPU_OVERHEAD),
                               teacher_parts, per_gpu=sharing))
 
-    # student rank under ZeRO-3 over the group (ZeRO-2: the whole base on every rank)
+    # student rank: ZeRO-3 partitions over the group (ZeRO-2 and the plain engine: the whole base
+    # on every rank)
     k = d.group_size
-    zero3 = "zero3" in d.ds_config or d.ds_config.endswith(".json")
-    offload = "offload" in d.ds_config
+    template = planned_template(d) if ds_config is None else ds_config
+    zero3 = template is not None and ("zero3" in template or template.endswith(".json"))
+    offload = template is not None and "offload" in template
     base_part = math.ceil(weights / k) if zero3 else weights
     trainable = _trainable_params(size, t.adapter)
     # trainable weights in the model dtype + fp32 master, gradient and two Adam moments
@@ -220,7 +225,7 @@ def plan_memory(cfg, model_config, *, max_new_tokens: int, teacher_prompt_tokens
     tokens = t.micro_batch_size * student_tokens
     acts = tokens * size.hidden * size.num_layers * 34 * wbytes // 2
     logits_train = tokens * size.vocab * 4 * 2
-    bucket = _reduce_bucket_elements(d.ds_config) * wbytes if d.backend == "ray" else 0
+    bucket = _reduce_bucket_elements(template) * wbytes if template is not None else 0
     student_parts = {"frozen base": 0 if offload else base_part,
                      "trainable + optimizer": 0 if offload else optim,
                      "gathered layers": gathered, "reduce bucket": bucket,
@@ -307,7 +312,7 @@ def _fix(role: RoleNeed, cfg, alternatives, gpu_bytes: int | None) -> str:
     if role.role == "student rank":
         options = [f"spread the model over more ranks (dist.group_size={d.group_size * 2}, with "
                    f"dist.num_workers a multiple)"]
-        if "offload" not in d.ds_config:
+        if "offload" not in (planned_template(d) or ""):
             options.append("offload to the host (dist.ds_config=zero3_offload)")
         if cfg.model.dtype == "float32":
             options.append("use model.dtype=bfloat16")

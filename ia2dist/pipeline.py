@@ -76,8 +76,10 @@ def check_context(plan: Plan, tokenizer, model_config) -> int:
     return longest
 
 
-def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int):
-    """The memory each role of the run needs (``ia2dist.memory_plan``), from the config alone."""
+def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int,
+                ds_config: str | None = None):
+    """The memory each role of the run needs (``ia2dist.memory_plan``), from the config alone
+    (``ds_config``: the student engine's template when the run chose another one)."""
     from ia2dist.memory_plan import plan_memory
     from ia2dist.modeling import encode
 
@@ -88,7 +90,8 @@ def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int):
     in_flight = min(max(1, cfg.dist.num_workers // cfg.dist.group_size), len(plan.units))
     return plan_memory(cfg, model_config, max_new_tokens=plan.max_new_tokens,
                        teacher_prompt_tokens=longest_prompt, student_tokens=student,
-                       units_in_flight=in_flight, examples_per_unit=per_unit)
+                       units_in_flight=in_flight, examples_per_unit=per_unit,
+                       ds_config=ds_config)
 
 
 def available_memory(cfg: RunConfig) -> tuple[int | None, int | None]:
@@ -124,6 +127,26 @@ def free_gpu_memory() -> int | None:
         return int(torch.cuda.mem_get_info(0)[0])
 
 
+def student_engine(plan: Plan, tokenizer, model_config, longest_prompt: int,
+                   gpu_bytes: int | None):
+    """(the students' ``EngineChoice``, the memory plan for it): under ``dist.ds_config: auto`` a
+    one-rank group whose plain engine does not fit one GPU is re-planned with ZeRO-3 offload."""
+    return _engine_for(plan.cfg, gpu_bytes, lambda ds_config: memory_plan(
+        plan, tokenizer, model_config, longest_prompt, ds_config=ds_config))
+
+
+def _engine_for(cfg: RunConfig, gpu_bytes: int | None, plan_for):
+    """``student_engine`` over ``plan_for(ds_config) -> MemoryPlan`` (None: the layout's own)."""
+    from ia2dist.student.engine_choice import choose_engine, planned_template
+
+    memory = plan_for(None)
+    engine = choose_engine(cfg.dist, gpu_bytes=gpu_bytes,
+                           student_bytes=memory.role("student rank").per_process)
+    if engine.template != planned_template(cfg.dist):
+        memory = plan_for(engine.template)
+    return engine, memory
+
+
 def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     """`ia2dist plan`: the memory table of the run, the GPUs it uses and whether it fits (nothing
     is started). Needs only the model's config.json: the tokenizer and the rows are used when they
@@ -137,6 +160,7 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     rundir.setup_logging(None)
     model_config = load_model_config(cfg.model)
     spec = task_spec(cfg.data.task, cfg.data)
+    gpu, node = available_memory(cfg)
     notes = []
     if estimate.data_is_local(cfg.data, spec):
         tokenizer, why = estimate.local_tokenizer(cfg)
@@ -145,12 +169,13 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
                                 else ""))
         plan_cfg = estimate.without_chat_template(cfg) if why and spec.chat_template else cfg
         plan = Plan(plan_cfg, load_task(cfg.data), tokenizer=tokenizer)
-        memory = memory_plan(plan, tokenizer, model_config,
-                             check_context(plan, tokenizer, model_config))
+        engine, memory = student_engine(plan, tokenizer, model_config,
+                                        check_context(plan, tokenizer, model_config), gpu)
     else:
         lengths = estimate.estimated_lengths(
             cfg, spec, cfg.extract.max_new_tokens or spec.max_new_tokens)
-        memory = plan_memory(cfg, model_config, **lengths)
+        engine, memory = _engine_for(cfg, gpu, lambda ds_config: plan_memory(
+            cfg, model_config, ds_config=ds_config, **lengths))
         longest = lengths["teacher_prompt_tokens"] + lengths["max_new_tokens"]
         notes.append(f"prompt lengths estimated from the {spec.name} template (longest ICL prompt "
                      f"~{lengths['teacher_prompt_tokens']} tokens); the data is not read, give "
@@ -159,8 +184,8 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
             notes.append(f"the longest ICL prompt + T (~{longest} tokens) may exceed the model's "
                          f"context of {context_length(model_config)}; lower data.num_train or "
                          "data.max_icl_demos")
-    gpu, node = available_memory(cfg)
-    lines = [memory.table(), "", *estimate.gpu_summary(cfg), *(f"note: {n}" for n in notes)]
+    lines = [memory.table(), "", f"student engine: {engine.describe()}", "",
+             *estimate.gpu_summary(cfg), *(f"note: {n}" for n in notes)]
     try:
         check_fits(memory, cfg, gpu_bytes=gpu, node_bytes=node if cfg.dist.ray_address is None
                    else None)
@@ -235,8 +260,9 @@ def _backend(cfg: RunConfig, plan: Plan, tokenizer, model_config, longest: int) 
     if _is_ray(cfg):
         from ia2dist.orchestration.backend import RayBackend
 
-        memory = memory_plan(plan, tokenizer, model_config, longest)
-        return RayBackend(plan, model_config, memory=memory, gpu_bytes=available_memory(cfg)[0])
+        gpu = available_memory(cfg)[0]
+        engine, memory = student_engine(plan, tokenizer, model_config, longest, gpu)
+        return RayBackend(plan, model_config, memory=memory, gpu_bytes=gpu, engine=engine)
     from ia2dist.backend import LocalBackend
 
     return LocalBackend(plan, tokenizer)

@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO-3 checkpoints on 2 CPU ranks: exact resume after a kill (mid-phase and right after
 the IA2 -> SFT switch), resume of a 2-rank checkpoint on 1 rank through DeepSpeed's universal
-conversion, and export of a ZeRO checkpoint against the live weights.
+conversion, checkpoints moving between engines (a one-process plain-engine checkpoint resumed by a
+2-rank ZeRO-3 group, a 2-rank ZeRO-3 checkpoint by the plain engine: a job changing layout), and
+export of a ZeRO checkpoint against the live weights.
 
 Like tests/test_deepspeed.py, the file is its own torchrun worker: one 2-process launch runs the
 uninterrupted and killed/resumed runs, one 1-process launch resumes the 2-rank checkpoint.
@@ -56,6 +58,8 @@ def _launch(work_dir: Path, nproc: int, mode: str) -> subprocess.CompletedProces
 def launched(data, tmp_path_factory):
     work_dir = tmp_path_factory.mktemp("dsckpt")
     torch.save(data, work_dir / "data.pt")
+    # a plain-engine job killed mid-phase 0 (after its step-2 checkpoint), for the 2-rank group
+    assert _train(data, work_dir / "T", 0, kill_after=KILLS[0], plain=True) is None
     start = time.perf_counter()
     _launch(work_dir, 2, "two")
     _launch(work_dir, 1, "one")
@@ -75,19 +79,36 @@ def test_zero3_resume_after_kill_is_exact(launched, kill):
         assert torch.equal(resumed["final"][name], value), name
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(launched):
+@pytest.mark.parametrize("engine", ["zero3", "plain"])
+def test_two_rank_checkpoint_resumes_on_one_rank(launched, engine):
     """The world size changes 2 -> 1: the checkpoint is converted to DeepSpeed's universal format
-    automatically and training continues to the same losses and weights (up to the summation
-    order of 1 vs 2 ranks)."""
-    ref, one = launched["two"]["uninterrupted"], launched["one"]
+    automatically and training continues, on a 1-rank ZeRO-3 engine or on the plain engine a
+    one-rank group uses, to the same losses and weights (up to the summation order of 1 vs 2
+    ranks)."""
+    ref, one = launched["two"]["uninterrupted"], launched["one"][engine]
     assert one["world_size"] == 1 and one["resumed_from"] == "p0_s0000002"
-    assert (launched["dir"] / "C" / ".p0_s0000002.universal" / "universal").is_dir()
-    assert [h["step"] for h in one["history"]] == [h["step"] for h in ref["history"]]
-    assert one["history"][:2] == ref["history"][:2]  # restored, not recomputed
-    for ours, theirs in zip(one["history"][2:], ref["history"][2:]):
+    assert one["engine"] == ("torch" if engine == "plain" else "deepspeed")
+    folder = {"zero3": "C", "plain": "P"}[engine]
+    assert (launched["dir"] / folder / ".p0_s0000002.universal" / "universal").is_dir()
+    _assert_continues(one, ref)
+
+
+def test_plain_checkpoint_resumes_on_a_two_rank_zero3_group(launched):
+    """A checkpoint of the one-process plain engine (a job of a one-rank group) continues on a
+    2-rank ZeRO-3 group: weights and Adam's moments go into each rank's partition, and training
+    ends with the losses and weights of the uninterrupted 2-rank run."""
+    ref, moved = launched["two"]["uninterrupted"], launched["two"]["from_plain"]
+    assert moved["world_size"] == 2 and moved["engine"] == "deepspeed"
+    assert moved["resumed_from"] == "p0_s0000002"
+    _assert_continues(moved, ref)
+
+
+def _assert_continues(resumed: dict, ref: dict) -> None:
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in ref["history"]]
+    for ours, theirs in zip(resumed["history"], ref["history"]):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=LOSS_RTOL)
     for name, value in ref["final"].items():
-        torch.testing.assert_close(one["final"][name], value, rtol=0, atol=WEIGHT_ATOL)
+        torch.testing.assert_close(resumed["final"][name], value, rtol=0, atol=WEIGHT_ATOL)
 
 
 def test_export_of_a_zero3_checkpoint_equals_the_live_weights(launched, data):
@@ -112,14 +133,18 @@ def test_checkpoint_files_are_rank_shards_with_a_manifest(launched):
 
 # ------------------------------------------------------------------------------ worker side
 
-def _train(data, root: Path, rank: int, kill_after: int | None = None):
+def _train(data, root: Path, rank: int, kill_after: int | None = None, plain: bool = False):
     from ia2dist.checkpoint import Checkpointer
     from ia2dist.config import TrainConfig
-    from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
-    from ia2dist.student.trainer import train
+    from ia2dist.student.trainer import EngineFactory, train
 
     model = make_student(data["base"], "lora")
-    factory = DeepSpeedEngineFactory(_template(SCENARIO))
+    if plain:
+        factory = EngineFactory()
+    else:
+        from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
+
+        factory = DeepSpeedEngineFactory(_template(SCENARIO))
     ckpt = Checkpointer(root, every=2, keep=5, identity=IDENTITY, rank=rank)
     resume = ckpt.load()
     rows = []
@@ -137,7 +162,8 @@ def _train(data, root: Path, rank: int, kill_after: int | None = None):
         return None
     out = {"history": result.history, "phases": result.phases,
            "final": factory.engine.trainable_state(), "world_size": factory.engine.world_size,
-           "resumed_from": None if resume is None else resume.path.name}
+           "resumed_from": None if resume is None else resume.path.name,
+           "engine": factory.engine.kind}
     factory.engine.destroy()
     return out
 
@@ -156,12 +182,15 @@ def _worker(mode: str, work_dir: Path) -> None:
         for kill in KILLS:
             root = work_dir / f"B{kill}"
             assert _train(data, root, rank, kill_after=kill) is None
-            if kill == KILLS[0] and rank == 0:  # a copy for the 1-rank resume
+            if kill == KILLS[0] and rank == 0:  # copies for the 1-rank resumes
                 shutil.copytree(root, work_dir / "C")
+                shutil.copytree(root, work_dir / "P")
             dist.barrier()
             results[f"killed{kill}"] = _train(data, root, rank)
+        results["from_plain"] = _train(data, work_dir / "T", rank)
     else:
-        results = _train(data, work_dir / "C", rank)
+        results = {"zero3": _train(data, work_dir / "C", rank),
+                   "plain": _train(data, work_dir / "P", rank, plain=True)}
     torch.save(results, work_dir / f"{mode}_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -196,8 +196,10 @@ def test_replicas_sharing_a_gpu_are_checked_together(size_1b):
 
 
 def test_the_reduce_bucket_of_the_template_is_counted(size_1b, tmp_path):
-    _, plan = _plan(size_1b)
+    _, plan = _plan(size_1b, "dist.ds_config=zero3")
     assert plan.role("student rank").parts["reduce bucket"] == 50_000_000 * 2  # bf16
+    _, plain = _plan(size_1b)  # auto on a one-rank group: the plain engine has no bucket
+    assert plain.role("student rank").parts["reduce bucket"] == 0
     template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     del template["zero_optimization"]["reduce_bucket_size"]  # DeepSpeed's default: 5e8
     path = tmp_path / "zero3_default_bucket.json"

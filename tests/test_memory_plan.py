@@ -82,6 +82,40 @@ def test_student_rank_holds_its_share_of_the_base(sizes):
     assert plan.role("student rank").parts["frozen base"] == weights
 
 
+def test_engine_follows_the_layout_and_the_memory_plan(sizes):
+    """dist.ds_config=auto: the plain engine on one rank (the model whole, nothing gathered),
+    ZeRO-3 on several, zero3_offload on one rank when the plain engine does not fit the GPU; a
+    named template is used as asked, on one rank too."""
+    from ia2dist.student.engine_choice import choose_engine
+
+    weights = sizes["8b"].num_params * 2
+    cfg, plan = plan_for(LLAMA3_8B, sizes["8b"])
+    student = plan.role("student rank")
+    choice = choose_engine(cfg.dist, student_bytes=student.per_process, gpu_bytes=80 * GiB)
+    assert (choice.engine, choice.template) == ("torch", None)
+    assert "nothing to partition" in choice.describe()
+    assert student.parts["frozen base"] == weights and not student.parts["gathered layers"]
+    cfg, _ = plan_for(LLAMA3_8B, sizes["8b"], "dist.group_size=2", "dist.num_workers=2")
+    assert (choose_engine(cfg.dist).engine, choose_engine(cfg.dist).template) == \
+        ("deepspeed", "zero3")
+    cfg, plan = plan_for(LLAMA3_8B, sizes["8b"], "dist.ds_config=zero3")
+    choice = choose_engine(cfg.dist, student_bytes=0, gpu_bytes=80 * GiB)
+    assert choice.template == "zero3" and "dist.ds_config=zero3 asks for it" in choice.reason
+    assert plan.role("student rank").parts["gathered layers"] > 0
+    assert choose_engine(load_config(DEMO, ["dist.backend=local"]).dist).engine == "torch"
+    # 70B LoRA on one 80 GiB GPU: the plain engine does not fit, ZeRO-3 offload is chosen
+    cfg, plan = plan_for(LLAMA3_70B, sizes["70b"], "dist.teacher_gpus=2")
+    choice = choose_engine(cfg.dist, student_bytes=plan.role("student rank").per_process,
+                           gpu_bytes=80 * GiB)
+    assert choice.template == "zero3_offload" and "does not fit" not in choice.reason
+    assert "GiB but a GPU has 80.0 GiB" in choice.reason
+    offloaded = plan_memory(cfg, LLAMA3_70B, max_new_tokens=1, teacher_prompt_tokens=1024,
+                            student_tokens=128, size=sizes["70b"], examples_per_unit=64,
+                            ds_config=choice.template)
+    assert offloaded.role("student rank").parts["frozen base"] == 0
+    assert offloaded.role("student rank").host >= sizes["70b"].num_params * 2
+
+
 def test_teacher_replica_over_several_gpus(sizes):
     weights = sizes["8b"].num_params * 2
     _, one = plan_for(LLAMA3_8B, sizes["8b"])
@@ -183,6 +217,8 @@ def test_plan_verb_prints_every_role_and_refuses_what_does_not_fit(capsys):
     for role in ("teacher replica", "student rank", "driver"):
         assert f"| {role} |" in out
     assert out.strip().endswith("fits")
+    assert "student engine: plain PyTorch engine: a group of one rank" in out
     assert main(["plan", DEMO, *tiny, "dist.use_gpu=true", "dist.gpu_memory_gb=0.001"]) == 1
     out = capsys.readouterr().out
     assert "does not fit: plan: a " in out and "| student rank |" in out
+    assert "student engine: DeepSpeed zero3_offload: the memory plan gives a student rank" in out

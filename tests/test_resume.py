@@ -123,6 +123,12 @@ def _log(run) -> str:
     return path.read_text() if path.is_file() else ""
 
 
+def test_the_run_says_which_engine_trained_the_job(uninterrupted):
+    assert _outcome(uninterrupted)["history"]["engine"] == {
+        "engine": "torch", "template": None, "reason": "dist.backend=local trains in this process"}
+    assert "student engine: plain PyTorch engine: dist.backend=local" in _log(uninterrupted)
+
+
 def test_rerun_of_a_complete_run_changes_nothing(uninterrupted, capsys):
     before = {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file()}
     assert main(["run", *_args(uninterrupted)]) == 0

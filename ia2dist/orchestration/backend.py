@@ -10,7 +10,8 @@ model weights.
    frozen base already): ICL per unit, the base without demos once (its prompts are the same for
    every unit) plus its similarity per unit.
 2. ``dist.num_workers / dist.group_size`` worker groups (``ia2dist.orchestration.groups``) take
-   the jobs from one queue; each trains a job with DeepSpeed on its ranks while extraction of
+   the jobs from one queue; each trains a job on its ranks (the plain engine on a group of one
+   rank, DeepSpeed ZeRO-3 on several: ``ia2dist.student.engine_choice``) while extraction of
    later shards and units continues (``dist.pipeline``), evaluates it right away and takes the
    next. Evaluation overlaps with the other groups' training.
 3. The driver yields each outcome as it arrives and releases a unit's records from the object
@@ -48,16 +49,21 @@ class RayBackend:
     """Connects to (or starts) the Ray cluster and checks it can hold the run, before anything is
     written; ``run`` does the work (see the module docstring); ``close`` disconnects."""
 
-    def __init__(self, plan: Plan, model_config, *, memory=None, gpu_bytes: int | None = None):
+    def __init__(self, plan: Plan, model_config, *, memory=None, gpu_bytes: int | None = None,
+                 engine=None):
         from ia2dist.student.dsconfig import fill_ds_config
+        from ia2dist.student.engine_choice import choose_engine
 
         self.plan, self.model_config = plan, model_config
         cfg = plan.cfg
         d = cfg.dist
-        self.ds_template = resolve_ds_template(d.ds_config)
-        # conflicts between the template and the run config fail here, before any work
-        fill_ds_config(str(self.ds_template), train_cfg=cfg.train, model_dtype=cfg.model.dtype,
-                       world_size=d.group_size)
+        self.engine = engine or choose_engine(d)
+        self.ds_template = None
+        if self.engine.template is not None:
+            self.ds_template = resolve_ds_template(self.engine.template)
+            # conflicts between the template and the run config fail here, before any work
+            fill_ds_config(str(self.ds_template), train_cfg=cfg.train,
+                           model_dtype=cfg.model.dtype, world_size=d.group_size)
         self.num_groups = d.num_workers // d.group_size
         stage_actors = d.teacher_actors if d.teacher_mode == "stage" else 0
         need = stage_actors * d.teacher_cpus + d.num_workers * d.cpus_per_worker
@@ -134,12 +140,14 @@ class RayBackend:
         queue = None
         if tasks:
             queue = TaskQueue.remote(tasks)
-            config = {"plan": plan, "queue": queue, "brokers": brokers,
-                      "ds_template": str(self.ds_template), "online": online}
+            config = {"plan": plan, "queue": queue, "brokers": brokers, "online": online,
+                      "ds_template": None if self.ds_template is None else str(self.ds_template),
+                      "engine": self.engine}
             groups = WorkerGroups(plan, config, num_groups=min(self.num_groups, len(tasks)),
                                   storage=(plan.run_dir / ".ray_train").resolve()).start()
-            log.info("%d task(s) on %d worker group(s) of %d rank(s) (DeepSpeed %s)", len(tasks),
-                     min(self.num_groups, len(tasks)), d.group_size, self.ds_template.stem)
+            log.info("%d task(s) on %d worker group(s) of %d rank(s); student engine: %s",
+                     len(tasks), min(self.num_groups, len(tasks)), d.group_size,
+                     self.engine.describe())
         transport = _TransportStats()
         done_tasks = 0
         bar = progress(len(tasks), "jobs", unit="job", each=True, enabled=bool(tasks))
@@ -189,6 +197,7 @@ class RayBackend:
             self.stats = {"teacher": pump.summary() if pump is not None else None,
                           "students": {"groups": min(self.num_groups, len(tasks)),
                                        "group_size": d.group_size, "tasks": len(tasks),
+                                       "engine": self.engine.record(),
                                        "tasks_done": done_tasks, "wall_s": wall,
                                        "tasks_per_hour": done_tasks / wall * 3600 if wall else 0},
                           "transport": transport.summary(),

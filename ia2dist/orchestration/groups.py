@@ -4,7 +4,8 @@ The student workers form ``dist.num_workers / dist.group_size`` groups of ``dist
 ranks. Each group is ONE Ray Train run (``TorchTrainer``: its own placement group, its own gloo /
 NCCL process group, Ray Train's worker restarts) started once for the whole run; its rank 0 takes
 the next task from the ``TaskQueue`` actor and broadcasts it to the group's other ranks, the group
-runs it (ZeRO-3 data parallelism inside the group, exactly as a single group would), reports the
+runs it (the plain engine on a group of one rank, ZeRO-3 data parallelism inside a larger group:
+``ia2dist.student.engine_choice``), reports the
 outcome and takes the next. Ray Tune (a trial per job) or a trainer per job would pay Ray Train's
 start-up (~20-30 s per ``fit`` on 2 CPUs) for every job of a grid whose jobs take seconds; a
 trainer per group pays it once.
@@ -87,8 +88,9 @@ class TaskQueue:
 # The worker loop (every rank of every group)
 
 def group_worker(config: dict) -> None:
-    """Ray Train worker of one group: load the frozen base once (partitioned over the group under
-    ZeRO-3), then run task after task from the queue until it is empty."""
+    """Ray Train worker of one group: load the frozen base once (whole for the plain engine,
+    partitioned over the group under ZeRO-3), then run task after task from the queue until it is
+    empty."""
     import torch
     import torch.distributed as dist
 
@@ -152,9 +154,13 @@ class _GroupWorker:
         self.config, self.rank, self.world = config, rank, world
         self.plan = plan = config["plan"]
         cfg = plan.cfg
-        self.ds_config = fill_ds_config(config["ds_template"], train_cfg=cfg.train,
-                                        model_dtype=cfg.model.dtype, world_size=world)
-        partitioned = zero_stage(self.ds_config) == 3
+        # the student engine (ia2dist.student.engine_choice): no template = the plain engine
+        self.engine = config["engine"]
+        self.ds_config = None
+        if config["ds_template"] is not None:
+            self.ds_config = fill_ds_config(config["ds_template"], train_cfg=cfg.train,
+                                            model_dtype=cfg.model.dtype, world_size=world)
+        partitioned = self.ds_config is not None and zero_stage(self.ds_config) == 3
         device = torch.device("cuda", torch.cuda.current_device()) if cfg.dist.use_gpu \
             else torch.device("cpu")
 
@@ -164,8 +170,8 @@ class _GroupWorker:
                 return load_partitioned(cfg.model, self.ds_config, src)
             return load_model(cfg.model, device=device, source=src)
 
-        self.students = Students(load, cfg.train.adapter,
-                                 forwards=lambda model: forwards(model, self.ds_config))
+        self.students = Students(load, cfg.train.adapter, forwards=None if not partitioned else
+                                 lambda model: forwards(model, self.ds_config))
         self.num_layers = num_layers_of(load_model_config(cfg.model))
         self.node = ray.get_runtime_context().get_node_id()
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) \
@@ -249,7 +255,8 @@ class _GroupWorker:
             sim = self._similarity(unit, records) if "teacher_eval" in kinds else None
         write = self.rank == 0
         result = {"id": task.id, "kind": task.kind, "unit": unit.key, "name": task.name,
-                  "group": self.config["group"], "world_size": self.world}
+                  "group": self.config["group"], "world_size": self.world,
+                  "engine": self.engine.engine}
         if task.kind == "train":
             job = plan.job(task.id)
             outcome = self._train(job, records, sim, task)
@@ -290,13 +297,15 @@ class _GroupWorker:
         from ia2dist.eval.runner import evaluate
         from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
         from ia2dist.student.job import job_items, record_checker, run_job
+        from ia2dist.student.trainer import EngineFactory
 
         plan, cfg = self.plan, self.plan.cfg
         check = record_checker(self.num_layers, "soft_sft" in cfg.train.methods)
         train_items, dev_items = job_items(plan, job.unit, plan.tokenizer,
                                            self._fetch(records, "teacher"), check=check,
                                            label_type=job.label_type)
-        factory = DeepSpeedEngineFactory(self.ds_config, model_dtype=cfg.model.dtype)
+        factory = EngineFactory() if self.ds_config is None else \
+            DeepSpeedEngineFactory(self.ds_config, model_dtype=cfg.model.dtype)
         evaluator = None
         if task.evaluate:
             def evaluator(model, tags):
@@ -307,7 +316,7 @@ class _GroupWorker:
         return run_job(self.students, plan, job, train_items, dev_items, engine_factory=factory,
                        rank=self.rank, world_size=self.world, barrier=dist.barrier,
                        checkpoint=plan.checkpoint_options(job, resume), validate_items=False,
-                       evaluate=evaluator)
+                       evaluate=evaluator, engine=self.engine.record())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from torch import nn
 from ia2dist.config import TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.student.dsconfig import fill_ds_config
+from ia2dist.student.trainer import PLAIN_WEIGHTS, read_plain_checkpoint
 
 
 def init_distributed() -> None:
@@ -162,8 +163,12 @@ class DeepSpeedEngine:
     def load_checkpoint(self, path: str | os.PathLike, saved_world_size: int) -> None:
         """Restore weights and optimiser state saved by ``save_checkpoint``. From another world size
         the checkpoint is first converted to DeepSpeed's universal format (once, next to it), then
-        loaded with ``load_universal``. Collective."""
+        loaded with ``load_universal``; a plain ``TorchEngine`` checkpoint (a job moved from one
+        rank onto a ZeRO group) is loaded parameter by parameter. Collective."""
         path = Path(path)
+        if (path / PLAIN_WEIGHTS).is_file():
+            self._load_plain_checkpoint(path)
+            return
         load_dir, tag = path, "ds"
         if saved_world_size != self.world_size:
             load_dir, tag = universal_checkpoint(path, self.rank), "universal"
@@ -178,6 +183,36 @@ class DeepSpeedEngine:
             raise IA2Error(f"{path}: DeepSpeed could not load the checkpoint; delete it to fall back "
                            "to the previous one")
 
+    def _load_plain_checkpoint(self, path: Path) -> None:
+        """A ``TorchEngine`` checkpoint: the weights through ``load_trainable_state``, Adam's
+        moments into this rank's slice of DeepSpeed's flat fp32 partitions (the optimiser state
+        is created here: DeepSpeed creates it lazily at the first step)."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        weights, moments, _ = read_plain_checkpoint(path)
+        if set(moments) != set(self.params):
+            raise IA2Error(f"{path}: optimiser state is for other parameters; resume with the "
+                           "adapter and model the checkpoint was written with")
+        self.load_trainable_state(weights)
+        steps = {float(slots["step"]) for slots in moments.values() if "step" in slots}
+        zero = self.ds.optimizer
+        inner = zero.optimizer  # the torch optimiser over DeepSpeed's flat fp32 partitions
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or \
+            getattr(zero, "single_partition_of_fp32_groups", None)  # ZeRO-3, ZeRO 1/2
+        if flats is None:
+            raise IA2Error(f"{path}: a one-process checkpoint resumes on ZeRO stages 1-3 only; "
+                           f"use a ZeRO template (dist.ds_config) or resume on one rank")
+        for flat in flats:
+            inner.state[flat] = {"step": torch.tensor(max(steps, default=0.0)),
+                                 "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+        link = getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO 1/2: parameters map into the state once it exists
+            link()
+        for name, param in self.params.items():
+            for slot in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, moments[name][slot].to(self.device), slot)
+
     def destroy(self) -> None:
         """Release DeepSpeed's hooks and buffers (the model keeps its current weights)."""
         if self._untraced is not None:
@@ -185,10 +220,35 @@ class DeepSpeedEngine:
         self.ds.destroy()
 
 
+def read_portable_state(engine_dir: Path, shapes: dict[str, torch.Size]) -> tuple[dict, dict, dict]:
+    """A checkpoint of this engine (any ZeRO stage and world size) in the per-parameter form of
+    ``read_plain_checkpoint``, for the one-process ``TorchEngine``: read from its universal
+    conversion (fp32 weights and Adam moments per parameter, flat under ZeRO-3, hence ``shapes``:
+    {name: shape} of the trainable parameters; and the step count)."""
+    universal = universal_checkpoint(Path(engine_dir), 0) / "universal" / "zero"
+    optim = torch.load(universal / "optimizer_state.pt", weights_only=False)
+    optim = optim.get("optimizer_state_dict", optim)
+    step = float(optim["state"][0]["step"])
+    weights, moments = {}, {}
+    for name, shape in shapes.items():
+        slots = {}
+        for slot in ("fp32", "exp_avg", "exp_avg_sq"):
+            file = universal / name / f"{slot}.pt"
+            if not file.is_file():
+                raise IA2Error(f"{engine_dir}: no {slot} state for {name}; resume with the "
+                               f"adapter and model the checkpoint was written with")
+            value = torch.load(file, weights_only=False)
+            slots[slot] = (value["param"] if isinstance(value, dict) else value).reshape(shape)
+        weights[name] = slots.pop("fp32")
+        moments[name] = {**slots, "step": torch.tensor(step)}
+    return weights, moments, {}
+
+
 def universal_checkpoint(engine_dir: Path, rank: int) -> Path:
     """``engine_dir/../.universal/`` holding ``universal/``: the DeepSpeed checkpoint in
     ``engine_dir/ds`` converted by ``deepspeed.checkpoint.ds_to_universal`` (rank 0 converts into a
-    temporary folder and renames it; every rank waits). Loadable on any world size."""
+    temporary folder and renames it; every rank of a process group waits). Loadable on any world
+    size."""
     out_root = engine_dir.parent.parent / f".{engine_dir.parent.name}.universal"
     if rank == 0 and not (out_root / "universal").is_dir():
         tmp = out_root.with_name(out_root.name + ".partial")
@@ -204,7 +264,8 @@ def universal_checkpoint(engine_dir: Path, rank: int) -> Path:
                            f"resume with the world size it was written with")
         shutil.rmtree(out_root, ignore_errors=True)
         os.replace(tmp, out_root)
-    dist.barrier()
+    if dist.is_initialized():
+        dist.barrier()
     return out_root
 
 

@@ -232,7 +232,8 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
             world_size: int = 1, barrier: Callable[[], None] = lambda: None,
             checkpoint: dict | None = None, validate_items: bool = True,
             evaluate: Callable[[nn.Module, dict], list[dict]] | None = None,
-            log_step: Callable[[dict], None] | None = None, progress: bool = False) -> JobOutcome:
+            log_step: Callable[[dict], None] | None = None, progress: bool = False,
+            engine: dict | None = None) -> JobOutcome:
     """Train ``job`` and publish ``job.out_dir`` (adapter or full model + history.json, written
     under a staging name and renamed when complete), then ``evaluate(model, tags)`` with the
     trained student and the job's result-row tags (its rows go into the outcome); the base is
@@ -244,7 +245,8 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
     engine_factory: an ``EngineFactory``/``DeepSpeedEngineFactory`` (its last engine saves the
         model and stays alive for the evaluation, then is closed). Every rank of a group calls
         this with the same job; rank 0 writes the files. ``checkpoint``: ``Checkpointer`` keyword
-        arguments (``Plan.checkpoint_options``) or None.
+        arguments (``Plan.checkpoint_options``) or None. ``engine``: which engine and why
+        (``EngineChoice.record()``), written into history.json.
     """
     from ia2dist.checkpoint import Checkpointer
     from ia2dist.student.trainer import train
@@ -264,7 +266,8 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
                 if rank == 0:
                     write_json_atomic(tmp / "history.json", {
                         "history": result.history, "phases": result.phases,
-                        "world_size": world_size, "resumed_from": result.resumed_from})
+                        "world_size": world_size, "resumed_from": result.resumed_from,
+                        "engine": engine})
                     rundir.commit_dir(tmp, final)
                 barrier()
             rows = None

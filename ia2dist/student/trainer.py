@@ -192,7 +192,7 @@ class TorchEngine:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({n: p.detach().contiguous() for n, p in self.params.items()},
-                  str(path / "trainable.safetensors"))
+                  str(path / PLAIN_WEIGHTS))
         names = list(self.params)
         sd = self.optimizer.state_dict()
         tensors, scalars = {}, {}
@@ -209,22 +209,49 @@ class TorchEngine:
              "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}))
 
     def load_checkpoint(self, path: Path, saved_world_size: int = 1) -> None:
-        from safetensors.torch import load_file
-
+        """Restore ``save_checkpoint``'s files, or a DeepSpeed engine's checkpoint (any ZeRO stage
+        and world size: a job moved from a ZeRO-3 group onto one rank)."""
         path = Path(path)
-        self.load_trainable_state(load_file(str(path / "trainable.safetensors")))
-        meta = json.loads((path / "optimizer.json").read_text())
-        if meta["names"] != list(self.params):
+        if (path / PLAIN_WEIGHTS).is_file():
+            weights, moments, meta = read_plain_checkpoint(path)
+        else:
+            from ia2dist.student.deepspeed_engine import read_portable_state
+
+            weights, moments, meta = read_portable_state(
+                path, {name: p.shape for name, p in self.params.items()})
+        if set(moments) != set(self.params):
             raise IA2Error(f"{path}: optimiser state is for other parameters; resume with the "
                            "adapter and model the checkpoint was written with")
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        state: dict[int, dict] = {}
-        for key, value in [*tensors.items(), *meta["scalars"].items()]:
-            name, slot = key.split("::", 1)
-            state.setdefault(meta["names"].index(name), {})[slot] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.load_trainable_state(weights)
+        names = list(self.params)
+        state = {names.index(name): dict(slots) for name, slots in moments.items() if slots}
+        self.optimizer.load_state_dict({"state": state,
+                                        "param_groups": meta.get("param_groups") or
+                                        self.optimizer.state_dict()["param_groups"]})
         if self.scaler is not None and meta.get("loss_scaler"):
             self.scaler.load_state_dict(meta["loss_scaler"])
+
+
+#: The trainable weights in a ``TorchEngine`` checkpoint (its other files: optimizer.safetensors,
+#: optimizer.json).
+PLAIN_WEIGHTS = "trainable.safetensors"
+
+
+def read_plain_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """A ``TorchEngine`` checkpoint as (weights {name: tensor}, optimiser moments {name: {slot:
+    value}} with Adam's slots step, exp_avg, exp_avg_sq, meta {param_groups, loss_scaler}): the
+    per-parameter form every engine can load."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / PLAIN_WEIGHTS))
+    meta = json.loads((path / "optimizer.json").read_text())
+    moments: dict[str, dict] = {name: {} for name in meta["names"]}
+    for key, value in [*load_file(str(path / "optimizer.safetensors")).items(),
+                       *meta["scalars"].items()]:
+        name, slot = key.split("::", 1)
+        moments[name][slot] = value
+    return weights, moments, meta
 
 
 class EngineFactory:
@@ -334,7 +361,6 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
             ctx.device = engine.device
             start = None
             if resume is not None and index == resume.state.phase:
-                _check_engine_kind(engine, resume)
                 with part("checkpoint"):
                     engine.load_checkpoint(resume.engine_dir,
                                            resume.identity.get("world_size", 1))
@@ -357,14 +383,6 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     finally:
         model.train(was_training)
     return result
-
-
-def _check_engine_kind(engine: Engine, resume: Resume) -> None:
-    saved = resume.identity.get("engine")
-    kind = getattr(engine, "kind", "torch")
-    if saved is not None and saved != kind:
-        raise IA2Error(f"{resume.path}: written by the {saved} engine, cannot be resumed by the "
-                       f"{kind} engine; resume with the dist.backend it was written with")
 
 
 def _barrier(engine: Engine) -> Callable[[], None]:
