@@ -4,12 +4,13 @@
 methods) with ``dist.backend: local`` runs twice in this process, the teacher outputs extracted
 once beforehand into a shared cache: once as before (``Plan.phase_source`` answering None, so
 ia2_then_sft trains its IA2 phase again) and once as now (it starts from the ia2 job's phase end).
-Reported: each run's wall time of the ia2_then_sft jobs (training + evaluation) and of all jobs,
-their process CPU time, and whether every ia2_then_sft adapter and history is the same bits in
-both runs.
+Reported: each run's wall and process CPU time of the ia2_then_sft jobs (training + evaluation)
+and of all jobs, the optimizer steps the ia2_then_sft jobs trained (load-independent), and
+whether every ia2_then_sft adapter and history is the same bits in both runs.
 
-    python -m benchmarks.bench_phase_reuse            # 12 units, 48 jobs
-    python -m benchmarks.bench_phase_reuse --quick    # N in {2, 4}, 1 seed
+    python -m benchmarks.bench_phase_reuse               # 12 units, 48 jobs
+    python -m benchmarks.bench_phase_reuse --seeds 0     # 4 units, 16 jobs
+    python -m benchmarks.bench_phase_reuse --quick       # N in {2, 4}, 1 seed
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from benchmarks.common import RESULTS_DIR, md_table, publish
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _args(run_dir: Path, cache: Path, quick: bool) -> list[str]:
+def _args(run_dir: Path, cache: Path, quick: bool, seeds: str | None) -> list[str]:
     grid = ["data.num_train=[2,4]", "data.seeds=[0]"] if quick else []
+    grid += [f"data.seeds=[{seeds}]"] if seeds and not quick else []
     return ["configs/demo.yaml", f"run_dir={run_dir}", f"extract.cache_dir={cache}",
             "dist.backend=local", "wandb.mode=disabled", *grid]
 
 
-def _timed_run(argv: list[str], reuse: bool) -> dict:
+def _timed_run(argv: list[str], reuse: bool, run_dir: Path) -> dict:
     """``ia2dist run argv`` with each training job (+ its evaluation) timed by wall and CPU."""
     from ia2dist.backend import LocalBackend
     from ia2dist.cli import main
@@ -56,10 +58,15 @@ def _timed_run(argv: list[str], reuse: bool) -> dict:
     finally:
         LocalBackend._train, Plan.phase_source = train, source
     then = {k: v for k, v in times.items() if k.endswith("/ia2_then_sft")}
+    steps = 0
+    for job in run_dir.glob("N*_seed*/ia2_then_sft"):
+        phases = json.loads((job / "history.json").read_text())["phases"]
+        steps += sum(p["steps"] for p in phases if "reused_from" not in p)
     return {"run_wall_s": total, "jobs": len(times),
             "jobs_wall_s": sum(w for w, _ in times.values()),
             "ia2_then_sft_jobs": len(then), "ia2_then_sft_wall_s": sum(w for w, _ in then.values()),
-            "ia2_then_sft_cpu_s": sum(c for _, c in then.values())}
+            "ia2_then_sft_cpu_s": sum(c for _, c in then.values()),
+            "ia2_then_sft_steps_trained": steps}
 
 
 def _same_bits(a: Path, b: Path) -> bool:
@@ -82,6 +89,7 @@ def _same_bits(a: Path, b: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", help="data.seeds, comma-separated (default: the demo's)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "phase_reuse"))
     args = parser.parse_args()
     import os
@@ -91,21 +99,26 @@ def main() -> None:
         tmp = Path(tmp)
         from ia2dist.cli import main as cli
 
-        assert cli(["extract", *_args(tmp / "extract", tmp / "cache", args.quick)]) == 0
-        before = _timed_run(_args(tmp / "before", tmp / "cache", args.quick), reuse=False)
-        after = _timed_run(_args(tmp / "after", tmp / "cache", args.quick), reuse=True)
+        grid = (args.quick, args.seeds)
+        assert cli(["extract", *_args(tmp / "extract", tmp / "cache", *grid)]) == 0
+        before = _timed_run(_args(tmp / "before", tmp / "cache", *grid), False, tmp / "before")
+        after = _timed_run(_args(tmp / "after", tmp / "cache", *grid), True, tmp / "after")
         same = _same_bits(tmp / "after", tmp / "before")
-    rows = [[name, r["ia2_then_sft_jobs"], r["ia2_then_sft_wall_s"], r["ia2_then_sft_cpu_s"],
-             r["jobs"], r["jobs_wall_s"], r["run_wall_s"]]
+    rows = [[name, r["ia2_then_sft_jobs"], r["ia2_then_sft_steps_trained"],
+             r["ia2_then_sft_wall_s"], r["ia2_then_sft_cpu_s"], r["jobs"], r["jobs_wall_s"],
+             r["run_wall_s"]]
             for name, r in (("trained again (before)", before), ("reused (now)", after))]
     markdown = "\n".join([
         "## ia2_then_sft: IA2 phase reused from the ia2 job vs trained again",
-        "", f"configs/demo.yaml, dist.backend=local{' (--quick)' if args.quick else ''}; "
+        "", f"configs/demo.yaml, dist.backend=local{' (--quick)' if args.quick else ''}"
+        f"{f', data.seeds=[{args.seeds}]' if args.seeds and not args.quick else ''}; "
         "teacher outputs extracted beforehand (shared cache).", "",
-        md_table(["run", "ia2_then_sft jobs", "their wall s", "their CPU s", "all jobs",
+        md_table(["run", "ia2_then_sft jobs", "their steps trained", "their wall s",
+                  "their CPU s", "all jobs",
                   "all jobs wall s", "run wall s"], rows), "",
-        f"ia2_then_sft wall time: x{before['ia2_then_sft_wall_s'] / after['ia2_then_sft_wall_s']:.2f}"
-        f" faster; every ia2_then_sft adapter and history the same bits: {same}"])
+        f"ia2_then_sft: x{before['ia2_then_sft_wall_s'] / after['ia2_then_sft_wall_s']:.2f} "
+        f"by wall, x{before['ia2_then_sft_cpu_s'] / after['ia2_then_sft_cpu_s']:.2f} by CPU time;"
+        f" every ia2_then_sft adapter and history the same bits: {same}"])
     publish({"before": before, "after": after, "same_bits": same, "markdown": markdown},
             args.out)
 

@@ -244,7 +244,9 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
     from ia2dist.student.trainer import train
 
     checkpointer = Checkpointer(**checkpoint, rank=rank) if checkpoint is not None else None
-    reuse = reused_phases(plan, job, rank, world_size, getattr(engine_factory, "kind", None))
+    reuse = None
+    if checkpointer is None or not checkpointer.has_start():  # else it resumes from its own
+        reuse = reused_phases(plan, job, rank, world_size, getattr(engine_factory, "kind", None))
     if not agree(reuse is not None):
         reuse = None
     with students.student(job.seed) as model:
@@ -330,11 +332,12 @@ def reused_phases(plan, job, rank: int, world_size: int, engine_kind: str | None
     if source is None:
         return None
     root = source.out_dir / PHASE_END
-    if not (source.out_dir / "history.json").is_file() or not (root / "meta.json").is_file():
-        return None
-    meta = json.loads((root / "meta.json").read_text())
+    if not (source.out_dir / "history.json").is_file():
+        return None  # not trained (yet): it is not in this run's work
+    meta = json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else {}
     identity = json.loads(json.dumps(plan.phase_identity(job)))
-    why = ("its settings differ" if meta["identity"] != identity else
+    why = ("it saved no phase end" if not meta else
+           "its settings differ" if meta["identity"] != identity else
            f"it was trained on {meta['world_size']} rank(s)" if meta["world_size"] != world_size
            else f"the {meta['engine']} engine trained it" if meta["engine"] != engine_kind
            else None)
@@ -346,8 +349,8 @@ def reused_phases(plan, job, rank: int, world_size: int, engine_kind: str | None
     state = load_file(str(root / "state.safetensors"))
     trainable = {k[len("trainable."):]: v for k, v in state.items() if k.startswith("trainable.")}
     if rank == 0:
-        log.info("%s: phase 0 reused from %s (its phase end), training from phase %d", job.id,
-                 source.id, meta["phases"])
+        log.info("%s: its first %d phase(s) reused from %s (its phase end)", job.id,
+                 meta["phases"], source.id)
     return PhaseStart(phases=meta["phases"], trainable=trainable,
                       end_state={"generator_state": state["generator_state"],
                                  **load_file(str(root / f"rank{rank}.safetensors"))},
