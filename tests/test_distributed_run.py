@@ -124,6 +124,24 @@ def test_job_results_do_not_depend_on_the_group_layout(grid):
     assert stats["ray_temp_dir"].startswith("/tmp/ray_") and not Path(stats["ray_temp_dir"]).exists()
 
 
+def test_reused_ia2_phase_on_deepspeed_gives_the_bits_of_training_it_again(grid, tmp_path):
+    """ia2_then_sft alone on one ZeRO-3 group (it trains its IA2 phase itself) ends with the
+    per-step losses and adapter of the grid's, which started its SFT phase from the ia2 job's
+    phase end."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "alone"
+    assert main(["run", *_args(run, "train.methods=[ia2_then_sft]", "dist.backend=ray",
+                               "dist.num_workers=1")]) == 0
+    alone, reused = _history(run, "ia2_then_sft"), _history(grid["1x1"], "ia2_then_sft")
+    assert "reused_from" not in alone["phases"][0]
+    assert alone["history"] == reused["history"]
+    a, b = (load_file(str(Path(r) / "N8_seed0" / "ia2_then_sft" / "adapter_model.safetensors"))
+            for r in (run, grid["1x1"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_evaluation_on_the_cluster_equals_the_one_process_evaluation(grid):
     """Baselines on the teacher actors and each method on its group give the one-process
     evaluation's predictions; the run ends complete with the report."""
