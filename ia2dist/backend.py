@@ -161,7 +161,8 @@ class LocalBackend:
             sim = self._records(unit, "teacher_eval") if work.needs_similarity(unit) else None
             for baseline in (b for b in work.baselines if b.unit.key == unit.key):
                 yield self._baseline(baseline, sim)
-            for job in (j for j in work.train if j.unit.key == unit.key):
+            # a job another one starts from (ia2 for ia2_then_sft) is trained first
+            for job in self.plan.train_order([j for j in work.train if j.unit.key == unit.key]):
                 yield self._train(job, records, sim if work.evaluate_trained else None,
                                   work.evaluate_trained, work.resume_path(job))
             for job in (j for j in work.evaluate if j.unit.key == unit.key):

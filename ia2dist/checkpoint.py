@@ -261,6 +261,10 @@ class Checkpointer:
                 log.warning("could not delete old checkpoint %s (%s); training goes on", old, exc)
 
     # ------------------------------------------------------------------------------- load
+    def has_start(self) -> bool:
+        """True when ``load`` has something to try: an explicit checkpoint or any saved one."""
+        return self.resume_from is not None or bool(list_checkpoints(self.root))
+
     def load(self) -> Resume | None:
         """The checkpoint to resume from: ``resume_from`` when given (it must be valid), else the
         newest complete one (the one ``latest`` names first; corrupt ones are skipped with a

@@ -249,7 +249,9 @@ class AdapterConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     methods: list[str] = field(default_factory=lambda: ["sft", "ia2", "ia2_then_sft", "ia2_plus_sft"])
-    """Methods to train: sft, soft_sft, ia2, ia2_plus_sft, ia2_then_sft, sft_then_ia2."""
+    """Methods to train: sft, soft_sft, ia2, ia2_plus_sft, ia2_then_sft, sft_then_ia2. With ia2
+    too, ia2_then_sft starts its SFT phase from the ia2 job's result (the same IA2 phase, not
+    trained twice; ia2 runs first)."""
     label_type: Literal["ground_truth", "icl"] = "ground_truth"
     """CE targets of the methods not named in label_types: the dataset's answers or the teacher's
     ICL responses."""

@@ -11,7 +11,9 @@ driver loop take their work from it, so the rules below exist once:
   teacher extracts in so that training can start on the first shards;
 - what an earlier attempt already finished (``status``: trained, evaluated), i.e. what is pending;
 - where a unit's teacher outputs live and what determines them (``teacher_meta``, ``teacher_dir``);
-- what a job's checkpoints must agree on to be resumed (``job_identity``, ``checkpoint_options``).
+- what a job's checkpoints must agree on to be resumed (``job_identity``, ``checkpoint_options``);
+- which job's result another job starts from (``phase_source``: ia2_then_sft continues from the
+  ia2 job of the same unit, seed and settings) and hence the order jobs run in (``train_order``).
 
 A job's result does not depend on which worker group runs it or how many groups there are: it is a
 function of the plan (seeds, data, order) and the config only.
@@ -32,6 +34,15 @@ from ia2dist.records import Example
 
 #: What each evaluation-only baseline is: the frozen base model without / with N-1 demos.
 BASELINE_DEMOS = {"base": False, "icl": True}
+
+#: Methods whose first phase is the whole training of another method: {method: that method}. The
+#: first phase of ia2_then_sft IS an ia2 job (same objective, seed, data order and settings), so
+#: when the grid trains both, ia2_then_sft continues from the ia2 job's phase-end state.
+PHASE_SOURCES = {"ia2_then_sft": "ia2"}
+#: Train settings only CE targets read: the IA2 phase does not depend on them.
+_CE_ONLY = ("label_type", "label_types", "plus_sft_weight", "truncate_targets")
+#: Train settings that do not change what a job computes.
+_NOT_COMPUTED = ("methods", "checkpoint_every", "checkpoint_keep")
 
 
 @dataclass(frozen=True)
@@ -229,6 +240,43 @@ class Plan:
                 return job
         raise KeyError(job_id)
 
+    # ------------------------------------------------------------------ phases reused from a job
+    def phase_identity(self, job: Job) -> dict:
+        """Everything that determines the first phase of ``job`` (its unit, student seed, the
+        config but the method and the settings only CE targets read): two jobs with equal
+        identities train that phase to the same bits on the same engine and world size."""
+        ident = self.job_identity(job)
+        train = {k: v for k, v in ident["train"].items() if k not in _CE_ONLY + _NOT_COMPUTED}
+        drop = ("method", "config_hash", "setting")
+        return {**{k: v for k, v in ident.items() if k not in drop}, "train": train,
+                "objective": _first_objective(job.method), "student_seed": job.seed}
+
+    def phase_source(self, job: Job, jobs: Sequence[Job] | None = None) -> Job | None:
+        """The job (of ``jobs``, default: the run's whole grid) whose result is ``job``'s first
+        phase: for ia2_then_sft, the ia2 job of the same unit, seed and IA2-phase settings (in an
+        lr sweep: the same lr). None for other methods, for full fine-tuning (its phase-end state
+        would be a second copy of the model) and when the grid has no such job."""
+        source = PHASE_SOURCES.get(job.method)
+        if source is None or self.cfg.train.adapter.type == "full":
+            return None
+        key = None
+        for other in (self.jobs() if jobs is None else jobs):
+            if other.method == source and other.unit.key == job.unit.key:
+                key = key or self.phase_identity(job)
+                if self.phase_identity(other) == key:
+                    return other
+        return None
+
+    def train_order(self, jobs: Sequence[Job]) -> list[Job]:
+        """``jobs`` unit by unit as given, within a unit the jobs others start from first and
+        those that start from one of ``jobs`` last, so a one-at-a-time backend has every source
+        trained before the job that reuses it (and a queue hands sources out early)."""
+        units = {u.key: i for i, u in enumerate(self.units)}
+        edges = {j.id: s.id for j in jobs if (s := self.phase_source(j, jobs)) is not None}
+        sources = set(edges.values())
+        return sorted(jobs, key=lambda j: (units[j.unit.key],
+                                           0 if j.id in sources else 2 if j.id in edges else 1))
+
     def baselines(self) -> list[Baseline]:
         return [Baseline(unit=u, name=name) for u in self.units for name in self.cfg.baselines]
 
@@ -398,6 +446,12 @@ def result_rows(out_dir: Path) -> list[dict]:
     for path in sorted((out_dir / "ood").glob("*/metrics.json")):
         rows.append(json.loads(path.read_text()))
     return rows
+
+
+def _first_objective(method: str) -> str:
+    from ia2dist.student.trainer import METHOD_PHASES
+
+    return METHOD_PHASES[method][0]
 
 
 def _frozen(lists) -> tuple[tuple[Example, ...], ...]:

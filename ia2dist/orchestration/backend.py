@@ -105,9 +105,11 @@ class RayBackend:
         need_records = [u for u in units if work.needs_records(u)] if not online else []
         need_sim = [u for u in units if work.needs_similarity(u)] if not online else []
         baselines = work.baselines if not online else []
+        # a job starting from another's result (ia2_then_sft from ia2) waits for it in the queue
         tasks = [Task("train", j.unit.key, j.name, evaluate=work.evaluate_trained,
-                      resume_from=None if work.resume_path(j) is None else str(work.resume_path(j)))
-                 for j in work.train]
+                      resume_from=None if work.resume_path(j) is None else str(work.resume_path(j)),
+                      after=_id(plan.phase_source(j, work.train)))
+                 for j in plan.train_order(work.train)]
         tasks += [Task("evaluate", j.unit.key, j.name) for j in work.evaluate]
         if online:
             tasks += [Task("baseline", b.unit.key, b.name) for b in work.baselines]
@@ -226,6 +228,10 @@ class RayBackend:
         if not waiting:
             del users[unit]
             pump.release(unit)
+
+
+def _id(job) -> str | None:
+    return None if job is None else job.id
 
 
 def _largest_node_bytes(local: bool) -> int:

@@ -16,6 +16,11 @@ result does not depend on which group runs it: seeds, data order and adapter ini
 from the ``Plan``. When a group's worker dies, Ray Train restarts the group (``dist.max_failures``)
 and its rank 0 gets the same task back (the queue keeps it leased to the group), which continues
 from its latest checkpoint.
+
+A task may wait for another (``Task.after``: ia2_then_sft starts from the result of the ia2 job of
+its unit and settings, see ``ia2dist.plan.Plan.phase_source``). The queue hands a group the first
+task whose wait is over, so no group ever holds a task whose prerequisite nobody runs; a group
+finding only waiting tasks waits empty-handed until a running one is done.
 """
 
 from __future__ import annotations
@@ -45,20 +50,42 @@ class Task:
     name: str
     evaluate: bool = True
     resume_from: str | None = None
+    after: str | None = None
+    """The id of a task that must be done first (the job this one reuses a phase of)."""
 
     @property
     def id(self) -> str:
         return f"{self.unit}/{self.name}"
 
 
+#: What ``TaskQueue.take`` hands out while every pending task waits for a running one.
+WAIT = Task("wait", "", "")
+#: Seconds a group waits before asking again.
+WAIT_S = 0.5
+
+
+def next_ready(pending: deque, over: set[str], known: set[str]) -> Task | None:
+    """Remove and return the first of ``pending`` that need not wait: its ``after`` is None, over
+    (done, or given up with its failed group) or not a task of the queue (``known``); None when
+    every one waits for a task still pending or running."""
+    for task in pending:
+        if task.after is None or task.after in over or task.after not in known:
+            pending.remove(task)
+            return task
+    return None
+
+
 @ray.remote(num_cpus=0)
 class TaskQueue:
     """The run's tasks in plan order. A group takes one at a time; the task stays leased to the
-    group until it reports it done, so a restarted group gets it back."""
+    group until it reports it done, so a restarted group gets it back. A task waits until its
+    ``after`` is done (``WAIT`` meanwhile)."""
 
     def __init__(self, tasks: list[Task]):
         self._pending = deque(tasks)
+        self._known = {t.id for t in tasks}
         self._leases: dict[int, Task] = {}
+        self._over: set[str] = set()
         self._results: list[dict] = []
         self._stopped = False
 
@@ -67,13 +94,23 @@ class TaskQueue:
             return self._leases[group]
         if self._stopped or not self._pending:
             return None
-        task = self._pending.popleft()
+        task = next_ready(self._pending, self._over, self._known)
+        if task is None:
+            return WAIT
         self._leases[group] = task
         return task
 
     def done(self, group: int, result: dict) -> None:
-        self._leases.pop(group, None)
+        task = self._leases.pop(group, None)
+        if task is not None:
+            self._over.add(task.id)
         self._results.append(result)
+
+    def abandon(self, group: int) -> None:
+        """The group failed for good: tasks waiting for its task go on without it."""
+        task = self._leases.pop(group, None)
+        if task is not None:
+            self._over.add(task.id)
 
     def stop(self) -> None:
         """Hand out no further tasks (a stop was requested: running ones checkpoint and stop)."""
@@ -127,6 +164,9 @@ def group_worker(config: dict) -> None:
         task = box[0]
         if task is None:
             break
+        if task.kind == WAIT.kind:  # every pending task waits for one that is running
+            time.sleep(WAIT_S)
+            continue
         try:
             result = worker.run(task)
         except Preempted:  # checkpoint saved: end normally, the driver reports the stop
@@ -313,10 +353,11 @@ class _GroupWorker:
                                 with_demos=False, sim_records=sim, sync=self.sync,
                                 write=self.rank == 0, tags=tags)
         resume = Path(task.resume_from) if task.resume_from else None
+        agree = (lambda flag: not self.sync(not flag)) if self.sync is not None else (lambda f: f)
         return run_job(self.students, plan, job, train_items, dev_items, engine_factory=factory,
                        rank=self.rank, world_size=self.world, barrier=dist.barrier,
                        checkpoint=plan.checkpoint_options(job, resume), validate_items=False,
-                       evaluate=evaluator, engine=self.engine.record())
+                       evaluate=evaluator, engine=self.engine.record(), agree=agree)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,6 +397,8 @@ class WorkerGroups:
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; keep the worker's own message
             self.errors[group] = root_message(exc)
+            # tasks waiting for this group's task go on (they train every phase themselves)
+            self.config["queue"].abandon.remote(group)
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)

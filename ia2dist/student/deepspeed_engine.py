@@ -280,6 +280,11 @@ class DeepSpeedEngineFactory:
         self.ds_config, self.model_dtype, self.engine_class = ds_config, model_dtype, engine_class
         self.engine: DeepSpeedEngine | None = None
 
+    @property
+    def kind(self) -> str:
+        """The kind of engine it makes (see ``ia2dist.student.trainer.EngineFactory``)."""
+        return self.engine_class.kind
+
     def __call__(self, model: nn.Module, train_cfg: TrainConfig) -> DeepSpeedEngine:
         self.close()
         self.engine = self.engine_class(model, train_cfg, self.ds_config,

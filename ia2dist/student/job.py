@@ -13,6 +13,10 @@ which builds them lazily from a record fetcher, so a rank only ever touches (and
 fetches) the teacher records of the examples it trains on.
 
 Each job records where its time went (``ia2dist.timing``): ``timing.json`` in its folder.
+
+A job that other jobs start from (an ia2 job: ia2_then_sft's first phase, see
+``ia2dist.plan.Plan.phase_source``) also saves its end state in ``phase_end/``; such a job, when
+that folder is there and matches, continues from it instead of training the phase again.
 """
 
 from __future__ import annotations
@@ -233,7 +237,8 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
             checkpoint: dict | None = None, validate_items: bool = True,
             evaluate: Callable[[nn.Module, dict], list[dict]] | None = None,
             log_step: Callable[[dict], None] | None = None, progress: bool = False,
-            engine: dict | None = None) -> JobOutcome:
+            engine: dict | None = None,
+            agree: Callable[[bool], bool] = lambda flag: flag) -> JobOutcome:
     """Train ``job`` and publish ``job.out_dir`` (adapter or full model + history.json, written
     under a staging name and renamed when complete), then ``evaluate(model, tags)`` with the
     trained student and the job's result-row tags (its rows go into the outcome); the base is
@@ -246,23 +251,34 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
         model and stays alive for the evaluation, then is closed). Every rank of a group calls
         this with the same job; rank 0 writes the files. ``checkpoint``: ``Checkpointer`` keyword
         arguments (``Plan.checkpoint_options``) or None. ``engine``: which engine and why
-        (``EngineChoice.record()``), written into history.json.
+        (``EngineChoice.record()``), written into history.json. ``agree(flag)``: True on every
+        rank when every rank's flag is True (a group decides together whether to reuse a phase
+        end).
     """
     from ia2dist.checkpoint import Checkpointer
     from ia2dist.student.trainer import train
 
     checkpointer = Checkpointer(**checkpoint, rank=rank) if checkpoint is not None else None
+    reuse = None
+    if checkpointer is None or not checkpointer.has_start():  # else it resumes from its own
+        reuse = reused_phases(plan, job, rank, world_size, getattr(engine_factory, "kind", None))
+    if not agree(reuse is not None):
+        reuse = None
     with students.student(job.seed) as model:
         try:
             result = train(model, train_items, dev_items, job.method, job.train_cfg,
                            seed=job.seed, log=log_step, progress=progress,
                            engine_factory=engine_factory, validate_items=validate_items,
-                           checkpointer=checkpointer, eval_batch_size=plan.cfg.eval.batch_size)
+                           checkpointer=checkpointer, eval_batch_size=plan.cfg.eval.batch_size,
+                           reuse=reuse)
             final = job.out_dir
             with timing.part("checkpoint"):
                 tmp = rundir.staging_dir(final) if rank == 0 else rundir.staging_name(final)
                 barrier()
                 engine_factory.engine.save_consolidated(tmp)
+                if saves_phase_end(plan, job):
+                    save_phase_end(tmp / PHASE_END, plan, job, engine_factory.engine, result,
+                                   rank, world_size, barrier)
                 if rank == 0:
                     write_json_atomic(tmp / "history.json", {
                         "history": result.history, "phases": result.phases,
@@ -286,3 +302,82 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
     return JobOutcome(job_id=job.id, history=result.history, phases=result.phases,
                       resumed_from=result.resumed_from, world_size=world_size, rows=rows,
                       timing=spent)
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase ends other jobs start from
+
+#: Folder of a job's published result holding its end state, for the jobs that start from it.
+PHASE_END = "phase_end"
+
+
+def saves_phase_end(plan, job) -> bool:
+    """True for a job whose result other methods' first phase can be (an ia2 job with an
+    adapter): it saves its end state besides the adapter, a few adapter-sized files."""
+    from ia2dist.plan import PHASE_SOURCES
+
+    return job.method in PHASE_SOURCES.values() and plan.cfg.train.adapter.type != "full"
+
+
+def save_phase_end(root: Path, plan, job, engine, result, rank: int, world_size: int,
+                   barrier: Callable[[], None]) -> None:
+    """Write ``root``: the trainable state the job ended with (its best dev step's) and the
+    data-order generator (state.safetensors), each rank's RNG states (rank{r}.safetensors) and
+    what they are valid for (meta.json: the phase identity, world size, engine kind). Collective:
+    every rank calls it (gathering a ZeRO-3 partitioned state)."""
+    from safetensors.torch import save_file
+
+    trainable = engine.trainable_state()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        save_file({**{f"trainable.{k}": v.contiguous() for k, v in trainable.items()},
+                   "generator_state": result.end_state["generator_state"]},
+                  str(root / "state.safetensors"))
+        write_json_atomic(root / "meta.json", {
+            "job": job.id, "phases": len(result.phases), "world_size": world_size,
+            "engine": getattr(engine, "kind", "torch"), "identity": plan.phase_identity(job)})
+    barrier()
+    save_file({k: v for k, v in result.end_state.items() if k != "generator_state"},
+              str(root / f"rank{rank}.safetensors"))
+    barrier()
+
+
+def reused_phases(plan, job, rank: int, world_size: int, engine_kind: str | None):
+    """The ``PhaseStart`` of ``job`` from its phase source's published result (see
+    ``Plan.phase_source``), or None (train every phase) when the grid has no source, the source
+    is not trained, has no phase end (trained by an older version or full fine-tuning), or its
+    phase end is for other settings, another world size or another engine kind."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ia2dist.student.trainer import PhaseStart
+
+    source = plan.phase_source(job)
+    if source is None:
+        return None
+    root = source.out_dir / PHASE_END
+    if not (source.out_dir / "history.json").is_file():
+        return None  # not trained (yet): it is not in this run's work
+    meta = json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else {}
+    identity = json.loads(json.dumps(plan.phase_identity(job)))
+    why = ("it saved no phase end" if not meta else
+           "its settings differ" if meta["identity"] != identity else
+           f"it was trained on {meta['world_size']} rank(s)" if meta["world_size"] != world_size
+           else f"the {meta['engine']} engine trained it" if meta["engine"] != engine_kind
+           else None)
+    if why is not None:
+        if rank == 0:
+            log.info("%s: training every phase, not reusing %s (%s)", job.id, source.id, why)
+        return None
+    history = json.loads((source.out_dir / "history.json").read_text())
+    state = load_file(str(root / "state.safetensors"))
+    trainable = {k[len("trainable."):]: v for k, v in state.items() if k.startswith("trainable.")}
+    if rank == 0:
+        log.info("%s: its first %d phase(s) reused from %s (its phase end)", job.id,
+                 meta["phases"], source.id)
+    return PhaseStart(phases=meta["phases"], trainable=trainable,
+                      end_state={"generator_state": state["generator_state"],
+                                 **load_file(str(root / f"rank{rank}.safetensors"))},
+                      history=history["history"],
+                      summaries=[{**p, "reused_from": source.id} for p in history["phases"]])

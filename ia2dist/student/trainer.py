@@ -257,10 +257,13 @@ def read_plain_checkpoint(path: Path) -> tuple[dict, dict, dict]:
 class EngineFactory:
     """The ``engine_factory`` of ``train`` that keeps the latest engine: the one a finished job
     saves (``save_consolidated``) and evaluates with. A new phase destroys the previous engine
-    (a fresh optimiser on the same weights); ``close`` destroys the last one."""
+    (a fresh optimiser on the same weights); ``close`` destroys the last one. ``kind``: the kind
+    of engine it makes (a job reuses another job's phases only when trained by the same kind)."""
 
-    def __init__(self, make: Callable[[nn.Module, TrainConfig], Engine] = None):
+    def __init__(self, make: Callable[[nn.Module, TrainConfig], Engine] = None,
+                 kind: str = TorchEngine.kind):
         self.make = make or TorchEngine.from_config
+        self.kind = kind
         self.engine: Engine | None = None
 
     def __call__(self, model: nn.Module, train_cfg: TrainConfig) -> Engine:
@@ -284,6 +287,24 @@ class TrainResult:
     phases: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
     """The checkpoint this call continued from (None: trained from the start)."""
+    end_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The data-order generator and this rank's RNG states at the end (what a ``PhaseStart``
+    needs besides the trainable state)."""
+
+
+@dataclass
+class PhaseStart:
+    """The first ``phases`` phases, trained by another job (``ia2dist.plan.Plan.phase_source``:
+    ia2_then_sft's IA2 phase is the ia2 job's whole training): that job's state at its end, i.e.
+    the trainable state of its best dev evaluation, the data-order generator, this rank's RNG
+    states (``TrainResult.end_state``) and its history. ``train`` continues from it with the next
+    phase, to the same bits as training those phases again on the same engine and world size."""
+
+    phases: int
+    trainable: dict[str, torch.Tensor]
+    end_state: dict[str, torch.Tensor]
+    history: list[dict]
+    summaries: list[dict]
 
 
 @dataclass
@@ -311,7 +332,8 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
           engine_factory: Callable[[nn.Module, TrainConfig], Engine] = TorchEngine.from_config,
           pad_id: int | None = None, padding_side: str = "right",
           validate_items: bool = True, checkpointer: Checkpointer | None = None,
-          eval_batch_size: int | None = None) -> TrainResult:
+          eval_batch_size: int | None = None,
+          reuse: PhaseStart | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters in place with ``method`` (see ``METHOD_PHASES``).
 
     Each phase builds a fresh engine (hence a fresh optimiser) with ``engine_factory``. On return
@@ -326,6 +348,8 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
         the resumed run ends with the same weights and history as an uninterrupted one.
     eval_batch_size: dev items per forward of each dev evaluation (``eval.batch_size``; default
         ``train.micro_batch_size``); the dev loss does not depend on it.
+    reuse: start after phases another job trained (see ``PhaseStart``; a checkpoint of this job
+        takes precedence: it is further along).
     """
     if method not in METHOD_PHASES:
         raise IA2Error(f"train.methods: unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -351,14 +375,27 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
         result.history = list(resume.state.history)
         result.phases = list(resume.state.phases)
         result.resumed_from = str(resume.path)
+        reuse = None
+    elif reuse is not None:
+        result.history, result.phases = list(reuse.history), list(reuse.summaries)
+        generator.set_state(reuse.end_state["generator_state"])
+        _set_rng(reuse.end_state)
+        if log is not None:
+            for row in reuse.history:
+                log(dict(row))
     was_training = model.training
     try:
         for index, objective in enumerate(phases):
             if resume is not None and index < resume.state.phase:
                 continue
+            if reuse is not None and index < reuse.phases:
+                continue
             with part("engine_setup"):
                 engine = engine_factory(model, train_cfg)
             ctx.device = engine.device
+            if reuse is not None:  # the other job's phase-end weights, fresh optimiser
+                engine.load_trainable_state(reuse.trainable)
+                reuse = None
             start = None
             if resume is not None and index == resume.state.phase:
                 with part("checkpoint"):
@@ -380,9 +417,24 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
                 with part("checkpoint"):
                     checkpointer.save(engine, state, generator.get_state(), None,
                                       _barrier(engine))
+        result.end_state = {"generator_state": generator.get_state(), **_rng_state()}
     finally:
         model.train(was_training)
     return result
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This rank's RNG states: torch's CPU generator and, when CUDA is in use, its device's."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def _barrier(engine: Engine) -> Callable[[], None]:
