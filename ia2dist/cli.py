@@ -29,10 +29,10 @@ VERBS = {
 }
 
 EPILOG = """\
-config: a YAML file with sections model, data, extract, train, eval, wandb, dist (see README
-"Config reference"); omitted fields take their defaults, so no file is needed for the embedded
-demo. protocol: reference (default; the paper code's choices) or ia2dist sets the defaults of the
-options listed in README "Differences from the reference". Overrides: key=value with dotted paths,
+config: a YAML file with sections model, data, extract, train, eval, wandb, dist (see
+docs/config.md); omitted fields take their defaults, so no file is needed for the embedded demo.
+protocol: reference (default; the paper code's choices) or ia2dist sets the defaults of the
+options listed in docs/paper.md "Differences from the reference". Overrides: key=value with dotted paths,
 values parsed as YAML, e.g.
   ia2dist run configs/demo.yaml data.num_train=[2,4] train.methods=[sft,ia2_then_sft]
 """
@@ -172,8 +172,7 @@ def _dispatch(ns) -> int:
     if ns.verb in ("train", "run"):
         _stop_on_signals(cfg.run_dir)
     if cfg.dist.backend == "ray" and cfg.dist.ray_address is None:
-        _private_ray_auth()
-        _private_ray_local_only()
+        private_ray_settings()
     if ns.verb == "extract":
         out = pipeline.run_extract(cfg, overwrite=ns.overwrite)
     elif ns.verb == "train":
@@ -254,6 +253,12 @@ def _status(ns) -> int:
 
     print(f"{run_dir}: {describe_progress(state)}")
     return 0
+
+
+def private_ray_settings() -> None:
+    """Before a private local Ray starts: its token and its ports confined to this machine."""
+    _private_ray_auth()
+    _private_ray_local_only()
 
 
 def _private_ray_auth() -> None:

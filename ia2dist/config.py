@@ -103,6 +103,8 @@ class ModelConfig:
     padding_side: Literal["left", "right"] = "left"
     """Padding side for batched forwards; results are identical either way (positions are computed)."""
     trust_remote_code: bool = False
+    """Passed to transformers: run the model's own code from its directory or hub repository
+    (only for models you trust)."""
     cache_dir: str | None = None
     """Where the embedded model, GGUF conversions and fetched wheels are cached (default:
     ~/.cache/ia2dist or $IA2DIST_CACHE)."""
@@ -234,9 +236,14 @@ class ExtractConfig:
 @dataclass(kw_only=True)
 class AdapterConfig:
     type: Literal["lora", "ia3", "prompt", "prefix", "full"] = "lora"
+    """The trainable part of the student: a LoRA, IA3, prompt-tuning or prefix-tuning adapter
+    (PEFT), or every weight ('full')."""
     r: int = 8
+    """LoRA rank."""
     alpha: int = 8
+    """LoRA alpha (the update is scaled by alpha / r)."""
     dropout: float = 0.0
+    """LoRA dropout."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "o_proj"])
     """Module names (LoRA/IA3). Architecture aliases are resolved: e.g. GPT-2's c_attn/c_proj."""
     num_virtual_tokens: int = 20
@@ -262,9 +269,11 @@ class TrainConfig:
     default: {ia2_plus_sft: [icl]} (the reference's tna trains on the ICL outputs) / {}."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: Literal["adam", "adamw"] = "adam"
+    """Adam (the reference's) or AdamW; a fresh one for every phase."""
     lr: float | list[float] = _reference("train.lr")
     """Learning rate; a list is a sweep (see plus_sft_weight). Protocol default: 1e-4 / 1e-3."""
     weight_decay: float = 0.0
+    """Weight decay of the optimizer."""
     epochs: int = 50
     """Maximum epochs per phase (early stopping usually ends sooner)."""
     batch_size: int = 4
@@ -290,6 +299,7 @@ class TrainConfig:
     max_steps: int | None = None
     """Cap on optimizer steps per phase (None: epochs decide)."""
     grad_clip: float | None = None
+    """Gradient-norm clip (None: no clipping)."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints inside a phase (each phase end is always checkpointed;
     0: phase ends only; -1: no checkpoints). A rerun of the same run_dir resumes from them."""
@@ -303,6 +313,7 @@ class EvalConfig:
     """Prompts per forward of test evaluation and similarity, and dev items per forward of the
     dev evaluations during training."""
     ece_bins: int = 15
+    """Equal-mass bins of the expected calibration error (ECE)."""
     confidence: Literal["plain", "reference"] = _reference("eval.confidence")
     """Distributions behind the reported confidence and entropy: plain softmax probabilities, or
     the reference code's (top-1 renormalised over the top-10 tokens; a softmax over the label
@@ -317,6 +328,7 @@ class EvalConfig:
     or ia2dist's (GSM8K: the last ####, \\boxed, "the answer is", last number, sign kept; MATH: the
     last \\boxed with balanced braces). Protocol default: reference / ia2dist."""
     stop_strings: list[str] = field(default_factory=lambda: ["\n\n"])
+    """Stop strings of multi-token evaluation (the demonstration separator)."""
     max_new_tokens: int | None = None
     """Generation length for multi-token tasks (None: the task's T)."""
     similarity: bool = True
@@ -338,8 +350,16 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """'offline' writes run_dir/wandb without network (`wandb sync` uploads it later); 'online'
+    uses your own wandb login from the environment; 'disabled' turns tracking off."""
     project: str = "ia2dist"
+    """wandb project."""
     entity: str | None = None
+    """wandb entity (user or team; None: your default)."""
+    group: str | None = None
+    """wandb group of this run's wandb runs (one per trained job, job type = method, tags = N,
+    seed and task, plus one 'report' run). None: the run directory's name; the sweep launchers
+    set the sweep's name so that every cell lands in one group."""
 
 
 @dataclass(kw_only=True)
@@ -361,6 +381,7 @@ class DistConfig:
     """One GPU per student worker, and one per teacher replica unless dist.teacher_gpus says
     otherwise."""
     cpus_per_worker: float = 1.0
+    """CPUs reserved per student worker."""
     ds_config: str = "auto"
     """The student engine. 'auto': chosen from the layout (``ia2dist.student.engine_choice``):
     the plain PyTorch engine on a group of one rank (ZeRO-3 there partitions nothing yet gathers
@@ -375,10 +396,12 @@ class DistConfig:
     teacher_actors: int = 1
     """Frozen teacher replicas (Ray actors)."""
     teacher_cpus: float = 1.0
+    """CPUs reserved per teacher replica."""
     teacher_gpus: float | None = None
     """GPUs per teacher replica: fractional to share a GPU, > 1 for a model split over several,
     0 for the CPU. None: 1 with dist.use_gpu, else 0."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement group strategy of the teacher replicas."""
     colocate: bool = False
     """Teacher and students share the devices: the stage finishes and its actors are released
     before training starts (no pipelining)."""
@@ -410,8 +433,8 @@ class DistConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     protocol: Literal["reference", "ia2dist"] = "reference"
-    """Sets the default of every option in PROTOCOL_DEFAULTS (README "Differences from the
-    reference"): 'reference' reproduces the paper's code, 'ia2dist' uses this project's choices.
+    """Sets the default of every option in PROTOCOL_DEFAULTS (docs/paper.md, "Differences from
+    the reference"): 'reference' reproduces the paper's code, 'ia2dist' uses this project's choices.
     Each option stays individually overridable."""
     run_dir: str = "runs/ia2"
     """Output directory. Must be empty or absent unless --overwrite (then it is replaced)."""

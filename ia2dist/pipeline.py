@@ -366,10 +366,11 @@ def _drive(session: Session, work: Work, tracker=None) -> list[dict]:
     expected = [j.id for j in work.train] + [j.id for j in work.evaluate] + \
         [b.id for b in work.baselines]
     results, seen = [], set()
+    jobs = {job.id: job for job in work.train}
     for outcome in session.backend.run(work):
         seen.add(outcome.id)
-        if tracker is not None and outcome.history and not outcome.logged:
-            _log_history(tracker, outcome)
+        if tracker is not None and outcome.id in jobs:
+            _track(tracker, jobs[outcome.id], outcome)
         results += outcome.rows
     check_outcomes(expected, seen, session.run_dir)
     stats = getattr(session.backend, "stats", None)
@@ -380,10 +381,12 @@ def _drive(session: Session, work: Work, tracker=None) -> list[dict]:
     return results
 
 
-def _log_history(tracker, outcome: Outcome) -> None:
-    prefix = f"N{outcome.unit.n}/seed{outcome.unit.seed}/{outcome.name}"
-    for row in outcome.history:
-        tracker.log({f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+def _track(tracker, job, outcome: Outcome) -> None:
+    """A trained job's wandb run: its history (unless it went step by step) and its metrics."""
+    if outcome.history and not outcome.logged:
+        for row in outcome.history:
+            tracker.log_step(job, row)
+    tracker.finish_job(job, outcome.rows)
 
 
 # ---------------------------------------------------------------------- verbs
@@ -466,11 +469,9 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
     if done is not None and resume_from is None:
         return done
     session = _start(cfg, "run", overwrite, fresh=True, resume_from=resume_from)
-    tracker = Tracker(cfg.wandb, session.run_dir, to_dict(cfg), name=session.run_dir.name)
+    tracker = Tracker(cfg.wandb, session.run_dir, to_dict(cfg), task=session.plan.spec.name)
     if not _is_ray(cfg):
-        session.backend.log_step = lambda job, row: tracker.log(
-            {f"N{job.unit.n}/seed{job.unit.seed}/{job.name}/{k}": v for k, v in row.items()
-             if isinstance(v, (int, float))})
+        session.backend.log_step = tracker.log_step
     status = session.plan.status(resuming=session.resuming)
     for job in status.to_evaluate:
         log.info("N=%d seed=%d: %s was trained by an earlier attempt", job.unit.n, job.unit.seed,

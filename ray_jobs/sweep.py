@@ -33,10 +33,12 @@ def cells(lrs, ns, seeds):
 
 
 def entrypoint(config: str | None, run_dir: Path, lr: str, n: int, seed: int, extra: list[str]) -> str:
-    # cells with the same (N, seed) share teacher outputs through one cache next to the cells
+    # cells with the same (N, seed) share teacher outputs through one cache next to the cells, and
+    # their wandb runs one group named after the sweep's folder
     args = ["python -m ia2dist.cli run", config or "", f"run_dir={run_dir}", f"train.lr={lr}",
             f"'data.num_train=[{n}]'", f"'data.seeds=[{seed}]'",
-            f"extract.cache_dir={run_dir.parent / 'teacher_cache'}", *extra,
+            f"extract.cache_dir={run_dir.parent / 'teacher_cache'}",
+            f"wandb.group={run_dir.parent.name}", *extra,
             "dist.backend=ray", "dist.ray_address=auto"]
     return " ".join(a for a in args if a)
 
