@@ -4,8 +4,8 @@
 # What:     `up` starts `ray start --head --block` in the background with Ray token authentication
 #           and a FRESH token in a user-only file (0600, never printed), its ports on IA2_RAY_HOST
 #           (default 127.0.0.1: then every port listens on 127.0.0.1 only; give the node's internal
-#           address to accept workers and clients from other machines, never 0.0.0.0: README
-#           "Security" lists the ports Ray then opens on every interface) and ports of its own
+#           address to accept workers and clients from other machines, never 0.0.0.0:
+#           docs/security.md lists the ports Ray then opens on every interface) and ports of its own
 #           (IA2_RAY_PORT: GCS, +1 dashboard / Jobs API, +2 dashboard agent, +3 client server,
 #           +4 the dashboard's own metrics; workers +10..+99), then waits until the Jobs API answers
 #           and writes STATE_DIR/cluster.env (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH: the

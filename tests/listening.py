@@ -6,7 +6,7 @@ and all their descendants (Ray renames its workers and agents, which hides their
 Sockets are attributed through the socket inodes in /proc/<pid>/fd matched against /proc/net/tcp
 and /proc/net/tcp6. Probes only ever connect to loopback addresses.
 
-The exceptions a test allows are the ones README "Security" documents; ``check`` takes them as
+The exceptions a test allows are the ones docs/security.md documents; ``check`` takes them as
 arguments so that each test states its own.
 """
 

@@ -65,34 +65,6 @@ def test_hash_is_stable_and_sensitive():
     assert config_hash(load_config(None, ["train.lr=0.5"])) != config_hash(a)
 
 
-def _leaf_fields(cls, prefix=""):
-    import dataclasses
-
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING
-                                    else f.default):
-            sub = type(f.default_factory())
-            yield from _leaf_fields(sub, f"{prefix}{f.name}.")
-        else:
-            yield prefix + f.name
-
-
-def test_readme_documents_every_field():
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| `")]
-    missing = []
-    for dotted in _leaf_fields(RunConfig):
-        prefix, _, leaf = dotted.rpartition(".")
-        hit = any(f"`{dotted}`" in row or (prefix and f"`{prefix}." in row and f"`{leaf}`" in row)
-                  for row in rows)
-        if not hit:
-            missing.append(dotted)
-    assert not missing, f"README config reference lacks {missing}"
-
-
 def test_sweep_grid_expands_per_method():
     cfg = load_config(None, ["train.lr=[1e-4, 3e-4]", "train.plus_sft_weight=[0.01, 0.5]",
                              "train.label_types.sft=[ground_truth, icl]"])

@@ -189,7 +189,7 @@ def test_sweep_driver_runs_every_cell(cluster, tmp_path):
 def test_launcher_cluster_listens_on_127_0_0_1_only(cluster):
     """Every port the launcher's cluster opened while the tests above ran (GCS, raylet, dashboard,
     agents, client server, the jobs' drivers and workers) listened on 127.0.0.1; the only
-    exception is the one README "Security" documents: torch.distributed's rendezvous store in the
+    exception is the one docs/security.md documents: torch.distributed's rendezvous store in the
     Ray Train rank-0 worker (every interface). Without the token each port refuses, answers 401
     or speaks gRPC, except the documented dashboard page and the dashboard's own metrics
     (port + 4). No autoscaler monitor and no metrics export (IA2_RAY_METRICS unset)."""
@@ -212,7 +212,7 @@ def test_launcher_on_an_internal_address_with_metrics(tmp_path):
     """`IA2_RAY_HOST=<internal address> IA2_RAY_METRICS=1` (127.0.0.2 stands in for it: a loopback
     address Ray treats like any other): the dashboard, the client server and the agents' HTTP
     ports listen on that address (the agent and the client server also on 127.0.0.1), the ports
-    Ray gives no address for on every interface, as README "Security" lists them: GCS, raylet,
+    Ray gives no address for on every interface, as docs/security.md lists them: GCS, raylet,
     the workers, the dashboard agent's gRPC and metrics export, the dashboard's metrics (port + 4)
     and the autoscaler monitor's (port + 6); only the metrics and the dashboard page answer
     without the token."""

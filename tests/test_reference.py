@@ -444,11 +444,11 @@ def test_soft_labels_default_to_the_full_vocabulary():
     torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(2))
 
 
-def test_readme_differences_table_names_every_protocol_option():
+def test_docs_differences_table_names_every_protocol_option():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Differences from the reference", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).parents[1] / "docs" / "paper.md").read_text()
+    section = page.split("## Differences from the reference", 1)[1].split("\n## ", 1)[0]
     for dotted in PROTOCOL_DEFAULTS:
         assert f"`{dotted}`" in section, dotted
     for bug in ("no-op", "t2a", "tna with ground-truth", "N % batch", "uncertainty mode"):

@@ -157,7 +157,7 @@ def test_private_local_ray_of_a_run_uses_a_fresh_per_run_token(private_ray_run):
 def test_private_local_ray_listens_on_loopback_only(private_ray_run):
     """Every port the private local Ray opens (GCS, raylet, agents, the driver's and the actors'
     workers) listens on 127.0.0.1; without the token each one refuses, answers 401 or speaks
-    gRPC; the only data served without it are what README "Security" lists: the Prometheus
+    gRPC; the only data served without it are what docs/security.md lists: the Prometheus
     metrics of Ray's dashboard process and autoscaler monitor (on 127.0.0.1, ports 44227 and 44217
     unless another Ray on this machine holds them). No metrics export (IA2_RAY_METRICS unset)."""
     *_, watcher = private_ray_run

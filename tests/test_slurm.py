@@ -224,8 +224,8 @@ def test_one_node_ray_job_completes(slurm, jobs):
 def test_one_node_ray_job_listens_on_the_head_address(slurm, jobs):
     """The one-node Ray job's cluster with its head on HEAD_IP: the dashboard, the client server
     and the agents' HTTP ports listen on HEAD_IP (the agent and the client server also on
-    127.0.0.1, which no other machine reaches); on every interface only the ports README
-    "Security" lists for a node's internal address: GCS, raylet, the core workers of the driver and
+    127.0.0.1, which no other machine reaches); on every interface only the ports
+    docs/security.md lists for a node's internal address: GCS, raylet, the core workers of the driver and
     the Ray workers (and the rank-0 training worker's torch.distributed store), the dashboard
     agent's gRPC and the dashboard process's metrics (base + 3). Without the token every port
     refuses, answers 401 or speaks a binary protocol, except the documented dashboard page and the
@@ -321,7 +321,7 @@ def test_sweep_array_runs_every_cell_sharing_teacher_outputs(slurm, jobs):
 def test_single_node_job_private_ray_listens_on_loopback_only(slurm, jobs):
     """ia2dist_single.sbatch (the requeued job, both starts): `ia2dist run` with its private local
     Ray, student stage included; every port on 127.0.0.1 except the rank-0 training worker's
-    torch.distributed store (README "Security"); no data without the token except the
+    torch.distributed store (docs/security.md); no data without the token except the
     documented metrics of the dashboard process and the autoscaler monitor."""
     job, _, _ = jobs["requeue"]
     _wait(slurm, job)

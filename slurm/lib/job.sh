@@ -26,7 +26,7 @@
 #   IA2_RAY_DASHBOARD   1 (default): dashboard on <head ip>:<base+1>, never 0.0.0.0; 0: none
 #   IA2_RAY_METRICS     0 (default): no metrics export and no autoscaler monitor (a job's cluster
 #                       has a fixed size); 1: Ray's Prometheus metrics export on every node and the
-#                       monitor (its metrics on <base+4>); README "Security" lists where they listen
+#                       monitor (its metrics on <base+4>); docs/security.md lists where they listen
 #   IA2_RAY_TMP         node-local root of the Ray temp dirs (default /tmp; keep it short: Ray's
 #                       unix socket paths must stay under 108 characters)
 #   IA2_RAY_OBJECT_STORE_BYTES  object store per node (default: Ray's, 30% of memory)
