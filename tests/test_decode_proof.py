@@ -26,7 +26,7 @@ FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox", "falcon")
 def fresh_proofs(monkeypatch):
     """Every check runs afresh (the proofs are kept per process otherwise)."""
     monkeypatch.setattr(extract_module, "_DECODE_PROOFS", {})
-    monkeypatch.setattr(extract_module, "_PROVEN", [])
+    monkeypatch.setattr(extract_module, "_USED", {})
     monkeypatch.setattr(modeling, "_PROOFS", {})
 
 
@@ -160,3 +160,31 @@ def test_a_wrong_shortcut_is_rejected_in_every_dtype(make_tokenizer, make_model,
     assert runner.one_by_one and not runner.kv_cache
     assert any("one prompt at a time" in r.message and "failed the check" in r.message
                for r in caplog.records)
+
+
+def test_a_run_records_the_proven_settings(tmp_path, fresh_proofs):
+    """`ia2dist extract` in bfloat16 on the one-process backend: run.log and distributed_stats.json
+    say which decode settings the teacher ran with."""
+    import json
+    import random
+
+    from ia2dist.cli import main
+
+    rng = random.Random(0)
+    paths = []
+    for name, rows in (("train", 24), ("eval", 8)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"idx": i, "sentence": " ".join(
+            rng.choice(("good", "bad", "film", "plot", "dull", "warm")) for _ in range(5)),
+            "label": rng.randint(0, 1)}) + "\n" for i in range(rows)))
+        paths.append(path)
+    run = tmp_path / "run"
+    assert main(["extract", f"run_dir={run}", "model.name_or_path=tiny:llama",
+                 "model.dtype=bfloat16", "data.task=sst2", f"data.train_path={paths[0]}",
+                 f"data.eval_path={paths[1]}", "data.num_train=[4]", "data.seeds=[0]",
+                 "eval.similarity_items=4", "wandb.mode=disabled"]) == 0
+    (proof, *_) = json.loads((run / "distributed_stats.json").read_text())["decoding"]["local"]
+    assert proof["dtype"] == "bfloat16" and proof["kv_cache"] and not proof["one_by_one"]
+    logged = (run / "run.log").read_text()
+    assert "LlamaForCausalLM (bfloat16, cpu, eager kernel): decoding with static KV cache, " \
+        "batched" in logged

@@ -175,6 +175,7 @@ class _Runner:
                param.dtype, param.device.type)
         if key in _DECODE_PROOFS:
             self._apply(_DECODE_PROOFS[key])
+            _USED.setdefault(key, _DECODE_PROOFS[key])
             return
         vocab = vocab_size(self.model)
         probe = [[(i * 7919 + 11) % vocab for i in range(n)] for n in (5, 8)]
@@ -203,13 +204,12 @@ class _Runner:
             raise IA2Error(f"model: {type(self.model).__name__} does not decode like the per-token "
                            f"reference even without KV cache or padding ({why}); this family is "
                            f"not supported")
-        _DECODE_PROOFS[key] = self.settings()
         proof = {"model": type(self.model).__name__,
                  "dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type,
                  "kernel": key[1], **self.settings(), "last_position_mlp": self.last_mlp.mode,
                  "last_query_attention": self.last_query.mode,
                  "faster_settings_failed": why if step else None}
-        _PROVEN.append(proof)
+        _DECODE_PROOFS[key] = _USED[key] = proof
         log.info("%s (%s, %s, %s kernel): decoding with %s, as proven against the per-token "
                  "reference%s", proof["model"], proof["dtype"], proof["device"], proof["kernel"],
                  describe_decoding(proof),
@@ -341,18 +341,23 @@ _LADDER = (
     {"static_cache": False, "separate": False, "keep": False, "kv_cache": False,
      "one_by_one": True},
 )
-#: Outcome of ``_Runner.prove`` per model structure (``structure_key``), kernel, dtype and device.
+#: Outcome of ``_Runner.prove`` per model structure (``structure_key``), kernel, dtype and device:
+#: the proof (``proven_decoding``), whose setting keys ``_Runner._apply`` reads.
 _DECODE_PROOFS: dict[tuple, dict] = {}
-#: What each proof of this process found, in order (``proven_decoding``).
-_PROVEN: list[dict] = []
+#: The proofs decoders of this process used since the last ``proven_decoding(reset=True)``.
+_USED: dict[tuple, dict] = {}
 
 
-def proven_decoding() -> list[dict]:
-    """The decode settings this process proved, one dict per model structure, kernel, dtype and
-    device: the model class, dtype, device, kernel, each setting (``_Runner.settings``), the
-    last-position shortcuts' modes (None: off) and why faster settings were rejected (None: none
-    was)."""
-    return [dict(p) for p in _PROVEN]
+def proven_decoding(reset: bool = False) -> list[dict]:
+    """The decode settings this process's decoders ran with (since the last reset), one dict per
+    model structure, kernel, dtype and device: the model class, dtype, device, kernel, each setting
+    (``_Runner.settings``), the last-position shortcuts' modes (None: off) and why faster settings
+    were rejected (None: none was). ``reset``: start a new record after returning this one (the
+    proofs themselves are kept: a model is never proven twice)."""
+    used = [dict(p) for p in _USED.values()]
+    if reset:
+        _USED.clear()
+    return used
 
 
 def describe_decoding(proof: dict) -> str:
@@ -361,7 +366,7 @@ def describe_decoding(proof: dict) -> str:
         path = "no KV cache (a full forward per token)" + (", one prompt at a time"
                                                            if proof["one_by_one"] else ", batched")
     else:
-        path = "KV cache, batched" + ("" if proof["static_cache"] else ", dynamic cache") + (
+        path = ("static" if proof["static_cache"] else "dynamic") + " KV cache, batched" + (
             ", separate CPU prefills" if proof["separate"] else "")
     path += ", last-position logits" if proof["keep"] else ""
     shortcuts = [f"last-position MLP {proof['last_position_mlp']}"] if proof["last_position_mlp"] \
