@@ -9,12 +9,16 @@ from benchmarks import bench_extract, bench_gpu, bench_memory, bench_student
 
 def test_extract_quick_outputs_equal_the_reference():
     result = bench_extract.run(quick=True)
-    assert [(r["N"], r["T"]) for r in result["rows"]] == [(8, 1), (8, 32)]
+    assert [(r["dtype"], r["N"], r["T"]) for r in result["rows"]] == [
+        ("float32", 8, 1), ("float32", 8, 32), ("bfloat16", 8, 1), ("bfloat16", 8, 32)]
     for row in result["rows"]:
         assert row["equality"]["responses_equal"] and row["equality"]["acts_equal_within_bf16"]
         assert row["response_tokens_mean"] == row["T"]  # random weights: no EOS before T
         assert row["extract"]["examples_per_s"] > 0 and row["reference"]["examples_per_s"] > 0
-    assert "| 8 | 32 |" in result["markdown"]
+        # the decode settings extract proved (in the row's dtype) are recorded: the fast path
+        (proof,) = row["decoding"]
+        assert proof["dtype"] == row["dtype"] and proof["kv_cache"] and not proof["one_by_one"]
+    assert "| bfloat16 | 8 | 32 |" in result["markdown"]
 
 
 def test_student_quick_rows():
