@@ -43,6 +43,8 @@ def test_gpu_tier_smoke_on_cpu():
     assert not result["skipped"] and result["device"] == "cpu (smoke)"
     extract_rows = [r for r in result["rows"] if r["what"].startswith("extract")]
     assert len(extract_rows) == 2 and all(r["same_responses"] for r in extract_rows)
+    (proof,) = result["decoding"]  # the FLOP count assumes the fast path: recorded
+    assert proof["kv_cache"] and "static KV cache" in result["markdown"]
     assert all(r["tflops"] > 0 for r in result["rows"])
 
 
