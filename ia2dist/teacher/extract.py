@@ -202,7 +202,8 @@ class _Runner:
             self.__dict__.update(_restore(base))
         else:
             raise IA2Error(f"model: {type(self.model).__name__} does not decode like the per-token "
-                           f"reference even without KV cache or padding ({why}); this family is "
+                           f"reference (within {str(param.dtype).removeprefix('torch.')} "
+                           f"rounding) even without KV cache or padding ({why}); this family is "
                            f"not supported")
         proof = {"model": type(self.model).__name__,
                  "dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type,
