@@ -769,8 +769,8 @@ def rounding_bound(dtype: torch.dtype, scale: float, depth: int = 1) -> float:
     - What lies below the dtype's own resolution on the probe cannot be seen in that dtype (and
       does not change what that dtype computes there either): e.g. position ids off by one in a
       random-weight model whose attention is nearly uniform changes its outputs by about one
-      bfloat16 step. Such an error is caught in float32, and on real weights it is far above
-      rounding.
+      bfloat16 step. Such an error is caught in float32, and so it is in 16-bit dtypes once the
+      attention is as sharp as a trained model's (queries and keys 4x larger).
     - In float32 (and wider) the rounding of stored tensors is no longer what dominates: the
       accumulation order of long sums differs between kernels by many units of float32's last
       place. There the bound is the fixed ``1e-4 * (1 + scale)`` that every family passes exactly

@@ -188,3 +188,26 @@ def test_a_run_records_the_proven_settings(tmp_path, fresh_proofs):
     logged = (run / "run.log").read_text()
     assert "LlamaForCausalLM (bfloat16, cpu, eager kernel): decoding with static KV cache, " \
         "batched" in logged
+
+
+@pytest.mark.parametrize("dtype,sharpen", [(torch.float32, 1), (torch.bfloat16, 4),
+                                           (torch.float16, 4)], ids=str)
+def test_wrong_positions_are_rejected_where_they_change_the_outputs(make_tokenizer, make_model,
+                                                                    fresh_proofs, monkeypatch,
+                                                                    dtype, sharpen):
+    """Decode steps at position + 1. A random-weight model attends almost uniformly, so the
+    rotation by one more position moves its outputs by about one bfloat16 step: float32 sees it;
+    with queries and keys scaled up 4x (attention as sharp as a trained model's), 16-bit dtypes see
+    it too."""
+    original = _Runner.step
+    monkeypatch.setattr(_Runner, "step", lambda self, out, next_B, mask_BP, pos_B: original(
+        self, out, next_B, mask_BP, pos_B + 1))
+    tok = make_tokenizer(add_bos=True)
+    model = make_model("llama", tok)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    runner = _prove(model.to(dtype), tok)
+    # without a KV cache every step recomputes the positions from the mask: right again
+    assert not runner.kv_cache
