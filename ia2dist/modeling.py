@@ -773,8 +773,9 @@ def rounding_bound(dtype: torch.dtype, scale: float, depth: int = 1) -> float:
       attention is as sharp as a trained model's (queries and keys 4x larger).
     - In float32 (and wider) the rounding of stored tensors is no longer what dominates: the
       accumulation order of long sums differs between kernels by many units of float32's last
-      place. There the bound is the fixed ``1e-4 * (1 + scale)`` that every family passes exactly
-      (measured: a few float32 steps) and every wrong shortcut fails by orders of magnitude.
+      place. There the bound is the fixed ``1e-4 * (1 + scale)``, which every family's shortcuts
+      pass (measured: a few float32 steps off) and every wrong shortcut fails by orders of
+      magnitude.
     """
     info = torch.finfo(dtype)
     if info.bits >= 32:
