@@ -231,14 +231,13 @@ def _planned(run_dir: Path) -> dict | None:
         "parts": {r.role: r.parts for r in memory.roles}}
 
 
-def _proven_settings() -> dict:
-    """What extraction proved equal to the per-token reference (decode settings per model
-    structure, and the last-position shortcuts)."""
-    from ia2dist import modeling
-    from ia2dist.teacher import extract
+def _proven_settings() -> list[dict]:
+    """What extraction proved equal to the per-token reference in this process, in the model's
+    dtype (``extract.proven_decoding``: decode settings and last-position shortcuts per model
+    structure, kernel, dtype and device)."""
+    from ia2dist.teacher.extract import proven_decoding
 
-    return {"decode": {str(k): v for k, v in getattr(extract, "_DECODE_PROOFS", {}).items()},
-            "shortcuts": {str(k): v for k, v in getattr(modeling, "_PROOFS", {}).items()}}
+    return proven_decoding()
 
 
 def step_bench() -> dict:
