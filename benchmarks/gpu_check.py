@@ -468,7 +468,7 @@ def summary(results: dict) -> dict:
         "gpu": get("env", "gpu"), "transformers": get("env", "versions", "transformers"),
         "run_finished": get("run", "exit_code") == 0,
         "run_losses_finite": get("run", "losses_finite"),
-        "run_decode_settings": get("run", "proven", "decode"),
+        "run_decode_settings": get("run", "proven"),
         "run_peak_reserved_bytes": get("run", "peak_reserved_bytes"),
         "run_planned_over_reserved": get("run", "planned_over_reserved"),
         "extract_t1_speedup": [round(r["speedup"], 2) for r in extract_rows],
