@@ -8,12 +8,19 @@ growing sequence (no KV cache); forward hooks that clone every layer's whole att
 ``extract``: length-sorted batches of ``batch_size`` left-padded prompts, KV-cached greedy
 decoding, activations captured at the decoded positions only, as it decodes.
 
-Both run in this process on the same model, prompts and threads. The machine may be shared, so
+Both run in this process on the same model, prompts and threads, in the model's dtype: float32 and
+bfloat16 (what ``model.dtype: auto`` picks for real checkpoints), each against the reference in
+the same dtype. Each row records the decode settings ``extract`` proved and ran with
+(``ia2dist.teacher.extract.proven_decoding``). The machine may be shared, so
 the two sides are interleaved in rounds (extract on all prompts of the cell, then the reference
 on the next few of the same prompts: it is batch 1, so its per-example rate does not depend on how
 many it gets) and both wall-clock and process-CPU-time rates are reported; the CPU-time ratio is
 the load-independent one. Every reference output is compared with ``extract``'s for that prompt
-(same response ids; activations within one bf16 rounding step, they are stored in bf16).
+(same response ids; activations within two bf16 rounding steps, they are stored in bf16, or the
+model dtype's rounding bound over the model's depth, whichever is larger).
+
+    python -m benchmarks.bench_extract --dtype bfloat16 --quick   # prints and writes
+        benchmarks/results/extract.json / .md (--out)
 """
 
 from __future__ import annotations
@@ -79,9 +86,11 @@ def reference_extract(model, tokenizer, prompt_ids: list[list[int]], *, max_new_
     return results
 
 
-def compare(fast_records, ref_results) -> dict:
-    """Equality of responses and activations on the prompts both ran."""
-    same_ids, max_abs, scale = True, 0.0, 0.0
+def compare(fast_records, ref_results, dtype=torch.float32) -> dict:
+    """Equality of responses and activations on the prompts both ran (computed in ``dtype``)."""
+    from ia2dist.modeling import rounding_bound
+
+    same_ids, max_abs, scale, layers = True, 0.0, 0.0, 1
     for rec, (resp, acts) in zip(fast_records, ref_results):
         same_ids &= rec.response_ids.tolist() == resp
         if rec.acts_LTD.shape != acts.shape:
@@ -89,8 +98,10 @@ def compare(fast_records, ref_results) -> dict:
             continue
         max_abs = max(max_abs, float((rec.acts_LTD.float() - acts.float()).abs().max()))
         scale = max(scale, float(acts.float().abs().max()))
-    # bf16 storage: one rounding step of the largest value is the natural tolerance
-    tol = 2 ** -7 * max(scale, 1e-12) * 2
+        layers = acts.shape[0]
+    # bf16 storage: one rounding step of the largest value is the natural tolerance; a 16-bit
+    # model also rounds while it computes (the bound of the decode proof, at the deepest layer)
+    tol = max(2 ** -7 * max(scale, 1e-12) * 2, rounding_bound(dtype, scale, layers))
     return {"responses_equal": same_ids, "acts_max_abs_diff": max_abs, "acts_max_abs": scale,
             "acts_equal_within_bf16": same_ids and max_abs <= tol}
 
@@ -98,7 +109,7 @@ def compare(fast_records, ref_results) -> dict:
 def run_cell(model, tokenizer, examples, n: int, T: int, count: int, ref_count: int,
              rounds: int, batch_size: int, device) -> dict:
     from ia2dist.modeling import encode
-    from ia2dist.teacher.extract import extract
+    from ia2dist.teacher.extract import extract, proven_decoding
 
     prompts = icl_prompts(examples, n, count, seed=n * 1000 + T)
     prompt_ids = encode(tokenizer, prompts)
@@ -109,7 +120,9 @@ def run_cell(model, tokenizer, examples, n: int, T: int, count: int, ref_count: 
 
     # warm-up both, then interleave rounds (extract on all prompts, the reference on one prompt)
     # so that both sides see the same machine load; wall and process CPU seconds are summed
+    proven_decoding(reset=True)
     records = fast()
+    decoding = proven_decoding()
     reference_extract(model, tokenizer, prompt_ids[:1], max_new_tokens=min(T, 2))
     fast_wall, fast_cpu, ref_wall, ref_cpu, ref_done = [], [], [], [], []
     for r in range(rounds):
@@ -127,10 +140,12 @@ def run_cell(model, tokenizer, examples, n: int, T: int, count: int, ref_count: 
     fast_eps = count / fast_t.median
     ref_eps = ref_total / sum(ref_wall)
     cpu_ratio = (count / statistics.median(fast_cpu)) / (ref_total / sum(ref_cpu))
-    equality = [compare(records[start:start + len(out)], out) for start, out in ref_done]
+    dtype = next(model.parameters()).dtype
+    equality = [compare(records[start:start + len(out)], out, dtype) for start, out in ref_done]
     gen_fast = sum(len(r.response_ids) for r in records)
     return {
-        "N": n, "T": T, "batch_size": batch_size,
+        "N": n, "T": T, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
+        "decoding": decoding,
         "prompt_tokens_mean": sum(map(len, prompt_ids)) / count,
         "response_tokens_mean": gen_fast / count,
         "extract": {"examples": count, **fast_t.as_dict(), "cpu_s": fast_cpu,
@@ -163,17 +178,22 @@ def targets(device: str) -> dict[int, float]:
     return {1: 1.2, 32: 20.0, 128: 30.0}
 
 
-def run(*, quick: bool = False, device: str = "cpu", batch_size: int | None = None) -> dict:
+def run(*, quick: bool = False, device: str = "cpu", batch_size: int | None = None,
+        dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict:
     """batch_size: extract's batch (None: 16 for multi-token cells, 8 for T=1, where on a CPU
-    extract batches only equal-length prompts anyway)."""
+    extract batches only equal-length prompts anyway). dtypes: the model's dtype, one pass each
+    (the same random weights, cast)."""
     tokenizer = build_bench_tokenizer()
-    model = build_bench_model(tokenizer, device=device)
-    model.set_attn_implementation("sdpa")  # what ia2dist.modeling.load_model uses for real models
     examples = bench_examples(256)
     cells = QUICK_CELLS if quick else CPU_CELLS
-    rows = [run_cell(model, tokenizer, examples, n, T, count, ref, reps,
-                     batch_size or (8 if T == 1 else 16), device)
-            for n, T, count, ref, reps in cells]
+    rows = []
+    for dtype in dtypes:
+        model = build_bench_model(tokenizer, device=device, dtype=getattr(torch, dtype))
+        model.set_attn_implementation("sdpa")  # what ia2dist.modeling.load_model uses
+        rows += [run_cell(model, tokenizer, examples, n, T, count, ref, reps,
+                          batch_size or (8 if T == 1 else 16), device)
+                 for n, T, count, ref, reps in cells]
+        del model
     goal = targets(device)
     for row in rows:
         row["target"] = goal.get(row["T"])
@@ -181,25 +201,38 @@ def run(*, quick: bool = False, device: str = "cpu", batch_size: int | None = No
     return {"name": "extract", "device": device, "rows": rows, "markdown": markdown(rows)}
 
 
+def _decoding(row) -> str:
+    """The decode path ``extract`` proved for the cell, in a few words."""
+    if not row["decoding"]:
+        return "-"
+    proof = row["decoding"][0]
+    if not proof["kv_cache"]:
+        return "re-forward per token" + (", 1 by 1" if proof["one_by_one"] else "")
+    return ("static" if proof["static_cache"] else "dynamic") + " KV cache, batched"
+
+
 def markdown(rows) -> str:
-    table = [[r["N"], r["T"], round(r["prompt_tokens_mean"]), round(r["response_tokens_mean"], 1),
+    table = [[r["dtype"], r["N"], r["T"], round(r["prompt_tokens_mean"]), round(r["response_tokens_mean"], 1),
               r["extract"]["examples_per_s"], r["reference"]["examples_per_s"],
               f"{r['speedup']:.1f}x", f"{r['speedup_cpu_time']:.1f}x", "-" if r["target"] is None else f">= {r['target']:g}x",
               {True: "yes", False: "NO", None: "-"}[r["met"]],
               "yes" if r["equality"]["responses_equal"] else "NO",
-              f"{r['equality']['acts_max_abs_diff']:.2g}"]
+              f"{r['equality']['acts_max_abs_diff']:.2g}", _decoding(r)]
              for r in rows]
-    return md_table(["N", "T", "prompt tok", "resp tok", "extract ex/s", "reference ex/s",
-                     "speed-up (wall)", "speed-up (CPU s)", "target", "met", "same responses", "max abs diff acts"], table)
+    return md_table(["dtype", "N", "T", "prompt tok", "resp tok", "extract ex/s",
+                     "reference ex/s", "speed-up (wall)", "speed-up (CPU s)", "target", "met",
+                     "same responses", "max abs diff acts", "decoding proven"], table)
 
 
 if __name__ == "__main__":
     import argparse
-    import json
+
+    from benchmarks.common import RESULTS_DIR, publish
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default=str(RESULTS_DIR / "extract"))
     args = parser.parse_args()
-    out = run(quick=args.quick)
-    print(out["markdown"])
-    print(json.dumps(out["rows"], indent=1, default=str)[:2000])
+    publish(run(quick=args.quick, dtypes=tuple(args.dtype)), args.out)

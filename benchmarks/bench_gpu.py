@@ -85,7 +85,7 @@ def run(*, quick: bool = False, smoke: bool = False) -> dict:
     if not torch.cuda.is_available() and not smoke:
         return {"name": "gpu", "skipped": True, "note": SKIP_NOTE, "markdown": SKIP_NOTE}
     from benchmarks.bench_extract import reference_extract
-    from ia2dist.teacher.extract import extract
+    from ia2dist.teacher.extract import extract, proven_decoding
 
     device = "cpu" if smoke else "cuda"
     tok, model = build(device, smoke)
@@ -94,6 +94,7 @@ def run(*, quick: bool = False, smoke: bool = False) -> dict:
     name = "cpu (smoke)" if smoke else torch.cuda.get_device_name(0)
     peak = peak_tflops(name)
     rows = []
+    proven_decoding(reset=True)
     for prompt_len, count, ref_count in ((400, 64, 8), (1550, 32, 4)):
         if smoke or quick:
             count, ref_count = 8, 2
@@ -124,6 +125,8 @@ def run(*, quick: bool = False, smoke: bool = False) -> dict:
                      "speedup": (count / fast_s) / (ref_count / ref_s), "target": TARGET_T1,
                      "same_responses": same, "tflops": flops / fast_s / 1e12,
                      "mfu": None if peak is None else flops / fast_s / 1e12 / peak})
+    # the FLOP count assumes the fast path: which decode settings extract proved and ran with
+    decoding = proven_decoding()
     rows.append(_student_row(model, tok, cfg, device, peak, smoke or quick))
     for r in rows:
         r["met"] = None if r.get("target") is None else r["speedup"] >= r["target"]
@@ -131,7 +134,7 @@ def run(*, quick: bool = False, smoke: bool = False) -> dict:
               "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers",
                                                       "num_attention_heads", "num_key_value_heads",
                                                       "intermediate_size", "vocab_size")},
-              "rows": rows}
+              "decoding": decoding, "rows": rows}
     result["markdown"] = markdown(result)
     return result
 
@@ -178,7 +181,11 @@ def markdown(res: dict) -> str:
              {True: "yes", False: "NO", None: "-"}[r["met"]],
              f"{r['tflops']:.1f}", "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
             for r in res["rows"]]
+    from ia2dist.teacher.extract import describe_decoding
+
+    decoding = "; ".join(f"{p['dtype']}: {describe_decoding(p)}" for p in res["decoding"]) or "-"
     return (f"Device: {res['device']} (peak {res['peak_tflops']} TFLOP/s bf16 dense)\n\n"
+            f"Decode settings proven for extract: {decoding}\n\n"
             + md_table(["measure", "ex/s", "reference ex/s", "speed-up", "target", "met",
                         "TFLOP/s", "MFU"], rows))
 

@@ -231,14 +231,13 @@ def _planned(run_dir: Path) -> dict | None:
         "parts": {r.role: r.parts for r in memory.roles}}
 
 
-def _proven_settings() -> dict:
-    """What extraction proved equal to the per-token reference (decode settings per model
-    structure, and the last-position shortcuts)."""
-    from ia2dist import modeling
-    from ia2dist.teacher import extract
+def _proven_settings() -> list[dict]:
+    """What extraction proved equal to the per-token reference in this process, in the model's
+    dtype (``extract.proven_decoding``: decode settings and last-position shortcuts per model
+    structure, kernel, dtype and device)."""
+    from ia2dist.teacher.extract import proven_decoding
 
-    return {"decode": {str(k): v for k, v in getattr(extract, "_DECODE_PROOFS", {}).items()},
-            "shortcuts": {str(k): v for k, v in getattr(modeling, "_PROOFS", {}).items()}}
+    return proven_decoding()
 
 
 def step_bench() -> dict:
@@ -469,7 +468,7 @@ def summary(results: dict) -> dict:
         "gpu": get("env", "gpu"), "transformers": get("env", "versions", "transformers"),
         "run_finished": get("run", "exit_code") == 0,
         "run_losses_finite": get("run", "losses_finite"),
-        "run_decode_settings": get("run", "proven", "decode"),
+        "run_decode_settings": get("run", "proven"),
         "run_peak_reserved_bytes": get("run", "peak_reserved_bytes"),
         "run_planned_over_reserved": get("run", "planned_over_reserved"),
         "extract_t1_speedup": [round(r["speedup"], 2) for r in extract_rows],

@@ -156,6 +156,15 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ the work
     def run(self, work: Work) -> Iterator[Outcome]:
+        from ia2dist.teacher.extract import proven_decoding
+
+        proven_decoding(reset=True)
+        yield from self._run(work)
+        proofs = proven_decoding()
+        if proofs:  # which decode settings the teacher (and the evaluated models) ran with
+            self.stats = {"decoding": {"local": proofs}}
+
+    def _run(self, work: Work) -> Iterator[Outcome]:
         for unit in work.units(self.plan):
             records = self._records(unit, "teacher") if work.needs_records(unit) else None
             sim = self._records(unit, "teacher_eval") if work.needs_similarity(unit) else None

@@ -9,12 +9,16 @@ from benchmarks import bench_eval, bench_extract, bench_gpu, bench_memory, bench
 
 def test_extract_quick_outputs_equal_the_reference():
     result = bench_extract.run(quick=True)
-    assert [(r["N"], r["T"]) for r in result["rows"]] == [(8, 1), (8, 32)]
+    assert [(r["dtype"], r["N"], r["T"]) for r in result["rows"]] == [
+        ("float32", 8, 1), ("float32", 8, 32), ("bfloat16", 8, 1), ("bfloat16", 8, 32)]
     for row in result["rows"]:
         assert row["equality"]["responses_equal"] and row["equality"]["acts_equal_within_bf16"]
         assert row["response_tokens_mean"] == row["T"]  # random weights: no EOS before T
         assert row["extract"]["examples_per_s"] > 0 and row["reference"]["examples_per_s"] > 0
-    assert "| 8 | 32 |" in result["markdown"]
+        # the decode settings extract proved (in the row's dtype) are recorded: the fast path
+        (proof,) = row["decoding"]
+        assert proof["dtype"] == row["dtype"] and proof["kv_cache"] and not proof["one_by_one"]
+    assert "| bfloat16 | 8 | 32 |" in result["markdown"]
 
 
 def test_student_quick_rows():
@@ -47,6 +51,8 @@ def test_gpu_tier_smoke_on_cpu():
     assert not result["skipped"] and result["device"] == "cpu (smoke)"
     extract_rows = [r for r in result["rows"] if r["what"].startswith("extract")]
     assert len(extract_rows) == 2 and all(r["same_responses"] for r in extract_rows)
+    (proof,) = result["decoding"]  # the FLOP count assumes the fast path: recorded
+    assert proof["kv_cache"] and "static KV cache" in result["markdown"]
     assert all(r["tflops"] > 0 for r in result["rows"])
 
 

@@ -181,8 +181,15 @@ def test_evaluation_on_the_cluster_equals_the_one_process_evaluation(grid):
     assert "## Where the time went" in (run / "summary.md").read_text()
     shards = sorted((unit / "teacher").iterdir())
     assert len(shards) == 4 and all((s / "manifest.json").is_file() for s in shards)
-    teacher = json.loads((run / "distributed_stats.json").read_text())["teacher"]
+    stats = json.loads((run / "distributed_stats.json").read_text())
+    teacher = stats["teacher"]
     assert teacher["reruns"] == 0
+    # which decode settings the teacher ran with: per actor in the stats, and in run.log
+    proofs = [p for per_actor in stats["decoding"]["teacher actors"] for p in per_actor]
+    assert proofs and all(p["kv_cache"] and not p["one_by_one"] for p in proofs)
+    assert "teacher actor 0: LlamaForCausalLM (float32, cpu," in (run / "run.log").read_text()
+    local = json.loads((grid["local"] / "distributed_stats.json").read_text())["decoding"]
+    assert local["local"][0]["kv_cache"]
     assert [(u["kind"], u["shards"]) for u in teacher["units"][:2]] == [("teacher", 4),
                                                                         ("teacher_eval", 2)]
 

@@ -72,7 +72,8 @@ def test_shortcuts_a_family_breaks_are_switched_off_and_logged(make_tokenizer, m
     with caplog.at_level(logging.INFO, logger="ia2dist"), torch.no_grad():
         runner.prove(tok, _never_stop(), 0)
     assert not runner.kv_cache
-    assert any("OpenAIGPTLMHeadModel: decoding with" in r.message for r in caplog.records)
+    assert any("OpenAIGPTLMHeadModel (float32, cpu, eager kernel): decoding with no KV cache"
+               in r.message for r in caplog.records)
     # Bloom (ALiBi) cannot decode into a static cache: the dynamic cache is proven instead
     runner = _Runner(make_model("bloom", tok))
     with torch.no_grad():

@@ -190,6 +190,10 @@ def test_records_equal_single_process_extract(stage, teacher):
     assert stage.stats.num_shards == 3 and stage.stats.attempts == [1] * 3
     _assert_same(got, _reference_by_shard(teacher, prompts, uids, 4))  # bit-exact
     assert sum(stage.stats.act_bytes) == sum(r.nbytes() for r in got)
+    # each replica that extracted reports the decode settings it proved (the KV-cached path)
+    proofs = [p for per_actor in ray.get([a.decoding.remote() for a in stage.actors])
+              for p in per_actor]
+    assert proofs and all(p["kv_cache"] and p["model"] == "LlamaForCausalLM" for p in proofs)
     # against one extract over all prompts, batches pad differently: same tokens, fp32 rounding
     whole = _reference(teacher, prompts, uids)
     for g, w in zip(got, whole):

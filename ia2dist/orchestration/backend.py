@@ -87,6 +87,7 @@ class RayBackend:
             raise
         self.stage: TeacherStage | None = None
         self._teacher_memory: list[dict] = []  # the actors' memory when they left early
+        self._teacher_decoding: list[list[dict]] = []  # and their proven decode settings
         self.stats: dict = {}
 
     def close(self, failed: bool = False) -> None:
@@ -136,6 +137,7 @@ class RayBackend:
                 if d.colocate:  # the actors give their devices to the workers
                     yield from pump.drain_baselines()
                     self._teacher_memory = self._actor_memory()
+                    self._teacher_decoding = self._actor_decoding()
                     self.stage.close()
         groups = None
         started = time.perf_counter()
@@ -210,12 +212,25 @@ class RayBackend:
                                      "teacher actors": self._actor_memory()
                                      or self._teacher_memory,
                                      "driver": procmem.report()}}
+            decoding = self._actor_decoding() or self._teacher_decoding
+            if decoding:
+                self.stats["decoding"] = {"teacher actors": decoding}
+                _log_decoding(decoding)
 
     def _actor_memory(self) -> list[dict]:
         if self.stage is None or not self.stage.actors:
             return []
         try:
             return ray.get([a.memory.remote() for a in self.stage.actors], timeout=30)
+        except Exception:  # an actor that is gone reports nothing
+            return []
+
+    def _actor_decoding(self) -> list[list[dict]]:
+        """Per teacher actor, the decode settings it proved (``TeacherActor.decoding``)."""
+        if self.stage is None or not self.stage.actors:
+            return []
+        try:
+            return ray.get([a.decoding.remote() for a in self.stage.actors], timeout=30)
         except Exception:  # an actor that is gone reports nothing
             return []
 
@@ -232,6 +247,20 @@ class RayBackend:
 
 def _id(job) -> str | None:
     return None if job is None else job.id
+
+
+def _log_decoding(per_actor: list[list[dict]]) -> None:
+    """The teacher actors' proven decode settings in this process's log (run.log): each actor
+    logs its own proofs where the driver's log does not reach."""
+    from ia2dist.teacher.extract import describe_decoding
+
+    for index, proofs in enumerate(per_actor):
+        for proof in proofs:
+            log.info("teacher actor %d: %s (%s, %s, %s kernel) decoded with %s%s", index,
+                     proof["model"], proof["dtype"], proof["device"], proof["kernel"],
+                     describe_decoding(proof),
+                     f" (faster settings failed the check: {proof['faster_settings_failed']})"
+                     if proof["faster_settings_failed"] else "")
 
 
 def _largest_node_bytes(local: bool) -> int:

@@ -163,6 +163,12 @@ class TeacherActor:
 
         return procmem.report()
 
+    def decoding(self) -> list[dict]:
+        """The decode settings this replica proved (``ia2dist.teacher.extract.proven_decoding``)."""
+        from ia2dist.teacher.extract import proven_decoding
+
+        return proven_decoding()
+
     def info(self) -> dict:
         from ia2dist.modeling import attention_sites
 

@@ -39,7 +39,7 @@ from torch import nn
 from ia2dist.errors import IA2Error
 from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
                               last_position_mlp, last_query_attention, num_prefix_positions,
-                              structure_key, vocab_size)
+                              rounding_bound, structure_key, vocab_size, within_rounding)
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
 
@@ -175,8 +175,11 @@ class _Runner:
         ``naive_extract`` on two short prompts of different lengths (responses, every layer's
         attention outputs, top-k log-probs; T = 1 and T = 3, batched prefill and, on a CPU, the
         separate one); where it does not, turn the shortcuts off in ``_LADDER``'s order until it
-        does (logged). The last-position MLP and last-query shortcuts prove themselves first.
-        Plain (and LoRA/IA3) models; call before any capture hooks are registered."""
+        does. The last-position MLP and last-query shortcuts prove themselves first. The reference
+        runs in the model's own dtype, and "reproduces" means: the same greedy tokens and every
+        compared tensor within rounding of that dtype (``_same_decoding``). The outcome is logged
+        and kept (``proven_decoding``). Plain (and LoRA/IA3) models; call before any capture hooks
+        are registered."""
         if self.peft_model is not None:
             return
         self.last_mlp.prove()
@@ -186,6 +189,7 @@ class _Runner:
                param.dtype, param.device.type)
         if key in _DECODE_PROOFS:
             self._apply(_DECODE_PROOFS[key])
+            _USED.setdefault(key, _DECODE_PROOFS[key])
             return
         vocab = vocab_size(self.model)
         probe = [[(i * 7919 + 11) % vocab for i in range(n)] for n in (5, 8)]
@@ -212,12 +216,19 @@ class _Runner:
             self.__dict__.update(_restore(base))
         else:
             raise IA2Error(f"model: {type(self.model).__name__} does not decode like the per-token "
-                           f"reference even without KV cache or padding ({why}); this family is "
+                           f"reference (within {str(param.dtype).removeprefix('torch.')} "
+                           f"rounding) even without KV cache or padding ({why}); this family is "
                            f"not supported")
-        if step:
-            log.info("%s: decoding with %s (faster settings failed the check: %s)",
-                     type(self.model).__name__, self.settings(), why)
-        _DECODE_PROOFS[key] = self.settings()
+        proof = {"model": type(self.model).__name__,
+                 "dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type,
+                 "kernel": key[1], **self.settings(), "last_position_mlp": self.last_mlp.mode,
+                 "last_query_attention": self.last_query.mode,
+                 "faster_settings_failed": why if step else None}
+        _DECODE_PROOFS[key] = _USED[key] = proof
+        log.info("%s (%s, %s, %s kernel): decoding with %s, as proven against the per-token "
+                 "reference%s", proof["model"], proof["dtype"], proof["device"], proof["kernel"],
+                 describe_decoding(proof),
+                 f" (faster settings failed the check: {why})" if step else "")
 
     def _reproduces(self, probe, want, stop, pad_id) -> bool:
         cap = ActivationCapture(attention_sites(self.model))
@@ -238,7 +249,8 @@ class _Runner:
                                 got[i] = item
                     finally:
                         self.separate, self.separate_above = saved, SEPARATE_PREFILL_ABOVE
-                    if not all(_same_decoding(g, w, T) for g, w in zip(got, want)):
+                    dtype = next(self.model.parameters()).dtype
+                    if not all(_same_decoding(g, w, T, dtype) for g, w in zip(got, want)):
                         return False
         return True
 
@@ -346,8 +358,39 @@ _LADDER = (
     {"static_cache": False, "separate": False, "keep": False, "kv_cache": False,
      "one_by_one": True},
 )
-#: Outcome of ``_Runner.prove`` per model structure (``structure_key``), kernel, dtype and device.
+#: Outcome of ``_Runner.prove`` per model structure (``structure_key``), kernel, dtype and device:
+#: the proof (``proven_decoding``), whose setting keys ``_Runner._apply`` reads.
 _DECODE_PROOFS: dict[tuple, dict] = {}
+#: The proofs decoders of this process used since the last ``proven_decoding(reset=True)``.
+_USED: dict[tuple, dict] = {}
+
+
+def proven_decoding(reset: bool = False) -> list[dict]:
+    """The decode settings this process's decoders ran with (since the last reset), one dict per
+    model structure, kernel, dtype and device: the model class, dtype, device, kernel, each setting
+    (``_Runner.settings``), the last-position shortcuts' modes (None: off) and why faster settings
+    were rejected (None: none was). ``reset``: start a new record after returning this one (the
+    proofs themselves are kept: a model is never proven twice)."""
+    used = [dict(p) for p in _USED.values()]
+    if reset:
+        _USED.clear()
+    return used
+
+
+def describe_decoding(proof: dict) -> str:
+    """One line for a proof (``proven_decoding``): the fast paths on, or the reference algorithm."""
+    if not proof["kv_cache"]:
+        path = "no KV cache (a full forward per token)" + (", one prompt at a time"
+                                                           if proof["one_by_one"] else ", batched")
+    else:
+        path = ("static" if proof["static_cache"] else "dynamic") + " KV cache, batched" + (
+            ", separate CPU prefills" if proof["separate"] else "")
+    path += ", last-position logits" if proof["keep"] else ""
+    shortcuts = [f"last-position MLP {proof['last_position_mlp']}"] if proof["last_position_mlp"] \
+        else []
+    shortcuts += [f"last-query attention {proof['last_query_attention']}"] \
+        if proof["last_query_attention"] else []
+    return path + "".join(f", {s}" for s in shortcuts)
 
 
 def _restore(settings: dict) -> dict:
@@ -357,29 +400,36 @@ def _restore(settings: dict) -> dict:
                 keep_kwargs={"logits_to_keep": 1} if settings["keep"] else {})
 
 
-def _same_decoding(got: _Decoded, want: TeacherRecord, T: int) -> bool:
-    """``got`` (T steps at most) decodes like the reference ``want``: the same tokens, and at
-    each step the same attention outputs and top-k log-probs up to rounding. Where the tokens part
-    at a near tie of the reference's two best tokens (rounding may pick either), the steps up to
-    and including that one are compared."""
+def _same_decoding(got: _Decoded, want: TeacherRecord, T: int, dtype: torch.dtype) -> bool:
+    """``got`` (T steps at most) decodes like the reference ``want``, both computed in ``dtype``:
+    the same tokens, and at each step every layer's attention output and the top-k log-probs within
+    ``rounding_bound`` of that dtype (layer l+1 deep for layer l's output, L+1 deep for the
+    log-probs; the scale is the largest value of what is compared, per layer). Where the tokens part
+    at a near tie of the reference's two best tokens (their log-probs within that bound, or 1e-3:
+    rounding may pick either), the steps up to and including that one are compared.
+
+    Why this accepts rounding and rejects a wrong computation: see ``rounding_bound``. Comparing
+    layer by layer, each against its own magnitude, keeps a layer of small activations from being
+    judged against a larger one, and a wrong cache, mask or position shows from the first layer,
+    where the bound is tightest."""
     ref = want.response_ids.tolist()[:T]
     n = len(ref)
+    lp = want.topk_logprobs_Tk
+    depth = want.acts_LTD.shape[0] + 1
     if got.response_ids != ref:
         part = next((j for j, (a, b) in enumerate(zip(got.response_ids, ref)) if a != b), None)
-        lp = want.topk_logprobs_Tk
-        if part is None or lp.shape[-1] < 2 or float(lp[part, 0] - lp[part, 1]) > 1e-3:
+        if part is None or lp.shape[-1] < 2:
+            return False
+        tie = max(1e-3, rounding_bound(dtype, float(lp[part, :2].abs().max()), depth))
+        if float(lp[part, 0] - lp[part, 1]) > tie:
             return False
         n = part + 1
-    return (_close(got.acts_LTD[:, :n], want.acts_LTD[:, :n])
-            and _close(got.topk_logprobs_Tk[:n], want.topk_logprobs_Tk[:n]))
-
-
-def _close(got: torch.Tensor | None, want: torch.Tensor | None) -> bool:
-    if got is None or want is None:
-        return got is want
-    if got.shape != want.shape or not torch.isfinite(got).all():
+    if got.acts_LTD is None or got.acts_LTD.shape[0] != want.acts_LTD.shape[0]:
         return False
-    return bool((got.float() - want.float()).abs().max() <= 1e-4 * (1 + want.abs().max()))
+    return (all(within_rounding(g[:n], w[:n], dtype, layer + 1)
+                for layer, (g, w) in enumerate(zip(got.acts_LTD, want.acts_LTD)))
+            and got.topk_logprobs_Tk is not None
+            and within_rounding(got.topk_logprobs_Tk[:n], lp[:n], dtype, depth))
 
 
 def _topk(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
