@@ -8,6 +8,7 @@ import json
 import runpy
 import struct
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,12 +41,23 @@ def _key(item) -> str:
     return item.key or ".".join(item.nested_key)
 
 
+def _finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run file once wandb's service has written its ``exit`` record: the service
+    writes a finished run's file in the background, after ``finish()`` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def offline_runs(wandb_dir: Path) -> list[dict]:
     """Name, group, job type, tags, history keys and summary keys of every offline run."""
     runs = []
     for path in sorted(wandb_dir.glob("offline-run-*/run-*.wandb")):
         info = {"history": set(), "summary": set()}
-        for record in _records(path):
+        for record in _finished_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 info.update(name=record.run.display_name, group=record.run.run_group,
