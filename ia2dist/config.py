@@ -67,7 +67,7 @@ PROTOCOL_DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "eval.similarity_items": (100, 64, "evaluation items of the similarity analysis"),
     "eval.selection": ("test", "dev",
                        "how the report picks a sweep's hyperparameters: best mean test accuracy "
-                       "(the reference; optimistic) or best mean dev accuracy"),
+                       "(the reference; optimistic) or lowest mean dev loss"),
 }
 
 
@@ -345,8 +345,9 @@ class EvalConfig:
     generated / teacher_forced."""
     selection: Literal["test", "dev"] = _reference("eval.selection")
     """With a sweep, the report keeps per (method, N) the point with the best mean accuracy over
-    seeds on the TEST items ('test', the reference's choice: optimistic, labelled so) or on the dev
-    items ('dev', ties: lower dev loss). Protocol default: test / dev."""
+    seeds on the TEST items ('test', the reference's choice: optimistic, labelled so) or the
+    lowest mean dev loss (the early-stopping objective at the restored best step: 'dev', which
+    leaves the test items out of the choice). Protocol default: test / dev."""
 
 
 @dataclass(kw_only=True)
