@@ -337,6 +337,7 @@ def save_phase_end(root: Path, plan, job, engine, result, rank: int, world_size:
             "job": job.id, "phases": len(result.phases), "world_size": world_size,
             "engine": getattr(engine, "kind", "torch"), "identity": plan.phase_identity(job)})
     barrier()
+    root.mkdir(parents=True, exist_ok=True)  # where ranks do not share the run directory too
     save_file({k: v for k, v in result.end_state.items() if k != "generator_state"},
               str(root / f"rank{rank}.safetensors"))
     barrier()
