@@ -212,10 +212,11 @@ def test_context_length_error_names_the_example(make_tokenizer, make_model):
 def test_short_prompts_prefill_batched_long_ones_one_by_one(make_tokenizer, make_model,
                                                             monkeypatch, arch, max_new_tokens,
                                                             long):
-    """On a CPU, prompts up to SEPARATE_PREFILL_ABOVE (T = 1: PAD_FREE_ABOVE) tokens are
-    prefilled as one left-padded batch (position ids from the mask), longer ones one by one (T = 1:
-    batches of equal lengths only); both give the naive reference's responses, activations and
-    log-probs."""
+    """On a CPU, ``generate`` (evaluation, similarity) prefills prompts up to
+    SEPARATE_PREFILL_ABOVE (T = 1: PAD_FREE_ABOVE) tokens as one left-padded batch (position ids
+    from the mask), longer ones one by one (T = 1: batches of equal lengths only); ``extract``
+    never pads a prefill (its cached records must not depend on which prompts shared a batch).
+    Every path gives the naive reference's responses (and, extracting, activations and log-probs)."""
     from ia2dist.teacher import extract as extract_module
 
     tok = make_tokenizer(add_bos=True)
@@ -238,5 +239,10 @@ def test_short_prompts_prefill_batched_long_ones_one_by_one(make_tokenizer, make
     monkeypatch.setattr(extract_module, "_length_batches", lambda ids, size, pad_free=False: (
         exact_lengths.append(pad_free), length_batches(ids, size, pad_free))[1])
     assert_records_match(extract(model, tok, PROMPTS, UIDS, batch_size=4, **kwargs), want)
+    assert bool(separate_calls) == (max_new_tokens > 1)
+    assert exact_lengths == [max_new_tokens == 1]
+    separate_calls.clear(), exact_lengths.clear()
+    responses = generate(model, tok, PROMPTS, max_new_tokens=max_new_tokens, batch_size=4)
+    assert [list(r) for r in responses] == [r.response_ids.tolist() for r in want]
     assert bool(separate_calls) == (long and max_new_tokens > 1)
     assert exact_lengths == [long and max_new_tokens == 1]

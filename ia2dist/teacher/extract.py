@@ -46,8 +46,9 @@ from ia2dist.teacher.capture import ActivationCapture
 Prompt = str | Sequence[int]
 log = logging.getLogger("ia2dist")
 
-#: On a CPU, a batch whose longest prompt has more tokens than this is prefilled one prompt at a
-#: time (``_Runner.prefill_separately``); shorter prompts are prefilled as one left-padded batch.
+#: On a CPU, a ``generate`` batch whose longest prompt has more tokens than this is prefilled one
+#: prompt at a time (``_Runner.prefill_separately``); shorter prompts are prefilled as one
+#: left-padded batch (``extract`` always prefills without padding: see ``_decode_all``).
 #: Measured on the SmolLM2-135M shape (random weights, one torch thread, 16 prompts of the given
 #: lengths, T = 8, CPU seconds one by one vs batched): 6-12 tokens 1.77 vs 1.22, 40-60 3.82 vs
 #: 3.23, 100-140 6.52 vs 6.39, 200-300 11.3 vs 13.3, 400-600 21.4 vs 29.3 (padded attention grows
@@ -533,12 +534,19 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
         runner = _Runner(model)
         with torch.no_grad():
             runner.prove(tokenizer, stop, pad_id)
+        if capture:
+            # teacher records are cached and reused by every layout (one process, Ray actors,
+            # other shard sizes): on a CPU their prompts are prefilled without padding, one by
+            # one or in batches of equal length, so that a record does not depend on which
+            # prompts shared its batch. The batched short-prompt prefill is for generate
+            # (evaluation, similarity), whose speed it buys.
+            runner.separate_above = 0
         with torch.no_grad(), hooks as cap, progress_bar(len(prompt_ids), desc, "prompt",
                                                          enabled=progress) as bar:
             # one token per prompt on a CPU: for long prompts a padded batch costs more (masked
             # attention, padding) than it saves, so only prompts of equal length are batched
             pad_free = (max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
-                        and max(map(len, prompt_ids)) > PAD_FREE_ABOVE)
+                        and (capture or max(map(len, prompt_ids)) > PAD_FREE_ABOVE))
             for batch in _length_batches(prompt_ids, 1 if runner.one_by_one else batch_size,
                                          pad_free=pad_free):
                 decoded = _decode_batch(runner, [prompt_ids[i] for i in batch], pad_id, stop,
