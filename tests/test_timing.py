@@ -28,11 +28,13 @@ def test_nested_parts_charge_the_innermost_part_only():
         _busy(0.02)
         spent = timing.summary()
     parts = spent["parts"]
-    # the inner part's time is not the outer part's too
-    assert 0.05 <= parts["train"]["cpu_s"] < 0.09
-    assert 0.05 <= parts["teacher_wait"]["cpu_s"] < 0.09
+    # the inner part's time is not the outer part's too (each holds its own 0.05 s, not 0.10;
+    # process CPU time counts the process's other threads too, and the wall clock is another
+    # clock: margins, no timing targets)
+    assert 0.05 <= parts["train"]["cpu_s"] < 0.095
+    assert 0.05 <= parts["teacher_wait"]["cpu_s"] < 0.095
     assert parts["other"]["cpu_s"] >= 0.02
-    assert parts["train"]["wall_s"] >= 0.05 and parts["teacher_wait"]["wall_s"] >= 0.05
+    assert parts["train"]["wall_s"] >= 0.04 and parts["teacher_wait"]["wall_s"] >= 0.04
     for kind in ("wall_s", "cpu_s"):
         assert sum(p[kind] for p in parts.values()) == pytest.approx(spent[kind], rel=1e-6)
     with timing.part("train"):  # no clock: nothing to charge
