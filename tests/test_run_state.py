@@ -25,6 +25,7 @@ from ia2dist import rundir
 from ia2dist.cli import main
 from ia2dist.errors import IA2Error
 from ia2dist.runlock import LOCK_FILE, RunLock
+from tests.test_cli import _fails as _refused
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -49,17 +50,6 @@ def _ok(capsys, argv):
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     return captured
-
-
-def _refused(capsys, argv, *needles) -> str:
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert err.startswith("error: ") and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def _snapshot(path: Path) -> dict:

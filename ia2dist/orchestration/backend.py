@@ -218,19 +218,18 @@ class RayBackend:
                 _log_decoding(decoding)
 
     def _actor_memory(self) -> list[dict]:
-        if self.stage is None or not self.stage.actors:
-            return []
-        try:
-            return ray.get([a.memory.remote() for a in self.stage.actors], timeout=30)
-        except Exception:  # an actor that is gone reports nothing
-            return []
+        return self._ask_actors("memory")
 
     def _actor_decoding(self) -> list[list[dict]]:
         """Per teacher actor, the decode settings it proved (``TeacherActor.decoding``)."""
+        return self._ask_actors("decoding")
+
+    def _ask_actors(self, method: str) -> list:
+        """Every teacher actor's answer to ``method`` (nothing when the stage has no actors)."""
         if self.stage is None or not self.stage.actors:
             return []
         try:
-            return ray.get([a.decoding.remote() for a in self.stage.actors], timeout=30)
+            return ray.get([getattr(a, method).remote() for a in self.stage.actors], timeout=30)
         except Exception:  # an actor that is gone reports nothing
             return []
 
