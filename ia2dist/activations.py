@@ -7,7 +7,6 @@ instead of being read. Tensors are stored with safetensors (no pickle, cannot ru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,31 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ia2dist.errors import IA2Error
+from ia2dist.io import sha256_file, write_json_atomic
 from ia2dist.records import ACTIVATION_SCHEMA_VERSION, TeacherRecord
 
 TENSORS_FILE = "records.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """JSON to ``path`` atomically (see ``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def save_records(cache_dir: Path, records: list[TeacherRecord], meta: dict) -> None:
@@ -63,7 +42,7 @@ def save_records(cache_dir: Path, records: list[TeacherRecord], meta: dict) -> N
         "num_records": len(records),
         "uids": [r.uid for r in records],
         "act_bytes": sum(r.nbytes() for r in records),
-        "sha256": _sha256(cache_dir / TENSORS_FILE),
+        "sha256": sha256_file(cache_dir / TENSORS_FILE),
         "meta": meta,
     }
     write_json_atomic(cache_dir / MANIFEST_FILE, manifest)
@@ -93,7 +72,7 @@ def load_records(cache_dir: Path, expected_meta: dict | None = None) -> list[Tea
         raise IA2Error(f"{cache_dir}: teacher cache was made with different settings; "
                        "use another run_dir or pass --overwrite")
     path = cache_dir / TENSORS_FILE
-    if not path.is_file() or _sha256(path) != manifest.get("sha256"):
+    if not path.is_file() or sha256_file(path) != manifest.get("sha256"):
         raise IA2Error(f"{path}: checksum does not match the manifest (partial or modified file); "
                        f"delete {cache_dir} to re-extract")
     tensors = load_file(str(path))

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ia2dist.activations import _sha256, write_json_atomic, write_text_atomic
+from ia2dist.io import sha256_file, write_json_atomic, write_text_atomic
 from ia2dist.config import differences
 from ia2dist.errors import IA2Error
 from ia2dist.records import ACTIVATION_SCHEMA_VERSION
@@ -157,7 +157,7 @@ def verify(path: Path) -> dict:
         file = path / rel
         if not file.is_file():
             raise CorruptCheckpoint(f"{file}: missing")
-        if file.stat().st_size != entry["size"] or _sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
             raise CorruptCheckpoint(f"{file}: checksum does not match the manifest")
     return manifest
 
@@ -168,7 +168,7 @@ def write_manifest(path: Path) -> None:
         rel = str(file.relative_to(path))
         if rel == MANIFEST:
             continue
-        files[rel] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        files[rel] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
     write_json_atomic(Path(path) / MANIFEST, {"schema_version": CHECKPOINT_SCHEMA_VERSION,
                                               "files": files})
 

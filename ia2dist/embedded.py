@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 
 from ia2dist.data.synthetic import DEMO_SEPARATOR, TEMPLATE_TOKENS, SyntheticFamily
+from ia2dist.io import cache_root, locked_build
 
 #: Bumped whenever the pretraining code changes in a way the recipe fields do not capture.
 EMBEDDED_VERSION = 1
@@ -99,15 +98,11 @@ def _packaged(name: str) -> Path | None:
     return path if (path / REPORT_NAME).is_file() else None
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("IA2DIST_CACHE") or Path.home() / ".cache" / "ia2dist")
-
-
 def cached_embedded_model_dir(cache_dir=None, *, recipe: PretrainRecipe | None = None,
                               seed: int = 0) -> Path | None:
     """The embedded model's directory when it is already built, else None (nothing is built)."""
     recipe = recipe or PretrainRecipe()
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = cache_root(cache_dir)
     name = f"embedded-{recipe.cache_key(seed)}"
     final_dir = root / name
     return final_dir if (final_dir / REPORT_NAME).is_file() else _packaged(name)
@@ -121,30 +116,13 @@ def get_embedded_model_dir(cache_dir=None, progress: bool = True, *,
     in a temporary directory renamed into place only when complete.
     cache_dir: default $IA2DIST_CACHE or ~/.cache/ia2dist.
     """
-    from filelock import FileLock
-
     recipe = recipe or PretrainRecipe()
     name = f"embedded-{recipe.cache_key(seed)}"
     if _packaged(name) is not None:
         return _packaged(name)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    final_dir = root / name
-    if (final_dir / REPORT_NAME).is_file():
-        return final_dir
-    with FileLock(str(root / f"{name}.lock")):
-        if (final_dir / REPORT_NAME).is_file():
-            return final_dir
-        for stale in root.glob(f".{name}.tmp-*"):  # left by a killed run; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
-            pretrain(tmp_dir, seed=seed, progress=progress, recipe=recipe)
-            os.rename(tmp_dir, final_dir)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-    return final_dir
+    final_dir = cache_root(cache_dir) / name
+    return locked_build(final_dir, final_dir / REPORT_NAME,
+                        lambda tmp: pretrain(tmp, seed=seed, progress=progress, recipe=recipe))
 
 
 def pretrain(out_dir, *, budget_s: float | None = None, steps: int | None = None, seed: int = 0,

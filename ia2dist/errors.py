@@ -27,3 +27,15 @@ class ConfigError(IA2Error):
 
 class DataError(IA2Error):
     """A data file or data setting is unusable (malformed line, missing field, too few rows...)."""
+
+
+class RowError(DataError):
+    """A row lacks a field or holds a wrong-typed value. The message names the row's uid; the
+    loader re-raises it with the file:line (or hub row) it came from via ``at``."""
+
+    def __init__(self, uid: str, field_name: str, problem: str, fix: str):
+        self.field_name, self.problem, self.fix = field_name, problem, fix
+        super().__init__(f"row {uid}: field {field_name!r} {problem}; {fix}")
+
+    def at(self, where: str) -> DataError:
+        return DataError(f"{where}: field {self.field_name!r} {self.problem}; {self.fix}")

@@ -20,6 +20,7 @@ import torch
 from ia2dist import rundir
 from ia2dist.checkpoint import read_identity
 from ia2dist.errors import IA2Error
+from ia2dist.io import staging_dir
 
 
 def checkpoint_trainable_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +102,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
         for name, param in params.items():
             param.copy_(state[name].to(param.dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rundir.staging_dir(out)
+    tmp = staging_dir(out)
     save_trained(student, tmp)
     if merge:
         merged = student.merge_and_unload()

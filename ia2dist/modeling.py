@@ -300,39 +300,23 @@ def build_source_elsewhere(model_cfg) -> None:
 def tiny_model_dir(arch: str, cache_dir: str | None = None, *, build: bool = True):
     """The directory of the 'tiny:<arch>' model (random weights, seed 0, and its tokenizer),
     written once under a file lock into a temporary directory renamed when complete."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from ia2dist.io import cache_root, locked_build
 
-    from filelock import FileLock
-
-    from ia2dist.embedded import default_cache_dir
-
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / f"tiny-{arch}-v1"
-    if (final / "config.json").is_file():
-        return final
-    if not build:
+    final = cache_root(cache_dir) / f"tiny-{arch}-v1"
+    if not build and not (final / "config.json").is_file():
         raise FileNotFoundError(final)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"tiny-{arch}.lock")):
-        if (final / "config.json").is_file():
-            return final
+
+    def build_into(tmp):
         from ia2dist.tiny import build_tiny_model, build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer(TINY_TOKENIZER_TEXTS, vocab_size=384,
                                          add_bos=arch not in _NO_BOS_ARCHS)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
             model = build_tiny_model(arch, tokenizer, seed=0)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}.tmp-", dir=root))
-        try:
-            tokenizer.save_pretrained(tmp)
-            model.save_pretrained(tmp, safe_serialization=True)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+
+    return locked_build(final, final / "config.json", build_into)
 
 
 def _attn_implementation(source: str) -> str:

@@ -375,7 +375,7 @@ def _drive(session: Session, work: Work, tracker=None) -> list[dict]:
     check_outcomes(expected, seen, session.run_dir)
     stats = getattr(session.backend, "stats", None)
     if stats:
-        from ia2dist.activations import write_json_atomic
+        from ia2dist.io import write_json_atomic
 
         write_json_atomic(session.run_dir / "distributed_stats.json", stats)
     return results

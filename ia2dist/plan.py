@@ -31,6 +31,7 @@ from ia2dist import rundir
 from ia2dist.config import LABEL_METHODS, GridPoint, RunConfig, config_hash, expand_grid, to_dict
 from ia2dist.errors import IA2Error
 from ia2dist.records import Example
+from ia2dist.io import commit_dir, staging_name
 
 #: What each evaluation-only baseline is: the frozen base model without / with N-1 demos.
 BASELINE_DEMOS = {"base": False, "icl": True}
@@ -463,9 +464,9 @@ def _publish_if_complete(final: Path) -> bool:
     before it was published) is published first."""
     if (final / "history.json").is_file():
         return True
-    staged = rundir.staging_name(final)
+    staged = staging_name(final)
     if (staged / "history.json").is_file():
-        rundir.commit_dir(staged, final)
+        commit_dir(staged, final)
         return True
     return False
 

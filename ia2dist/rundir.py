@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ia2dist.activations import write_json_atomic
 from ia2dist.config import RunConfig, config_hash, differences, dump_yaml, to_dict
 from ia2dist.errors import IA2Error
+from ia2dist.io import write_json_atomic
 
 log = logging.getLogger("ia2dist")
 
@@ -224,24 +224,3 @@ def setup_logging(run_dir: Path | None) -> None:
 
 def unit_dir(run_dir: Path, n: int, seed: int) -> Path:
     return run_dir / f"N{n}_seed{seed}"
-
-
-def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Atomically publish a fully written directory (replacing an older one only via overwrite)."""
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
-
-
-def staging_name(final_dir: Path) -> Path:
-    """Where ``final_dir`` is written before ``commit_dir`` publishes it."""
-    return final_dir.with_name(f".{final_dir.name}.partial")
-
-
-def staging_dir(final_dir: Path) -> Path:
-    """A fresh, empty ``staging_name(final_dir)``."""
-    tmp = staging_name(final_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp

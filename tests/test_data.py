@@ -14,9 +14,9 @@ from ia2dist.config import DataConfig
 from ia2dist.data import loaders, parsers, prompts, splits
 from ia2dist.data.loaders import TaskData, load_eval_items, load_task, read_rows
 from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
-from ia2dist.data.tasks import (REMAP_WORDS, TASKS, RowError, cut_at_word, cut_like_reference,
+from ia2dist.data.tasks import (REMAP_WORDS, TASKS, cut_at_word, cut_like_reference,
                                 get_task)
-from ia2dist.errors import DataError, IA2Error
+from ia2dist.errors import DataError, IA2Error, RowError
 from ia2dist.records import Example
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

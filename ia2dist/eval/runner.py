@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from ia2dist import timing
-from ia2dist.activations import write_json_atomic
+from ia2dist.io import write_json_atomic
 from ia2dist.eval.evaluate import _eval_mode
 from ia2dist.records import TeacherRecord
 

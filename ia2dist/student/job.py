@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ia2dist import rundir, timing
-from ia2dist.activations import write_json_atomic
+from ia2dist.io import commit_dir, staging_dir, staging_name, write_json_atomic
 from ia2dist.errors import IA2Error
 from ia2dist.records import TeacherRecord
 from ia2dist.student.batching import StudentItem
@@ -273,7 +273,7 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
                            reuse=reuse)
             final = job.out_dir
             with timing.part("checkpoint"):
-                tmp = rundir.staging_dir(final) if rank == 0 else rundir.staging_name(final)
+                tmp = staging_dir(final) if rank == 0 else staging_name(final)
                 barrier()
                 engine_factory.engine.save_consolidated(tmp)
                 if saves_phase_end(plan, job):
@@ -284,7 +284,7 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
                         "history": result.history, "phases": result.phases,
                         "world_size": world_size, "resumed_from": result.resumed_from,
                         "engine": engine})
-                    rundir.commit_dir(tmp, final)
+                    commit_dir(tmp, final)
                 barrier()
             rows = None
             if evaluate is not None:
