@@ -22,12 +22,15 @@ prompt (demonstrations and query) becomes one user turn of the tokenizer's chat 
 from __future__ import annotations
 
 from numbers import Integral
+from typing import TYPE_CHECKING
 
-from ia2dist.config import CustomTaskConfig, DataConfig
 from ia2dist.data.parsers import normalize_number, parse_gsm8k, parse_label, parse_math
 from ia2dist.data.real import parse_first_line
 from ia2dist.data.tasks import RowFormatter, TaskSpec
 from ia2dist.errors import DataError, RowError
+
+if TYPE_CHECKING:  # the data layer reads its config section but never imports the config package
+    from ia2dist.config import CustomTaskConfig, DataConfig
 
 #: data.custom.parser -> the parser applied to the completion and to the row's output.
 PARSERS = {"exact": parse_label, "first_line": parse_first_line, "number": normalize_number,
@@ -43,7 +46,7 @@ def custom_spec(data_cfg: DataConfig) -> TaskSpec:
     if data_cfg.train_path is None:
         raise DataError("data.train_path: data.task=custom reads your rows from a local file; set "
                         "data.train_path (JSONL, JSON, CSV, TSV or Parquet)")
-    cfg = data_cfg.custom or CustomTaskConfig()
+    cfg = data_cfg.custom_task()
     kind = "classification" if cfg.labels is not None else "qa"
     template = cfg.template if cfg.template is not None else PAPER_TEMPLATES[kind]
     labels = tuple(cfg.answer_prefix + label.strip() for label in cfg.labels) \

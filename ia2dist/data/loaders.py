@@ -22,13 +22,16 @@ import logging
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ia2dist.config import DataConfig
 from ia2dist.data.tasks import OOD_EVAL, TaskSpec, get_task
 from ia2dist.errors import DataError, IA2Error, RowError
 from ia2dist.records import Example
+
+if TYPE_CHECKING:  # the data layer reads its config section but never imports the config package
+    from ia2dist.config import DataConfig
 
 log = logging.getLogger(__name__)
 
