@@ -97,7 +97,7 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
     from ia2dist.modeling import apply_adapter, load_model, load_tokenizer
     from ia2dist.orchestration.backend import resolve_ds_template
     from ia2dist.orchestration.groups import Task, _GroupWorker
-    from ia2dist.plan import Plan
+    from ia2dist.experiment.plan import Plan
     from ia2dist.student.deepspeed_engine import init_distributed
     from ia2dist.student.engine_choice import choose_engine
 

@@ -37,7 +37,7 @@ def _timed_run(argv: list[str], reuse: bool, run_dir: Path) -> dict:
     """``ia2dist run argv`` with each training job (+ its evaluation) timed by wall and CPU."""
     from ia2dist.backend import LocalBackend
     from ia2dist.cli import main
-    from ia2dist.plan import Plan
+    from ia2dist.experiment.plan import Plan
 
     times: dict[str, tuple[float, float]] = {}
     train, source = LocalBackend._train, Plan.phase_source

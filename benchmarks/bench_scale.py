@@ -68,7 +68,7 @@ def build_model(path: Path) -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    from ia2dist.memory_plan import ModelSize
+    from ia2dist.experiment.memory_plan import ModelSize
 
     return ModelSize.of(config).num_params * 4
 
@@ -154,15 +154,15 @@ def _planned(model_dir: Path, run_dir: Path, gpu: bool = False) -> dict[str, int
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
     from ia2dist.modeling import load_model_config, load_tokenizer
-    from ia2dist.pipeline import check_context, memory_plan
-    from ia2dist.plan import Plan
+    from ia2dist.driver import check_context, memory_plan
+    from ia2dist.experiment.plan import Plan
 
     cfg = load_config(None, _args(run_dir, str(model_dir), legacy=False, gpu=gpu))
     tokenizer = load_tokenizer(cfg.model)
     plan = Plan(cfg, load_task(cfg.data), tokenizer=tokenizer)
     config = load_model_config(cfg.model)
     memory = memory_plan(plan, tokenizer, config, check_context(plan, tokenizer, config))
-    from ia2dist.memory_plan import _CPU_OVERHEAD, _GPU_OVERHEAD
+    from ia2dist.experiment.memory_plan import _CPU_OVERHEAD, _GPU_OVERHEAD
 
     overhead = int(_GPU_OVERHEAD if gpu else _CPU_OVERHEAD)
     return {"driver": memory.role("driver").per_process,

@@ -216,8 +216,8 @@ def _planned(run_dir: Path) -> dict | None:
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
     from ia2dist.modeling import load_model_config, load_tokenizer
-    from ia2dist.pipeline import check_context, memory_plan
-    from ia2dist.plan import Plan
+    from ia2dist.driver import check_context, memory_plan
+    from ia2dist.experiment.plan import Plan
 
     overrides = [a for a in _run_args(run_dir)[1:]] + ["dist.backend=ray", "dist.use_gpu=true",
                                                          "dist.num_workers=1"]
@@ -324,7 +324,7 @@ def _train_once(load_base, items, tcfg, kind, ds_config, killed: bool, root: Pat
     checkpoint of step ``KILL_AFTER`` by a second attempt (as a restarted job would)."""
     import torch
 
-    from ia2dist.checkpoint import Checkpointer
+    from ia2dist.experiment.checkpoint import Checkpointer
     from ia2dist.config import AdapterConfig
     from ia2dist.modeling import apply_adapter
     from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory

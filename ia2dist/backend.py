@@ -1,6 +1,6 @@
 """Where the work of a run happens: the ``Backend`` protocol and the one-process ``LocalBackend``.
 
-The driver loop (``ia2dist.pipeline``) builds a ``Work`` from the ``Plan`` (teacher outputs to
+The driver loop (``ia2dist.driver``) builds a ``Work`` from the ``Plan`` (teacher outputs to
 extract, baselines to evaluate, jobs to train and evaluate) and iterates ``backend.run(work)``,
 which yields an ``Outcome`` whenever something finishes. The driver only collects outcomes, logs
 them and writes the report; every forward pass of a model happens inside the backend:
@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from ia2dist.errors import IA2Error
-from ia2dist.plan import Baseline, Job, Plan, Unit
+from ia2dist.experiment.plan import Baseline, Job, Plan, Unit
 from ia2dist.records import TeacherRecord
 
 log = logging.getLogger("ia2dist")
@@ -264,7 +264,7 @@ def check_outcomes(expected: list[str], got: set[str], run_dir: Path) -> None:
     missing = [i for i in expected if i not in got]
     if not missing:
         return
-    from ia2dist.checkpoint import STOP_FILE, Preempted
+    from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
 
     if (run_dir / STOP_FILE).exists():
         raise Preempted(f"stopped on request with {len(missing)} job(s) unfinished "

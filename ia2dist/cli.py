@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; the run directory's status.json says 'failed'", file=sys.stderr)
         return 130
     except Exception as exc:
-        from ia2dist.checkpoint import Preempted
+        from ia2dist.experiment.checkpoint import Preempted
 
         if isinstance(exc, Preempted):
             print(f"stopped: {exc}", file=sys.stderr)
@@ -163,10 +163,10 @@ def _dispatch(ns) -> int:
     if ns.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from ia2dist import pipeline
+    from ia2dist import driver
 
     if ns.verb == "plan":
-        report, fits = pipeline.memory_report(cfg)
+        report, fits = driver.memory_report(cfg)
         print(report)
         return 0 if fits else 1
     if ns.verb in ("train", "run"):
@@ -174,14 +174,14 @@ def _dispatch(ns) -> int:
     if cfg.dist.backend == "ray" and cfg.dist.ray_address is None:
         private_ray_settings()
     if ns.verb == "extract":
-        out = pipeline.run_extract(cfg, overwrite=ns.overwrite)
+        out = driver.run_extract(cfg, overwrite=ns.overwrite)
     elif ns.verb == "train":
-        out = pipeline.run_train(cfg, methods=ns.method, overwrite=ns.overwrite,
+        out = driver.run_train(cfg, methods=ns.method, overwrite=ns.overwrite,
                                  resume_from=ns.resume_from)
     elif ns.verb == "eval":
-        out = pipeline.run_eval(cfg, overwrite=ns.overwrite)
+        out = driver.run_eval(cfg, overwrite=ns.overwrite)
     else:
-        out = pipeline.run_all(cfg, overwrite=ns.overwrite, resume_from=ns.resume_from)
+        out = driver.run_all(cfg, overwrite=ns.overwrite, resume_from=ns.resume_from)
     final = out / "summary.md"
     print(f"done: {final if final.exists() else out}")
     return 0
@@ -204,7 +204,7 @@ def _choice_problems(ns, cfg) -> list[str]:
     if resume_from:
         from pathlib import Path
 
-        from ia2dist.checkpoint import read_identity
+        from ia2dist.experiment.checkpoint import read_identity
         from ia2dist.errors import IA2Error
 
         path = Path(resume_from).expanduser()
@@ -236,7 +236,7 @@ def _status(ns) -> int:
     import json
     from pathlib import Path
 
-    from ia2dist import rundir
+    from ia2dist.experiment import rundir
     from ia2dist.errors import IA2Error
 
     run_dir = Path(ns.run_dir).expanduser()
@@ -249,7 +249,7 @@ def _status(ns) -> int:
     if ns.json:
         print(json.dumps(state, indent=1))
         return 0
-    from ia2dist.pipeline import describe_progress
+    from ia2dist.driver import describe_progress
 
     print(f"{run_dir}: {describe_progress(state)}")
     return 0
@@ -326,7 +326,7 @@ def _stop_on_signals(run_dir: str) -> None:
     import signal
     from pathlib import Path
 
-    from ia2dist.checkpoint import request_stop
+    from ia2dist.experiment.checkpoint import request_stop
 
     def handler(signum, frame):
         if getattr(handler, "fired", False):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ia2dist import rundir
-from ia2dist.checkpoint import read_identity
+from ia2dist.experiment import rundir
+from ia2dist.experiment.checkpoint import read_identity
 from ia2dist.errors import IA2Error
 from ia2dist.io import staging_dir
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from ia2dist.checkpoint import Checkpointer, list_checkpoints, verify
+from ia2dist.experiment.checkpoint import Checkpointer, list_checkpoints, verify
 from ia2dist.errors import IA2Error
 from ia2dist.student.trainer import train
 
@@ -156,7 +156,7 @@ def test_planted_pickle_is_never_loaded(setup, tmp_path):
 
 def test_failed_deletion_of_an_old_checkpoint_does_not_stop_training(setup, tmp_path, monkeypatch,
                                                                       caplog):
-    import ia2dist.checkpoint as ck
+    import ia2dist.experiment.checkpoint as ck
 
     def refuse(path, *a, **k):
         if path.name.startswith("p0_s0000002"):

@@ -213,7 +213,7 @@ def _chat_tokenizer(tmp_path: Path) -> str:
 def test_chat_template_wraps_each_prompt_in_one_user_turn(tmp_path):
     from ia2dist.data.custom import chat_wrap
     from ia2dist.modeling import encode, load_tokenizer
-    from ia2dist.plan import Plan
+    from ia2dist.experiment.plan import Plan
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny:llama",
                                            tokenizer=_chat_tokenizer(tmp_path)))

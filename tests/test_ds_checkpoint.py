@@ -123,7 +123,7 @@ def test_export_of_a_zero3_checkpoint_equals_the_live_weights(launched, data):
 
 
 def test_checkpoint_files_are_rank_shards_with_a_manifest(launched):
-    from ia2dist.checkpoint import verify
+    from ia2dist.experiment.checkpoint import verify
 
     files = verify(launched["dir"] / "A" / "p1_s0000004_end")["files"]
     shards = [f for f in files if "optim_states" in f]
@@ -134,7 +134,7 @@ def test_checkpoint_files_are_rank_shards_with_a_manifest(launched):
 # ------------------------------------------------------------------------------ worker side
 
 def _train(data, root: Path, rank: int, kill_after: int | None = None, plain: bool = False):
-    from ia2dist.checkpoint import Checkpointer
+    from ia2dist.experiment.checkpoint import Checkpointer
     from ia2dist.config import TrainConfig
     from ia2dist.student.trainer import EngineFactory, train
 

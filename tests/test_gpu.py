@@ -46,7 +46,7 @@ def test_one_process_run_in_bf16_on_the_last_gpu(tmp_path):
 
 
 def test_restored_cuda_rng_is_the_models_devices():
-    from ia2dist.checkpoint import Resume, cuda_device, restore_rng
+    from ia2dist.experiment.checkpoint import Resume, cuda_device, restore_rng
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)
 
@@ -73,7 +73,7 @@ def test_memory_report_gives_reserved_and_allocated_peaks():
 
 
 def test_free_gpu_memory_is_what_is_free():
-    from ia2dist.pipeline import free_gpu_memory
+    from ia2dist.driver import free_gpu_memory
 
     free, total = torch.cuda.mem_get_info(0)
     got = free_gpu_memory()

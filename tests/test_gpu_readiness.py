@@ -17,7 +17,7 @@ from transformers import LlamaConfig
 
 from ia2dist.config import load_config
 from ia2dist.errors import IA2Error
-from ia2dist.memory_plan import GiB, ModelSize, check_fits, plan_memory
+from ia2dist.experiment.memory_plan import GiB, ModelSize, check_fits, plan_memory
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -211,7 +211,7 @@ def test_the_reduce_bucket_of_the_template_is_counted(size_1b, tmp_path):
 
 
 def test_plan_checks_free_gpu_memory(size_1b):
-    from ia2dist.pipeline import available_memory, free_gpu_memory
+    from ia2dist.driver import available_memory, free_gpu_memory
 
     assert free_gpu_memory() is None  # the CPU tier: no GPU
     cfg = load_config(DEMO, [*GPU_RUN, "dist.gpu_memory_gb=2"])
@@ -224,7 +224,7 @@ def test_plan_checks_free_gpu_memory(size_1b):
 # ------------------------------------------------------------------ checkpoints
 
 def test_cuda_rng_follows_the_models_device():
-    from ia2dist.checkpoint import cuda_device
+    from ia2dist.experiment.checkpoint import cuda_device
 
     class Engine:
         device = torch.device("cpu")

@@ -24,7 +24,7 @@ def core_modules() -> list[str]:
 
 def test_core_imports_without_ray_or_deepspeed():
     core = core_modules()
-    assert {"ia2dist.plan", "ia2dist.backend", "ia2dist.pipeline", "ia2dist.student.job",
+    assert {"ia2dist.experiment.plan", "ia2dist.backend", "ia2dist.driver", "ia2dist.student.job",
             "ia2dist.student.trainer", "ia2dist.eval.runner", "ia2dist.cli"} <= set(core)
     code = ("import sys; sys.modules['ray'] = None; sys.modules['deepspeed'] = None\n"
             + "".join(f"import {name}\n" for name in core))

@@ -11,7 +11,8 @@ from transformers import LlamaConfig
 
 from ia2dist.config import load_config
 from ia2dist.errors import IA2Error
-from ia2dist.memory_plan import GiB, ModelSize, _trainable_params, check_fits, plan_memory
+from ia2dist.experiment.memory_plan import (GiB, ModelSize, _trainable_params, check_fits,
+                                            plan_memory)
 
 DEMO = "configs/demo.yaml"
 # a Ray run on GPUs: bf16, one GPU per teacher replica, micro-batches of 1

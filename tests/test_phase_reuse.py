@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ia2dist import rundir
+from ia2dist.experiment import rundir
 from ia2dist.cli import main
 from ia2dist.config import load_config
 from ia2dist.data.loaders import load_task
 from ia2dist.orchestration.groups import Task, next_ready
-from ia2dist.plan import Plan
+from ia2dist.experiment.plan import Plan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

@@ -12,7 +12,8 @@ import torch
 
 from ia2dist.config import load_config
 from ia2dist.data.loaders import load_task
-from ia2dist.plan import Plan
+from ia2dist.experiment.plan import Plan
+from ia2dist.experiment.status import status_of
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -61,6 +62,18 @@ def test_plan_is_a_pure_function_of_the_config(tmp_path, make_tokenizer, plan):
     assert again.read_order(again.units[3]) == plan.read_order(plan.units[3])
 
 
+def test_plan_writes_nothing(tmp_path, make_tokenizer):
+    """A plan has no effect on disk: naming the shared teacher cache's folder creates neither it
+    nor the run directory (the driver creates them when a verb starts)."""
+    cfg = _cfg(tmp_path, f"extract.cache_dir={tmp_path / 'cache'}")
+    plan = Plan(cfg, load_task(cfg.data), tokenizer=make_tokenizer(add_bos=True))
+    unit = plan.units[0]
+    path = plan.teacher_dir(unit, "teacher", plan.teacher_inputs(unit)[1])
+    assert path.parent == tmp_path / "cache" and path.name.startswith("teacher-")
+    assert status_of(plan, resuming=False).to_train == plan.jobs()
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_pending_work_after_a_partial_run(plan):
     """What an earlier attempt left: a published method is trained (with metrics: finished), a
     staged one that finished is published, a folder without history.json is not trained."""
@@ -76,7 +89,7 @@ def test_pending_work_after_a_partial_run(plan):
     base = plan.units[0].dir / "base"
     base.mkdir()
     (base / "metrics.json").write_text(json.dumps({"method": "base"}))
-    status = plan.status()
+    status = status_of(plan)
     assert job_done.id not in {j.id for j in status.to_train + status.to_evaluate}
     assert {j.id for j in status.to_evaluate} == {job_staged.id, job_unevaluated.id}
     assert (job_staged.out_dir / "history.json").is_file() and not staged.exists()
@@ -86,14 +99,14 @@ def test_pending_work_after_a_partial_run(plan):
     assert "N4_seed0/base" not in {b.id for b in status.baselines}
     assert len(status.baselines) == 2 * len(plan.units) - 1
     # a fresh run directory: nothing is reused
-    fresh = plan.status(resuming=False)
+    fresh = status_of(plan, resuming=False)
     assert len(fresh.to_train) == len(plan.jobs()) and not fresh.finished
 
 
 def test_home_ranks_split_every_batch_and_every_item_once(plan):
     """Each example is read by one rank of a group; the first epoch's batches are split evenly."""
     from ia2dist.student.job import read_parts
-    from ia2dist.student.trainer import first_epoch_order, home_ranks
+    from ia2dist.experiment.order import first_epoch_order, home_ranks
 
     homes = home_ranks(8, 7, 2)
     order = first_epoch_order(8, 7)
@@ -192,7 +205,7 @@ def test_teacher_cache_key_follows_the_model_files(tmp_path):
     teacher metadata, so cached teacher outputs are not reused."""
     import os
 
-    from ia2dist.plan import _model_fingerprint
+    from ia2dist.experiment.plan import _model_fingerprint
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 16)

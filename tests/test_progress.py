@@ -62,7 +62,7 @@ def test_each_mode_writes_one_line_per_completed_job():
 def test_file_lines_go_to_the_run_log_when_logging_is_set_up(tmp_path, monkeypatch):
     """Without an explicit stream (the command line's case) the lines go through the ``ia2dist``
     logger, i.e. to stderr and run_dir/run.log; stderr not being a terminal here."""
-    from ia2dist import rundir
+    from ia2dist.experiment import rundir
 
     monkeypatch.setattr("sys.stderr", io.StringIO())
     rundir.setup_logging(tmp_path)

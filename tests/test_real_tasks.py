@@ -161,7 +161,7 @@ def test_classification_labels_are_single_tokens_for_the_real_models(alias):
 def test_run_config_records_the_data_source(tmp_path):
     """config.yaml of a run names where its task's rows come from (and still loads as the config)."""
     from ia2dist.config import load_config
-    from ia2dist.rundir import save_config
+    from ia2dist.experiment.rundir import save_config
 
     for task, source in (("country_region", "countryinfo==1.0.1"),
                          ("word_sentiment", "vadersentiment==3.3.2"),

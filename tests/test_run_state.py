@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ia2dist import rundir
+from ia2dist.experiment import rundir
 from ia2dist.cli import main
 from ia2dist.errors import IA2Error
 from ia2dist.runlock import LOCK_FILE, RunLock

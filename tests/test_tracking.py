@@ -105,7 +105,7 @@ def test_wandb_group_names_a_sweep_and_job_runs_carry_the_job(tmp_path, monkeypa
     """``wandb.group`` puts every cell of a sweep in one group; a job's run is named by the cell
     and the job, typed by its method and tagged with N, seed and task; its metrics are its summary."""
     from ia2dist.config import WandbConfig
-    from ia2dist.tracking import Tracker
+    from ia2dist.experiment.tracking import Tracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cell = tmp_path / "lr0.001_N8_seed1"
@@ -135,7 +135,7 @@ def test_wandb_group_names_a_sweep_and_job_runs_carry_the_job(tmp_path, monkeypa
 
 def test_disabled_tracking_writes_nothing(tmp_path):
     from ia2dist.config import WandbConfig
-    from ia2dist.tracking import Tracker
+    from ia2dist.experiment.tracking import Tracker
 
     tracker = Tracker(WandbConfig(mode="disabled"), tmp_path, {}, task="sst2")
     job = SimpleNamespace(id="N2_seed0/sft", method="sft", name="sft",

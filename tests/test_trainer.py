@@ -354,7 +354,7 @@ class _AccessLog(list):
 def test_first_epoch_order_is_the_loops_read_order(setup):
     """The distributed teacher stage extracts in ``first_epoch_order``; if the loop read items in
     another order, pipelined training would wait on shards extracted last."""
-    from ia2dist.student.trainer import first_epoch_order
+    from ia2dist.experiment.order import first_epoch_order
 
     items = _AccessLog(setup["cls"] + setup["cls"])
     train(lora_student(setup["base"]), items, [], "sft", cfg(max_steps=3, batch_size=2,
@@ -419,7 +419,8 @@ def test_a_rank_with_no_dev_item_runs_fillers_on_an_item_of_its_own():
     (they are not sent to it)."""
     from types import SimpleNamespace
 
-    from ia2dist.student.trainer import _own_item, _Share, home_ranks
+    from ia2dist.experiment.order import home_ranks
+    from ia2dist.student.trainer import _own_item, _Share
 
     class OwnOnly(list):
         def __init__(self, items, own):

@@ -118,7 +118,7 @@ def _worker(work: Path) -> None:
 
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
-    from ia2dist.plan import Plan
+    from ia2dist.experiment.plan import Plan
     from ia2dist.student.deepspeed_engine import (DeepSpeedEngineFactory, forwards,
                                                   init_distributed, load_partitioned)
     from ia2dist.student.dsconfig import fill_ds_config

@@ -619,7 +619,7 @@ def convergence_section(jobs: Sequence[Mapping]) -> str:
 def _predictions_file(row: Mapping, run_dir: Path) -> Path:
     """Where a result's predictions.json is: ``predictions_path`` (relative to the run directory
     unless absolute), else ``{run_dir}/N{n}_seed{seed}/{method}/predictions.json``."""
-    from ia2dist.rundir import unit_dir
+    from ia2dist.experiment.rundir import unit_dir
 
     if row.get("predictions_path"):
         path = Path(row["predictions_path"])

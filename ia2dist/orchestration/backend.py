@@ -38,7 +38,7 @@ from ia2dist.orchestration.cluster import check_resources, connect, object_store
 from ia2dist.orchestration.groups import Task, TaskQueue, WorkerGroups
 from ia2dist.orchestration.teacher_stage import TeacherStage, TeacherStageOptions
 from ia2dist.orchestration.transport import UnitRecords
-from ia2dist.plan import Plan, Unit
+from ia2dist.experiment.plan import Plan, Unit
 from ia2dist.progress import progress
 from ia2dist.student.dsconfig import resolve_ds_template
 
@@ -78,7 +78,7 @@ class RayBackend:
             check_resources(0, num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
                             gpus_per_worker=gpus, what="student")
             if memory is not None:
-                from ia2dist.memory_plan import check_fits
+                from ia2dist.experiment.memory_plan import check_fits
 
                 check_fits(memory, cfg, gpu_bytes=gpu_bytes, node_bytes=_largest_node_bytes(
                     self.ctx.owns_cluster))

@@ -18,7 +18,7 @@ and its rank 0 gets the same task back (the queue keeps it leased to the group),
 from its latest checkpoint.
 
 A task may wait for another (``Task.after``: ia2_then_sft starts from the result of the ia2 job of
-its unit and settings, see ``ia2dist.plan.Plan.phase_source``). The queue hands a group the first
+its unit and settings, see ``Plan.phase_source``). The queue hands a group the first
 task whose wait is over, so no group ever holds a task whose prerequisite nobody runs; a group
 finding only waiting tasks waits empty-handed until a running one is done.
 """
@@ -137,7 +137,7 @@ def group_worker(config: dict) -> None:
 
     worker_environment(cfg.dist.use_gpu)
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
-    from ia2dist.checkpoint import STOP_FILE, Preempted
+    from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
     from ia2dist.modeling import load_tokenizer
     from ia2dist.student.deepspeed_engine import init_distributed
 

@@ -15,7 +15,7 @@ fetches) the teacher records of the examples it trains on.
 Each job records where its time went (``ia2dist.timing``): ``timing.json`` in its folder.
 
 A job that other jobs start from (an ia2 job: ia2_then_sft's first phase, see
-``ia2dist.plan.Plan.phase_source``) also saves its end state in ``phase_end/``; such a job, when
+``Plan.phase_source``) also saves its end state in ``phase_end/``; such a job, when
 that folder is there and matches, continues from it instead of training the phase again.
 """
 
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ia2dist import rundir, timing
+from ia2dist import timing
+from ia2dist.experiment import rundir
 from ia2dist.io import commit_dir, staging_dir, staging_name, write_json_atomic
 from ia2dist.errors import IA2Error
 from ia2dist.records import TeacherRecord
@@ -255,7 +256,7 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
         rank when every rank's flag is True (a group decides together whether to reuse a phase
         end).
     """
-    from ia2dist.checkpoint import Checkpointer
+    from ia2dist.experiment.checkpoint import Checkpointer
     from ia2dist.student.trainer import train
 
     checkpointer = Checkpointer(**checkpoint, rank=rank) if checkpoint is not None else None
@@ -314,7 +315,7 @@ PHASE_END = "phase_end"
 def saves_phase_end(plan, job) -> bool:
     """True for a job whose result other methods' first phase can be (an ia2 job with an
     adapter): it saves its end state besides the adapter, a few adapter-sized files."""
-    from ia2dist.plan import PHASE_SOURCES
+    from ia2dist.experiment.plan import PHASE_SOURCES
 
     return job.method in PHASE_SOURCES.values() and plan.cfg.train.adapter.type != "full"
 

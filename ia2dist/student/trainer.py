@@ -43,10 +43,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ia2dist.checkpoint import (Checkpointer, LoopState, Preempted, Resume, cuda_device,
+from ia2dist.experiment.checkpoint import (Checkpointer, LoopState, Preempted, Resume, cuda_device,
                                 restore_rng)
 from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
+from ia2dist.experiment.order import home_ranks
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
 from ia2dist.modeling import attention_sites, last_position_mlp, num_virtual_tokens
 from ia2dist.student.batching import (Positions, StudentBatch, StudentItem, collate,
@@ -294,7 +295,7 @@ class TrainResult:
 
 @dataclass
 class PhaseStart:
-    """The first ``phases`` phases, trained by another job (``ia2dist.plan.Plan.phase_source``:
+    """The first ``phases`` phases, trained by another job (``Plan.phase_source``:
     ia2_then_sft's IA2 phase is the ia2 job's whole training): that job's state at its end, i.e.
     the trainable state of its best dev evaluation, the data-order generator, this rank's RNG
     states (``TrainResult.end_state``) and its history. ``train`` continues from it with the next
@@ -445,13 +446,6 @@ def _barrier(engine: Engine) -> Callable[[], None]:
     return barrier
 
 
-def first_epoch_order(num_items: int, seed: int) -> list[int]:
-    """The order in which ``train(..., seed=seed)`` visits the training items in its first epoch.
-    A producer that delivers teacher records in this order lets training start on the first ones
-    while the rest are still being extracted."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: int, ctx: _Context,
                generator: torch.Generator, result: TrainResult, log, progress: bool,
                checkpointer: Checkpointer | None, start: Resume | None) -> dict:
@@ -534,16 +528,6 @@ def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: in
     return {"objective": objective, "best_step": best_step,
             "best_dev": None if best_step is None else best_dev, "stopped_early": stopped,
             "steps": step}
-
-
-def home_ranks(num_items: int, seed: int, world_size: int) -> list[int]:
-    """The rank that reads each training item (index order): its position in the first epoch's
-    order (``first_epoch_order``) modulo ``world_size``, so the first epoch's batches are split
-    evenly. Dev item j's home is j modulo ``world_size``."""
-    homes = [0] * num_items
-    for position, index in enumerate(first_epoch_order(num_items, seed)):
-        homes[index] = position % world_size
-    return homes
 
 
 @dataclass

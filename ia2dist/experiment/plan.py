@@ -1,4 +1,4 @@
-"""The experiment as plain values: units, jobs, seeds, read orders and what is left to do.
+"""The experiment as plain values: units, jobs, seeds and read orders.
 
 A run is a grid of **units** (one per N in ``data.num_train`` and run seed r in ``data.seeds``: the
 split, the dev set and every demonstration list) and of **jobs** (one per unit and training method).
@@ -7,14 +7,16 @@ DeepSpeed, so it is cheap, deterministic and unit-testable. Every backend (one p
 driver loop take their work from it, so the rules below exist once:
 
 - the student seed of a unit (``student_seed``): adapter initialisation, dropout and the data order;
-- the order in which the training loop first reads a unit's examples (``read_order``), which the
-  teacher extracts in so that training can start on the first shards;
-- what an earlier attempt already finished (``status``: trained, evaluated), i.e. what is pending;
+- the order in which the training loop first reads a unit's examples (``read_order``, from the
+  rules in ``ia2dist.experiment.order``), which the teacher extracts in so that training can start
+  on the first shards;
 - where a unit's teacher outputs live and what determines them (``teacher_meta``, ``teacher_dir``);
 - what a job's checkpoints must agree on to be resumed (``job_identity``, ``checkpoint_options``);
 - which job's result another job starts from (``phase_source``: ia2_then_sft continues from the
   ia2 job of the same unit, seed and settings) and hence the order jobs run in (``train_order``).
 
+A plan writes nothing and loads no data: the caller loads the task and the out-of-distribution
+sets; what an earlier attempt finished is ``ia2dist.experiment.status``.
 A job's result does not depend on which worker group runs it or how many groups there are: it is a
 function of the plan (seeds, data, order) and the config only.
 """
@@ -27,11 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ia2dist import rundir
 from ia2dist.config import LABEL_METHODS, GridPoint, RunConfig, config_hash, expand_grid, to_dict
+from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
 from ia2dist.errors import IA2Error
+from ia2dist.experiment import rundir
+from ia2dist.experiment.order import first_epoch_order
 from ia2dist.records import Example
-from ia2dist.io import commit_dir, staging_name
 
 #: What each evaluation-only baseline is: the frozen base model without / with N-1 demos.
 BASELINE_DEMOS = {"base": False, "icl": True}
@@ -131,23 +134,11 @@ class Baseline:
         return BASELINE_DEMOS[self.name]
 
 
-@dataclass
-class Status:
-    """What an earlier attempt left in the run directory: jobs to train, trained jobs still to
-    evaluate, finished results (metrics read back) and baselines still to evaluate."""
-
-    to_train: list[Job] = field(default_factory=list)
-    to_evaluate: list[Job] = field(default_factory=list)
-    finished: list[dict] = field(default_factory=list)
-    baselines: list[Baseline] = field(default_factory=list)
-
-
 class Plan:
     """Units and jobs of a run, built from the config and the task data (see the module doc)."""
 
-    def __init__(self, cfg: RunConfig, task, *, tokenizer=None):
-        from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
-
+    def __init__(self, cfg: RunConfig, task, *, tokenizer=None, ood_sets: Sequence = (),
+                 ood_skipped: Sequence[str] = ()):
         self.cfg = cfg
         self.task = task
         self.spec = task.spec
@@ -158,11 +149,9 @@ class Plan:
         self.max_new_tokens = cfg.extract.max_new_tokens or self.spec.max_new_tokens
         self.tokenizer = tokenizer
         self.chat = self._chat_wrap(tokenizer)
-        from ia2dist.data.loaders import load_ood_sets
-
-        # out-of-distribution sets: loaded now, so that a missing one fails before any work
-        self.ood_skipped: list[str] = []
-        self.ood_sets = load_ood_sets(cfg.data, self.ood_skipped)
+        # the out-of-distribution sets (``ia2dist.data.loaders.load_ood_sets``, read by the caller)
+        self.ood_sets = list(ood_sets)
+        self.ood_skipped = list(ood_skipped)  # why a default set was left out (run log warnings)
         cap = cfg.data.max_icl_demos
         self.units: list[Unit] = []
         for n in cfg.data.num_train:
@@ -285,8 +274,6 @@ class Plan:
         """(kind, index) of the unit's train and dev examples in the order the training loop first
         reads them: its first epoch's training order, with the dev set where the first dev
         evaluation happens (after ``eval_every`` optimizer steps)."""
-        from ia2dist.student.trainer import first_epoch_order
-
         t = self.cfg.train
         train = [("train", i) for i in first_epoch_order(len(unit.train), self.student_seed(unit))]
         cut = min(len(train), t.eval_every * t.batch_size)
@@ -339,32 +326,6 @@ class Plan:
                           max_new_tokens=self.max_new_tokens,
                           truncate=self.cfg.train.truncate_targets)
 
-    # ------------------------------------------------------------------ what is left to do
-    def status(self, methods: Sequence[str] | None = None, *, evaluate: bool = True,
-               resuming: bool = True) -> Status:
-        """Split the jobs (and baselines) into what an earlier attempt finished and what is left.
-
-        A job is trained when its folder holds history.json (a trained folder that was killed
-        before being published is published here); evaluated when it also holds metrics.json.
-        Without ``resuming`` (a fresh run directory) everything is pending."""
-        status = Status()
-        for job in self.jobs(methods):
-            trained = resuming and _publish_if_complete(job.out_dir)
-            if not trained:
-                status.to_train.append(job)
-            elif evaluate and not (job.out_dir / "metrics.json").is_file():
-                status.to_evaluate.append(job)
-            elif evaluate:
-                status.finished += result_rows(job.out_dir)
-        if evaluate:
-            for baseline in self.baselines():
-                path = baseline.unit.dir / baseline.name / "metrics.json"
-                if resuming and path.is_file():
-                    status.finished += result_rows(path.parent)
-                else:
-                    status.baselines.append(baseline)
-        return status
-
     # ------------------------------------------------------------------ teacher outputs
     def teacher_meta(self, unit: Unit) -> dict:
         """Everything that determines a unit's teacher outputs (not train/eval/dist settings, nor
@@ -383,19 +344,18 @@ class Plan:
         """Where a unit's teacher outputs of ``kind`` ('teacher': train + dev in read order,
         'teacher_eval': the similarity items) live: in the unit folder, or with
         ``extract.cache_dir`` in a shared cache folder named by the hash of everything that
-        determines them, so other runs (a learning-rate sweep, other methods) find them."""
+        determines them, so other runs (a learning-rate sweep, other methods) find them (the
+        driver creates that folder, private to the user)."""
         if not self.cfg.extract.cache_dir:
             return unit.dir / kind
         meta = {**self.teacher_meta(unit), "kind": kind, "uids": list(uids),
                 "shard_size": self.cfg.dist.shard_size}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
-        root = Path(self.cfg.extract.cache_dir).expanduser()
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return root / f"{kind}-{key}"
+        return Path(self.cfg.extract.cache_dir).expanduser() / f"{kind}-{key}"
 
     # ------------------------------------------------------------------ checkpoints
     def job_identity(self, job: Job) -> dict:
-        """What a job's checkpoint must agree on to be resumed (see ``ia2dist.checkpoint``)."""
+        """What a job's checkpoint must agree on to be resumed (``experiment.checkpoint``)."""
         d = to_dict(self.cfg)
         skip = {"model": ("device", "cache_dir"), "data": ("num_train", "seeds"),
                 "extract": ("batch_size", "cache_dir"),
@@ -411,7 +371,7 @@ class Plan:
 
     def checkpoint_options(self, job: Job, resume_from: Path | None = None) -> dict | None:
         """Keyword arguments of ``Checkpointer`` for a job (None: checkpoints are off)."""
-        from ia2dist.checkpoint import STOP_FILE
+        from ia2dist.experiment.checkpoint import STOP_FILE
 
         t = self.cfg.train
         if t.checkpoint_every < 0:
@@ -427,7 +387,7 @@ class Plan:
         continues from it instead of from its latest checkpoint."""
         if path is None:
             return None
-        from ia2dist.checkpoint import read_identity
+        from ia2dist.experiment.checkpoint import read_identity
 
         ident = read_identity(Path(path).expanduser())["identity"]
         n, seed, method = ident.get("n"), ident.get("seed"), ident.get("method")
@@ -440,15 +400,6 @@ class Plan:
         return job_id, Path(path).expanduser().resolve()
 
 
-def result_rows(out_dir: Path) -> list[dict]:
-    """The result rows an evaluation wrote under ``out_dir``: its metrics.json, then one per
-    out-of-distribution set (``ood/<set>/metrics.json``)."""
-    rows = [json.loads((out_dir / "metrics.json").read_text())]
-    for path in sorted((out_dir / "ood").glob("*/metrics.json")):
-        rows.append(json.loads(path.read_text()))
-    return rows
-
-
 def _first_objective(method: str) -> str:
     from ia2dist.student.trainer import METHOD_PHASES
 
@@ -457,18 +408,6 @@ def _first_objective(method: str) -> str:
 
 def _frozen(lists) -> tuple[tuple[Example, ...], ...]:
     return tuple(tuple(x) for x in lists)
-
-
-def _publish_if_complete(final: Path) -> bool:
-    """True when ``final`` holds a trained method; a complete staging folder (trained, killed
-    before it was published) is published first."""
-    if (final / "history.json").is_file():
-        return True
-    staged = staging_name(final)
-    if (staged / "history.json").is_file():
-        commit_dir(staged, final)
-        return True
-    return False
 
 
 def _model_fingerprint(name_or_path: str) -> list | None:

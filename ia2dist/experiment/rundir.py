@@ -192,7 +192,7 @@ STATES = ("running", "partial", "failed", "preempted", "complete")
 def write_state(run_dir: Path, state: str, verb: str, progress: dict | None = None,
                 **extra) -> None:
     """Record the run's state after (or while) ``ia2dist <verb>`` works on it; ``progress``:
-    ``{"done": {...}, "left": {...}}`` counts (``pipeline.progress``)."""
+    ``{"done": {...}, "left": {...}}`` counts (``ia2dist.driver.progress``)."""
     import socket
 
     assert state in STATES, state

@@ -24,11 +24,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ia2dist import rundir
 from ia2dist.backend import Backend, Outcome, Work, check_outcomes
 from ia2dist.config import RunConfig, to_dict
 from ia2dist.errors import IA2Error
-from ia2dist.plan import Plan
+from ia2dist.experiment import rundir
+from ia2dist.experiment.plan import Plan
+from ia2dist.experiment.status import status_of
 
 log = logging.getLogger("ia2dist")
 
@@ -51,6 +52,16 @@ class Session:
 
 def _is_ray(cfg: RunConfig) -> bool:
     return cfg.dist.backend == "ray"
+
+
+def build_plan(cfg: RunConfig, task, tokenizer) -> Plan:
+    """The run's ``Plan``, with its out-of-distribution sets read now (``data.ood_tasks``), so
+    that a missing one fails before any work."""
+    from ia2dist.data.loaders import load_ood_sets
+
+    skipped: list[str] = []
+    ood_sets = load_ood_sets(cfg.data, skipped)
+    return Plan(cfg, task, tokenizer=tokenizer, ood_sets=ood_sets, ood_skipped=skipped)
 
 
 def check_context(plan: Plan, tokenizer, model_config) -> int:
@@ -78,9 +89,9 @@ def check_context(plan: Plan, tokenizer, model_config) -> int:
 
 def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int,
                 ds_config: str | None = None):
-    """The memory each role of the run needs (``ia2dist.memory_plan``), from the config alone
-    (``ds_config``: the student engine's template when the run chose another one)."""
-    from ia2dist.memory_plan import plan_memory
+    """The memory each role of the run needs (``ia2dist.experiment.memory_plan``), from the config
+    alone (``ds_config``: the student engine's template when the run chose another one)."""
+    from ia2dist.experiment.memory_plan import plan_memory
     from ia2dist.modeling import encode
 
     cfg = plan.cfg
@@ -154,7 +165,7 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     (``ia2dist.prompt_estimate``); nothing is downloaded but a hub model's config."""
     from ia2dist import prompt_estimate as estimate
     from ia2dist.data.loaders import load_task, task_spec
-    from ia2dist.memory_plan import check_fits, plan_memory
+    from ia2dist.experiment.memory_plan import check_fits, plan_memory
     from ia2dist.modeling import context_length, load_model_config
 
     rundir.setup_logging(None)
@@ -168,7 +179,7 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
             notes.append(why + (" (chat template markup not counted)" if spec.chat_template
                                 else ""))
         plan_cfg = estimate.without_chat_template(cfg) if why and spec.chat_template else cfg
-        plan = Plan(plan_cfg, load_task(cfg.data), tokenizer=tokenizer)
+        plan = build_plan(plan_cfg, load_task(cfg.data), tokenizer)
         engine, memory = student_engine(plan, tokenizer, model_config,
                                         check_context(plan, tokenizer, model_config), gpu)
     else:
@@ -229,7 +240,7 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
         if _is_ray(cfg):  # this process never builds (or loads) model weights
             build_source_elsewhere(cfg.model)
         tokenizer = load_tokenizer(cfg.model)
-        plan = Plan(cfg, task, tokenizer=tokenizer)
+        plan = build_plan(cfg, task, tokenizer)
         target = plan.resume_target(resume_from)
         model_config = load_model_config(cfg.model)
         longest = check_context(plan, tokenizer, model_config)
@@ -239,12 +250,14 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
         elif not (run_dir / "config.yaml").exists():
             rundir.save_config(run_dir, cfg)
         rundir.setup_logging(run_dir)
+        if cfg.extract.cache_dir:  # the shared teacher cache: the model's outputs, private
+            Path(cfg.extract.cache_dir).expanduser().mkdir(parents=True, exist_ok=True, mode=0o700)
     except BaseException:
         if backend is not None:
             backend.close(failed=False)
         lock.release(remove_empty_dir=True)
         raise
-    from ia2dist.checkpoint import STOP_FILE
+    from ia2dist.experiment.checkpoint import STOP_FILE
 
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
     for message in plan.ood_skipped:
@@ -325,7 +338,7 @@ def _guarded(session: Session, body, tracker=None) -> None:
     the backend and the tracker and give the run directory's lock back.
 
     ``body`` returns True when it wrote the report after everything else."""
-    from ia2dist.checkpoint import Preempted
+    from ia2dist.experiment.checkpoint import Preempted
 
     run_dir, verb = session.run_dir, session.verb
     rundir.write_state(run_dir, "running", verb)
@@ -463,7 +476,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
     """`ia2dist run`: the whole experiment, ending with the report. On a run directory it made
     before (same config), it resumes: finished teacher outputs, methods and metrics are reused and
     unfinished jobs continue from their latest checkpoint (or ``resume_from``)."""
-    from ia2dist.tracking import Tracker
+    from ia2dist.experiment.tracking import Tracker
 
     done = _already_complete(cfg, overwrite)
     if done is not None and resume_from is None:
@@ -472,7 +485,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
     tracker = Tracker(cfg.wandb, session.run_dir, to_dict(cfg), task=session.plan.spec.name)
     if not _is_ray(cfg):
         session.backend.log_step = tracker.log_step
-    status = session.plan.status(resuming=session.resuming)
+    status = status_of(session.plan, resuming=session.resuming)
     for job in status.to_evaluate:
         log.info("N=%d seed=%d: %s was trained by an earlier attempt", job.unit.n, job.unit.seed,
                  job.method)
