@@ -30,9 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ia2dist.config import LABEL_METHODS, GridPoint, RunConfig, config_hash, expand_grid, to_dict
+from ia2dist.data import prompts, targets
+from ia2dist.data.custom import chat_wrap
+from ia2dist.data.loaders import EvalSet
 from ia2dist.data.splits import dev_demos, eval_demos, make_split, train_demos
 from ia2dist.errors import IA2Error
 from ia2dist.experiment import rundir
+from ia2dist.experiment.checkpoint import STOP_FILE, read_identity
 from ia2dist.experiment.order import first_epoch_order
 from ia2dist.records import Example
 
@@ -175,22 +179,16 @@ class Plan:
         if tokenizer is None:
             raise IA2Error("data.custom.chat_template: building the prompts needs the tokenizer; "
                            "pass it to Plan")
-        from ia2dist.data.custom import chat_wrap
-
         return chat_wrap(tokenizer, self.cfg.model.tokenizer or self.cfg.model.name_or_path)
 
     def teacher_prompt(self, demos, ex: Example) -> str:
         """The ICL prompt of ``ex`` with ``demos`` (``ia2dist.data.prompts``), chat-wrapped when
         the task asks for it."""
-        from ia2dist.data.prompts import teacher_prompt
-
-        return teacher_prompt(list(demos), ex, self.chat)
+        return prompts.teacher_prompt(list(demos), ex, self.chat)
 
     def student_prompt(self, ex: Example) -> str:
         """The prompt of ``ex`` without demos, chat-wrapped when the task asks for it."""
-        from ia2dist.data.prompts import student_prompt
-
-        return student_prompt(ex, self.chat)
+        return prompts.student_prompt(ex, self.chat)
 
     def __getstate__(self) -> dict:
         # shipped to Ray actors and workers, which load their own tokenizer
@@ -299,8 +297,6 @@ class Plan:
     def eval_sets(self) -> list:
         """What every model is evaluated on: the task's own evaluation items first, then the
         out-of-distribution sets (``data.ood_tasks``; their ICL demos come from the unit's pool)."""
-        from ia2dist.data.loaders import EvalSet
-
         main = EvalSet(name=self.spec.name, spec=self.spec, labels=self.task.labels,
                        items=list(self.eval_items), icl_source=self.spec.name)
         return [main, *self.ood_sets]
@@ -315,13 +311,12 @@ class Plan:
             return [self.teacher_prompt(d, ex) for ex, d in zip(items, demos)]
         return [self.student_prompt(ex) for ex in items]
 
-    def target_ids(self, example: Example, record, label_type: str | None = None) -> list[int]:
-        """CE targets of an example under ``label_type`` (default train.label_type): the
-        teacher's response (icl) or the whole ground truth (EOS appended when T > 1; see
-        ``ia2dist.data.targets``)."""
-        from ia2dist.data.targets import target_ids
-
-        return target_ids(self.tokenizer, example, record,
+    def target_ids(self, tokenizer, example: Example, record,
+                   label_type: str | None = None) -> list[int]:
+        """CE targets of an example under ``label_type`` (default train.label_type), in
+        ``tokenizer``'s ids: the teacher's response (icl) or the whole ground truth (EOS appended
+        when T > 1; see ``ia2dist.data.targets``)."""
+        return targets.target_ids(tokenizer, example, record,
                           label_type=label_type or self.cfg.train.label_type,
                           max_new_tokens=self.max_new_tokens,
                           truncate=self.cfg.train.truncate_targets)
@@ -371,8 +366,6 @@ class Plan:
 
     def checkpoint_options(self, job: Job, resume_from: Path | None = None) -> dict | None:
         """Keyword arguments of ``Checkpointer`` for a job (None: checkpoints are off)."""
-        from ia2dist.experiment.checkpoint import STOP_FILE
-
         t = self.cfg.train
         if t.checkpoint_every < 0:
             return None
@@ -387,8 +380,6 @@ class Plan:
         continues from it instead of from its latest checkpoint."""
         if path is None:
             return None
-        from ia2dist.experiment.checkpoint import read_identity
-
         ident = read_identity(Path(path).expanduser())["identity"]
         n, seed, method = ident.get("n"), ident.get("seed"), ident.get("method")
         name = f"{method}-{ident['setting']}" if ident.get("setting") else method

@@ -183,7 +183,7 @@ def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None
     label_type = label_type or plan.cfg.train.label_type
     icl = label_type == "icl"
     specs = [ItemSpec(uid=ex.uid, prompt_ids=ids,
-                      target_ids=None if icl else plan.target_ids(ex, None, label_type),
+                      target_ids=None if icl else plan.target_ids(tokenizer, ex, None, label_type),
                       position=position[(kind, i)])
              for (kind, i, ex), ids in zip(examples, prompt_ids)]
     n = len(unit.train)
@@ -192,9 +192,9 @@ def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None
 
 def read_parts(plan, unit, world_size: int) -> list[int]:
     """The rank (of a group of ``world_size``) that reads each position of the unit's read order:
-    a training item's home rank (``ia2dist.student.trainer.home_ranks``), dev item j's j mod W.
+    a training item's home rank (``ia2dist.experiment.order.home_ranks``), dev item j's j mod W.
     The teacher stage splits each shard into these parts, so a rank pulls only its own."""
-    from ia2dist.student.trainer import home_ranks
+    from ia2dist.experiment.order import home_ranks
 
     homes = home_ranks(len(unit.train), plan.student_seed(unit), world_size)
     return [homes[i] if kind == "train" else i % world_size for kind, i in plan.read_order(unit)]
