@@ -30,3 +30,34 @@ def test_core_imports_without_ray_or_deepspeed():
             + "".join(f"import {name}\n" for name in core))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _loaded_after(imports: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules under ``prefixes`` that a fresh interpreter holds after ``imports``."""
+    code = (f"import sys\n{imports}\n"
+            f"print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return eval(result.stdout)
+
+
+def test_config_and_data_do_not_import_each_other():
+    """The config validates the task name against a registry it is given; the data layer reads
+    its config section without importing the config package."""
+    assert _loaded_after("import ia2dist.config", ("ia2dist.data",)) == []
+    assert _loaded_after("import ia2dist.data.loaders, ia2dist.data.custom",
+                         ("ia2dist.config",)) == []
+
+
+def test_the_plan_loads_no_training_loop_and_no_model_code(tmp_path):
+    """The plan and its order rules are plain values: building one, its read order, its teacher
+    prompts and the run's status load neither the student loop nor the model code."""
+    code = ("from ia2dist.config import load_config\n"
+            "from ia2dist.data.loaders import load_task\n"
+            "from ia2dist.experiment.plan import Plan\n"
+            "from ia2dist.experiment.status import status_of\n"
+            f"cfg = load_config(None, ['run_dir={tmp_path / 'run'}'])\n"
+            "plan = Plan(cfg, load_task(cfg.data))\n"
+            "plan.read_order(plan.units[0]); plan.teacher_inputs(plan.units[0]); status_of(plan)")
+    assert _loaded_after(code, ("ia2dist.student", "ia2dist.modeling", "ia2dist.model.",
+                                "transformers")) == []
