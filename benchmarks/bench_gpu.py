@@ -65,7 +65,7 @@ def forward_flops(cfg, seq_lens: list[int], logits_positions: int, *,
 def build(device: str, smoke: bool):
     from transformers import AutoModelForCausalLM
 
-    from ia2dist.tiny import tiny_config
+    from ia2dist.model.tiny import tiny_config
 
     tok = build_bench_tokenizer()
     shape = dict(hidden=128, layers=2, heads=4, kv_heads=2, ffn=256, max_positions=4096) \
@@ -142,7 +142,7 @@ def run(*, quick: bool = False, smoke: bool = False) -> dict:
 def _student_row(model, tok, cfg, device, peak, small: bool) -> dict:
     """MFU of IA2 student steps (LoRA on q/k/o, micro-batch = batch = 16, T = 1)."""
     from ia2dist.config import AdapterConfig, TrainConfig
-    from ia2dist.modeling import apply_adapter
+    from ia2dist.model.adapters import apply_adapter
     from ia2dist.records import TeacherRecord
     from ia2dist.student.batching import StudentItem
     from ia2dist.student.trainer import train

@@ -61,7 +61,7 @@ def save_model(path: Path, layers: int | None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ia2dist.config import ModelConfig
-    from ia2dist.modeling import load_tokenizer
+    from ia2dist.model.load import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name_or_path="embedded"))
     shape = {**SHAPE, **({"num_hidden_layers": layers} if layers else {})}
@@ -94,7 +94,8 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
                       WORLD_SIZE="1", LOCAL_RANK="0")
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
-    from ia2dist.modeling import apply_adapter, load_model, load_tokenizer
+    from ia2dist.model.adapters import apply_adapter
+    from ia2dist.model.load import load_model, load_tokenizer
     from ia2dist.orchestration.backend import resolve_ds_template
     from ia2dist.orchestration.groups import Task, _GroupWorker
     from ia2dist.experiment.plan import Plan

@@ -128,7 +128,7 @@ def run_config(name: str, run_dir: Path, common: list[str], extra: list[str]) ->
 
 
 def run(*, quick: bool = False, keep_dir: str | None = None) -> dict:
-    from ia2dist.modeling import encode
+    from ia2dist.model.decode import encode
     from transformers import AutoTokenizer
 
     n, epochs, shard = (8, 2, 4) if quick else (32, 1, 4)
@@ -197,7 +197,7 @@ def _unit_tokens(run_dir: Path, tok) -> tuple[int, int]:
     from ia2dist.data.loaders import load_task
     from ia2dist.data.prompts import student_prompt, teacher_prompt
     from ia2dist.data.splits import dev_demos, make_split, train_demos
-    from ia2dist.modeling import encode
+    from ia2dist.model.decode import encode
 
     cfg = load_config(run_dir / "config.yaml")
     n, seed = cfg.data.num_train[0], cfg.data.seeds[0]

@@ -48,8 +48,8 @@ def build_model(path: Path) -> int:
     """The model directory (built once); returns the model's bytes (fp32)."""
     import torch
 
-    from ia2dist.modeling import TINY_TOKENIZER_TEXTS
-    from ia2dist.tiny import build_tiny_tokenizer, tiny_config
+    from ia2dist.model.load import TINY_TOKENIZER_TEXTS
+    from ia2dist.model.tiny import build_tiny_tokenizer, tiny_config
 
     marker = path / "config.json"
     if not marker.is_file():
@@ -153,7 +153,7 @@ def _planned(model_dir: Path, run_dir: Path, gpu: bool = False) -> dict[str, int
     with ``gpu``, per GPU without the CUDA context)."""
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
-    from ia2dist.modeling import load_model_config, load_tokenizer
+    from ia2dist.model.load import load_model_config, load_tokenizer
     from ia2dist.driver import check_context, memory_plan
     from ia2dist.experiment.plan import Plan
 

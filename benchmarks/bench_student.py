@@ -30,7 +30,7 @@ TARGET = 3.0
 
 def make_items(tokenizer, model, count: int, T: int, seed: int = 0):
     from ia2dist.data.prompts import student_prompt
-    from ia2dist.modeling import encode
+    from ia2dist.model.decode import encode
     from ia2dist.records import TeacherRecord
     from ia2dist.student.batching import StudentItem
 
@@ -50,7 +50,7 @@ def make_items(tokenizer, model, count: int, T: int, seed: int = 0):
 
 def reference_epoch(model, items, objective: str, optimizer) -> None:
     """One pass over ``items`` the reference way (see the module docstring)."""
-    from ia2dist.modeling import attention_sites
+    from ia2dist.model.structure import attention_sites
 
     device = next(model.parameters()).device
     sites = attention_sites(model)
@@ -140,7 +140,7 @@ def run_cell(model, items, method: str, rounds: int, device) -> dict:
 
 def run(*, quick: bool = False, device: str = "cpu") -> dict:
     from ia2dist.config import AdapterConfig
-    from ia2dist.modeling import apply_adapter
+    from ia2dist.model.adapters import apply_adapter
 
     tokenizer = build_bench_tokenizer()
     model = build_bench_model(tokenizer, device=device)

@@ -1,6 +1,6 @@
 """What every benchmark shares: the bench model and data, timing, machine description, results.
 
-The bench model is a random-weight Llama built from a config (``ia2dist.tiny``): hidden 256, 4
+The bench model is a random-weight Llama built from a config (``ia2dist.model.tiny``): hidden 256, 4
 layers, 8 heads, FFN 704, vocabulary 2048, 4096 positions. It is small enough to run on two CPU
 cores, large enough that matrix multiplies (not Python overhead) dominate a forward. The data is a
 synthetic sentiment-like classification task with realistic demonstration lengths: each example is
@@ -25,7 +25,7 @@ import numpy as np
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
-#: The bench model (transformers LlamaConfig fields via ``ia2dist.tiny.tiny_config``).
+#: The bench model (transformers LlamaConfig fields via ``ia2dist.model.tiny.tiny_config``).
 BENCH_MODEL = dict(hidden=256, layers=4, heads=8, ffn=704, max_positions=4096)
 BENCH_VOCAB = 2048
 
@@ -79,7 +79,7 @@ def icl_prompts(examples, n: int, count: int, seed: int = 0) -> list[str]:
 
 
 def build_bench_tokenizer(vocab_size: int = BENCH_VOCAB):
-    from ia2dist.tiny import build_tiny_tokenizer
+    from ia2dist.model.tiny import build_tiny_tokenizer
 
     texts = [e.demo() for e in bench_examples(400, seed=123)]
     return build_tiny_tokenizer(texts + ["\n\n".join(texts[:8])], vocab_size=vocab_size,
@@ -88,7 +88,7 @@ def build_bench_tokenizer(vocab_size: int = BENCH_VOCAB):
 
 def build_bench_model(tokenizer, device: str = "cpu", dtype=None, **overrides):
     """The bench Llama (random weights, seed 0) on ``device``, eval mode, frozen."""
-    from ia2dist.tiny import build_tiny_model
+    from ia2dist.model.tiny import build_tiny_model
 
     model = build_tiny_model("llama", tokenizer, seed=0, **{**BENCH_MODEL, **overrides})
     if dtype is not None:

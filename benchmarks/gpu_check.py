@@ -148,8 +148,8 @@ def step_model() -> dict:
     from transformers import AutoModelForCausalLM
 
     from benchmarks.common import GPU_MODEL, GPU_VOCAB
-    from ia2dist.modeling import TINY_TOKENIZER_TEXTS
-    from ia2dist.tiny import build_tiny_tokenizer, tiny_config
+    from ia2dist.model.load import TINY_TOKENIZER_TEXTS
+    from ia2dist.model.tiny import build_tiny_tokenizer, tiny_config
 
     tokenizer = build_tiny_tokenizer(TINY_TOKENIZER_TEXTS, vocab_size=384)
     config = tiny_config("llama", 512 if DRYRUN else GPU_VOCAB,
@@ -215,7 +215,7 @@ def _planned(run_dir: Path) -> dict | None:
     one model: the larger of the teacher and student figures is the one to compare)."""
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
-    from ia2dist.modeling import load_model_config, load_tokenizer
+    from ia2dist.model.load import load_model_config, load_tokenizer
     from ia2dist.driver import check_context, memory_plan
     from ia2dist.experiment.plan import Plan
 
@@ -254,7 +254,7 @@ def step_zero3() -> dict:
     import torch
 
     from ia2dist.config import ModelConfig, TrainConfig
-    from ia2dist.modeling import load_model
+    from ia2dist.model.load import load_model
     from ia2dist.student.deepspeed_engine import forwards, init_distributed, load_partitioned
     from ia2dist.student.dsconfig import fill_ds_config, reduce_bucket_elements
 
@@ -326,7 +326,7 @@ def _train_once(load_base, items, tcfg, kind, ds_config, killed: bool, root: Pat
 
     from ia2dist.experiment.checkpoint import Checkpointer
     from ia2dist.config import AdapterConfig
-    from ia2dist.modeling import apply_adapter
+    from ia2dist.model.adapters import apply_adapter
     from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
     from ia2dist.student.trainer import TorchEngine, train
 

@@ -38,7 +38,7 @@ def probe(model_name: str, tasks, items: int, shots, threads: int, on_task=None)
     from ia2dist.data.loaders import load_task
     from ia2dist.data.prompts import teacher_prompt
     from ia2dist.eval.evaluate import evaluate_generation, evaluate_single_token
-    from ia2dist.modeling import load_model, load_tokenizer
+    from ia2dist.model.load import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
     model_cfg = ModelConfig(name_or_path=model_name, device="cpu")

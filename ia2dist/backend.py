@@ -18,15 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from ia2dist.errors import IA2Error
 from ia2dist.experiment.plan import Baseline, Job, Plan, Unit
+from ia2dist.model.dtypes import DTYPES
 from ia2dist.records import TeacherRecord
 
 log = logging.getLogger("ia2dist")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -102,7 +99,7 @@ class LocalBackend:
 
     def __init__(self, plan: Plan, tokenizer, *, log_step: Callable[[Job, dict], None] | None = None,
                  progress: bool = True):
-        from ia2dist.modeling import load_model
+        from ia2dist.model.load import load_model
         from ia2dist.student.engine_choice import choose_engine
         from ia2dist.student.job import Students
 
@@ -141,7 +138,7 @@ class LocalBackend:
                                   [store.uids[p] for p in positions],
                                   max_new_tokens=self.plan.max_new_tokens,
                                   stop_strings=tuple(e.stop_strings), batch_size=e.batch_size,
-                                  act_dtype=_DTYPES[e.act_dtype], topk=e.topk,
+                                  act_dtype=DTYPES[e.act_dtype], topk=e.topk,
                                   progress=self.progress)
             at = 0
             for i in missing:

@@ -67,7 +67,8 @@ def build_plan(cfg: RunConfig, task, tokenizer) -> Plan:
 def check_context(plan: Plan, tokenizer, model_config) -> int:
     """Fail before any output is written when a teacher prompt + T exceeds the context; the
     longest teacher prompt in tokens."""
-    from ia2dist.modeling import context_length, encode
+    from ia2dist.model.decode import encode
+    from ia2dist.model.structure import context_length
 
     limit = context_length(model_config)
     longest = 0
@@ -92,7 +93,7 @@ def memory_plan(plan: Plan, tokenizer, model_config, longest_prompt: int,
     """The memory each role of the run needs (``ia2dist.experiment.memory_plan``), from the config
     alone (``ds_config``: the student engine's template when the run chose another one)."""
     from ia2dist.experiment.memory_plan import plan_memory
-    from ia2dist.modeling import encode
+    from ia2dist.model.decode import encode
 
     cfg = plan.cfg
     queries = [plan.student_prompt(ex) for u in plan.units for ex in (*u.train, *u.dev)]
@@ -166,7 +167,8 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     from ia2dist import prompt_estimate as estimate
     from ia2dist.data.loaders import load_task, task_spec
     from ia2dist.experiment.memory_plan import check_fits, plan_memory
-    from ia2dist.modeling import context_length, load_model_config
+    from ia2dist.model.load import load_model_config
+    from ia2dist.model.structure import context_length
 
     rundir.setup_logging(None)
     model_config = load_model_config(cfg.model)
@@ -215,7 +217,7 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
     run) resume a run directory they made earlier when its config matches
     (``Session.resuming``)."""
     from ia2dist.data.loaders import load_task
-    from ia2dist.modeling import build_source_elsewhere, load_model_config, load_tokenizer
+    from ia2dist.model.load import build_source_elsewhere, load_model_config, load_tokenizer
     from ia2dist.runlock import RunLock, check_unlocked
 
     run_dir = Path(cfg.run_dir).expanduser()
@@ -530,7 +532,7 @@ def write_report(session: Session, results: list[dict]) -> dict:
 
 def _embedded_section(cache_dir: str | None) -> str:
     """How well the embedded model learns in context (from its pretraining report)."""
-    from ia2dist.embedded import cached_embedded_model_dir
+    from ia2dist.model.embedded import cached_embedded_model_dir
 
     model_dir = cached_embedded_model_dir(cache_dir)
     path = model_dir / "pretrain_report.json" if model_dir is not None else None

@@ -61,7 +61,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
     """Write the student of checkpoint ``ckpt`` to ``out`` (default:
     ``<run_dir>/exports/N{n}_seed{r}-<method>-<checkpoint>``); returns ``out``."""
     from ia2dist.config import load_config
-    from ia2dist.modeling import apply_adapter, load_model, load_tokenizer, save_trained
+    from ia2dist.model.adapters import apply_adapter, save_trained
+    from ia2dist.model.load import load_model, load_tokenizer
 
     ckpt = Path(ckpt).expanduser()
     if not ckpt.exists():

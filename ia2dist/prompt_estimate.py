@@ -41,7 +41,7 @@ SEPARATOR_TOKENS = 1
 
 
 class CharCountTokenizer:
-    """Stands in for a tokenizer where only lengths matter (``ia2dist.modeling.encode``): a text
+    """Stands in for a tokenizer where only lengths matter (``ia2dist.model.decode.encode``): a text
     of c characters is ceil(c / CHARS_PER_TOKEN) tokens plus one for BOS."""
 
     def __call__(self, texts, add_special_tokens: bool = True, verbose: bool = False) -> dict:
@@ -62,7 +62,7 @@ def data_is_local(data: DataConfig, spec) -> bool:
 def local_tokenizer(cfg: RunConfig):
     """(the tokenizer, None), or (a ``CharCountTokenizer``, why) when its files cannot be loaded
     (e.g. a model directory holding only config.json)."""
-    from ia2dist.modeling import load_tokenizer
+    from ia2dist.model.load import load_tokenizer
 
     try:
         return load_tokenizer(cfg.model), None

@@ -61,7 +61,7 @@ TOKENIZER_TEXTS = [
 @pytest.fixture(scope="session")
 def make_tokenizer():
     """Factory: a locally trained tokenizer (with/without BOS, with/without pad)."""
-    from ia2dist.tiny import build_tiny_tokenizer
+    from ia2dist.model.tiny import build_tiny_tokenizer
 
     cache = {}
 
@@ -78,7 +78,7 @@ def make_tokenizer():
 @pytest.fixture(scope="session")
 def make_model():
     """Factory: a random tiny decoder of a given architecture for a tokenizer."""
-    from ia2dist.tiny import build_tiny_model
+    from ia2dist.model.tiny import build_tiny_model
 
     def make(arch, tokenizer, seed=0, **kw):
         return build_tiny_model(arch, tokenizer, seed=seed, **kw)

@@ -54,7 +54,7 @@ def test_run_all_methods_end_to_end(tmp_path, data, capsys):
     from peft import PeftModel
 
     from ia2dist.config import ModelConfig
-    from ia2dist.modeling import load_model
+    from ia2dist.model.load import load_model
 
     methods = "[sft,soft_sft,ia2,ia2_plus_sft,ia2_then_sft,sft_then_ia2]"
     rc = main(["run", *_args(tmp_path, data, f"train.methods={methods}", "extract.topk=8")])

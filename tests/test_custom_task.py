@@ -202,7 +202,7 @@ def test_cli_bad_row_fails_in_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 def _chat_tokenizer(tmp_path: Path) -> str:
-    from ia2dist.modeling import load_tokenizer
+    from ia2dist.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny:llama"))
     tokenizer.chat_template = CHAT
@@ -212,7 +212,8 @@ def _chat_tokenizer(tmp_path: Path) -> str:
 
 def test_chat_template_wraps_each_prompt_in_one_user_turn(tmp_path):
     from ia2dist.data.custom import chat_wrap
-    from ia2dist.modeling import encode, load_tokenizer
+    from ia2dist.model.decode import encode
+    from ia2dist.model.load import load_tokenizer
     from ia2dist.experiment.plan import Plan
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny:llama",

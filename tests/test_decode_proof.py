@@ -7,9 +7,10 @@ import logging
 import pytest
 import torch
 
-import ia2dist.modeling as modeling
+import ia2dist.model.fastpaths as fastpaths
 import ia2dist.teacher.extract as extract_module
-from ia2dist.modeling import last_position_mlp, rounding_bound, within_rounding
+from ia2dist.model.fastpaths import last_position_mlp, rounding_bound, within_rounding
+from ia2dist.model.structure import attention_sites
 from ia2dist.teacher.extract import (_Runner, _StopRule, extract, naive_extract,
                                      proven_decoding)
 
@@ -27,7 +28,7 @@ def fresh_proofs(monkeypatch):
     """Every check runs afresh (the proofs are kept per process otherwise)."""
     monkeypatch.setattr(extract_module, "_DECODE_PROOFS", {})
     monkeypatch.setattr(extract_module, "_USED", {})
-    monkeypatch.setattr(modeling, "_PROOFS", {})
+    monkeypatch.setattr(fastpaths, "_PROOFS", {})
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def rounding_off(monkeypatch):
             eps = torch.finfo(first.dtype).eps
             off = (first.float() * (1 + eps)).to(first.dtype)
             return (off, *output[1:]) if isinstance(output, tuple) else off
-        for site in modeling.attention_sites(model):
+        for site in attention_sites(model):
             site.register_forward_hook(hook)
         return model
     return attach

@@ -70,7 +70,7 @@ def train_config(scenario: dict) -> TrainConfig:
 
 
 def make_student(base, adapter: str):
-    from ia2dist.modeling import apply_adapter
+    from ia2dist.model.adapters import apply_adapter
 
     return apply_adapter(copy.deepcopy(base), AdapterConfig(type=adapter), seed=0)
 
@@ -328,7 +328,7 @@ def test_consolidated_save_round_trip(launched, data, name):
     attach_trained in one process gets them back."""
     import copy
 
-    from ia2dist.modeling import attach_trained
+    from ia2dist.model.adapters import attach_trained
 
     run = launched["ranks"][0][name]
     loaded = attach_trained(copy.deepcopy(data["base"]), launched["dir"] / name)

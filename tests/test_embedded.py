@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ia2dist.data.synthetic import DEMO_SEPARATOR, SyntheticFamily
-from ia2dist.embedded import (
+from ia2dist.model.embedded import (
     FAMILY_NAME,
     REPORT_NAME,
     PretrainRecipe,
@@ -143,7 +143,7 @@ def test_pretraining_is_seeded(tmp_path):
 
 
 def test_failed_pretraining_leaves_no_complete_looking_dir(tmp_path, monkeypatch):
-    import ia2dist.embedded as embedded
+    import ia2dist.model.embedded as embedded
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
@@ -155,7 +155,7 @@ def test_failed_pretraining_leaves_no_complete_looking_dir(tmp_path, monkeypatch
 
 
 def test_cache_is_reused_and_keyed_by_recipe(tmp_path, monkeypatch):
-    import ia2dist.embedded as embedded
+    import ia2dist.model.embedded as embedded
 
     recipe = dataclasses.replace(TINY_RECIPE, steps=20, eval_tasks=1, eval_queries=4)
     first = get_embedded_model_dir(tmp_path, progress=False, recipe=recipe)
@@ -185,9 +185,9 @@ def test_time_budget_stops_training_early(tmp_path):
 def test_default_model_ships_with_the_package(tmp_path, monkeypatch):
     """The default recipe's model is packaged: found without pretraining, nothing written to the
     cache, and it is what the recipe describes (same recipe in its report) and learns in context."""
-    import ia2dist.embedded as embedded
+    import ia2dist.model.embedded as embedded
     from ia2dist.config import ModelConfig
-    from ia2dist.modeling import load_model, load_tokenizer
+    from ia2dist.model.load import load_model, load_tokenizer
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("pretrained instead of using the packaged model")

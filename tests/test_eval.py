@@ -17,7 +17,7 @@ from ia2dist.eval.evaluate import (cut_at_stop, entropies, evaluate_single_token
 from ia2dist.eval.metrics import ece_equal_mass, entropy, reliability_bins
 from ia2dist.eval.report import (aggregate, reliability_diagram, select_settings, similarity_plot,
                                  summary_table, write_report)
-from ia2dist.modeling import encode
+from ia2dist.model.decode import encode
 from ia2dist.records import Example, TeacherRecord
 from ia2dist.teacher.extract import extract
 

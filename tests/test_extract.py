@@ -5,7 +5,7 @@ import torch
 
 from ia2dist.config import AdapterConfig
 from ia2dist.errors import IA2Error
-from ia2dist.modeling import apply_adapter
+from ia2dist.model.adapters import apply_adapter
 from ia2dist.teacher.extract import extract, generate, naive_extract
 
 #: Different lengths (and not sorted by length) so batches need padding and reordering.
@@ -233,11 +233,11 @@ def test_short_prompts_prefill_batched_long_ones_one_by_one(make_tokenizer, make
     extract(model, tok, PROMPTS[:1], UIDS[:1], **kwargs)  # the decoder's proof, once per model
     separate_calls, exact_lengths = [], []
     prefill_separately = extract_module._Runner.prefill_separately
-    length_batches = extract_module._length_batches
+    length_batches = extract_module.length_batches
     monkeypatch.setattr(extract_module._Runner, "prefill_separately", lambda self, *a: (
         separate_calls.append(1), prefill_separately(self, *a))[1])
-    monkeypatch.setattr(extract_module, "_length_batches", lambda ids, size, pad_free=False: (
-        exact_lengths.append(pad_free), length_batches(ids, size, pad_free))[1])
+    monkeypatch.setattr(extract_module, "length_batches", lambda lengths, size, pad_free=False: (
+        exact_lengths.append(pad_free), length_batches(lengths, size, pad_free=pad_free))[1])
     assert_records_match(extract(model, tok, PROMPTS, UIDS, batch_size=4, **kwargs), want)
     assert bool(separate_calls) == (max_new_tokens > 1)
     assert exact_lengths == [max_new_tokens == 1]

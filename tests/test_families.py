@@ -8,9 +8,10 @@ import torch
 
 from ia2dist.config import ModelConfig
 from ia2dist.errors import IA2Error
-from ia2dist.modeling import last_position_mlp, last_query_attention, load_model
+from ia2dist.model.fastpaths import last_position_mlp, last_query_attention
+from ia2dist.model.load import load_model
 from ia2dist.teacher.extract import _Runner, _StopRule, extract, naive_extract
-from ia2dist.tiny import CORE_ARCHS, TINY_ARCHS
+from ia2dist.model.tiny import CORE_ARCHS, TINY_ARCHS
 
 PROMPTS = ["alpha beta gamma delta epsilon\n\nText:the movie was great\nLabel:",
            "Text:a dull plot\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]

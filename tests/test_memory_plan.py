@@ -49,7 +49,7 @@ def test_parameter_counts_of_published_shapes(sizes):
 
 def test_counts_match_real_tiny_models_and_peft_adapters(make_tokenizer, make_model):
     from ia2dist.config import AdapterConfig
-    from ia2dist.modeling import apply_adapter
+    from ia2dist.model.adapters import apply_adapter
 
     tok = make_tokenizer()
     for arch, kw in (("llama", {}), ("llama", {"kv_heads": 2}), ("qwen2", {})):
@@ -157,7 +157,7 @@ def test_refusals_name_the_role_and_the_fix(sizes):
 
 
 def test_device_map_places_whole_layers_in_order_within_budgets(make_tokenizer, make_model):
-    from ia2dist.modeling import plan_device_map
+    from ia2dist.model.placement import plan_device_map
 
     tok = make_tokenizer()
     model = make_model("llama", tok, layers=4)
@@ -187,7 +187,9 @@ def test_device_mapped_model_computes_the_same(tmp_path, make_tokenizer, make_mo
     """A model loaded with a device map (accelerate's dispatch hooks) gives the plain model's
     logits and captured attention outputs (CPU only here: both "devices" are the CPU)."""
     from ia2dist.config import ModelConfig
-    from ia2dist.modeling import attention_sites, load_model, plan_device_map
+    from ia2dist.model.load import load_model
+    from ia2dist.model.placement import plan_device_map
+    from ia2dist.model.structure import attention_sites
     from ia2dist.teacher.capture import ActivationCapture
 
     tok = make_tokenizer()

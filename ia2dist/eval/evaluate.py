@@ -20,9 +20,8 @@ K selected positions of a batch, D hidden, N examples.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,8 @@ from torch import nn
 
 from ia2dist.errors import IA2Error
 from ia2dist.eval.metrics import ece_equal_mass, entropy
-from ia2dist.modeling import attention_sites, encode
+from ia2dist.model.decode import encode, length_batches, logits_to_keep_kwargs, pad_id
+from ia2dist.model.structure import attention_sites, unwrap_peft
 from ia2dist.records import Example, TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
 from ia2dist.teacher.extract import generate
@@ -50,24 +50,8 @@ _REFERENCE_LOG_EPS = 1e-10
 # ----------------------------------------------------------------------------------------------
 # Batching helpers
 
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
-
-
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices in batches of similar length, longest first (an out-of-memory shows up at once)."""
-    if batch_size < 1:
-        raise IA2Error(f"batch_size={batch_size}: must be >= 1")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
 
 
 def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +63,6 @@ def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torc
         ids_BS[row, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
         mask_BS[row, :len(seq)] = 1
     return ids_BS.to(device), mask_BS.to(device)
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @contextlib.contextmanager
@@ -147,10 +126,10 @@ def last_token_logits(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, 
 
     ``num_virtual_tokens``: prompt-tuning tokens the model prepends to its outputs (0 otherwise)."""
     device = _model_device(model)
-    keep_supported = _accepts_logits_to_keep(model)
+    keep_supported = bool(logits_to_keep_kwargs(unwrap_peft(model)))
     logits_NV: list[torch.Tensor | None] = [None] * len(prompt_ids)
     with _eval_mode(model):
-        for batch in _length_sorted_batches([len(p) for p in prompt_ids], batch_size):
+        for batch in length_batches([len(p) for p in prompt_ids], batch_size, longest_first=True):
             ids_BS, mask_BS = _pad_right([prompt_ids[i] for i in batch], pad_id, device)
             last_B = mask_BS.sum(-1) - 1 + num_virtual_tokens
             kwargs = {}
@@ -243,7 +222,7 @@ def evaluate_single_token(model: nn.Module, tokenizer, prompts: Sequence[str],
         raise IA2Error("single-token evaluation needs the task's label strings; the task has none")
     label_ids = label_token_ids(tokenizer, labels)
     gold_N = torch.tensor([_gold_label_index(ex, labels) for ex in examples])
-    logits_NV = last_token_logits(model, encode(tokenizer, prompts), pad_id=_pad_id(tokenizer),
+    logits_NV = last_token_logits(model, encode(tokenizer, prompts), pad_id=pad_id(tokenizer),
                                   batch_size=batch_size, num_virtual_tokens=num_virtual_tokens)
     probs_NV = logits_NV.softmax(-1)
 
@@ -363,13 +342,13 @@ def layer_similarity(model: nn.Module, tokenizer, prompt_ids_list: Sequence[Sequ
     items = [(list(p), r) for p, r in zip(prompt_ids_list, teacher_records) if r.num_positions > 0]
     if not items:
         raise IA2Error("no teacher response tokens to compare; the teacher records are all empty")
-    device, pad_id = _model_device(model), _pad_id(tokenizer)
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    device, pad = _model_device(model), pad_id(tokenizer)
+    kwargs = logits_to_keep_kwargs(unwrap_peft(model))
     sums_L = torch.zeros(len(sites), dtype=torch.float64)
     count = 0
     lengths = [len(p) + r.num_positions - 1 for p, r in items]
     with _eval_mode(model), ActivationCapture(sites) as capture:
-        for batch in _length_sorted_batches(lengths, batch_size):
+        for batch in length_batches(lengths, batch_size, longest_first=True):
             seqs = [items[i][0] + items[i][1].response_ids[:-1].tolist() for i in batch]
             b_idx, pos_idx = [], []
             for row, i in enumerate(batch):
@@ -378,7 +357,7 @@ def layer_similarity(model: nn.Module, tokenizer, prompt_ids_list: Sequence[Sequ
                 b_idx += [row] * rec.num_positions
                 pos_idx += range(start, start + rec.num_positions)
             capture.select(torch.tensor(b_idx), torch.tensor(pos_idx))
-            ids_BS, mask_BS = _pad_right(seqs, pad_id, device)
+            ids_BS, mask_BS = _pad_right(seqs, pad, device)
             model(input_ids=ids_BS, attention_mask=mask_BS, **kwargs)
             student_LKD = capture.stacked().float()
             teacher_LKD = torch.cat([items[i][1].acts_LTD for i in batch], dim=1).to(student_LKD)

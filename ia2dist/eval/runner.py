@@ -70,7 +70,8 @@ def similarity(model: nn.Module, tokenizer, plan, sim_records: Sequence[TeacherR
     similarity items: on the teacher's response (teacher_forced) or on each side's own greedy
     response (generated, the reference's analysis), per ``eval.similarity_mode``."""
     from ia2dist.eval.evaluate import generation_similarity, layer_similarity
-    from ia2dist.modeling import encode, num_virtual_tokens
+    from ia2dist.model.adapters import num_virtual_tokens
+    from ia2dist.model.decode import encode
 
     e = plan.cfg.eval
     items = plan.similarity_items()[:len(sim_records)]
@@ -93,7 +94,7 @@ def accuracy_part(model: nn.Module, tokenizer, plan, unit, *, with_demos: bool,
     accuracy, confidences, ECE (single-token tasks) or parsed exact match (generation); no
     similarity, nothing written."""
     from ia2dist.eval.evaluate import evaluate_generation, evaluate_single_token
-    from ia2dist.modeling import num_virtual_tokens
+    from ia2dist.model.adapters import num_virtual_tokens
 
     e = plan.cfg.eval
     eval_set = eval_set or plan.eval_sets()[0]

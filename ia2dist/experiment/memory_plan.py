@@ -63,7 +63,7 @@ class ModelSize:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from ia2dist.modeling import decoder_layers, num_layers_of
+        from ia2dist.model.structure import decoder_layers, num_layers_of
 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)

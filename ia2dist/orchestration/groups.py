@@ -138,7 +138,7 @@ def group_worker(config: dict) -> None:
     worker_environment(cfg.dist.use_gpu)
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
-    from ia2dist.modeling import load_tokenizer
+    from ia2dist.model.load import load_tokenizer
     from ia2dist.student.deepspeed_engine import init_distributed
 
     init_distributed()
@@ -186,7 +186,8 @@ class _GroupWorker:
         import torch
         import torch.distributed as dist
 
-        from ia2dist.modeling import load_model, load_model_config, num_layers_of
+        from ia2dist.model.load import load_model, load_model_config
+        from ia2dist.model.structure import num_layers_of
         from ia2dist.student.deepspeed_engine import (forwards, load_partitioned, zero_stage)
         from ia2dist.student.dsconfig import fill_ds_config
         from ia2dist.student.job import Students
@@ -252,8 +253,7 @@ class _GroupWorker:
     def _extract(self, unit, kind: str) -> list:
         """Online teacher mode: this group computes the unit's teacher records with its frozen
         base (every rank the same prompts, so the forwards stay in step)."""
-        import torch
-
+        from ia2dist.model.dtypes import DTYPES
         from ia2dist.teacher.extract import extract
 
         plan, e = self.plan, self.plan.cfg.extract
@@ -262,7 +262,7 @@ class _GroupWorker:
         with self.students.frozen() as base:
             return extract(base, plan.tokenizer, prompts, uids, max_new_tokens=plan.max_new_tokens,
                            stop_strings=tuple(e.stop_strings), batch_size=e.batch_size,
-                           act_dtype=getattr(torch, e.act_dtype), topk=e.topk, sync=self.sync)
+                           act_dtype=DTYPES[e.act_dtype], topk=e.topk, sync=self.sync)
 
     def _fetch(self, records, kind: str):
         got = records[kind]

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ia2dist.model.dtypes import DTYPES
 from ia2dist.records import TeacherRecord
 
 #: Storage dtypes and the numpy dtype their bytes travel as.
 _WIRE = {torch.float32: np.float32, torch.float16: np.int16, torch.bfloat16: np.int16}
-_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -61,10 +61,10 @@ class PackedShard:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _NAMES.items():
+    for name, value in DTYPES.items():
         if value == dtype:
             return name
-    raise ValueError(f"activation dtype {dtype} cannot be packed; use one of {sorted(_NAMES)}")
+    raise ValueError(f"activation dtype {dtype} cannot be packed; use one of {sorted(DTYPES)}")
 
 
 def _to_wire(acts: torch.Tensor) -> np.ndarray:
@@ -129,7 +129,7 @@ def unpack_records(packed: PackedShard) -> list[TeacherRecord]:
     acts_LTD of a record is a [L, T_i, D] slice of the shard's [L, K, D] tensor: strided over L,
     contiguous within each layer.
     """
-    acts_LKD = _as_tensor(packed.acts_LKD).view(_NAMES[packed.act_dtype])
+    acts_LKD = _as_tensor(packed.acts_LKD).view(DTYPES[packed.act_dtype])
     response_K = _as_tensor(packed.response_ids_K)
     topk_ids = _as_tensor(packed.topk_ids_Kk) if packed.topk_ids_Kk is not None else None
     topk_lps = _as_tensor(packed.topk_logprobs_Kk) if packed.topk_logprobs_Kk is not None else None

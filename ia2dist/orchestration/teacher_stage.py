@@ -31,8 +31,8 @@ one ``PackedShard`` per part (possibly empty), and a reader fetches only the par
 The actors also evaluate the frozen base model (the base and ICL baselines, and the base's
 per-layer similarity to the ICL teacher): ``evaluate`` runs ``ia2dist.eval.runner.evaluate`` on the
 replica the actor already holds. With ``gpus_per_actor`` k > 1 one replica spans the actor's k GPUs
-(``ia2dist.modeling.plan_device_map``: whole decoder layers per device under a per-device budget,
-dispatched by accelerate).
+(``ia2dist.model.placement.plan_device_map``: whole decoder layers per device under a per-device
+budget, dispatched by accelerate).
 """
 
 from __future__ import annotations
@@ -52,13 +52,12 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ia2dist.errors import IA2Error
+from ia2dist.model.dtypes import DTYPES
 from ia2dist.orchestration.cluster import STRATEGIES, check_resources
 from ia2dist.orchestration.packing import PackedShard, pack_records, unpack_records
 from ia2dist.records import TeacherRecord
 
 log = logging.getLogger(__name__)
-
-_ACT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(kw_only=True)
@@ -128,7 +127,7 @@ class TeacherActor:
     def __init__(self, model_cfg, extract_kwargs: dict, device: str, num_threads: int,
                  num_gpus: float = 0.0, reserve_bytes: int = 0):
         from ia2dist import procmem
-        from ia2dist.modeling import load_model, load_tokenizer
+        from ia2dist.model.load import load_model, load_tokenizer
         from ia2dist.orchestration.devices import worker_environment
 
         worker_environment(num_gpus > 0)
@@ -136,7 +135,7 @@ class TeacherActor:
         procmem.import_model_libraries()
         procmem.baseline()
         self.extract_kwargs = dict(extract_kwargs)
-        self.extract_kwargs["act_dtype"] = getattr(torch, extract_kwargs["act_dtype"])
+        self.extract_kwargs["act_dtype"] = DTYPES[extract_kwargs["act_dtype"]]
         self.load_error: str | None = None
         self.device_map: dict | None = None
         try:
@@ -170,7 +169,7 @@ class TeacherActor:
         return proven_decoding()
 
     def info(self) -> dict:
-        from ia2dist.modeling import attention_sites
+        from ia2dist.model.structure import attention_sites
 
         if self.load_error is not None:
             raise IA2Error(self.load_error)
@@ -231,7 +230,8 @@ def _device_map(model_cfg, reserve_bytes: int) -> dict:
     """One replica over every GPU Ray gave this actor: whole layers per device, each device's
     weights within its free memory (at most 95% of its total) minus ``reserve_bytes`` (activations,
     KV cache)."""
-    from ia2dist.modeling import load_model_config, plan_device_map
+    from ia2dist.model.load import load_model_config
+    from ia2dist.model.placement import plan_device_map
 
     budgets = []
     for index in range(torch.cuda.device_count()):
@@ -357,9 +357,9 @@ class TeacherStage:
         if o.placement_strategy not in STRATEGIES:
             problems.append(f"placement_strategy {o.placement_strategy!r} is not one of "
                             f"{', '.join(STRATEGIES)}")
-        if self.extract_kwargs["act_dtype"] not in _ACT_BYTES:
+        if self.extract_kwargs["act_dtype"] not in DTYPES:
             problems.append(f"act_dtype {self.extract_kwargs['act_dtype']!r} is not one of "
-                            f"{', '.join(_ACT_BYTES)}")
+                            f"{', '.join(DTYPES)}")
         if problems:
             raise IA2Error("teacher stage: " + "; ".join(problems))
 
@@ -470,7 +470,7 @@ class TeacherStage:
         if k < 0:  # the whole vocabulary
             k = self._info["vocab"]
         per_position = (self._info["num_layers"] * self._info["hidden"]
-                        * _ACT_BYTES[self.extract_kwargs["act_dtype"]] + 8 + k * 12)
+                        * DTYPES[self.extract_kwargs["act_dtype"]].itemsize + 8 + k * 12)
         return num_examples * self.extract_kwargs["max_new_tokens"] * per_position \
             + 8 * (num_examples + 1)
 

@@ -135,7 +135,7 @@ class DeepSpeedEngine:
 
     def save_consolidated(self, out_dir: str | os.PathLike) -> None:
         """Write the trained model with real weights to ``out_dir`` on rank 0 (what
-        ``ia2dist.modeling.save_trained`` writes in one process: a PEFT adapter, or for full
+        ``ia2dist.model.adapters.save_trained`` writes in one process: a PEFT adapter, or for full
         fine-tuning the whole model). Collective: every rank must call it."""
         out_dir = os.fspath(out_dir)
         if hasattr(self.model, "peft_config"):
@@ -324,17 +324,18 @@ def load_partitioned(model_cfg, ds_config: dict, source: str | None = None) -> n
 
     from transformers.integrations import HfDeepSpeedConfig
 
-    from ia2dist.modeling import _DTYPES, _attn_implementation, model_source
-    from ia2dist.weights import safetensors_index
+    from ia2dist.model.dtypes import DTYPES
+    from ia2dist.model.load import attn_implementation, model_source
+    from ia2dist.model.weights import safetensors_index
 
     source = source or model_source(model_cfg)
     if not _DS_CONFIG_FOR_TRANSFORMERS:
         _DS_CONFIG_FOR_TRANSFORMERS.append(HfDeepSpeedConfig(ds_config))
-    dtype = _DTYPES[model_cfg.dtype]
+    dtype = DTYPES[model_cfg.dtype]
     index = safetensors_index(source)
     model = None
     if index is not None and not model_cfg.trust_remote_code:
-        model = _construct_partitioned(source, dtype, ds_config, _attn_implementation(source))
+        model = _construct_partitioned(source, dtype, ds_config, attn_implementation(source))
         if model is not None and not _read_partitions(model, index):
             model = None
     if model is None:
@@ -344,7 +345,7 @@ def load_partitioned(model_cfg, ds_config: dict, source: str | None = None) -> n
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=_attn_implementation(source),
+            source, dtype=dtype, attn_implementation=attn_implementation(source),
             trust_remote_code=model_cfg.trust_remote_code)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -380,7 +381,7 @@ def _read_partitions(model: nn.Module, index: dict[str, tuple]) -> bool:
     """Fill every rank's partition of every parameter (and the persistent buffers) from the
     checkpoint; False when a parameter has no stored tensor of its shape (the caller falls
     back)."""
-    from ia2dist.weights import read_slice
+    from ia2dist.model.weights import read_slice
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     params = list(model.named_parameters())
     for name, param in params:

@@ -73,7 +73,7 @@ class Students:
         """A student for one job: the base with a fresh adapter initialised from ``seed`` (the
         same initialisation for every method of a unit), removed again on exit; for full
         fine-tuning freshly loaded base weights, all trainable, dropped on exit."""
-        from ia2dist.modeling import apply_adapter, remove_adapter
+        from ia2dist.model.adapters import apply_adapter, remove_adapter
 
         torch.manual_seed(seed)
         if self.full:
@@ -93,7 +93,7 @@ class Students:
     def trained(self, trained_dir: Path) -> Iterator[nn.Module]:
         """The method trained into ``trained_dir`` (its adapter attached to the base, or the fully
         fine-tuned model loaded), ready for forwards; the base is restored on exit."""
-        from ia2dist.modeling import attach_trained, remove_adapter
+        from ia2dist.model.adapters import attach_trained, remove_adapter
 
         model = _frozen(self.load(Path(trained_dir)) if self.full
                         else attach_trained(self.base, trained_dir))
@@ -174,7 +174,7 @@ def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None
     """(train items, dev items) of ``unit`` in index order, lazily built (see ``LazyItems``);
     ``fetch(position)`` gives the teacher record at that position of ``plan.read_order(unit)``;
     CE targets of ``label_type`` (the job's; default train.label_type)."""
-    from ia2dist.modeling import encode
+    from ia2dist.model.decode import encode
 
     position = {key: k for k, key in enumerate(plan.read_order(unit))}
     examples = [("train", i, ex) for i, ex in enumerate(unit.train)]

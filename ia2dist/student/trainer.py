@@ -31,7 +31,6 @@ state and one collective (``all_reduce_sum``). ``TorchEngine`` is the single-pro
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from contextlib import nullcontext
@@ -49,7 +48,10 @@ from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.experiment.order import home_ranks
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
-from ia2dist.modeling import attention_sites, last_position_mlp, num_virtual_tokens
+from ia2dist.model import decode
+from ia2dist.model.adapters import num_virtual_tokens
+from ia2dist.model.fastpaths import last_position_mlp
+from ia2dist.model.structure import attention_sites, unwrap_peft
 from ia2dist.student.batching import (Positions, StudentBatch, StudentItem, collate,
                                       item_counts)
 from ia2dist.teacher.capture import ActivationCapture
@@ -177,9 +179,9 @@ class TorchEngine:
         return tensor
 
     def save_consolidated(self, out_dir: Path) -> None:
-        """The trained model as ``ia2dist.modeling.save_trained`` writes it (a PEFT adapter, or the
-        whole model for full fine-tuning)."""
-        from ia2dist.modeling import save_trained
+        """The trained model as ``ia2dist.model.adapters.save_trained`` writes it (a PEFT
+        adapter, or the whole model for full fine-tuning)."""
+        from ia2dist.model.adapters import save_trained
 
         save_trained(self.model, out_dir)
 
@@ -363,9 +365,9 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
         _check_items(list(train_items) + list(dev_items), terms, len(sites), train_cfg)
     shift = num_virtual_tokens(model)
     ctx = _Context(sites=sites, device=next(model.parameters()).device,
-                   pad_id=_pad_id(model) if pad_id is None else pad_id,
+                   pad_id=decode.pad_id(model.config) if pad_id is None else pad_id,
                    padding_side="right" if shift else padding_side, num_virtual_tokens=shift,
-                   cfg=train_cfg, logits_kwargs=_logits_to_keep_kwargs(model),
+                   cfg=train_cfg, logits_kwargs=decode.logits_to_keep_kwargs(unwrap_peft(model)),
                    last_mlp=last_position_mlp(model), seed=seed, eval_batch_size=eval_batch_size)
     with part("checkpoint"):
         resume = checkpointer.load() if checkpointer is not None else None
@@ -732,28 +734,6 @@ def _check_items(items: list[StudentItem], terms: set[str], num_layers: int,
             raise IA2Error(f"example {item.uid}: teacher activations have "
                            f"{item.teacher.acts_LTD.shape[0]} layers but the student has "
                            f"{num_layers}; extract with the student's base model")
-
-
-def _pad_id(model: nn.Module) -> int:
-    cfg = model.config
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _logits_to_keep_kwargs(model: nn.Module) -> dict:
-    """IA2-only forwards need no logits: ask for one position when the model supports it (CE/KL
-    forwards then ask for the positions they read)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        accepted = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

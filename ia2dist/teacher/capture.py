@@ -1,9 +1,9 @@
 """Forward hooks that capture attention-block outputs at selected positions.
 
 The capture site of a layer is the attention sub-block's output after its output projection and
-before the residual add (see ``ia2dist.modeling.attention_sites``). For training and extraction we
-only ever need a few positions per sequence, so the hook gathers them inside the forward and never
-keeps the full [B, S, D] tensor unless asked to (the naive reference does).
+before the residual add (see ``ia2dist.model.structure.attention_sites``). For training and
+extraction we only ever need a few positions per sequence, so the hook gathers them inside the
+forward and never keeps the full [B, S, D] tensor unless asked to (the naive reference does).
 """
 
 from __future__ import annotations

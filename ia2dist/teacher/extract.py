@@ -37,9 +37,11 @@ import torch
 from torch import nn
 
 from ia2dist.errors import IA2Error
-from ia2dist.modeling import (attention_sites, context_length, encode, is_prefix_tuned,
-                              last_position_mlp, last_query_attention, num_prefix_positions,
-                              rounding_bound, structure_key, vocab_size, within_rounding)
+from ia2dist.model.adapters import is_prefix_tuned, num_prefix_positions
+from ia2dist.model.decode import encode, length_batches, logits_to_keep_kwargs, pad_id
+from ia2dist.model.fastpaths import (last_position_mlp, last_query_attention, rounding_bound,
+                                     within_rounding)
+from ia2dist.model.structure import attention_sites, context_length, structure_key, vocab_size
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
 
@@ -114,20 +116,6 @@ def _check_fits(model: nn.Module, prompt_ids: list[list[int]], names: Sequence[s
                            f"shorter inputs or a smaller max_new_tokens")
 
 
-def _length_batches(prompt_ids: list[list[int]], batch_size: int,
-                    pad_free: bool = False) -> list[list[int]]:
-    """Indices grouped into batches of similar prompt length (less padding). ``pad_free``: only
-    prompts of exactly the same length share a batch (no padding at all)."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    step = max(1, batch_size)
-    if not pad_free:
-        return [order[i:i + step] for i in range(0, len(order), step)]
-    groups: dict[int, list[int]] = {}
-    for i in order:
-        groups.setdefault(len(prompt_ids[i]), []).append(i)
-    return [g[i:i + step] for g in groups.values() for i in range(0, len(g), step)]
-
-
 class _Runner:
     """Forwards for KV-cached decoding of one batch: the prefill, then one token per step.
 
@@ -143,7 +131,7 @@ class _Runner:
         params = inspect.signature(self.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         # only the last position's logits are read: skip the LM head everywhere else
-        self.keep_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.keep_kwargs = logits_to_keep_kwargs(self.model)
         # a cache preallocated for prompt + T: decode steps write into it instead of re-concatenating
         # every layer's keys and values at each step (falls back to the dynamic cache if the
         # architecture's forward does not take one)
@@ -525,7 +513,7 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
     prompt_ids = _encode_prompts(tokenizer, prompts)
     _check_fits(model, prompt_ids, names, max_new_tokens)
     stop = _StopRule(model, tokenizer, stop_strings)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     results: list[_Decoded | None] = [None] * len(prompt_ids)
     hooks = ActivationCapture(attention_sites(model)) if capture else nullcontext()
     was_training = model.training
@@ -533,7 +521,7 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
     try:
         runner = _Runner(model)
         with torch.no_grad():
-            runner.prove(tokenizer, stop, pad_id)
+            runner.prove(tokenizer, stop, pad)
         if capture:
             # teacher records are cached and reused by every layout (one process, Ray actors,
             # other shard sizes): on a CPU their prompts are prefilled without padding, one by
@@ -547,9 +535,9 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
             # attention, padding) than it saves, so only prompts of equal length are batched
             pad_free = (max_new_tokens == 1 and next(model.parameters()).device.type == "cpu"
                         and (capture or max(map(len, prompt_ids)) > PAD_FREE_ABOVE))
-            for batch in _length_batches(prompt_ids, 1 if runner.one_by_one else batch_size,
-                                         pad_free=pad_free):
-                decoded = _decode_batch(runner, [prompt_ids[i] for i in batch], pad_id, stop,
+            for batch in length_batches([len(ids) for ids in prompt_ids],
+                                        1 if runner.one_by_one else batch_size, pad_free=pad_free):
+                decoded = _decode_batch(runner, [prompt_ids[i] for i in batch], pad, stop,
                                         max_new_tokens=max_new_tokens, capture=cap,
                                         act_dtype=act_dtype, topk=topk, sync=sync)
                 for i, item in zip(batch, decoded):

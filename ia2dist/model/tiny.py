@@ -16,8 +16,8 @@ CORE_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
 #: Every decoder-only causal-LM family of the pinned transformers that ``build_tiny_model`` builds
 #: offline (the extraction equivalence matrix). Families with layers that are not self-attention
 #: (Mamba, RWKV, xLSTM, hybrids such as Jamba, Bamba, Zamba, Falcon-H1, Qwen3-Next) are not
-#: supported (``ia2dist.modeling.check_supported``); multimodal and encoder(-decoder) models are
-#: not decoder-only causal LMs.
+#: supported (``ia2dist.model.structure.check_supported``); multimodal and encoder(-decoder)
+#: models are not decoder-only causal LMs.
 TINY_ARCHS = CORE_ARCHS + (
     "afmoe", "apertus", "arcee", "aria_text", "beam", "biogpt", "bitnet", "bloom", "codegen",
     "cohere", "cohere2", "ctrl", "cwm", "deepseek_v2", "deepseek_v3", "diffllama", "doge",

@@ -3,7 +3,7 @@
 A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte offsets)
 and the raw tensors. ``safetensors_index`` reads only the headers; ``read_slice`` reads exactly
 the bytes of a run of elements of one tensor. The ZeRO-3 loader reads each rank's partition this
-way (``ia2dist.student.deepspeed_engine.load_partitioned``); ``load_lean`` builds a whole model on
+way (``load_partitioned`` of the DeepSpeed engine); ``load_lean`` builds a whole model on
 the meta device and fills it tensor by tensor, so loading never holds more than the model plus
 one tensor (transformers' ``from_pretrained`` measured ~1.3x the model's bytes at its peak).
 """
@@ -17,11 +17,7 @@ import torch
 from torch import nn
 
 from ia2dist.errors import IA2Error
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
+from ia2dist.model.dtypes import SAFETENSORS_DTYPES
 
 def safetensors_index(source: str | Path) -> dict[str, tuple] | None:
     """{tensor name: (file, dtype, shape, first byte, end byte)} of a model directory's
@@ -53,7 +49,7 @@ def safetensors_index(source: str | Path) -> dict[str, tuple] | None:
 def read_slice(entry: tuple, first: int, count: int) -> torch.Tensor:
     """``count`` elements of a stored tensor, flattened, from element ``first`` (one read)."""
     path, dtype_name, _shape, start, _end = entry
-    out = torch.empty(count, dtype=_DTYPES[dtype_name])
+    out = torch.empty(count, dtype=SAFETENSORS_DTYPES[dtype_name])
     size = out.element_size()
     with open(path, "rb") as fh:
         fh.seek(start + first * size)

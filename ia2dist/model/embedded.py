@@ -17,7 +17,7 @@ The model built by the default recipe ships with the package (``ia2dist/assets/e
 800 KB), so ``make demo`` starts at once. For any other recipe or seed, ``get_embedded_model_dir()``
 pretrains on first use (about 4 minutes on 2 CPU cores for the default recipe) and caches the
 result under a key that hashes the whole recipe; later calls return the cached directory at once.
-``python -m ia2dist.embedded OUT_DIR`` pretrains the default recipe again (e.g. to check that
+``python -m ia2dist.model.embedded OUT_DIR`` pretrains the default recipe again (e.g. to check that
 the packaged model is what the recipe gives on your machine: same seed, same steps).
 The directory holds ``save_pretrained`` outputs of the model and tokenizer,
 ``synthetic_family.json`` (the family the model knows; evaluation tasks must come from it) and
@@ -37,9 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from ia2dist.data.synthetic import DEMO_SEPARATOR, TEMPLATE_TOKENS, SyntheticFamily
 from ia2dist.io import cache_root, locked_build
+from ia2dist.model.tiny import build_tiny_tokenizer, tiny_config
+from ia2dist.progress import progress as progress_bar
 
 #: Bumped whenever the pretraining code changes in a way the recipe fields do not capture.
 EMBEDDED_VERSION = 1
@@ -90,7 +93,7 @@ class PretrainRecipe:
 
 
 #: Models shipped with the package (the default recipe's, built by ``pretrain``).
-PACKAGED_DIR = Path(__file__).resolve().parent / "assets"
+PACKAGED_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 
 def _packaged(name: str) -> Path | None:
@@ -175,8 +178,6 @@ def load_family(model_dir) -> SyntheticFamily:
 
 def build_family_tokenizer(family: SyntheticFamily, vocab_size: int = 1024):
     """A BPE tokenizer trained on the family's texts; every word and label is one token."""
-    from ia2dist.tiny import build_tiny_tokenizer
-
     tokenizer = build_tiny_tokenizer(family.all_texts(), vocab_size=vocab_size)
     tokenizer.add_tokens(list(TEMPLATE_TOKENS))
     split = [w for w in family.vocabulary() if len(_ids(tokenizer, w)) != 1]
@@ -191,10 +192,6 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _build_model(recipe: PretrainRecipe, tokenizer, seed: int):
-    from transformers import AutoModelForCausalLM
-
-    from ia2dist.tiny import tiny_config
-
     cfg = tiny_config("llama", len(tokenizer), hidden=recipe.hidden, layers=recipe.layers,
                       heads=recipe.heads, ffn=recipe.ffn, max_positions=recipe.max_positions,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -220,8 +217,6 @@ def _batch(family, tokenizer, rng, recipe, label_ids_V):
 
 
 def _train(model, tokenizer, family, recipe, *, seed, steps, budget_s, progress) -> dict:
-    from ia2dist.progress import progress as progress_bar
-
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 7])
     label_ids_V = torch.tensor([_ids(tokenizer, w)[0] for w in family.label_words])
@@ -323,8 +318,9 @@ def _score(model, tokenizer, prompts, label_ids_NC, gold_N, batch_size: int = 25
 
 
 def main(argv=None) -> int:
-    """``python -m ia2dist.embedded OUT_DIR [--seed S]``: pretrain the default recipe into OUT_DIR
-    (which must not exist) and print its held-out in-context accuracy by number of demos."""
+    """``python -m ia2dist.model.embedded OUT_DIR [--seed S]``: pretrain the default recipe into
+    OUT_DIR (which must not exist) and print its held-out in-context accuracy by number of
+    demos."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
