@@ -26,6 +26,7 @@ The directory holds ``save_pretrained`` outputs of the model and tokenizer,
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -321,8 +322,6 @@ def main(argv=None) -> int:
     """``python -m ia2dist.model.embedded OUT_DIR [--seed S]``: pretrain the default recipe into
     OUT_DIR (which must not exist) and print its held-out in-context accuracy by number of
     demos."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)

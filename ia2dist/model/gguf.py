@@ -22,7 +22,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ia2dist.errors import IA2Error
 from ia2dist.io import cache_root, locked_build, sha256_file
@@ -146,8 +151,6 @@ def convert_gguf(path: str | os.PathLike, cache_dir=None, *,
     final = cache_root(cache_dir) / f"gguf-{digest[:16]}"
 
     def build(tmp: Path) -> None:
-        import transformers
-
         try:
             _dequantize_into(path, tmp)
         except IA2Error:
@@ -168,8 +171,6 @@ def convert_gguf(path: str | os.PathLike, cache_dir=None, *,
 
 
 def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
@@ -178,9 +179,6 @@ def _dist_version(name: str) -> str | None:
 
 def _dequantize_into(path: Path, out_dir: Path) -> None:
     """Load the GGUF through transformers and save it as a plain model + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

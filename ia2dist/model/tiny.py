@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 #: The families ``build_tiny_model`` configures first (the common test matrix).
 CORE_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
@@ -46,8 +48,6 @@ def build_tiny_tokenizer(
     with_pad: define a pad token; without it the tokenizer has none (like Llama's), which the
         project must cope with.
     """
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -112,8 +112,6 @@ def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2
     / n_embd / d_model, layer and head counts, FFN width, experts, latent-attention ranks, rotary
     dims, sliding windows) set small; per-layer type lists follow the layer count. Families whose
     fields need more than that are handled in ``_FAMILY_FIXES``."""
-    from transformers import CONFIG_MAPPING
-
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     kv_heads = kv_heads or heads
@@ -146,9 +144,6 @@ def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2
 
 def build_tiny_model(arch: str, tokenizer, *, seed: int = 0, **config_kwargs):
     """A randomly initialised decoder of family ``arch`` sized for ``tokenizer`` (fp32, eval mode)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     cfg = tiny_config(arch, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                       **config_kwargs)

@@ -14,7 +14,11 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from transformers import AutoConfig, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ia2dist.errors import IA2Error
 from ia2dist.model.dtypes import SAFETENSORS_DTYPES
@@ -72,11 +76,6 @@ def load_lean(source: str | Path, dtype: torch.dtype, device: torch.device, attn
     its safetensors files (cast to ``dtype``, placed on ``device``); None when the directory has
     no safetensors, a class transformers cannot build, or names/shapes it does not expect (the
     caller falls back to ``from_pretrained``)."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     index = safetensors_index(source)
     if index is None:
         return None
@@ -107,7 +106,5 @@ def load_lean(source: str | Path, dtype: torch.dtype, device: torch.device, attn
             set_module_tensor_to_device(model, name, device, value=buf)
     model.tie_weights()
     if hasattr(model, "generation_config") and (Path(source) / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model
