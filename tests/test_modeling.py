@@ -9,10 +9,10 @@ from ia2dist.config import AdapterConfig, ModelConfig
 from ia2dist.errors import IA2Error
 from ia2dist.model.adapters import (apply_adapter, attach_trained, num_virtual_tokens,
                                     remove_adapter, save_trained)
-from ia2dist.model.decode import encode
+from ia2dist.model.decode import encode, length_batches, logits_to_keep_kwargs, pad_id
 from ia2dist.model.fastpaths import last_position_mlp, last_query_attention
 from ia2dist.model.load import load_model, load_tokenizer, resolve_device
-from ia2dist.model.structure import attention_sites, context_length
+from ia2dist.model.structure import attention_sites, context_length, unwrap_peft
 from ia2dist.model.tiny import CORE_ARCHS
 
 TEXTS = ["Text:the movie was great\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]
@@ -260,3 +260,36 @@ def test_last_position_prefill_is_exact_at_the_last_position(make_tokenizer, mak
     assert site.config._attn_implementation == attn
     assert not hasattr(site, "_ia2_inner_attention")
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in site.modules())
+
+
+def test_length_batches_orders_and_groups():
+    lengths = [5, 3, 5, 9, 3, 7]
+    assert length_batches(lengths, 2) == [[1, 4], [0, 2], [5, 3]]
+    assert length_batches(lengths, 2, longest_first=True) == [[3, 5], [0, 2], [1, 4]]
+    assert length_batches(lengths, 4, pad_free=True) == [[1, 4], [0, 2], [5], [3]]
+    assert length_batches([], 3) == []
+    with pytest.raises(IA2Error, match="batch_size=0"):
+        length_batches(lengths, 0)
+
+
+def test_pad_id_of_tokenizers_and_configs(make_tokenizer, make_model):
+    padded, unpadded = make_tokenizer(with_pad=True), make_tokenizer(with_pad=False)
+    assert pad_id(padded) == padded.pad_token_id != padded.eos_token_id
+    assert unpadded.pad_token_id is None and pad_id(unpadded) == unpadded.eos_token_id
+    # a model config states the tokenizer's ids; several EOS ids: the first
+    config = make_model("llama", unpadded).config
+    assert pad_id(config) == unpadded.eos_token_id
+    config.eos_token_id = [7, 8]
+    assert pad_id(config) == 7
+    config.eos_token_id = None
+    assert pad_id(config) == 0
+
+
+def test_logits_to_keep_asks_the_module_itself(make_tokenizer, make_model):
+    """A LoRA wrapper's forward does not name logits_to_keep (it passes it on); the model inside
+    does."""
+    model = make_model("llama", make_tokenizer())
+    assert logits_to_keep_kwargs(model) == {"logits_to_keep": 1}
+    lora = apply_adapter(model, AdapterConfig(type="lora", targets=["q_proj"]))
+    assert logits_to_keep_kwargs(lora) == {}
+    assert logits_to_keep_kwargs(unwrap_peft(lora)) == {"logits_to_keep": 1}
