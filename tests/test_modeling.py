@@ -249,7 +249,9 @@ def test_last_position_prefill_is_exact_at_the_last_position(make_tokenizer, mak
                 full_attn = seen["out"]
                 fast_ctx = last_query_attention(model)
                 assert fast_ctx.attn is site  # engaged for every tiny family and both kernels
-                with fast_ctx, last_position_mlp(model):
+                fast_mlp = last_position_mlp(model)
+                fast_mlp.prove()  # against the plain forward: not inside the last-query patch
+                with fast_ctx, fast_mlp:
                     fast = model(input_ids=ids_BS, logits_to_keep=1, **kwargs).logits[:, -1]
                 fast_attn = seen["out"]
             torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
