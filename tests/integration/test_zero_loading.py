@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
 
 pytestmark = pytest.mark.distributed
 from ia2dist.orchestration.cluster import MALLOC_MMAP_THRESHOLD  # noqa: E402  (what workers get)

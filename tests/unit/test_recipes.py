@@ -9,7 +9,7 @@ import pytest
 
 from ia2dist.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "configs" / "recipes"
 
 #: The published config.json shapes of the recipes' models (the fields the plan reads).

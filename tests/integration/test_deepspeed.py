@@ -24,7 +24,7 @@ from ia2dist.config import AdapterConfig, TrainConfig
 from ia2dist.errors import IA2Error
 from ia2dist.student.dsconfig import fill_ds_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DS_CONFIGS = REPO / "ia2dist" / "ds_configs"
 
 #: Relative tolerance of distributed vs single-process per-step (and dev) losses. Both runs are
@@ -441,5 +441,5 @@ def _worker(work_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    assert sys.argv[1] == "--worker", "usage: torchrun ... tests/test_deepspeed.py --worker DIR"
+    assert sys.argv[1] == "--worker", "usage: torchrun ... tests/integration/test_deepspeed.py --worker DIR"
     _worker(Path(sys.argv[2]))

@@ -13,7 +13,7 @@ from ia2dist.cli import main
 from ia2dist.errors import IA2Error
 from ia2dist.secrets import REDACTED, redact, redact_text
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
 FAKE_HF = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
 
 
@@ -90,9 +90,9 @@ def private_ray_run(tmp_path_factory):
 
     import psutil
 
-    from listening import Watcher
+    from tests.helpers.listening import Watcher
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     fixtures = repo / "tests" / "fixtures" / "data"
     tmp_path = tmp_path_factory.mktemp("private_ray")
     run = tmp_path / "run"
@@ -178,7 +178,7 @@ def test_bad_ia2_ray_metrics_value_is_refused_before_anything_is_written(tmp_pat
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "IA2_RAY_METRICS": "yes", "PYTHONPATH": str(repo),
            "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "ia2dist.cli", "extract",

@@ -1,7 +1,7 @@
 """What a GPU run depends on, checked on the CPU: the devices and accelerator each Ray process
 gets, NCCL's interface, the ZeRO-3 loader on transformers without ``prevent_arange_dtype_change``,
 the teacher's placement with ``dist.use_gpu``, the memory planner's GPU terms, the CUDA RNG
-device of checkpoints, and the test tiers. The GPU tier itself is ``tests/test_gpu.py``."""
+device of checkpoints, and the test tiers. The GPU tier itself is ``tests/integration/test_gpu.py``."""
 
 import json
 import os
@@ -19,7 +19,7 @@ from ia2dist.config import load_config
 from ia2dist.errors import IA2Error
 from ia2dist.experiment.memory_plan import GiB, ModelSize, check_fits, plan_memory
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "demo.yaml")
 GPU_RUN = ["model.dtype=bfloat16", "train.batch_size=8", "data.num_train=[16]",
            "dist.backend=ray", "dist.use_gpu=true", "train.micro_batch_size=1",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_fixtures import write_wheel
+from tests.helpers.gguf_fixtures import write_wheel
 from ia2dist.config import DataConfig, ModelConfig
 from ia2dist.data import real
 from ia2dist.data.loaders import load_task

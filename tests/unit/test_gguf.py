@@ -11,7 +11,7 @@ from ia2dist.model import gguf as gguf_source
 from ia2dist.config import ModelConfig
 from ia2dist.errors import IA2Error
 from ia2dist.model.load import load_model, load_tokenizer
-from gguf_fixtures import write_tiny_llama_gguf, write_wheel
+from tests.helpers.gguf_fixtures import write_tiny_llama_gguf, write_wheel
 
 TEXT = "Text:the movie was great\nLabel:1"
 

@@ -13,14 +13,14 @@ from ia2dist.cli import main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
 
 
 @pytest.fixture(autouse=True)
 def _cpu_deepspeed(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path(__file__).parents[1] / ".torch_ext"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path(__file__).parents[2] / ".torch_ext"))
 
 
 def _args(run_dir, *extra):
@@ -365,7 +365,7 @@ def test_sigkilled_distributed_run_resumes_on_rerun(tmp_path, local_reference):
     latest = run / "N8_seed0" / "checkpoints" / "ia2_then_sft" / "latest"
     argv = [sys.executable, "-m", "ia2dist.cli", "run", *_args(run, *CKPT, "dist.backend=ray",
                                                                 "dist.group_size=2")]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     log_path = tmp_path / "driver.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=log_file,

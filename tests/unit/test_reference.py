@@ -447,7 +447,7 @@ def test_soft_labels_default_to_the_full_vocabulary():
 def test_docs_differences_table_names_every_protocol_option():
     from pathlib import Path
 
-    page = (Path(__file__).parents[1] / "docs" / "paper.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "paper.md").read_text()
     section = page.split("## Differences from the reference", 1)[1].split("\n## ", 1)[0]
     for dotted in PROTOCOL_DEFAULTS:
         assert f"`{dotted}`" in section, dotted

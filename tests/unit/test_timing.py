@@ -7,7 +7,7 @@ import pytest
 
 from ia2dist import timing
 from ia2dist.cli import main
-from tests.test_cli import _args, data  # noqa: F401  (the sst2 files fixture)
+from tests.unit.test_cli import _args, data  # noqa: F401  (the sst2 files fixture)
 
 
 def _busy(cpu_seconds: float) -> None:

@@ -4,7 +4,7 @@ conversion, checkpoints moving between engines (a one-process plain-engine check
 2-rank ZeRO-3 group, a 2-rank ZeRO-3 checkpoint by the plain engine: a job changing layout), and
 export of a ZeRO checkpoint against the live weights.
 
-Like tests/test_deepspeed.py, the file is its own torchrun worker: one 2-process launch runs the
+Like tests/integration/test_deepspeed.py, the file is its own torchrun worker: one 2-process launch runs the
 uninterrupted and killed/resumed runs, one 1-process launch resumes the 2-rank checkpoint.
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_deepspeed import (  # noqa: F401  (data is a module fixture)
+from tests.integration.test_deepspeed import (  # noqa: F401  (data is a module fixture)
     LOSS_RTOL, WEIGHT_ATOL, _free_port, _template, data, make_student)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 SCENARIO = {"template": "zero3.json"}
@@ -42,7 +42,7 @@ class Killed(Exception):
 def _launch(work_dir: Path, nproc: int, mode: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_ext"),
-           "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
            str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__,

@@ -15,7 +15,7 @@ import pytest
 from benchmarks.gpu_check import STEPS
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_dry_run(tmp_path):

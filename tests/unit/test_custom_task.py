@@ -14,7 +14,7 @@ from ia2dist.config import CustomTaskConfig, DataConfig, ModelConfig, load_confi
 from ia2dist.data.loaders import load_task, read_rows
 from ia2dist.errors import ConfigError, DataError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 

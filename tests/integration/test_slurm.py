@@ -10,7 +10,7 @@ root). The project's sbatch scripts are submitted as users submit them, for a ti
 * time limit: SIGUSR1 to the batch script (what `--signal=B:USR1@120` sends): ia2dist saves a
   checkpoint and stops, the script requeues the job, the new start resumes from that checkpoint.
 
-The listening sockets of two jobs are sampled while they run (tests/listening.py): the one-node Ray
+The listening sockets of two jobs are sampled while they run (tests/helpers/listening.py): the one-node Ray
 job, whose head is given 127.0.0.2 as its internal address (a loopback address that Ray treats like
 any other node address), and the requeued single-node job with its private local Ray.
 
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from listening import Watcher
+from tests.helpers.listening import Watcher
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "data"
 UP, DOWN, WAIT = (REPO / "slurm" / "local" / f"{n}.sh" for n in ("up", "down", "wait"))
 BASE = "/tmp/ia2dist-slurm-test"

@@ -25,10 +25,10 @@ from ia2dist.experiment import rundir
 from ia2dist.cli import main
 from ia2dist.errors import IA2Error
 from ia2dist.runlock import LOCK_FILE, RunLock
-from tests.test_cli import _fails as _refused
+from tests.unit.test_cli import _fails as _refused
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
-REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+REPO = Path(__file__).resolve().parents[2]
 METHODS = "[sft,ia2]"
 
 

@@ -2,7 +2,7 @@
 (ray_jobs/cluster.sh: token authentication with a fresh 0600 token file, every port on 127.0.0.1,
 ports of its own), the tiny pipeline submitted with ray_jobs/submit.sh (`ray job submit` with the
 repo as working dir), followed to success, then the cluster stopped with `cluster.sh down`. The
-listening sockets of the cluster's processes are sampled all along (tests/listening.py).
+listening sockets of the cluster's processes are sampled all along (tests/helpers/listening.py).
 
 HOME points to a private directory, so no default token (~/.ray/auth_token) can stand in for the
 cluster's: a client without the cluster's token has none.
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from listening import Watcher
+from tests.helpers.listening import Watcher
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = "tests/fixtures/data"  # relative: resolved inside the uploaded working dir
 VENV_BIN = Path(os.sys.executable).parent
 CLUSTER = REPO / "ray_jobs" / "cluster.sh"

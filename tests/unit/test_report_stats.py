@@ -296,7 +296,7 @@ def test_compare_refuses_a_directory_without_a_report(tmp_path, capsys):
 def test_lr_sweep_end_to_end_selects_per_method(tmp_path, capsys):
     """A one-process run with a two-point lr sweep: one row per method in the summary, each
     selection with both candidates, the paired comparison and convergence from the real files."""
-    from test_cli import _write_sst2
+    from tests.unit.test_cli import _write_sst2
 
     train = _write_sst2(tmp_path / "train.jsonl", 40, 0)
     evals = _write_sst2(tmp_path / "eval.jsonl", 12, 1)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "ia2dist"
+PACKAGE = Path(__file__).resolve().parents[2] / "ia2dist"
 #: The distribution layers (everything else is core).
 DISTRIBUTION = ("ia2dist.orchestration", "ia2dist.student.deepspeed_engine")
 

@@ -11,7 +11,7 @@ from ia2dist.experiment.checkpoint import Checkpointer, list_checkpoints, verify
 from ia2dist.errors import IA2Error
 from ia2dist.student.trainer import train
 
-from test_trainer import cfg, setup  # noqa: F401  (module fixture)
+from tests.unit.test_trainer import cfg, setup  # noqa: F401  (module fixture)
 
 IDENTITY = {"method": "ia2_then_sft", "n": 6, "seed": 0, "train": {"lr": 1e-2}}
 

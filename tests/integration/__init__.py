@@ -1,0 +1,1 @@
+"""End-to-end runs: Ray clusters, DeepSpeed multi-process launches, SLURM, subprocess CLI runs."""
