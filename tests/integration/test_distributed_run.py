@@ -13,7 +13,7 @@ from ia2dist.cli import main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 
 
 @pytest.fixture(autouse=True)

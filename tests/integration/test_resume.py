@@ -22,7 +22,7 @@ from ia2dist.cli import main
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 REPO = Path(__file__).resolve().parents[2]
 UNIT = "N8_seed0"
 METHOD = "ia2_then_sft"

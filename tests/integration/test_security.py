@@ -13,7 +13,7 @@ from ia2dist.cli import main
 from ia2dist.errors import IA2Error
 from ia2dist.secrets import REDACTED, redact, redact_text
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 FAKE_HF = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 
 pytestmark = pytest.mark.distributed
 from ia2dist.orchestration.cluster import MALLOC_MMAP_THRESHOLD  # noqa: E402  (what workers get)

@@ -19,7 +19,7 @@ from ia2dist.data.tasks import (REMAP_WORDS, TASKS, cut_at_word, cut_like_refere
 from ia2dist.errors import DataError, IA2Error, RowError
 from ia2dist.records import Example
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 PAPER_TASKS = ("sst2", "agnews", "finsen", "poems", "bbcnews", "sciq_remap", "qasc_remap",
                "strategytf", "gsm8k", "gsm8ks", "hmath_algebra", "sciqa")
 

@@ -21,7 +21,7 @@ from ia2dist.data.loaders import load_task
 from ia2dist.orchestration.groups import Task, next_ready
 from ia2dist.experiment.plan import Plan
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 
 
 def _plan(tmp_path, *extra) -> Plan:

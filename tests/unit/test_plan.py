@@ -15,7 +15,7 @@ from ia2dist.data.loaders import load_task
 from ia2dist.experiment.plan import Plan
 from ia2dist.experiment.status import status_of
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 
 
 def _cfg(tmp_path, *extra):

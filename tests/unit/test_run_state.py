@@ -27,7 +27,7 @@ from ia2dist.errors import IA2Error
 from ia2dist.runlock import LOCK_FILE, RunLock
 from tests.unit.test_cli import _fails as _refused
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 REPO = Path(__file__).resolve().parents[2]
 METHODS = "[sft,ia2]"
 
