@@ -48,7 +48,10 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
 
-#: Text the test tokenizers are trained on: covers the classification/QA templates and digits.
+#: Text the test tokenizers are trained on: the classification/QA templates, digits and words.
+#: Not ``model.load.TINY_TOKENIZER_TEXTS`` (the `tiny:` models' tokenizer, vocab 384): trained on
+#: those, the same prompts come out at other lengths, and tests pin lengths against the decoder's
+#: thresholds (test_extract's prefill rules: 67 tokens where the threshold is 64).
 TOKENIZER_TEXTS = [
     "Text:the movie was great\nLabel:1",
     "Text:a dull and boring plot\nLabel:0",
@@ -84,3 +87,11 @@ def make_model():
         return build_tiny_model(arch, tokenizer, seed=seed, **kw)
 
     return make
+
+
+@pytest.fixture()
+def sst2_files(tmp_path):
+    """Random sst2 rows in tmp_path: (train.jsonl with 40 rows, eval.jsonl with 12)."""
+    from tests.helpers import write_sst2
+
+    return (write_sst2(tmp_path / "train.jsonl", 40, 0), write_sst2(tmp_path / "eval.jsonl", 12, 1))

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO data parallelism: config filling (fast, no deepspeed) and 2-rank runs on CPU.
+"""DeepSpeed ZeRO data parallelism: 2-rank runs on CPU (config filling:
+tests/unit/test_dsconfig.py).
 
 The distributed tests launch this file with torchrun (2 processes, gloo, DS_ACCELERATOR=cpu), the
 way users launch training; every scenario in ``SCENARIOS`` runs in that one launch and writes its
@@ -10,9 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,8 +19,7 @@ import pytest
 import torch
 
 from ia2dist.config import AdapterConfig, TrainConfig
-from ia2dist.errors import IA2Error
-from ia2dist.student.dsconfig import fill_ds_config
+from tests.helpers import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 DS_CONFIGS = REPO / "ia2dist" / "ds_configs"
@@ -81,81 +78,6 @@ def scenario_items(data: dict, scenario: dict):
     return train_items, dev_items[scenario["dev"]]
 
 
-# ------------------------------------------------------------------------------ fill_ds_config
-
-def test_fill_auto_values_from_run_config():
-    cfg = TrainConfig(batch_size=16, micro_batch_size=2, grad_clip=1.0)
-    filled = fill_ds_config(DS_CONFIGS / "zero3.json", train_cfg=cfg, model_dtype="bfloat16",
-                            world_size=4)
-    assert filled["train_micro_batch_size_per_gpu"] == 2
-    assert filled["gradient_accumulation_steps"] == 2
-    assert filled["train_batch_size"] == 16
-    assert filled["gradient_clipping"] == 1.0
-    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
-    assert filled["zero_allow_untested_optimizer"] is True
-    assert filled["managed_gradient_accumulation"] is False
-    assert "auto" not in str(filled)
-
-
-@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
-def test_every_template_fills(name):
-    filled = fill_ds_config(DS_CONFIGS / name, train_cfg=TrainConfig(micro_batch_size=2),
-                            model_dtype="float32",
-                            world_size=2)
-    assert filled["gradient_clipping"] == 0.0
-    assert not filled["bf16"]["enabled"] and not filled["fp16"]["enabled"]
-    assert "auto" not in str(filled)
-    assert "optimizer" not in filled
-
-
-def test_fill_matching_concrete_values_pass_and_template_is_not_modified():
-    template = {"train_batch_size": 8, "gradient_accumulation_steps": 2, "bf16": {"enabled": False}}
-    filled = fill_ds_config(template, train_cfg=TrainConfig(batch_size=8, micro_batch_size=2),
-                            model_dtype="float32", world_size=2)
-    assert filled["train_micro_batch_size_per_gpu"] == 2
-    assert template == {"train_batch_size": 8, "gradient_accumulation_steps": 2,
-                        "bf16": {"enabled": False}}
-
-
-def test_fill_lists_every_conflict():
-    template = {"train_batch_size": 32, "bf16": {"enabled": True}, "gradient_clipping": 1.0,
-                "optimizer": {"type": "Adam"}, "managed_gradient_accumulation": True}
-    with pytest.raises(IA2Error) as info:
-        fill_ds_config(template, train_cfg=TrainConfig(batch_size=4, micro_batch_size=2),
-                       model_dtype="float32", world_size=2)
-    message = str(info.value)
-    assert "5 problem(s)" in message
-    assert "train_batch_size=32 conflicts with train.batch_size (= 4)" in message
-    assert "bf16.enabled=true conflicts with model.dtype=float32" in message
-    assert "gradient_clipping=1.0 conflicts with train.grad_clip" in message
-    assert "remove the 'optimizer' section" in message and "C++ build" in message
-    assert "managed_gradient_accumulation=true" in message
-    assert "\n" not in message
-
-
-def test_fill_rejects_indivisible_batch():
-    with pytest.raises(IA2Error, match=r"train.batch_size=6 is not a multiple of "
-                                       r"train.micro_batch_size \(2\) x world size \(2\)"):
-        fill_ds_config({}, train_cfg=TrainConfig(batch_size=6, micro_batch_size=2),
-                       model_dtype="float32", world_size=2)
-
-
-def test_fill_bad_template_files(tmp_path):
-    with pytest.raises(IA2Error, match="does not exist"):
-        fill_ds_config(tmp_path / "missing.json", train_cfg=TrainConfig(), model_dtype="float32",
-                       world_size=1)
-    bad = tmp_path / "bad.json"
-    bad.write_text('{\n  "train_batch_size": ,\n}')
-    with pytest.raises(IA2Error, match=r"bad.json:2: not valid JSON"):
-        fill_ds_config(bad, train_cfg=TrainConfig(), model_dtype="float32", world_size=1)
-
-
-def test_only_the_engine_module_imports_deepspeed():
-    source = (REPO / "ia2dist/student/dsconfig.py").read_text()
-    trainer = (REPO / "ia2dist/student/trainer.py").read_text()
-    assert "import deepspeed" not in source and "import deepspeed" not in trainer
-
-
 # ------------------------------------------------------------------------------ 2-rank runs
 
 def _extracted_items(base, tok):
@@ -207,29 +129,14 @@ def data(make_tokenizer, make_model):
             "contradicting": contradicting}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(data, tmp_path_factory):
     """All scenarios in one 2-process torchrun launch; per-rank results and the wall time."""
     work_dir = tmp_path_factory.mktemp("ds")
     torch.save(data, work_dir / "data.pt")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_ext"), "PYTHONPATH": str(REPO),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker",
-           str(work_dir)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    torchrun(Path(__file__), "--worker", work_dir)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                    f"{proc.stderr[-6000:]}")
     ranks = [torch.load(work_dir / f"results_rank{r}.pt", weights_only=False) for r in (0, 1)]
     return {"ranks": ranks, "dir": work_dir, "wall": wall}
 
@@ -441,5 +348,6 @@ def _worker(work_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    assert sys.argv[1] == "--worker", "usage: torchrun ... tests/integration/test_deepspeed.py --worker DIR"
+    assert sys.argv[1] == "--worker", \
+        "usage: torchrun ... tests/integration/test_deepspeed.py --worker DIR"
     _worker(Path(sys.argv[2]))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from ia2dist.cli import main
+from tests.helpers import SST2, cli_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +24,8 @@ def _cpu_deepspeed(monkeypatch):
 
 
 def _args(run_dir, *extra):
-    return [f"run_dir={run_dir}", "model.name_or_path=tiny:llama", "data.task=sst2",
-            f"data.train_path={FIXTURES / 'sst2_train.jsonl'}",
-            f"data.eval_path={FIXTURES / 'sst2_validation.jsonl'}", "data.num_train=[8]",
-            "data.seeds=[0]", "train.epochs=3", "train.micro_batch_size=2", "train.lr=1e-2",
-            "eval.similarity_items=4", "wandb.mode=disabled", *extra]
+    return cli_args(run_dir, *SST2, "train.micro_batch_size=2", "train.lr=1e-2", *extra,
+                    num_train=8, epochs=3)
 
 
 def _history(run_dir, method, seed=0):

@@ -10,9 +10,7 @@ uninterrupted and killed/resumed runs, one 1-process launch resumes the 2-rank c
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import torchrun
 from tests.integration.test_deepspeed import (  # noqa: F401  (data is a module fixture)
-    LOSS_RTOL, WEIGHT_ATOL, _free_port, _template, data, make_student)
+    LOSS_RTOL, WEIGHT_ATOL, _template, data, make_student)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -39,21 +38,6 @@ class Killed(Exception):
     pass
 
 
-def _launch(work_dir: Path, nproc: int, mode: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_ext"),
-           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-           str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__,
-           mode, str(work_dir)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun {mode} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-5000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def launched(data, tmp_path_factory):
     work_dir = tmp_path_factory.mktemp("dsckpt")
@@ -61,8 +45,8 @@ def launched(data, tmp_path_factory):
     # a plain-engine job killed mid-phase 0 (after its step-2 checkpoint), for the 2-rank group
     assert _train(data, work_dir / "T", 0, kill_after=KILLS[0], plain=True) is None
     start = time.perf_counter()
-    _launch(work_dir, 2, "two")
-    _launch(work_dir, 1, "one")
+    torchrun(Path(__file__), "two", work_dir, nproc=2)
+    torchrun(Path(__file__), "one", work_dir, nproc=1)
     print(f"launch wall time: {time.perf_counter() - start:.1f} s")
     return {"dir": work_dir, "two": torch.load(work_dir / "two_rank0.pt", weights_only=False),
             "one": torch.load(work_dir / "one_rank0.pt", weights_only=False)}

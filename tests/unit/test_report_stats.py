@@ -290,33 +290,3 @@ def test_compare_refuses_a_directory_without_a_report(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- end to end
-
-
-@pytest.mark.slow
-def test_lr_sweep_end_to_end_selects_per_method(tmp_path, capsys):
-    """A one-process run with a two-point lr sweep: one row per method in the summary, each
-    selection with both candidates, the paired comparison and convergence from the real files."""
-    from tests.unit.test_cli import _write_sst2
-
-    train = _write_sst2(tmp_path / "train.jsonl", 40, 0)
-    evals = _write_sst2(tmp_path / "eval.jsonl", 12, 1)
-    run = tmp_path / "run"
-    assert main(["run", f"run_dir={run}", "model.name_or_path=tiny:llama", "data.task=sst2",
-                 f"data.train_path={train}", f"data.eval_path={evals}", "data.num_train=[4]",
-                 "data.seeds=[0]", "train.epochs=1", "eval.similarity_items=2",
-                 "wandb.mode=disabled", "train.methods=[sft,ia2_then_sft]",
-                 "train.lr=[1e-4,3e-4]"]) == 0, capsys.readouterr().err
-    stored = json.loads((run / "metrics.json").read_text())
-    assert [e["method"] for e in stored["aggregate"]] == ["base", "icl", "sft", "ia2_then_sft"]
-    for choice in stored["selection"]["choices"]:
-        assert set(choice["candidates"]) == {"lr0.0001_gt", "lr0.0003_gt"}
-    assert {c["method"] for c in stored["selection"]["other"]["choices"]} == {"sft", "ia2_then_sft"}
-    claim = next(p for p in stored["paired"] if p["method"] == "ia2_then_sft")
-    rows = {e["method"]: e for e in stored["aggregate"]}
-    assert claim["accuracy"]["mean"] == pytest.approx(
-        rows["ia2_then_sft"]["accuracy_mean"] - rows["sft"]["accuracy_mean"])
-    assert claim["accuracy"]["items"] == [12]
-    assert len(stored["convergence"]) == 4  # 2 methods x 2 settings, one seed
-    assert "IA2 -> SFT vs SFT" in (run / "summary.md").read_text()
-    assert main(["compare", str(run)]) == 0
-    assert "| tiny:llama | sst2 | test | 4 | ia2_then_sft |" in capsys.readouterr().out
