@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ia2dist import pipeline
+from ia2dist import driver
 from ia2dist.backend import Outcome, Work, teacher_store
-from ia2dist.checkpoint import STOP_FILE, Preempted
 from ia2dist.config import load_config
 from ia2dist.errors import IA2Error
+from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
+from ia2dist.io import staging_name
 from ia2dist.records import TeacherRecord
-from ia2dist.rundir import staging_name
 from ia2dist.runlock import LOCK_FILE
 from tests.helpers import SST2, cli_args
 
@@ -93,7 +93,7 @@ class FakeBackend:
 
 
 @pytest.fixture()
-def driver(tmp_path, monkeypatch):
+def fakes(tmp_path, monkeypatch):
     """(config, run directory, the backends the driver made, the behaviour of the next one): every
     verb gets a ``FakeBackend`` where it would connect a real one."""
     made: list[FakeBackend] = []
@@ -104,7 +104,7 @@ def driver(tmp_path, monkeypatch):
         behaviour.clear()
         return made[-1]
 
-    monkeypatch.setattr(pipeline, "_backend", backend)
+    monkeypatch.setattr(driver, "_backend", backend)
     cfg = load_config(None, cli_args(tmp_path / "run", *SST2, "data.seeds=[0,1]",
                                      "train.methods=[sft,ia2]"))
     return cfg, Path(cfg.run_dir), made, behaviour
@@ -118,9 +118,9 @@ def _ids(items) -> list[str]:
     return [x.id for x in items]
 
 
-def test_a_full_run_is_complete_and_a_rerun_has_nothing_to_do(driver):
-    cfg, run, made, _ = driver
-    pipeline.run_all(cfg)
+def test_a_full_run_is_complete_and_a_rerun_has_nothing_to_do(fakes):
+    cfg, run, made, _ = fakes
+    driver.run_all(cfg)
     (backend,) = made
     (work,) = backend.works
     assert sorted(_ids(work.train)) == sorted(JOBS) and work.evaluate_trained
@@ -133,20 +133,20 @@ def test_a_full_run_is_complete_and_a_rerun_has_nothing_to_do(driver):
     assert not any(state["left"].values())
     assert "| sft |" in (run / "summary.md").read_text()
     assert not (run / LOCK_FILE).exists()
-    pipeline.run_all(cfg)  # complete: no backend is even connected
+    driver.run_all(cfg)  # complete: no backend is even connected
     assert len(made) == 1 and _status(run)["state"] == "complete"
 
 
-def test_extract_then_train_of_one_method_leave_the_run_partial(driver):
-    cfg, run, made, _ = driver
-    pipeline.run_extract(cfg)
+def test_extract_then_train_of_one_method_leave_the_run_partial(fakes):
+    cfg, run, made, _ = fakes
+    driver.run_extract(cfg)
     (work,) = made[0].works
     assert [u.key for u in work.extract] == [u.key for u in work.units(made[0].plan)]
     assert not work.train and not work.baselines and made[0].shards_written == 2
     state = _status(run)
     assert state["state"] == "partial" and state["verb"] == "extract"
     assert state["done"]["teacher_units"] == 2 and state["left"]["train"] == 4
-    pipeline.run_train(cfg, ["sft"])
+    driver.run_train(cfg, ["sft"])
     (work,) = made[1].works
     assert _ids(work.train) == ["N4_seed0/sft", "N4_seed1/sft"] and not work.evaluate_trained
     assert made[1].shards_written == 0  # the teacher outputs on disk are reused
@@ -158,14 +158,14 @@ def test_extract_then_train_of_one_method_leave_the_run_partial(driver):
                              "report": 1}
 
 
-def test_a_rerun_trains_what_is_left_and_evaluates_what_was_only_trained(driver):
+def test_a_rerun_trains_what_is_left_and_evaluates_what_was_only_trained(fakes):
     """After `train --method sft` (one of its folders killed before it was published), `run`
     trains only ia2, evaluates the sft jobs without training them again and writes the report."""
-    cfg, run, made, _ = driver
-    pipeline.run_train(cfg, ["sft"])
+    cfg, run, made, _ = fakes
+    driver.run_train(cfg, ["sft"])
     job_dir = run / "N4_seed1" / "sft"
     job_dir.rename(staging_name(job_dir))
-    pipeline.run_all(cfg)
+    driver.run_all(cfg)
     (work,) = made[1].works
     assert _ids(work.train) == ["N4_seed0/ia2", "N4_seed1/ia2"]
     assert _ids(work.evaluate) == ["N4_seed0/sft", "N4_seed1/sft"]
@@ -177,42 +177,42 @@ def test_a_rerun_trains_what_is_left_and_evaluates_what_was_only_trained(driver)
     assert {r["method"] for r in rows["aggregate"]} == {"base", "icl", "sft", "ia2"}
 
 
-def test_a_job_the_backend_never_finished_fails_the_run_naming_it(driver):
-    cfg, run, made, behaviour = driver
+def test_a_job_the_backend_never_finished_fails_the_run_naming_it(fakes):
+    cfg, run, made, behaviour = fakes
     behaviour["drop"] = {"N4_seed1/ia2"}
     with pytest.raises(IA2Error, match="the run ended without finishing N4_seed1/ia2$"):
-        pipeline.run_all(cfg)
+        driver.run_all(cfg)
     state = _status(run)
     assert state["state"] == "failed" and "N4_seed1/ia2" in state["error"]
     assert state["done"]["trained"] == 3 and state["left"]["train"] == 1
     assert made[0].closed == [True] and not (run / LOCK_FILE).exists()
     assert not (run / "summary.md").exists()
-    pipeline.run_all(cfg)  # the rerun trains the one job left
+    driver.run_all(cfg)  # the rerun trains the one job left
     (work,) = made[1].works
     assert _ids(work.train) == ["N4_seed1/ia2"] and not work.evaluate and not work.baselines
     assert _status(run)["state"] == "complete"
 
 
-def test_a_preempted_job_leaves_the_run_preempted_and_the_rerun_continues(driver):
-    cfg, run, made, behaviour = driver
+def test_a_preempted_job_leaves_the_run_preempted_and_the_rerun_continues(fakes):
+    cfg, run, made, behaviour = fakes
     behaviour["preempt"] = "N4_seed0/ia2"
     with pytest.raises(Preempted):
-        pipeline.run_all(cfg)
+        driver.run_all(cfg)
     state = _status(run)
     assert state["state"] == "preempted" and "stopped by SIGTERM" in state["error"]
     assert state["done"]["trained"] == 1  # N4_seed0/sft, trained before it
     assert made[0].closed == [False] and not (run / LOCK_FILE).exists()
-    pipeline.run_all(cfg)
+    driver.run_all(cfg)
     assert _ids(made[1].works[0].train) == ["N4_seed0/ia2", "N4_seed1/sft", "N4_seed1/ia2"]
     assert _status(run)["state"] == "complete"
 
 
-def test_a_stop_request_with_jobs_unfinished_is_a_preemption(driver):
-    cfg, run, made, behaviour = driver
+def test_a_stop_request_with_jobs_unfinished_is_a_preemption(fakes):
+    cfg, run, made, behaviour = fakes
     behaviour["stop_after"] = "N4_seed0/sft"
     with pytest.raises(Preempted, match="stopped on request with 5 job"):
-        pipeline.run_all(cfg)
+        driver.run_all(cfg)
     state = _status(run)
     assert state["state"] == "preempted" and state["done"]["trained"] == 1
-    pipeline.run_all(cfg)  # the stop file of the earlier attempt does not stop the rerun
+    driver.run_all(cfg)  # the stop file of the earlier attempt does not stop the rerun
     assert not (run / STOP_FILE).exists() and _status(run)["state"] == "complete"
