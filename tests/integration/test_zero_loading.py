@@ -114,7 +114,12 @@ def _worker(work: Path) -> None:
     cfg = load_config(None, [f"run_dir={work / f'run{rank}'}", f"model.name_or_path={work / 'model'}",
                              "data.task=sst2", f"data.train_path={FIXTURES / 'sst2_train.jsonl'}",
                              f"data.eval_path={FIXTURES / 'sst2_validation.jsonl'}",
-                             "data.num_train=[4]", "train.micro_batch_size=1", "train.max_steps=2",
+                             "data.num_train=[4]", "train.micro_batch_size=1",
+                             # one example per rank per step, one step per phase, no dev
+                             # evaluations: a job's first losses already show a base that kept
+                             # another job's weights
+                             "train.batch_size=2", "train.max_steps=1", "train.eval_every=1000",
+                             "train.eval_at_epoch_end=false",
                              "train.adapter.dropout=0.1", "train.checkpoint_every=-1",
                              "dist.group_size=2", "dist.num_workers=2"])
     template = json.loads((REPO / "ia2dist" / "ds_configs" / "zero3.json").read_text())
