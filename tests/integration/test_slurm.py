@@ -8,7 +8,13 @@ root). The project's sbatch scripts are submitted as users submit them, for a ti
   again, resumes training from its checkpoint, completes, and the teacher shards written before the
   requeue are reused (same files, not extracted again);
 * time limit: SIGUSR1 to the batch script (what `--signal=B:USR1@120` sends): ia2dist saves a
-  checkpoint and stops, the script requeues the job, the new start resumes from that checkpoint.
+  checkpoint and stops, the script requeues the job, the new start resumes from that checkpoint;
+* a 2-cell learning-rate sweep as a job array: each cell in its own run dir, one teacher cache.
+
+The time-limit job and the sweep run with IA2_BACKEND=local (ia2dist in one process): what they
+test is the scripts' wiring (signal trap, requeue, array index to cell, the shared cache), and the
+private Ray of a single-node job is already started twice by the requeued job; each Ray start with
+its Ray Train group costs ~30 s of the host's 2 CPUs, shared by all the jobs running side by side.
 
 The listening sockets of two jobs are sampled while they run (tests/helpers/listening.py): the one-node Ray
 job, whose head is given 127.0.0.2 as its internal address (a loopback address that Ray treats like
@@ -79,6 +85,8 @@ def slurm(tmp_path_factory):
 HEAD_IP = "127.0.0.2"
 #: long enough that the signals land while the job trains; a checkpoint every 2 steps
 TRAINING = "train.epochs=24 train.patience=0 train.checkpoint_every=2"
+#: the same in one process (IA2_BACKEND=local), whose steps come faster: more of them
+TRAINING_LOCAL = "train.epochs=64 train.patience=0 train.checkpoint_every=2"
 
 
 def _submit(env, script, out_dir: Path, run_dir: Path, *sbatch_args, extra="", more_env=None):
@@ -125,7 +133,8 @@ def jobs(slurm, tmp_path_factory):
              {"IA2_RAY_HEAD_IP": HEAD_IP}),
             ("two", "ia2dist_ray.sbatch", ["--nodes=2", "--cpus-per-task=2"], "", None),
             ("requeue", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING, None),
-            ("usr1", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING, None)):
+            ("usr1", "ia2dist_single.sbatch", ["--cpus-per-task=4"], TRAINING_LOCAL,
+             {"IA2_BACKEND": "local"})):
         out[name] = (_submit(slurm, script, root / name / "logs", root / name / "run", *args,
                              extra=extra, more_env=more_env), root / name / "logs",
                      root / name / "run")
@@ -134,13 +143,13 @@ def jobs(slurm, tmp_path_factory):
     # a 2-cell learning-rate sweep as a job array (lr 1e-2 and 3e-3 at N=4, seed 0)
     sweep_root = root / "sweep" / "runs"
     (root / "sweep" / "logs").mkdir(parents=True)
-    extra = " ".join([a for a in _tiny().split() if not a.startswith(("data.num_train", "data.seeds"))]
-                     + ["dist.num_workers=1"])  # 1 teacher actor + 1 worker on the task's 2 CPUs
+    extra = " ".join(a for a in _tiny().split()
+                     if not a.startswith(("data.num_train", "data.seeds")))
     done = subprocess.run(
         ["sbatch", "--parsable", f"--output={root / 'sweep' / 'logs'}/%x-%A_%a.out", "--array=0-1",
          "--cpus-per-task=2", str(REPO / "slurm" / "sweep_array.sbatch")],
         env={**slurm, "CONFIG": "", "LRS": "1e-2 3e-3", "NS": "4", "SEEDS": "0",
-             "SWEEP_ROOT": str(sweep_root), "EXTRA": extra},
+             "SWEEP_ROOT": str(sweep_root), "EXTRA": extra, "IA2_BACKEND": "local"},
         cwd=REPO, capture_output=True, text=True, check=True)
     out["sweep"] = (done.stdout.strip().split(";")[0], root / "sweep" / "logs", sweep_root)
     out["requeuer"] = _Requeuer(slurm, *out["requeue"], action=["scontrol", "requeue"])
