@@ -4,7 +4,7 @@
 It runs in one process (dist.backend=local): what it checks (the report, the plots, that the
 embedded model learns in context, wandb offline) does not depend on the backend, and the same
 2 groups x 1 rank Ray layout as configs/demo.yaml is run, and compared with the one-process run,
-by tests/test_distributed_run.py.
+by tests/integration/test_distributed_run.py.
 """
 
 import json
