@@ -94,10 +94,11 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
                       WORLD_SIZE="1", LOCAL_RANK="0")
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
+    from ia2dist.backends.ray.backend import resolve_ds_template
+    from ia2dist.backends.ray.groups import GroupWorker
+    from ia2dist.backends.ray.messages import GroupConfig, Task
     from ia2dist.model.adapters import apply_adapter
     from ia2dist.model.load import load_model, load_tokenizer
-    from ia2dist.orchestration.backend import resolve_ds_template
-    from ia2dist.orchestration.groups import Task, _GroupWorker
     from ia2dist.experiment.plan import Plan
     from ia2dist.student.deepspeed_engine import init_distributed
     from ia2dist.student.engine_choice import choose_engine
@@ -111,10 +112,10 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     init_distributed()
     choice = choose_engine(cfg.dist)
-    config = {"plan": plan, "queue": None, "brokers": {}, "online": True, "group": 0,
-              "engine": choice, "ds_template": None if choice.template is None
-              else str(resolve_ds_template(choice.template))}
-    worker = _GroupWorker(config, 0, 1)
+    config = GroupConfig(plan, None, online=True, engine=choice,
+                         ds_template=None if choice.template is None
+                         else str(resolve_ds_template(choice.template)))
+    worker = GroupWorker(config, 0, 1)
     worker.students.base  # load the frozen base (once per worker, not per job)
     jobs = []
     try:
@@ -128,7 +129,7 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
                 history = json.loads((job.out_dir / "history.json").read_text())
                 floor = _floor(floor_model, plan, unit, job, records, history, worker)
                 jobs.append({"job": job.id, "n": unit.n, "method": name, "wall_s": wall,
-                             "cpu_s": cpu, "worker_wall_s": result["wall_s"],
+                             "cpu_s": cpu, "worker_wall_s": result.wall_s,
                              "steps": [p["steps"] for p in history["phases"]],
                              "dev_evals": sum("dev_loss" in r for r in history["history"]),
                              "engine": history.get("engine"), "floor": floor,

@@ -218,7 +218,7 @@ def test_private_ray_temp_dir_removed_unless_kept():
     import shutil
     import tempfile
 
-    from ia2dist.orchestration.cluster import connect
+    from ia2dist.backends.ray.cluster import connect
 
     ctx = connect(num_cpus=1)
     made = Path(ctx.temp_dir)
