@@ -412,7 +412,7 @@ class _Pump:
     def _check_budget(self) -> None:
         """Every unit's records must fit the byte budget at once (a unit's jobs read all of them
         every epoch): a unit beyond it could never be released, so refuse it now."""
-        budget = self.stage.budget.limit
+        budget = self.stage.budget_limit()
         per_unit: dict[str, int] = {}
         for job in self.jobs:
             per_unit[job.unit.key] = per_unit.get(job.unit.key, 0) + \
@@ -565,7 +565,7 @@ class _Pump:
         return {"extract_s": end - self.started,
                 "first_shard_s": None if self.first_shard_at is None else
                 self.first_shard_at - self.started,
-                "byte_budget": self.stage.budget.limit if units else None,
+                "byte_budget": self.stage.budget_limit() if units else None,
                 "peak_inflight_bytes": max((u["peak_inflight_bytes"] for u in units), default=0),
                 "act_bytes": sum(u["act_bytes"] for u in units),
                 "reruns": sum(u["reruns"] for u in units),

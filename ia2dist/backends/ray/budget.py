@@ -17,22 +17,17 @@ from ia2dist.errors import IA2Error
 
 
 class ByteBudget:
-    """Bytes reserved and held against ``limit`` (an int, or a function giving it on first use:
-    half the cluster's object store is only known once Ray is connected)."""
+    """Bytes reserved and held against ``limit``. The stage sets ``limit`` from its options at
+    the start of each run (half the cluster's object store by default, known once Ray is
+    connected); what is held stays held across runs."""
 
-    def __init__(self, limit: int | Callable[[], int]):
-        self._limit = limit
+    def __init__(self, limit: int = 0):
+        self.limit = int(limit)
         self._lock = threading.Condition()
         self._reserved = 0
         self._held: dict[Hashable, int] = {}
         self._payloads: dict[Hashable, object] = {}
         self._closed = False
-
-    @property
-    def limit(self) -> int:
-        if callable(self._limit):
-            self._limit = int(self._limit())
-        return int(self._limit)
 
     # ------------------------------------------------------------------ reservations
     def fits(self, nbytes: int) -> bool:

@@ -475,8 +475,7 @@ class TeacherStage:
                                "topk": int(extract_cfg.topk or 0)}
         self.stats = StageStats()
         self.pool = TeacherPool(self.options)
-        budget = self.options.byte_budget
-        self.budget = ByteBudget(_half_object_store if budget is None else int(budget))
+        self.budget = ByteBudget()
         self._tag_stats: dict[str | None, StageStats] = {}
         self._active_run: Iterator | None = None
         self._check_options()
@@ -557,6 +556,12 @@ class TeacherStage:
         return num_examples * self.extract_kwargs["max_new_tokens"] * per_position \
             + 8 * (num_examples + 1)
 
+    def budget_limit(self) -> int:
+        """The byte budget of a run: ``byte_budget``, or half the cluster's object store."""
+        if self.options.byte_budget is not None:
+            return int(self.options.byte_budget)
+        return int(ray.cluster_resources().get("object_store_memory", 0) // 2)
+
     def release(self, shard_index: int, tag: str | None = None) -> int:
         """The consumer is done with a yielded shard (of the run ``tag``): drop the stage's
         reference and free its bytes from the budget (thread-safe); the bytes freed."""
@@ -612,7 +617,7 @@ class TeacherStage:
             count = num_parts or (max(parts) + 1 if len(parts) else 1)
             shard_parts = [[[k for k in range(len(shard[1])) if parts[i * size + k] == p]
                             for p in range(count)] for i, shard in enumerate(shards)]
-        budget = self.budget.limit
+        budget = self.budget.limit = self.budget_limit()
         bounds = [self.shard_bound(len(s[1])) for s in shards]
         if bounds and max(bounds) > budget:
             raise IA2Error(f"teacher stage: byte_budget {budget} is smaller than one shard's upper "
@@ -640,11 +645,6 @@ class TeacherStage:
             by_shard[shard] = [_owned(r) for r in fetch_records(refs)]
             self.release(shard, run_kwargs.get("tag"))
         return [rec for shard in sorted(by_shard) for rec in by_shard[shard]]
-
-
-def _half_object_store() -> int:
-    """The default byte budget: half the cluster's object store."""
-    return int(ray.cluster_resources().get("object_store_memory", 0) // 2)
 
 
 @dataclass
