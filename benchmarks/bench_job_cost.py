@@ -6,7 +6,7 @@ synthetic task with ``configs/real.yaml``'s training settings (LoRA r=8 on q/k/o
 micro-batch 2, at most 12 steps per phase, dev evaluation every 2 steps, 60 test items, 16
 similarity items, checkpoints at phase ends). Jobs ``sft`` and ``ia2_then_sft`` at N=4 and N=16.
 
-Each job runs through the worker group's own code (``_GroupWorker.run``, one rank, one torch
+Each job runs through the worker group's own code (``GroupWorker.run``, one rank, one torch
 thread as in a Ray worker, teacher records computed beforehand in the online mode so that they
 are not timed), once per engine, each engine in its own process:
 

@@ -8,7 +8,8 @@ model weights.
    records; a pump thread publishes every finished shard to the unit's ``UnitRecords`` actor. As
    soon as a unit is extracted its baselines are evaluated on the teacher actors (they hold the
    frozen base already): ICL per unit, the base without demos once (its prompts are the same for
-   every unit) plus its similarity per unit.
+   every unit) plus its similarity per unit. The stage (``teacher_pool``: actors, restarts, the
+   ``budget.ByteBudget``) belongs to the backend and lives as long as it does.
 2. ``dist.num_workers / dist.group_size`` worker groups (``ia2dist.backends.ray.groups``) take
    the jobs from one queue; each trains a job on its ranks (the plain engine on a group of one
    rank, DeepSpeed ZeRO-3 on several: ``ia2dist.student.engine_choice``) while extraction of
@@ -17,7 +18,12 @@ model weights.
 3. The driver yields each outcome as it arrives and releases a unit's records from the object
    store once its last job (and evaluation) has read them: memory held for records is bounded by
    ``dist.inflight_bytes`` (extraction of the next unit waits until an earlier unit is released;
-   Ray spills to disk beyond the object store).
+   Ray spills to disk beyond the object store). A ``messages.RecordLease`` says when.
+
+``run`` is small steps over one ``_Round`` (what this run started and counted): ``_round`` builds
+the tasks, the teacher thread and the lease; ``_start_teacher``, ``_start_groups``; ``_collect``
+polls baselines and task results (``messages.TaskResult``) and passes a stop request (the
+checkpoint's ``STOP_FILE``) on to the queue; ``_record_stats`` fills ``stats``.
 """
 
 from __future__ import annotations
