@@ -112,6 +112,8 @@ class RayBackend:
 
     # ------------------------------------------------------------------ the work
     def run(self, work: Work) -> Iterator[Outcome]:
+        """The teacher thread, then the worker groups; outcomes as they arrive (module docstring);
+        ``stats`` filled at the end, whatever happened."""
         online = self.plan.cfg.dist.teacher_mode == "online"
         r = self._round(work, online)
         if r.pump is not None:
