@@ -250,8 +250,8 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
         target = plan.resume_target(resume_from)
         model_config = load_model_config(cfg.model)
         longest = check_context(plan, tokenizer, model_config)
-        if _is_ray(cfg):
-            backend = _ray_backend(plan, tokenizer, model_config, longest)
+        if _is_ray(cfg):  # connected and checked before anything is written
+            backend = _backend(cfg, plan, tokenizer, model_config, longest)
         if fresh and not resuming:
             rundir.create_run_dir(run_dir, cfg, overwrite)
         elif not (run_dir / "config.yaml").exists():
@@ -273,23 +273,26 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
         log.info("resuming %s (state was %s): finished work is reused, unfinished jobs continue "
                  "from their latest checkpoints", run_dir, rundir.read_status(run_dir))
     tracker = Tracker(cfg.wandb, run_dir, to_dict(cfg), task=plan.spec.name) if tracked else None
-    if backend is None:  # nothing to check before the run directory is written
-        from ia2dist.backends.local import LocalBackend
-
-        backend = LocalBackend(plan, tokenizer,
-                               log_step=None if tracker is None else tracker.log_step)
+    if backend is None:  # the local backend checks nothing: built with the tracker
+        backend = _backend(cfg, plan, tokenizer, model_config, longest,
+                           log_step=None if tracker is None else tracker.log_step)
     return Session(cfg=cfg, plan=plan, tokenizer=tokenizer, run_dir=run_dir, resuming=resuming,
                    backend=backend, verb=verb, lock=lock, resume_from=target, tracker=tracker)
 
 
-def _ray_backend(plan: Plan, tokenizer, model_config, longest: int) -> Backend:
-    """The Ray backend: connected, and the cluster checked to hold the run (before the run
-    directory is written)."""
-    from ia2dist.backends.ray.backend import RayBackend
+def _backend(cfg: RunConfig, plan: Plan, tokenizer, model_config, longest: int,
+             log_step=None) -> Backend:
+    """The run's backend: Ray (connected, the cluster checked to hold the run) or this process
+    (``log_step``: where it logs each job's history rows as they come)."""
+    if _is_ray(cfg):
+        from ia2dist.backends.ray.backend import RayBackend
 
-    gpu = available_memory(plan.cfg)[0]
-    engine, memory = student_engine(plan, tokenizer, model_config, longest, gpu)
-    return RayBackend(plan, model_config, memory=memory, gpu_bytes=gpu, engine=engine)
+        gpu = available_memory(cfg)[0]
+        engine, memory = student_engine(plan, tokenizer, model_config, longest, gpu)
+        return RayBackend(plan, model_config, memory=memory, gpu_bytes=gpu, engine=engine)
+    from ia2dist.backends.local import LocalBackend
+
+    return LocalBackend(plan, tokenizer, log_step=log_step)
 
 
 def _already_complete(cfg: RunConfig, overwrite: bool) -> Path | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ia2dist.orchestration.packing import pack_records, unpack_records
+from ia2dist.backends.ray.packing import pack_records, unpack_records
 from ia2dist.records import TeacherRecord
 
 
