@@ -1,5 +1,5 @@
 """Teacher records packed into one buffer for the object store and unpacked as views
-(orchestration/packing.py): exact size, round trip, zero copy."""
+(backends/ray/packing.py): exact size, round trip, zero copy."""
 
 from __future__ import annotations
 
