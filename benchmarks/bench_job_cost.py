@@ -6,7 +6,7 @@ synthetic task with ``configs/real.yaml``'s training settings (LoRA r=8 on q/k/o
 micro-batch 2, at most 12 steps per phase, dev evaluation every 2 steps, 60 test items, 16
 similarity items, checkpoints at phase ends). Jobs ``sft`` and ``ia2_then_sft`` at N=4 and N=16.
 
-Each job runs through the worker group's own code (``_GroupWorker.run``, one rank, one torch
+Each job runs through the worker group's own code (``GroupWorker.run``, one rank, one torch
 thread as in a Ray worker, teacher records computed beforehand in the online mode so that they
 are not timed), once per engine, each engine in its own process:
 
@@ -94,10 +94,11 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
                       WORLD_SIZE="1", LOCAL_RANK="0")
     from ia2dist.config import load_config
     from ia2dist.data.loaders import load_task
+    from ia2dist.backends.ray.backend import resolve_ds_template
+    from ia2dist.backends.ray.groups import GroupWorker
+    from ia2dist.backends.ray.messages import GroupConfig, Task
     from ia2dist.model.adapters import apply_adapter
     from ia2dist.model.load import load_model, load_tokenizer
-    from ia2dist.orchestration.backend import resolve_ds_template
-    from ia2dist.orchestration.groups import Task, _GroupWorker
     from ia2dist.experiment.plan import Plan
     from ia2dist.student.deepspeed_engine import init_distributed
     from ia2dist.student.engine_choice import choose_engine
@@ -111,10 +112,10 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     init_distributed()
     choice = choose_engine(cfg.dist)
-    config = {"plan": plan, "queue": None, "brokers": {}, "online": True, "group": 0,
-              "engine": choice, "ds_template": None if choice.template is None
-              else str(resolve_ds_template(choice.template))}
-    worker = _GroupWorker(config, 0, 1)
+    config = GroupConfig(plan, None, online=True, engine=choice,
+                         ds_template=None if choice.template is None
+                         else str(resolve_ds_template(choice.template)))
+    worker = GroupWorker(config, 0, 1)
     worker.students.base  # load the frozen base (once per worker, not per job)
     jobs = []
     try:
@@ -128,7 +129,7 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
                 history = json.loads((job.out_dir / "history.json").read_text())
                 floor = _floor(floor_model, plan, unit, job, records, history, worker)
                 jobs.append({"job": job.id, "n": unit.n, "method": name, "wall_s": wall,
-                             "cpu_s": cpu, "worker_wall_s": result["wall_s"],
+                             "cpu_s": cpu, "worker_wall_s": result.wall_s,
                              "steps": [p["steps"] for p in history["phases"]],
                              "dev_evals": sum("dev_loss" in r for r in history["history"]),
                              "engine": history.get("engine"), "floor": floor,

@@ -35,7 +35,7 @@ def _args(run_dir: Path, cache: Path, quick: bool, seeds: str | None) -> list[st
 
 def _timed_run(argv: list[str], reuse: bool, run_dir: Path) -> dict:
     """``ia2dist run argv`` with each training job (+ its evaluation) timed by wall and CPU."""
-    from ia2dist.backend import LocalBackend
+    from ia2dist.backends.local import LocalBackend
     from ia2dist.cli import main
     from ia2dist.experiment.plan import Plan
 

@@ -315,7 +315,7 @@ def _private_ray_local_only() -> None:
     for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         if loopback and not os.environ.get(key):
             os.environ[key] = loopback[0]
-    from ia2dist.orchestration.cluster import ray_metrics_enabled
+    from ia2dist.backends.ray.cluster import ray_metrics_enabled
 
     ray_metrics_enabled()
 

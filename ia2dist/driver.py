@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ia2dist.backend import Backend, Outcome, Work, check_outcomes
+from ia2dist.backends.base import Backend, Outcome, Work, check_outcomes
 from ia2dist.config import RunConfig, to_dict
 from ia2dist.errors import IA2Error
 from ia2dist.experiment import rundir
@@ -48,6 +48,8 @@ class Session:
     lock: object = None
     """The ``runlock.RunLock`` this process holds on ``run_dir`` while the verb works."""
     resume_from: tuple[str, Path] | None = None
+    tracker: object = None
+    """The ``tracking.Tracker`` of ``ia2dist run`` (None for the other verbs)."""
 
 
 def _is_ray(cfg: RunConfig) -> bool:
@@ -210,15 +212,17 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
 
 
 def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
-           resume_from: str | None = None) -> Session:
+           resume_from: str | None = None, tracked: bool = False) -> Session:
     """Validate everything that can fail on user input BEFORE writing anything, take the run
     directory's lock (one writer per run directory), connect the backend (a Ray cluster:
     reachable, big enough) and only then create the run directory. ``fresh`` verbs (extract,
     run) resume a run directory they made earlier when its config matches
-    (``Session.resuming``)."""
+    (``Session.resuming``). ``tracked``: start the run's ``Tracker`` (the local backend logs each
+    job's history rows to it as they come)."""
     from ia2dist.data.loaders import load_task
     from ia2dist.model.load import build_source_elsewhere, load_model_config, load_tokenizer
     from ia2dist.runlock import RunLock, check_unlocked
+    from ia2dist.experiment.tracking import Tracker
 
     run_dir = Path(cfg.run_dir).expanduser()
     if run_dir.is_dir():
@@ -246,7 +250,8 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
         target = plan.resume_target(resume_from)
         model_config = load_model_config(cfg.model)
         longest = check_context(plan, tokenizer, model_config)
-        backend = _backend(cfg, plan, tokenizer, model_config, longest)
+        if _is_ray(cfg):  # connected and checked before anything is written
+            backend = _backend(cfg, plan, tokenizer, model_config, longest)
         if fresh and not resuming:
             rundir.create_run_dir(run_dir, cfg, overwrite)
         elif not (run_dir / "config.yaml").exists():
@@ -267,20 +272,27 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
     if resuming:
         log.info("resuming %s (state was %s): finished work is reused, unfinished jobs continue "
                  "from their latest checkpoints", run_dir, rundir.read_status(run_dir))
+    tracker = Tracker(cfg.wandb, run_dir, to_dict(cfg), task=plan.spec.name) if tracked else None
+    if backend is None:  # the local backend checks nothing: built with the tracker
+        backend = _backend(cfg, plan, tokenizer, model_config, longest,
+                           log_step=None if tracker is None else tracker.log_step)
     return Session(cfg=cfg, plan=plan, tokenizer=tokenizer, run_dir=run_dir, resuming=resuming,
-                   backend=backend, verb=verb, lock=lock, resume_from=target)
+                   backend=backend, verb=verb, lock=lock, resume_from=target, tracker=tracker)
 
 
-def _backend(cfg: RunConfig, plan: Plan, tokenizer, model_config, longest: int) -> Backend:
+def _backend(cfg: RunConfig, plan: Plan, tokenizer, model_config, longest: int,
+             log_step=None) -> Backend:
+    """The run's backend: Ray (connected, the cluster checked to hold the run) or this process
+    (``log_step``: where it logs each job's history rows as they come)."""
     if _is_ray(cfg):
-        from ia2dist.orchestration.backend import RayBackend
+        from ia2dist.backends.ray.backend import RayBackend
 
         gpu = available_memory(cfg)[0]
         engine, memory = student_engine(plan, tokenizer, model_config, longest, gpu)
         return RayBackend(plan, model_config, memory=memory, gpu_bytes=gpu, engine=engine)
-    from ia2dist.backend import LocalBackend
+    from ia2dist.backends.local import LocalBackend
 
-    return LocalBackend(plan, tokenizer)
+    return LocalBackend(plan, tokenizer, log_step=log_step)
 
 
 def _already_complete(cfg: RunConfig, overwrite: bool) -> Path | None:
@@ -298,7 +310,7 @@ def progress(plan: Plan, report_written: bool = False) -> dict:
     """What the run directory holds of what the config plans, and what is left: teacher units
     extracted, jobs trained and evaluated, baselines evaluated, the report (written after the last
     of them). ``ia2dist run`` continues from exactly what is left."""
-    from ia2dist.backend import teacher_store
+    from ia2dist.teacher.store import teacher_store
 
     units = plan.units
     extracted = sum(1 for u in units if not teacher_store(plan, u, "teacher").missing())
@@ -388,7 +400,7 @@ def _drive(session: Session, work: Work, tracker=None) -> list[dict]:
             _track(tracker, jobs[outcome.id], outcome)
         results += outcome.rows
     check_outcomes(expected, seen, session.run_dir)
-    stats = getattr(session.backend, "stats", None)
+    stats = session.backend.stats
     if stats:
         from ia2dist.io import write_json_atomic
 
@@ -478,15 +490,11 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
     """`ia2dist run`: the whole experiment, ending with the report. On a run directory it made
     before (same config), it resumes: finished teacher outputs, methods and metrics are reused and
     unfinished jobs continue from their latest checkpoint (or ``resume_from``)."""
-    from ia2dist.experiment.tracking import Tracker
-
     done = _already_complete(cfg, overwrite)
     if done is not None and resume_from is None:
         return done
-    session = _start(cfg, "run", overwrite, fresh=True, resume_from=resume_from)
-    tracker = Tracker(cfg.wandb, session.run_dir, to_dict(cfg), task=session.plan.spec.name)
-    if not _is_ray(cfg):
-        session.backend.log_step = tracker.log_step
+    session = _start(cfg, "run", overwrite, fresh=True, resume_from=resume_from, tracked=True)
+    tracker = session.tracker
     status = status_of(session.plan, resuming=session.resuming)
     for job in status.to_evaluate:
         log.info("N=%d seed=%d: %s was trained by an earlier attempt", job.unit.n, job.unit.seed,

@@ -12,6 +12,7 @@ all-reduce "is any rank still decoding") keeps multi-token decoding in step; ran
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -120,3 +121,21 @@ def write_results(out_dir: Path, metrics: dict, rows: list[dict]) -> None:
     write_json_atomic(out_dir / "predictions.json", rows)
     write_json_atomic(out_dir / "metrics.json", {k: v for k, v in metrics.items()
                                                  if not k.startswith("_")})
+
+
+def shared_accuracy(model, tokenizer, plan, unit) -> dict:
+    """{eval set: (metrics, rows)} of ``model`` without demos: the base model's prompts are the
+    same for every unit, so this is computed once and passed as ``shared`` to every unit's
+    evaluation."""
+    return {es.name: accuracy_part(model, tokenizer, plan, unit, with_demos=False, eval_set=es)
+            for es in plan.eval_sets()}
+
+
+def job_tags(job, history: dict | None = None) -> dict:
+    """A job's result-row tags: its setting and label type, and the dev loss of its last phase
+    (for eval.selection=dev), read from its history.json when not given."""
+    if history is None:
+        path = job.out_dir / "history.json"
+        history = json.loads(path.read_text()) if path.is_file() else {}
+    phases = history.get("phases") or [{}]
+    return {**job.tags(), "dev_loss": phases[-1].get("best_dev")}

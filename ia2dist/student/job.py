@@ -34,6 +34,7 @@ from ia2dist import timing
 from ia2dist.experiment import rundir
 from ia2dist.io import commit_dir, staging_dir, staging_name, write_json_atomic
 from ia2dist.errors import IA2Error
+from ia2dist.eval.runner import job_tags
 from ia2dist.records import TeacherRecord
 from ia2dist.student.batching import StudentItem
 
@@ -289,8 +290,6 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
                 barrier()
             rows = None
             if evaluate is not None:
-                from ia2dist.backend import job_tags
-
                 with timing.part("test_eval"):
                     rows = evaluate(model, job_tags(job, {"phases": result.phases}))
         finally:

@@ -75,3 +75,14 @@ class TeacherStore:
         """Shards with no complete copy on disk (a shard made with other settings is not missing:
         reading it raises)."""
         return [i for i in range(self.num_shards) if read_manifest(shard_dir(self.root, i)) is None]
+
+
+def teacher_store(plan, unit, kind: str) -> TeacherStore:
+    """The ``TeacherStore`` of a unit's teacher outputs: 'teacher' (train + dev in read order) or
+    'teacher_eval' (the similarity items), in the unit folder or the shared cache."""
+    _, uids = plan.teacher_inputs(unit) if kind == "teacher" else plan.similarity_inputs(unit)
+    e = plan.cfg.extract
+    return TeacherStore(plan.teacher_dir(unit, kind, uids), plan.teacher_meta(unit),
+                        extraction_settings(plan.max_new_tokens, e.stop_strings, e.act_dtype,
+                                            e.topk),
+                        uids, plan.cfg.dist.shard_size)

@@ -215,7 +215,7 @@ def test_private_ray_temp_dir_kept_when_asked_or_given():
     import shutil
     import tempfile
 
-    from ia2dist.orchestration.cluster import connect
+    from ia2dist.backends.ray.cluster import connect
 
     ctx = connect(num_cpus=1)
     kept = Path(ctx.temp_dir)

@@ -83,7 +83,7 @@ def test_free_gpu_memory_is_what_is_free():
 
 def test_a_gpu_worker_uses_deepspeeds_cuda_accelerator():
     code = ("import json, torch\n"
-            "from ia2dist.orchestration.devices import worker_environment\n"
+            "from ia2dist.backends.ray.devices import worker_environment\n"
             "worker_environment(True)\n"
             "from deepspeed.accelerator import get_accelerator\n"
             "print(json.dumps([get_accelerator().device_name(), torch.cuda.device_count()]))")

@@ -51,7 +51,7 @@ def test_wheel_installs_into_another_environment_and_runs(tmp_path):
         return out.stdout
 
     where = run(str(venv / "bin" / "python"), "-c",
-                "import ia2dist; from ia2dist.orchestration.backend import resolve_ds_template; "
+                "import ia2dist; from ia2dist.backends.ray.backend import resolve_ds_template; "
                 "print(ia2dist.__file__); print(resolve_ds_template('zero3'))").split()
     assert all(Path(p).is_relative_to(site) for p in where), where
     assert "usage: ia2dist" in run(str(venv / "bin" / "ia2dist"), "--help")

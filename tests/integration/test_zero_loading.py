@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 
 pytestmark = pytest.mark.distributed
-from ia2dist.orchestration.cluster import MALLOC_MMAP_THRESHOLD  # noqa: E402  (what workers get)
+from ia2dist.backends.ray.cluster import MALLOC_MMAP_THRESHOLD  # noqa: E402  (what workers get)
 from tests.helpers import torchrun  # noqa: E402
 
 

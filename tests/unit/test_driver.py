@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from ia2dist import driver
-from ia2dist.backend import Outcome, Work, teacher_store
+from ia2dist.backends.base import Outcome, Work
 from ia2dist.config import load_config
 from ia2dist.errors import IA2Error
 from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
 from ia2dist.io import staging_name
 from ia2dist.records import TeacherRecord
 from ia2dist.runlock import LOCK_FILE
+from ia2dist.teacher.store import teacher_store
 from tests.helpers import SST2, cli_args
 
 #: 2 units (N=4, seeds 0 and 1) x 2 methods: 4 jobs; base and icl per unit: 4 baselines.
@@ -99,7 +100,7 @@ def fakes(tmp_path, monkeypatch):
     made: list[FakeBackend] = []
     behaviour: dict = {}
 
-    def backend(cfg, plan, tokenizer, model_config, longest):
+    def backend(cfg, plan, tokenizer, model_config, longest, log_step=None):
         made.append(FakeBackend(plan, **behaviour))
         behaviour.clear()
         return made[-1]

@@ -42,7 +42,7 @@ def _python(code: str, env: dict, timeout: int = 240) -> dict:
 
 WORKER = """
     import json, torch
-    from ia2dist.orchestration.devices import worker_environment
+    from ia2dist.backends.ray.devices import worker_environment
     worker_environment({use_gpu})
     import os
     from deepspeed.accelerator import get_accelerator

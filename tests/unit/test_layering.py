@@ -1,5 +1,5 @@
 """The IA2 core imports neither ray nor deepspeed: it must run (and be tested) in one process
-without them; only ia2dist/orchestration/ imports ray and only the DeepSpeed engine deepspeed."""
+without them; only ia2dist/backends/ray/ imports ray and only the DeepSpeed engine deepspeed."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ia2dist"
 #: The distribution layers (everything else is core).
-DISTRIBUTION = ("ia2dist.orchestration", "ia2dist.student.deepspeed_engine")
+DISTRIBUTION = ("ia2dist.backends.ray", "ia2dist.student.deepspeed_engine")
 
 
 def core_modules() -> list[str]:
@@ -24,7 +24,8 @@ def core_modules() -> list[str]:
 
 def test_core_imports_without_ray_or_deepspeed():
     core = core_modules()
-    assert {"ia2dist.experiment.plan", "ia2dist.backend", "ia2dist.driver", "ia2dist.student.job",
+    assert {"ia2dist.experiment.plan", "ia2dist.backends.base", "ia2dist.backends.local",
+            "ia2dist.driver", "ia2dist.student.job",
             "ia2dist.student.trainer", "ia2dist.eval.runner", "ia2dist.cli"} <= set(core)
     code = ("import sys; sys.modules['ray'] = None; sys.modules['deepspeed'] = None\n"
             + "".join(f"import {name}\n" for name in core))

@@ -1,12 +1,12 @@
 """Teacher records packed into one buffer for the object store and unpacked as views
-(orchestration/packing.py): exact size, round trip, zero copy."""
+(backends/ray/packing.py): exact size, round trip, zero copy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ia2dist.orchestration.packing import pack_records, unpack_records
+from ia2dist.backends.ray.packing import pack_records, unpack_records
 from ia2dist.records import TeacherRecord
 
 

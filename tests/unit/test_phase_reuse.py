@@ -9,9 +9,10 @@ from collections import deque
 from pathlib import Path
 
 
+from ia2dist.backends.ray.groups import next_ready
+from ia2dist.backends.ray.messages import Task
 from ia2dist.config import load_config
 from ia2dist.data.loaders import load_task
-from ia2dist.orchestration.groups import Task, next_ready
 from ia2dist.experiment.plan import Plan
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"

@@ -29,33 +29,16 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 
 from ia2dist import timing
+from ia2dist.backends.ray.messages import GroupConfig, RankPulls, Task, TaskResult
 from ia2dist.errors import IA2Error
 
 log = logging.getLogger("ia2dist")
-
-
-@dataclass(frozen=True)
-class Task:
-    """kind: 'train' (then evaluate when ``evaluate``), 'evaluate' (trained earlier) or
-    'baseline' (the frozen base as ``name``, online teacher mode only)."""
-
-    kind: str
-    unit: str
-    name: str
-    evaluate: bool = True
-    resume_from: str | None = None
-    after: str | None = None
-    """The id of a task that must be done first (the job this one reuses a phase of)."""
-
-    @property
-    def id(self) -> str:
-        return f"{self.unit}/{self.name}"
 
 
 #: What ``TaskQueue.take`` hands out while every pending task waits for a running one.
@@ -86,7 +69,7 @@ class TaskQueue:
         self._known = {t.id for t in tasks}
         self._leases: dict[int, Task] = {}
         self._over: set[str] = set()
-        self._results: list[dict] = []
+        self._results: list[TaskResult] = []
         self._stopped = False
 
     def take(self, group: int) -> Task | None:
@@ -100,7 +83,7 @@ class TaskQueue:
         self._leases[group] = task
         return task
 
-    def done(self, group: int, result: dict) -> None:
+    def done(self, group: int, result: TaskResult) -> None:
         task = self._leases.pop(group, None)
         if task is not None:
             self._over.add(task.id)
@@ -116,7 +99,7 @@ class TaskQueue:
         """Hand out no further tasks (a stop was requested: running ones checkpoint and stop)."""
         self._stopped = True
 
-    def poll(self) -> list[dict]:
+    def poll(self) -> list[TaskResult]:
         out, self._results = self._results, []
         return out
 
@@ -124,16 +107,17 @@ class TaskQueue:
 # --------------------------------------------------------------------------------------------------
 # The worker loop (every rank of every group)
 
-def group_worker(config: dict) -> None:
+def group_worker(loop_config: dict) -> None:
     """Ray Train worker of one group: load the frozen base once (whole for the plain engine,
     partitioned over the group under ZeRO-3), then run task after task from the queue until it is
-    empty."""
+    empty. ``loop_config["config"]``: the group's ``GroupConfig``."""
     import torch
     import torch.distributed as dist
 
-    plan = config["plan"]
+    config: GroupConfig = loop_config["config"]
+    plan = config.plan
     cfg = plan.cfg
-    from ia2dist.orchestration.devices import worker_environment
+    from ia2dist.backends.ray.devices import worker_environment
 
     worker_environment(cfg.dist.use_gpu)
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
@@ -152,8 +136,8 @@ def group_worker(config: dict) -> None:
 
     procmem.import_model_libraries()
     procmem.baseline()
-    worker = _GroupWorker(config, rank, world)
-    queue, group = config["queue"], config["group"]
+    worker = GroupWorker(config, rank, world)
+    queue, group = config.queue, config.group
     stop_file = Path(cfg.run_dir).expanduser() / STOP_FILE
     while True:
         task = None
@@ -178,11 +162,11 @@ def group_worker(config: dict) -> None:
     report({"group": group})
 
 
-class _GroupWorker:
+class GroupWorker:
     """What one rank of a group holds across tasks: the frozen base (``Students``), the tokenizer,
     and the current unit's record fetchers."""
 
-    def __init__(self, config: dict, rank: int, world: int):
+    def __init__(self, config: GroupConfig, rank: int, world: int):
         import torch
         import torch.distributed as dist
 
@@ -193,13 +177,13 @@ class _GroupWorker:
         from ia2dist.student.job import Students
 
         self.config, self.rank, self.world = config, rank, world
-        self.plan = plan = config["plan"]
+        self.plan = plan = config.plan
         cfg = plan.cfg
         # the student engine (ia2dist.student.engine_choice): no template = the plain engine
-        self.engine = config["engine"]
+        self.engine = config.engine
         self.ds_config = None
-        if config["ds_template"] is not None:
-            self.ds_config = fill_ds_config(config["ds_template"], train_cfg=cfg.train,
+        if config.ds_template is not None:
+            self.ds_config = fill_ds_config(config.ds_template, train_cfg=cfg.train,
                                             model_dtype=cfg.model.dtype, world_size=world)
         partitioned = self.ds_config is not None and zero_stage(self.ds_config) == 3
         device = torch.device("cuda", torch.cuda.current_device()) if cfg.dist.use_gpu \
@@ -231,7 +215,7 @@ class _GroupWorker:
     def _unit_records(self, unit, kinds: tuple[str, ...]):
         """Fetchers (stage mode) or records (online mode) of the unit, kept while the tasks stay
         on this unit and dropped for the next unit (the records' memory is freed with them)."""
-        from ia2dist.orchestration.transport import PullStats, RecordFetcher
+        from ia2dist.backends.ray.transport import PullStats, RecordFetcher
         from ia2dist.student.job import read_parts
 
         if self._unit != unit.key:
@@ -240,10 +224,10 @@ class _GroupWorker:
         for kind in kinds:
             if kind in self._records:
                 continue
-            if self.config["online"]:
+            if self.config.online:
                 self._records[kind] = self._extract(unit, kind)
                 continue
-            broker = self.config["brokers"][unit.key]
+            broker = self.config.brokers[unit.key]
             stats = PullStats(node_id=self.node)
             parts = read_parts(plan, unit, self.world) if kind == "teacher" else None
             self._records[kind] = RecordFetcher(broker, kind, cfg.dist.shard_size, parts,
@@ -276,10 +260,10 @@ class _GroupWorker:
 
     # ------------------------------------------------------------------ tasks
     @timing.clocked
-    def run(self, task: Task) -> dict:
+    def run(self, task: Task) -> TaskResult:
         import torch.distributed as dist
 
-        from ia2dist.eval.runner import evaluate
+        from ia2dist.eval.runner import evaluate, job_tags
 
         plan = self.plan
         unit = plan.unit(task.unit)
@@ -294,41 +278,37 @@ class _GroupWorker:
             records = self._unit_records(unit, kinds)
             sim = self._similarity(unit, records) if "teacher_eval" in kinds else None
         write = self.rank == 0
-        result = {"id": task.id, "kind": task.kind, "unit": unit.key, "name": task.name,
-                  "group": self.config["group"], "world_size": self.world,
-                  "engine": self.engine.engine}
+        result = TaskResult(task.id, task.kind, unit.key, task.name, group=self.config.group,
+                            world_size=self.world, engine=self.engine.engine)
         if task.kind == "train":
             job = plan.job(task.id)
             outcome = self._train(job, records, sim, task)
-            result.update(rows=outcome.rows, history=outcome.history)
+            result.rows, result.history = outcome.rows or [], outcome.history
         elif task.kind == "evaluate":
-            from ia2dist.backend import job_tags
-
             job = plan.job(task.id)
             with self.students.trained(job.out_dir) as model:
-                result["rows"] = evaluate(model, plan.tokenizer, plan, unit, job.name,
+                result.rows = evaluate(model, plan.tokenizer, plan, unit, job.name,
                                           with_demos=False, sim_records=sim, sync=self.sync,
                                           write=write, tags=job_tags(job))
         else:
             with_demos = task.name == "icl"
             with self.students.frozen() as base:
-                result["rows"] = evaluate(base, plan.tokenizer, plan, unit, task.name,
+                result.rows = evaluate(base, plan.tokenizer, plan, unit, task.name,
                                           with_demos=with_demos,
                                           sim_records=None if with_demos else sim,
                                           sync=self.sync, write=write)
-        result["wall_s"] = time.perf_counter() - started
+        result.wall_s = time.perf_counter() - started
         from ia2dist import procmem
 
-        pulls = [{"group": self.config["group"], "rank": self.rank, "node": self.node,
-                  "memory": procmem.report(),
-                  "bytes": sum(f.stats.bytes for f in records.values() if hasattr(f, "stats")),
-                  "objects": {k: v for f in records.values() if hasattr(f, "stats")
-                              for k, v in f.stats.objects.items()}}]
+        fetchers = [f for f in records.values() if hasattr(f, "stats")]
+        pulls = [RankPulls(self.config.group, self.rank, self.node, memory=procmem.report(),
+                           bytes=sum(f.stats.bytes for f in fetchers),
+                           objects={k: v for f in fetchers for k, v in f.stats.objects.items()})]
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, pulls[0])
             pulls = gathered
-        result["pulls"] = pulls
+        result.pulls = pulls
         return result
 
     def _train(self, job, records, sim, task: Task):
@@ -367,7 +347,7 @@ class WorkerGroups:
     """Starts ``num_groups`` Ray Train runs of ``group_size`` workers each (one thread per run,
     each blocking in ``TorchTrainer.fit``) and reports how they ended."""
 
-    def __init__(self, plan, config: dict, *, num_groups: int, storage: Path):
+    def __init__(self, plan, config: GroupConfig, *, num_groups: int, storage: Path):
         self.plan, self.config, self.num_groups, self.storage = plan, config, num_groups, storage
         self.errors: dict[int, str] = {}
         self._threads: list[threading.Thread] = []
@@ -387,7 +367,7 @@ class WorkerGroups:
 
         d = self.plan.cfg.dist
         trainer = TorchTrainer(
-            group_worker, train_loop_config={**self.config, "group": group},
+            group_worker, train_loop_config={"config": replace(self.config, group=group)},
             scaling_config=ScalingConfig(num_workers=d.group_size, use_gpu=d.use_gpu,
                                          resources_per_worker={"CPU": d.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
@@ -398,7 +378,7 @@ class WorkerGroups:
         except Exception as exc:  # Ray wraps worker errors; keep the worker's own message
             self.errors[group] = root_message(exc)
             # tasks waiting for this group's task go on (they train every phase themselves)
-            self.config["queue"].abandon.remote(group)
+            self.config.queue.abandon.remote(group)
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)

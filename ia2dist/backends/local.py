@@ -1,96 +1,28 @@
-"""Where the work of a run happens: the ``Backend`` protocol and the one-process ``LocalBackend``.
+"""``LocalBackend`` (``dist.backend: local``): every forward pass in this process, unit after unit.
 
-The driver loop (``ia2dist.driver``) builds a ``Work`` from the ``Plan`` (teacher outputs to
-extract, baselines to evaluate, jobs to train and evaluate) and iterates ``backend.run(work)``,
-which yields an ``Outcome`` whenever something finishes. The driver only collects outcomes, logs
-them and writes the report; every forward pass of a model happens inside the backend:
-
-- ``LocalBackend`` (``dist.backend: local``): this process, unit after unit.
-- ``ia2dist.orchestration.backend.RayBackend`` (``dist.backend: ray``): Ray teacher actors extract
-  and evaluate the baselines, worker groups train and evaluate many jobs at once.
+The protocol it implements (``Work``, ``Outcome``, ``Backend``) is ``ia2dist.backends.base``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from ia2dist.errors import IA2Error
+from ia2dist.backends.base import Outcome, Work
+from ia2dist.eval.runner import evaluate, job_tags, shared_accuracy
 from ia2dist.experiment.plan import Baseline, Job, Plan, Unit
 from ia2dist.model.dtypes import DTYPES
+from ia2dist.model.load import load_model
 from ia2dist.records import TeacherRecord
+from ia2dist.student.engine_choice import choose_engine
+from ia2dist.student.job import Students, job_items, run_job
+from ia2dist.student.trainer import EngineFactory
+from ia2dist.teacher.extract import extract, proven_decoding
+from ia2dist.teacher.store import teacher_store
 
 log = logging.getLogger("ia2dist")
 
-
-@dataclass
-class Work:
-    """What a backend is asked to do.
-
-    extract: units whose train + dev teacher outputs are wanted on disk (``ia2dist extract``);
-        units of ``train`` jobs get theirs anyway. similarity: extract the ICL teacher's records on
-        the similarity items of every unit that is extracted or evaluated, and report the
-        per-layer similarity of each evaluated model. baselines: base/icl rows to evaluate.
-        train: jobs to train (and evaluate right after when ``evaluate_trained``). evaluate: jobs
-        an earlier attempt trained, to evaluate from their folders. resume_from: (job id,
-        checkpoint) that job continues from (``--resume-from``).
-    """
-
-    extract: list[Unit] = field(default_factory=list)
-    similarity: bool = False
-    baselines: list[Baseline] = field(default_factory=list)
-    train: list[Job] = field(default_factory=list)
-    evaluate_trained: bool = True
-    evaluate: list[Job] = field(default_factory=list)
-    resume_from: tuple[str, Path] | None = None
-
-    def resume_path(self, job: Job) -> Path | None:
-        return self.resume_from[1] if self.resume_from and self.resume_from[0] == job.id else None
-
-    def units(self, plan: Plan) -> list[Unit]:
-        """Every unit the work touches, in plan order."""
-        keys = {u.key for u in self.extract} | {b.unit.key for b in self.baselines} | \
-            {j.unit.key for j in self.train} | {j.unit.key for j in self.evaluate}
-        return [u for u in plan.units if u.key in keys]
-
-    def needs_records(self, unit: Unit) -> bool:
-        return any(u.key == unit.key for u in self.extract) or \
-            any(j.unit.key == unit.key for j in self.train)
-
-    def needs_similarity(self, unit: Unit) -> bool:
-        if not self.similarity:
-            return False
-        return any(u.key == unit.key for u in self.extract) or any(
-            b.unit.key == unit.key and not b.with_demos for b in self.baselines) or any(
-            j.unit.key == unit.key for j in self.evaluate) or (
-            self.evaluate_trained and any(j.unit.key == unit.key for j in self.train))
-
-
-@dataclass
-class Outcome:
-    """Something finished: a job trained (``history``; result ``rows`` when it was evaluated too:
-    one per evaluation set) or a row evaluated (a baseline, or a job trained earlier). ``logged``:
-    its history rows already went to the tracker step by step."""
-
-    id: str
-    unit: Unit
-    name: str
-    rows: list[dict] = field(default_factory=list)
-    history: list[dict] | None = None
-    logged: bool = False
-
-
-class Backend(Protocol):
-    def run(self, work: Work) -> Iterator[Outcome]: ...
-    def close(self, failed: bool = False) -> None: ...
-    stats: dict
-
-
-# --------------------------------------------------------------------------------------------------
-# One process
 
 class LocalBackend:
     """Everything in this process, unit after unit: the frozen base is loaded once; teacher outputs
@@ -99,10 +31,6 @@ class LocalBackend:
 
     def __init__(self, plan: Plan, tokenizer, *, log_step: Callable[[Job, dict], None] | None = None,
                  progress: bool = True):
-        from ia2dist.model.load import load_model
-        from ia2dist.student.engine_choice import choose_engine
-        from ia2dist.student.job import Students
-
         self.plan, self.tokenizer, self.log_step, self.progress = plan, tokenizer, log_step, progress
         cfg = plan.cfg
         self.engine = choose_engine(cfg.dist)
@@ -120,8 +48,6 @@ class LocalBackend:
     def _records(self, unit: Unit, kind: str) -> list[TeacherRecord]:
         """The unit's teacher records of ``kind`` ('teacher' or 'teacher_eval'), in read order,
         extracted for the shards missing on disk."""
-        from ia2dist.teacher.extract import extract
-
         store = teacher_store(self.plan, unit, kind)
         prompts, _ = (self.plan.teacher_inputs(unit) if kind == "teacher"
                       else self.plan.similarity_inputs(unit))
@@ -153,8 +79,6 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ the work
     def run(self, work: Work) -> Iterator[Outcome]:
-        from ia2dist.teacher.extract import proven_decoding
-
         proven_decoding(reset=True)
         yield from self._run(work)
         proofs = proven_decoding()
@@ -177,14 +101,10 @@ class LocalBackend:
                 yield Outcome(job.id, unit, job.name, rows=rows)
 
     def _evaluate(self, model, unit: Unit, name: str, sim, tags: dict) -> list[dict]:
-        from ia2dist.eval.runner import evaluate
-
         return evaluate(model, self.tokenizer, self.plan, unit, name, with_demos=False,
                         sim_records=sim, tags=tags)
 
     def _baseline(self, baseline: Baseline, sim) -> Outcome:
-        from ia2dist.eval.runner import evaluate
-
         unit = baseline.unit
         with self.students.frozen() as base:
             shared = None
@@ -198,9 +118,6 @@ class LocalBackend:
         return Outcome(baseline.id, unit, baseline.name, rows=rows)
 
     def _train(self, job: Job, records, sim, evaluate: bool, resume_from: Path | None) -> Outcome:
-        from ia2dist.student.job import job_items, run_job
-        from ia2dist.student.trainer import EngineFactory
-
         unit = job.unit
         train_items, dev_items = job_items(self.plan, unit, self.tokenizer, records.__getitem__,
                                            label_type=job.label_type)
@@ -218,53 +135,3 @@ class LocalBackend:
             engine=self.engine.record())
         return Outcome(job.id, unit, job.name, rows=outcome.rows or [], history=outcome.history,
                        logged=step_log is not None)
-
-
-def shared_accuracy(model, tokenizer, plan: Plan, unit: Unit) -> dict:
-    """{eval set: (metrics, rows)} of ``model`` without demos: the base model's prompts are the
-    same for every unit, so this is computed once and passed as ``shared`` to every unit's
-    evaluation."""
-    from ia2dist.eval.runner import accuracy_part
-
-    return {es.name: accuracy_part(model, tokenizer, plan, unit, with_demos=False, eval_set=es)
-            for es in plan.eval_sets()}
-
-
-def job_tags(job: Job, history: dict | None = None) -> dict:
-    """A job's result-row tags: its setting and label type, and the dev loss of its last phase
-    (for eval.selection=dev), read from its history.json when not given."""
-    import json
-
-    if history is None:
-        path = job.out_dir / "history.json"
-        history = json.loads(path.read_text()) if path.is_file() else {}
-    phases = history.get("phases") or [{}]
-    return {**job.tags(), "dev_loss": phases[-1].get("best_dev")}
-
-
-def teacher_store(plan: Plan, unit: Unit, kind: str):
-    """The ``TeacherStore`` of a unit's teacher outputs: 'teacher' (train + dev in read order) or
-    'teacher_eval' (the similarity items), in the unit folder or the shared cache."""
-    from ia2dist.teacher.store import TeacherStore, extraction_settings
-
-    _, uids = plan.teacher_inputs(unit) if kind == "teacher" else plan.similarity_inputs(unit)
-    e = plan.cfg.extract
-    return TeacherStore(plan.teacher_dir(unit, kind, uids), plan.teacher_meta(unit),
-                        extraction_settings(plan.max_new_tokens, e.stop_strings, e.act_dtype,
-                                            e.topk),
-                        uids, plan.cfg.dist.shard_size)
-
-
-def check_outcomes(expected: list[str], got: set[str], run_dir: Path) -> None:
-    """Raise when the backend ended without finishing everything (Preempted when a stop was
-    requested: the jobs checkpointed and a rerun resumes them)."""
-    missing = [i for i in expected if i not in got]
-    if not missing:
-        return
-    from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
-
-    if (run_dir / STOP_FILE).exists():
-        raise Preempted(f"stopped on request with {len(missing)} job(s) unfinished "
-                        f"({', '.join(missing[:3])}); checkpoints saved, rerun to resume")
-    raise IA2Error(f"the run ended without finishing {', '.join(missing[:3])}"
-                   f"{' and more' if len(missing) > 3 else ''}")

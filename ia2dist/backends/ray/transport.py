@@ -1,5 +1,8 @@
 """Teacher records from the teacher actors to the worker groups, through Ray's object store.
 
+A finished shard travels as one ``PackedShard`` (``packing``: flat numpy arrays, zero-copy) per
+part: ``pack_parts`` builds them on the actor, ``fetch_records`` reads a shard back whole.
+
 Per unit, one ``UnitRecords`` actor holds the ObjectRefs of the unit's finished teacher shards
 (wrapped in lists so Ray passes the refs, not their values), one ref per (shard, part): the train +
 dev records ("teacher") are split into one part per group rank (every example has a home rank that
@@ -22,8 +25,25 @@ from dataclasses import dataclass, field
 
 import ray
 
-from ia2dist.orchestration.packing import unpack_records
+from ia2dist.backends.ray.packing import PackedShard, pack_records, unpack_records
 from ia2dist.records import TeacherRecord
+
+
+def pack_parts(records: list[TeacherRecord], parts: list[list[int]] | None,
+               meta: dict) -> list[PackedShard]:
+    """One PackedShard per part (records at the part's positions, in order); one for all
+    records without ``parts``. An empty part is a shard of no records."""
+    if parts is None:
+        parts = [list(range(len(records)))]
+    return [pack_records([records[i] for i in part], meta={**meta, "part": k}, like=records[0])
+            for k, part in enumerate(parts)]
+
+
+def fetch_records(refs) -> list[TeacherRecord]:
+    """The records of a yielded shard (every part, in part order; tensors are read-only views of
+    the object store)."""
+    refs = refs if isinstance(refs, list) else [refs]
+    return [rec for ref in refs for rec in unpack_records(ray.get(ref))]
 
 
 @ray.remote(num_cpus=0)

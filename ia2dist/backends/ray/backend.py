@@ -8,8 +8,9 @@ model weights.
    records; a pump thread publishes every finished shard to the unit's ``UnitRecords`` actor. As
    soon as a unit is extracted its baselines are evaluated on the teacher actors (they hold the
    frozen base already): ICL per unit, the base without demos once (its prompts are the same for
-   every unit) plus its similarity per unit.
-2. ``dist.num_workers / dist.group_size`` worker groups (``ia2dist.orchestration.groups``) take
+   every unit) plus its similarity per unit. The stage (``teacher_pool``: actors, restarts, the
+   ``budget.ByteBudget``) belongs to the backend and lives as long as it does.
+2. ``dist.num_workers / dist.group_size`` worker groups (``ia2dist.backends.ray.groups``) take
    the jobs from one queue; each trains a job on its ranks (the plain engine on a group of one
    rank, DeepSpeed ZeRO-3 on several: ``ia2dist.student.engine_choice``) while extraction of
    later shards and units continues (``dist.pipeline``), evaluates it right away and takes the
@@ -17,7 +18,12 @@ model weights.
 3. The driver yields each outcome as it arrives and releases a unit's records from the object
    store once its last job (and evaluation) has read them: memory held for records is bounded by
    ``dist.inflight_bytes`` (extraction of the next unit waits until an earlier unit is released;
-   Ray spills to disk beyond the object store).
+   Ray spills to disk beyond the object store). A ``messages.RecordLease`` says when.
+
+``run`` is small steps over one ``_Round`` (what this run started and counted): ``_round`` builds
+the tasks, the teacher thread and the lease; ``_start_teacher``, ``_start_groups``; ``_collect``
+polls baselines and task results (``messages.TaskResult``) and passes a stop request (the
+checkpoint's ``STOP_FILE``) on to the queue; ``_record_stats`` fills ``stats``.
 """
 
 from __future__ import annotations
@@ -28,19 +34,25 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import ray
 
 from ia2dist import procmem
-from ia2dist.backend import Outcome, Work, teacher_store
+from ia2dist.backends.base import Outcome, Work
+from ia2dist.backends.ray.cluster import check_resources, connect, object_store_usage
+from ia2dist.backends.ray.groups import TaskQueue, WorkerGroups
+from ia2dist.backends.ray.messages import (GroupConfig, RankPulls, RecordLease, Task, TaskResult,
+                                           TeacherJob)
+from ia2dist.backends.ray.teacher_pool import TeacherStage, TeacherStageOptions
+from ia2dist.backends.ray.transport import UnitRecords
+from ia2dist.experiment.checkpoint import STOP_FILE
 from ia2dist.errors import IA2Error
-from ia2dist.orchestration.cluster import check_resources, connect, object_store_usage
-from ia2dist.orchestration.groups import Task, TaskQueue, WorkerGroups
-from ia2dist.orchestration.teacher_stage import TeacherStage, TeacherStageOptions
-from ia2dist.orchestration.transport import UnitRecords
 from ia2dist.experiment.plan import Plan, Unit
 from ia2dist.progress import progress
 from ia2dist.student.dsconfig import resolve_ds_template
+from ia2dist.student.job import read_parts
+from ia2dist.teacher.store import teacher_store
 
 log = logging.getLogger("ia2dist")
 
@@ -100,8 +112,32 @@ class RayBackend:
 
     # ------------------------------------------------------------------ the work
     def run(self, work: Work) -> Iterator[Outcome]:
-        plan, d = self.plan, self.plan.cfg.dist
-        online = d.teacher_mode == "online"
+        """The teacher thread, then the worker groups; outcomes as they arrive (module docstring);
+        ``stats`` filled at the end, whatever happened."""
+        online = self.plan.cfg.dist.teacher_mode == "online"
+        r = self._round(work, online)
+        if r.pump is not None:
+            yield from self._start_teacher(r)
+        self._start_groups(r, online)
+        bar = progress(len(r.tasks), "jobs", unit="job", each=True, enabled=bool(r.tasks))
+        try:
+            yield from self._collect(r, bar)
+            if r.pump is not None:
+                r.pump.raise_error()
+            if r.groups is not None:
+                r.groups.raise_errors()
+        finally:
+            bar.close()
+            if r.pump is not None:
+                r.pump.stop()
+            if r.groups is not None:
+                r.groups.join(5)
+            self._record_stats(r)
+
+    def _round(self, work: Work, online: bool) -> _Round:
+        """The tasks of ``work`` for the worker groups, the teacher thread (none in online teacher
+        mode: the groups extract) and who reads each unit's records."""
+        plan = self.plan
         units = work.units(plan)
         need_records = [u for u in units if work.needs_records(u)] if not online else []
         need_sim = [u for u in units if work.needs_similarity(u)] if not online else []
@@ -121,101 +157,131 @@ class RayBackend:
             if online:
                 raise IA2Error("dist.teacher_mode=online computes teacher outputs inside the "
                                "workers; `ia2dist extract` needs dist.teacher_mode=stage")
-            pump = _Pump(self, units, need_records, need_sim, baselines, extract_only)
-        brokers = pump.brokers if pump is not None else {}
-        # records a unit's tasks still need: released when the set is empty
-        users: dict[str, set[str]] = {}
+            pump = _Pump(plan, self._teacher_stage(), units, need_records, need_sim, baselines,
+                         extract_only)
+        lease = RecordLease()
         for task in tasks:
-            users.setdefault(task.unit, set()).add(task.id)
+            lease.add(task.unit, task.id)
         for baseline in baselines:
             if not baseline.with_demos:
-                users.setdefault(baseline.unit.key, set()).add(baseline.id)
-        if pump is not None:
-            pump.start(users)
-            if not d.pipeline or d.colocate:
-                pump.join_production()
-                if d.colocate:  # the actors give their devices to the workers
-                    yield from pump.drain_baselines()
-                    self._teacher_memory = self._actor_memory()
-                    self._teacher_decoding = self._actor_decoding()
-                    self.stage.close()
-        groups = None
-        started = time.perf_counter()
-        queue = None
-        if tasks:
-            queue = TaskQueue.remote(tasks)
-            config = {"plan": plan, "queue": queue, "brokers": brokers, "online": online,
-                      "ds_template": None if self.ds_template is None else str(self.ds_template),
-                      "engine": self.engine}
-            groups = WorkerGroups(plan, config, num_groups=min(self.num_groups, len(tasks)),
-                                  storage=(plan.run_dir / ".ray_train").resolve()).start()
-            log.info("%d task(s) on %d worker group(s) of %d rank(s); student engine: %s",
-                     len(tasks), min(self.num_groups, len(tasks)), d.group_size,
-                     self.engine.describe())
-        transport = _TransportStats()
-        done_tasks = 0
-        bar = progress(len(tasks), "jobs", unit="job", each=True, enabled=bool(tasks))
-        stop_file = plan.run_dir / ".stop_requested"
-        try:
-            while True:
-                progressed = False
-                if pump is not None:
-                    for outcome in pump.poll_baselines():
-                        progressed = True
-                        self._used(pump, users, outcome.unit.key, outcome.id)
-                        yield outcome
-                if queue is not None:
-                    for result in ray.get(queue.poll.remote()):
-                        progressed = True
-                        done_tasks += 1
-                        transport.add(result["pulls"])
-                        if pump is not None:
-                            self._used(pump, users, result["unit"], result["id"])
-                        bar.set_postfix(done=f"{result['id']} ({result['kind']}, group "
-                                             f"{result['group']}, {result['wall_s']:.0f} s)")
-                        bar.update(1)
-                        yield Outcome(result["id"], plan.unit(result["unit"]), result["name"],
-                                      rows=result.get("rows") or [], history=result.get("history"))
-                    if stop_file.exists():
-                        queue.stop.remote()
-                groups_done = groups is None or not groups.alive()
-                if groups is not None and groups_done and pump is not None and \
-                        any(t.id in waiting for waiting in users.values() for t in tasks):
-                    pump.stop(kill=True)  # tasks that will never run hold records: stop waiting
-                pump_done = pump is None or pump.finished()
-                if groups_done and pump_done and not progressed:
-                    break
-                if not progressed:
-                    time.sleep(0.2)
-            if pump is not None:
-                pump.raise_error()
-            if groups is not None:
-                groups.raise_errors()
-        finally:
-            bar.close()
-            if pump is not None:
-                pump.stop()
-            if groups is not None:
-                groups.join(5)
-            wall = time.perf_counter() - started
-            self.stats = {"teacher": pump.summary() if pump is not None else None,
-                          "students": {"groups": min(self.num_groups, len(tasks)),
-                                       "group_size": d.group_size, "tasks": len(tasks),
-                                       "engine": self.engine.record(),
-                                       "tasks_done": done_tasks, "wall_s": wall,
-                                       "tasks_per_hour": done_tasks / wall * 3600 if wall else 0},
-                          "transport": transport.summary(),
-                          "units_released": pump.released if pump is not None else {},
-                          "object_store_at_end": object_store_usage(),
-                          "ray_temp_dir": self.ctx.temp_dir,
-                          "memory": {"student ranks": transport.memory,
-                                     "teacher actors": self._actor_memory()
-                                     or self._teacher_memory,
-                                     "driver": procmem.report()}}
-            decoding = self._actor_decoding() or self._teacher_decoding
-            if decoding:
-                self.stats["decoding"] = {"teacher actors": decoding}
-                _log_decoding(decoding)
+                lease.add(baseline.unit.key, baseline.id)
+        return _Round(tasks, pump, lease)
+
+    def _teacher_stage(self) -> TeacherStage:
+        """The teacher actors (one stage for the backend's life: loaded once)."""
+        if self.stage is None:
+            plan, d = self.plan, self.plan.cfg.dist
+            self.stage = TeacherStage(
+                plan.cfg.model, plan.cfg.extract, max_new_tokens=plan.max_new_tokens,
+                options=TeacherStageOptions(
+                    num_actors=d.teacher_actors, cpus_per_actor=d.teacher_cpus,
+                    gpus_per_actor=d.teacher_gpus, placement_strategy=d.placement_strategy,
+                    shard_size=d.shard_size, byte_budget=d.inflight_bytes,
+                    release_wait_s=None))
+        return self.stage
+
+    def _start_teacher(self, r: _Round) -> Iterator[Outcome]:
+        """Start extracting. Without ``dist.pipeline`` (or with ``dist.colocate``) wait until
+        everything is extracted; colocated, also until the baselines are evaluated, then stop the
+        actors so that the workers get their devices."""
+        d = self.plan.cfg.dist
+        r.pump.start()
+        if not d.pipeline or d.colocate:
+            r.pump.join_production()
+            if d.colocate:
+                yield from r.pump.drain_baselines()
+                self._teacher_memory = self._actor_memory()
+                self._teacher_decoding = self._actor_decoding()
+                self.stage.close()
+
+    def _start_groups(self, r: _Round, online: bool) -> None:
+        """Queue the tasks and start the worker groups (none without tasks)."""
+        r.started = time.perf_counter()
+        if not r.tasks:
+            return
+        d = self.plan.cfg.dist
+        r.queue = TaskQueue.remote(r.tasks)
+        config = GroupConfig(self.plan, r.queue, brokers=r.pump.brokers if r.pump else {},
+                             online=online, engine=self.engine,
+                             ds_template=None if self.ds_template is None
+                             else str(self.ds_template))
+        count = min(self.num_groups, len(r.tasks))
+        r.groups = WorkerGroups(self.plan, config, num_groups=count,
+                                storage=(self.plan.run_dir / ".ray_train").resolve()).start()
+        log.info("%d task(s) on %d worker group(s) of %d rank(s); student engine: %s",
+                 len(r.tasks), count, d.group_size, self.engine.describe())
+
+    def _collect(self, r: _Round, bar) -> Iterator[Outcome]:
+        """Yield outcomes as they arrive until the groups and the teacher thread are done; pass a
+        stop request (the stop file) on to the queue."""
+        stop_file = self.plan.run_dir / STOP_FILE
+        while True:
+            progressed = False
+            for outcome in self._baseline_outcomes(r):
+                progressed = True
+                yield outcome
+            if r.queue is not None:
+                for outcome in self._task_outcomes(r, bar):
+                    progressed = True
+                    yield outcome
+                if stop_file.exists():
+                    r.queue.stop.remote()
+            groups_done = r.groups is None or not r.groups.alive()
+            if r.groups is not None and groups_done and r.pump is not None and \
+                    r.lease.holds(t.id for t in r.tasks):
+                r.pump.stop(kill=True)  # tasks that will never run hold records: stop waiting
+            pump_done = r.pump is None or r.pump.finished()
+            if groups_done and pump_done and not progressed:
+                return
+            if not progressed:
+                time.sleep(0.2)
+
+    def _baseline_outcomes(self, r: _Round) -> Iterator[Outcome]:
+        if r.pump is None:
+            return
+        for outcome in r.pump.poll_baselines():
+            self._read(r, outcome.unit.key, outcome.id)
+            yield outcome
+
+    def _task_outcomes(self, r: _Round, bar) -> Iterator[Outcome]:
+        for result in ray.get(r.queue.poll.remote()):
+            result: TaskResult
+            r.done += 1
+            r.transport.add(result.pulls)
+            self._read(r, result.unit, result.id)
+            bar.set_postfix(done=f"{result.id} ({result.kind}, group {result.group}, "
+                                 f"{result.wall_s:.0f} s)")
+            bar.update(1)
+            yield Outcome(result.id, self.plan.unit(result.unit), result.name,
+                          rows=result.rows or [], history=result.history)
+
+    def _read(self, r: _Round, unit: str, reader: str) -> None:
+        """A reader of ``unit``'s records finished: release them when it was the last."""
+        if r.pump is not None and r.lease.done(unit, reader):
+            r.pump.release(unit)
+
+    def _record_stats(self, r: _Round) -> None:
+        """``stats``: what the teacher stage, the groups and the transport did, memory, and the
+        decode settings the teacher actors proved (also logged)."""
+        d = self.plan.cfg.dist
+        wall = time.perf_counter() - r.started
+        groups = min(self.num_groups, len(r.tasks))
+        self.stats = {"teacher": r.pump.summary() if r.pump is not None else None,
+                      "students": {"groups": groups, "group_size": d.group_size,
+                                   "tasks": len(r.tasks), "engine": self.engine.record(),
+                                   "tasks_done": r.done, "wall_s": wall,
+                                   "tasks_per_hour": r.done / wall * 3600 if wall else 0},
+                      "transport": r.transport.summary(),
+                      "units_released": r.pump.released if r.pump is not None else {},
+                      "object_store_at_end": object_store_usage(),
+                      "ray_temp_dir": self.ctx.temp_dir,
+                      "memory": {"student ranks": r.transport.memory,
+                                 "teacher actors": self._actor_memory() or self._teacher_memory,
+                                 "driver": procmem.report()}}
+        decoding = self._actor_decoding() or self._teacher_decoding
+        if decoding:
+            self.stats["decoding"] = {"teacher actors": decoding}
+            _log_decoding(decoding)
 
     def _actor_memory(self) -> list[dict]:
         return self._ask_actors("memory")
@@ -232,16 +298,6 @@ class RayBackend:
             return ray.get([getattr(a, method).remote() for a in self.stage.actors], timeout=30)
         except Exception:  # an actor that is gone reports nothing
             return []
-
-    def _used(self, pump: "_Pump", users: dict[str, set[str]], unit: str, task_id: str) -> None:
-        """A task of ``unit`` finished: release the unit's records when nothing needs them."""
-        waiting = users.get(unit)
-        if waiting is None:
-            return
-        waiting.discard(task_id)
-        if not waiting:
-            del users[unit]
-            pump.release(unit)
 
 
 def _id(job) -> str | None:
@@ -280,13 +336,12 @@ class _TransportStats:
         self.per_node: dict[str, dict[str, int]] = {}
         self.memory: dict[str, dict] = {}
 
-    def add(self, pulls: list[dict]) -> None:
+    def add(self, pulls: list[RankPulls]) -> None:
         for pull in pulls:
-            key = f"group{pull['group']}/rank{pull['rank']}"
-            self.per_rank[key] = self.per_rank.get(key, 0) + pull["bytes"]
-            self.per_node.setdefault(pull["node"], {}).update(pull["objects"])
-            if pull.get("memory"):
-                self.memory[key] = pull["memory"]
+            self.per_rank[pull.key] = self.per_rank.get(pull.key, 0) + pull.bytes
+            self.per_node.setdefault(pull.node, {}).update(pull.objects)
+            if pull.memory:
+                self.memory[pull.key] = pull.memory
 
     def summary(self) -> dict:
         return {"bytes_per_rank": self.per_rank,
@@ -294,32 +349,49 @@ class _TransportStats:
                                    for node, objs in self.per_node.items()}}
 
 
+@dataclass
+class _Round:
+    """One ``RayBackend.run``: its tasks, what it started (the teacher thread, the queue and the
+    worker groups), who still reads each unit's records, and what it counted."""
+
+    tasks: list[Task]
+    pump: _Pump | None
+    lease: RecordLease
+    queue: object = None
+    groups: WorkerGroups | None = None
+    transport: _TransportStats = field(default_factory=_TransportStats)
+    done: int = 0
+    """Tasks finished."""
+    started: float = field(default_factory=time.perf_counter)
+
+
 class _Pump:
     """The teacher side of a run, in a thread: extract unit after unit (train + dev, then the
     similarity items), publish every shard to the unit's ``UnitRecords``, evaluate the unit's
-    baselines on the actors, and release a unit's records when the driver says so."""
+    baselines on the actors, and release a unit's records when the driver says so. The stage
+    (actors, byte budget) is the backend's; the pump only uses it."""
 
-    def __init__(self, backend: RayBackend, units: list[Unit], need_records: list[Unit],
-                 need_sim: list[Unit], baselines: list, extract_only: set[str]):
-        from ia2dist.student.job import read_parts
-
-        self.backend, self.plan = backend, backend.plan
-        plan, d = self.plan, self.plan.cfg.dist
+    def __init__(self, plan: Plan, stage: TeacherStage, units: list[Unit],
+                 need_records: list[Unit], need_sim: list[Unit], baselines: list,
+                 extract_only: set[str]):
+        self.plan, self.stage = plan, stage
+        d = plan.cfg.dist
         self.units = units
-        self.jobs: list[tuple] = []  # (unit, kind, prompts, uids, store, parts)
+        self.jobs: list[TeacherJob] = []
         rec_keys, sim_keys = {u.key for u in need_records}, {u.key for u in need_sim}
         self.brokers: dict[str, object] = {}
         for unit in units:
             counts = {}
             if unit.key in rec_keys:
                 prompts, uids = plan.teacher_inputs(unit)
-                self.jobs.append((unit, "teacher", prompts, uids, teacher_store(plan, unit, "teacher"),
-                                  read_parts(plan, unit, d.group_size)))
+                self.jobs.append(TeacherJob(unit, "teacher", prompts, uids,
+                                            teacher_store(plan, unit, "teacher"),
+                                            read_parts(plan, unit, d.group_size)))
                 counts["teacher"] = math.ceil(len(uids) / d.shard_size)
             if unit.key in sim_keys:
                 prompts, uids = plan.similarity_inputs(unit)
-                self.jobs.append((unit, "teacher_eval", prompts, uids,
-                                  teacher_store(plan, unit, "teacher_eval"), None))
+                self.jobs.append(TeacherJob(unit, "teacher_eval", prompts, uids,
+                                            teacher_store(plan, unit, "teacher_eval")))
                 counts["teacher_eval"] = math.ceil(len(uids) / d.shard_size)
             if counts:
                 self.brokers[unit.key] = UnitRecords.remote(counts)
@@ -335,22 +407,10 @@ class _Pump:
         self.per_unit: list[dict] = []
         self.first_shard_at = self.finished_at = None
         self._actor_turn = 0
-        if backend.stage is None:
-            e = plan.cfg.extract
-            self.stage = backend.stage = TeacherStage(
-                plan.cfg.model, e, max_new_tokens=plan.max_new_tokens,
-                options=TeacherStageOptions(
-                    num_actors=d.teacher_actors, cpus_per_actor=d.teacher_cpus,
-                    gpus_per_actor=d.teacher_gpus, placement_strategy=d.placement_strategy,
-                    shard_size=d.shard_size, byte_budget=d.inflight_bytes,
-                    release_wait_s=None))
-        else:
-            self.stage = backend.stage
         self.eager_release = not d.pipeline or d.colocate
 
     # ------------------------------------------------------------------ the thread
-    def start(self, users: dict[str, set[str]]) -> None:
-        self.users = users
+    def start(self) -> None:
         self.started = time.perf_counter()
         self.stage.start()
         self._check_budget()
@@ -360,10 +420,11 @@ class _Pump:
     def _check_budget(self) -> None:
         """Every unit's records must fit the byte budget at once (a unit's jobs read all of them
         every epoch): a unit beyond it could never be released, so refuse it now."""
-        budget = self.stage._budget()
+        budget = self.stage.budget_limit()
         per_unit: dict[str, int] = {}
-        for unit, _kind, _prompts, uids, _store, _parts in self.jobs:
-            per_unit[unit.key] = per_unit.get(unit.key, 0) + self.stage.shard_bound(len(uids))
+        for job in self.jobs:
+            per_unit[job.unit.key] = per_unit.get(job.unit.key, 0) + \
+                self.stage.shard_bound(len(job.uids))
         if per_unit and max(per_unit.values()) > budget:
             worst = max(per_unit, key=per_unit.get)
             raise IA2Error(f"dist.inflight_bytes: unit {worst} needs up to {per_unit[worst]} bytes "
@@ -372,22 +433,24 @@ class _Pump:
                            f"extract.max_new_tokens / data.num_train")
 
     def _produce(self) -> None:
-        bar = progress(sum(math.ceil(len(j[3]) / self.plan.cfg.dist.shard_size) for j in self.jobs),
+        d = self.plan.cfg.dist
+        bar = progress(sum(math.ceil(len(j.uids) / d.shard_size) for j in self.jobs),
                        "teacher shards", unit="shard")
         try:
             current = None
-            for unit, kind, prompts, uids, store, parts in self.jobs:
+            for job in self.jobs:
+                unit, kind, tag = job.unit, job.kind, job.tag
                 if self._stop.is_set():
                     return
                 if current is not None and current.key != unit.key:
                     self._after_unit(current)  # before the next unit can wait for the budget
                 current = unit
                 broker = self.brokers[unit.key]
-                tag = f"{unit.key}/{kind}"
                 refs_of_kind = []
-                for index, refs in self.stage.run(prompts, uids, store=store, parts=parts,
-                                                  num_parts=self.plan.cfg.dist.group_size
-                                                  if parts is not None else None, tag=tag):
+                for index, refs in self.stage.run(job.prompts, job.uids, store=job.store,
+                                                  parts=job.parts,
+                                                  num_parts=d.group_size
+                                                  if job.parts is not None else None, tag=tag):
                     if self.first_shard_at is None:
                         self.first_shard_at = time.perf_counter()
                     broker.put.remote(kind, index, [refs])
@@ -405,7 +468,7 @@ class _Pump:
             if current is not None:
                 self._after_unit(current)
             for unit in self.units:  # units with baselines but nothing extracted
-                if unit.key not in {u.key for u, *_ in self.jobs}:
+                if unit.key not in {j.unit.key for j in self.jobs}:
                     self._after_unit(unit)
         except BaseException as exc:  # reaches the workers through the brokers
             self.error = exc
@@ -510,7 +573,7 @@ class _Pump:
         return {"extract_s": end - self.started,
                 "first_shard_s": None if self.first_shard_at is None else
                 self.first_shard_at - self.started,
-                "byte_budget": self.stage._budget() if units else None,
+                "byte_budget": self.stage.budget_limit() if units else None,
                 "peak_inflight_bytes": max((u["peak_inflight_bytes"] for u in units), default=0),
                 "act_bytes": sum(u["act_bytes"] for u in units),
                 "reruns": sum(u["reruns"] for u in units),

@@ -1,10 +1,11 @@
 """The Ray teacher stage: frozen teacher replicas extracting shards, streamed under a byte budget.
 
-A pool of ``TeacherActor``s (one teacher replica each, one placement-group bundle each) runs
-``ia2dist.teacher.extract.extract`` on shards of examples and returns each shard as a
-``PackedShard`` through the object store. The driver-side ``TeacherStage`` schedules shards and
-yields ``(shard_index, ObjectRef)`` as they finish, so a consumer starts on the first shards while
-later ones are still being extracted.
+A ``TeacherPool`` of ``TeacherActor``s (one teacher replica each, one placement-group bundle
+each) runs ``ia2dist.teacher.extract.extract`` on shards of examples and returns each shard as a
+``PackedShard`` (``transport.pack_parts``) through the object store. The driver-side
+``TeacherStage`` owns the pool and the byte budget (``budget.ByteBudget``); its scheduling loop
+(``_Run``, one per ``run``) yields ``(shard_index, ObjectRef)`` as shards finish, so a consumer
+starts on the first shards while later ones are still being extracted.
 
 Backpressure. Every shard holds bytes in the object store from the moment it is scheduled until the
 consumer calls ``release(shard_index)``: while it runs, its upper bound (every example producing
@@ -39,22 +40,23 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ia2dist.backends.ray.budget import ByteBudget
+from ia2dist.backends.ray.cluster import STRATEGIES, check_resources
+from ia2dist.backends.ray.packing import unpack_records
+from ia2dist.backends.ray.transport import fetch_records, pack_parts
 from ia2dist.errors import IA2Error
+from ia2dist.eval.runner import evaluate, shared_accuracy
 from ia2dist.model.dtypes import DTYPES
-from ia2dist.orchestration.cluster import STRATEGIES, check_resources
-from ia2dist.orchestration.packing import PackedShard, pack_records, unpack_records
 from ia2dist.records import TeacherRecord
 
 log = logging.getLogger(__name__)
@@ -127,8 +129,8 @@ class TeacherActor:
     def __init__(self, model_cfg, extract_kwargs: dict, device: str, num_threads: int,
                  num_gpus: float = 0.0, reserve_bytes: int = 0):
         from ia2dist import procmem
+        from ia2dist.backends.ray.devices import worker_environment
         from ia2dist.model.load import load_model, load_tokenizer
-        from ia2dist.orchestration.devices import worker_environment
 
         worker_environment(num_gpus > 0)
         torch.set_num_threads(num_threads)
@@ -207,9 +209,6 @@ class TeacherActor:
         predictions.json; returns the result rows). The base's prompts without demos are the same
         for every unit: evaluated once per actor and reused (its similarity is per unit).
         ``sim_refs``: the unit's similarity-record shards (object refs) for the similarity."""
-        from ia2dist.backend import shared_accuracy
-        from ia2dist.eval.runner import evaluate
-
         if self.load_error is not None:
             raise IA2Error(self.load_error)
         plan.tokenizer = self.tokenizer
@@ -251,37 +250,12 @@ def _owned(rec: TeacherRecord) -> TeacherRecord:
                          topk_logprobs_Tk=clone(rec.topk_logprobs_Tk))
 
 
-def pack_parts(records: list[TeacherRecord], parts: list[list[int]] | None,
-               meta: dict) -> list[PackedShard]:
-    """One PackedShard per part (records at the part's positions, in order); one for all
-    records without ``parts``. An empty part is a shard of no records."""
-    if parts is None:
-        parts = [list(range(len(records)))]
-    return [pack_records([records[i] for i in part], meta={**meta, "part": k}, like=records[0])
-            for k, part in enumerate(parts)]
-
-
-def fetch_records(refs) -> list[TeacherRecord]:
-    """The records of a yielded shard (every part, in part order; tensors are read-only views of
-    the object store)."""
-    refs = refs if isinstance(refs, list) else [refs]
-    return [rec for ref in refs for rec in unpack_records(ray.get(ref))]
-
-
 # --------------------------------------------------------------------------------------------------
-# The driver
+# The pool: the actors, and what the driver knows of each
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
-class _Task:
-    shard: int
-    actor: int
-    payload: list
-    reserved: int
-
-
-@dataclass
-class _Actor:
+class PoolMember:
     handle: object
     pid: int | None = None
     running: int = 0
@@ -306,6 +280,175 @@ def _reraise_task_error(exc: ray.exceptions.RayTaskError, where: str):
                    f"actor's log in the Ray temp dir") from None
 
 
+class TeacherPool:
+    """The teacher actors of a stage, one placement-group bundle each: starting them, which one
+    takes the next shard, and restarts (an actor whose task died is known dead until a ping
+    answers from its replacement, or leaves the pool for good)."""
+
+    def __init__(self, options: TeacherStageOptions):
+        self.options = options
+        self.members: list[PoolMember] = []
+        self.info: dict | None = None
+        """The first actor's ``TeacherActor.info`` (layers, hidden size, vocabulary)."""
+        self._pg = None
+
+    def start(self, model_cfg, extract_kwargs: dict, device: str) -> None:
+        """Check resources, place the bundles and load one teacher per actor (blocking)."""
+        o = self.options
+        check_resources(o.num_actors, o.cpus_per_actor, o.gpus_per_actor,
+                        strategy=o.placement_strategy)
+        bundle = {"CPU": o.cpus_per_actor} if o.cpus_per_actor > 0 else {}
+        if o.gpus_per_actor > 0:
+            bundle["GPU"] = o.gpus_per_actor
+        self._pg = placement_group([dict(bundle) for _ in range(o.num_actors)],
+                                   strategy=o.placement_strategy)
+        try:
+            ray.get(self._pg.ready(), timeout=o.ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.kill()
+            raise IA2Error(f"teacher stage: the cluster did not free {o.num_actors} x {bundle} "
+                           f"({o.placement_strategy}) within {o.ready_timeout_s:g} s; other jobs "
+                           f"hold the resources, or lower num_actors / cpus/gpus per actor"
+                           ) from None
+        threads = max(1, int(o.cpus_per_actor))
+        for i in range(o.num_actors):
+            handle = _RemoteTeacherActor.options(
+                num_cpus=o.cpus_per_actor, num_gpus=o.gpus_per_actor,
+                max_restarts=o.max_restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=i),
+            ).remote(model_cfg, extract_kwargs, device, threads, o.gpus_per_actor,
+                     o.reserve_bytes)
+            self.members.append(PoolMember(handle))
+        try:
+            infos = ray.get([m.handle.info.remote() for m in self.members],
+                            timeout=o.ready_timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            self.kill()
+            _reraise_task_error(exc, "teacher stage: loading the teacher")
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+            self.kill()
+            raise IA2Error(f"teacher stage: teacher actors did not start within "
+                           f"{o.ready_timeout_s:g} s ({type(exc).__name__}: {_first_line(exc)}); "
+                           f"see the actor logs in the Ray temp dir") from None
+        for member, info in zip(self.members, infos):
+            member.pid = info["pid"]
+        self.info = infos[0]
+        log.info("teacher stage: %d actor(s) ready (%s)", len(self.members), infos[0]["device"])
+
+    def kill(self) -> None:
+        """Kill the actors and free the placement group."""
+        for member in self.members:
+            try:
+                ray.kill(member.handle, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.members = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    @property
+    def handles(self) -> list:
+        return [m.handle for m in self.members]
+
+    def pids(self) -> list[int | None]:
+        return [m.pid for m in self.members]
+
+    # ------------------------------------------------------------------ tasks
+    def free(self) -> int | None:
+        """The healthy actor with the fewest queued shards, below ``max_shards_per_actor``."""
+        limit = self.options.max_shards_per_actor
+        candidates = [i for i, m in enumerate(self.members) if m.healthy and m.running < limit]
+        return min(candidates, key=lambda i: self.members[i].running) if candidates else None
+
+    def submit(self, index: int, shard: int, prompts: list, uids: list[str], attempt: int,
+               store, parts: list[list[int]] | None) -> list:
+        """Queue a shard on actor ``index``: [ref of its completion record, refs of its parts]."""
+        refs = self.members[index].handle.run_shard.options(
+            num_returns=1 + (len(parts) if parts is not None else 1)).remote(
+            shard, prompts, uids, attempt, store, parts)
+        self.members[index].running += 1
+        return list(refs)
+
+    def finished(self, index: int) -> None:
+        """A task of actor ``index`` ended (or was abandoned)."""
+        if index < len(self.members):  # not killed meanwhile
+            self.members[index].running -= 1
+
+    def lost(self, index: int) -> bool:
+        """A task of actor ``index`` died with it: known dead until a ping answers from its
+        replacement. True when it was taken for healthy until now (a new failure)."""
+        member = self.members[index]
+        if not member.healthy:
+            return False
+        member.healthy = False
+        member.pid, member.down_since = None, time.monotonic()
+        member.failures += 1
+        member.ping = member.handle.info.remote()
+        return True
+
+    # ------------------------------------------------------------------ restarts
+    def pings(self) -> dict:
+        """{ping ref: actor index} of the restarting actors."""
+        return {m.ping: i for i, m in enumerate(self.members) if m.ping is not None}
+
+    def on_ping(self, index: int) -> None:
+        """A restarted actor answered (back in the pool, with its new pid) or is gone for good
+        (out of the pool, pid None). Until then it is known dead, whatever the timing:
+
+        - ActorUnavailableError: Ray is restarting it (or the ping reached the dead process): ask
+          again, for as long as a fresh actor may take to load its model (``ready_timeout_s``);
+          on a loaded machine a restart takes many seconds and fails every ping meanwhile;
+        - another actor error (ActorDiedError: out of restarts): gone, after two more asks (a
+          ping sent in the instant of the death may fail like that too)."""
+        member = self.members[index]
+        ref, member.ping = member.ping, None
+        if member.down_since is None:
+            member.down_since = time.monotonic()
+        try:
+            member.pid = ray.get(ref)["pid"]
+            member.healthy = True
+            member.ping_errors, member.down_since = 0, None
+            log.info("teacher stage: actor %d is back (pid %d)", index, member.pid)
+            return
+        except ray.exceptions.ActorUnavailableError as exc:
+            if time.monotonic() - member.down_since < self.options.ready_timeout_s:
+                time.sleep(0.2)  # it answers nothing while restarting: do not spin
+                member.ping = member.handle.info.remote()
+                return
+            log.warning("teacher stage: actor %d leaves the pool (not back after %.0f s: %s)",
+                        index, self.options.ready_timeout_s, _first_line(exc))
+        except ray.exceptions.RayActorError as exc:
+            member.ping_errors += 1
+            if member.ping_errors <= 2:
+                member.ping = member.handle.info.remote()
+                return
+            log.warning("teacher stage: actor %d leaves the pool (%s)", index, _first_line(exc))
+        except ray.exceptions.RayTaskError as exc:
+            log.warning("teacher stage: actor %d leaves the pool (%s)", index, _first_line(exc))
+        member.pid = None
+        if not any(m.healthy or m.ping is not None for m in self.members):
+            raise IA2Error(f"teacher stage: every teacher actor died and used up max_restarts="
+                           f"{self.options.max_restarts}; check the actor logs in the Ray temp "
+                           f"dir (out of memory?)")
+
+    def wait_for(self, timeout_s: float) -> None:
+        """Block until every restarting actor answers (or is gone for good)."""
+        deadline = time.time() + timeout_s
+        for index, member in enumerate(self.members):
+            while member.ping is not None:
+                ray.wait([member.ping], timeout=max(0.0, deadline - time.time()))
+                if time.time() > deadline:
+                    raise IA2Error(f"teacher stage: actor {index} did not come back within "
+                                   f"{timeout_s:g} s; see the actor logs in the Ray temp dir")
+                self.on_ping(index)
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------
+
 class TeacherStage:
     """Driver of the teacher actor pool. Use as a context manager (``close`` kills the actors)::
 
@@ -317,7 +460,8 @@ class TeacherStage:
 
     ``extract_cfg`` is an ``ExtractConfig`` (stop strings, batch size, storage dtype, top-k);
     ``max_new_tokens`` is the resolved T. One stage (one pool of loaded teachers) serves any
-    number of runs.
+    number of runs. It owns the ``pool`` (``TeacherPool``) and the ``budget`` (``ByteBudget``);
+    a run's scheduling loop (``_Run``) uses both through their methods.
     """
 
     def __init__(self, model_cfg, extract_cfg, *, max_new_tokens: int,
@@ -330,15 +474,9 @@ class TeacherStage:
                                "act_dtype": str(extract_cfg.act_dtype),
                                "topk": int(extract_cfg.topk or 0)}
         self.stats = StageStats()
-        self._actors: list[_Actor] = []
-        self._pg = None
-        self._info: dict | None = None
-        self._lock = threading.Condition()
-        self._held: dict[tuple, int] = {}
-        self._payloads: dict[tuple, list] = {}
+        self.pool = TeacherPool(self.options)
+        self.budget = ByteBudget()
         self._tag_stats: dict[str | None, StageStats] = {}
-        self._closing = False
-        self._reserved = 0
         self._active_run: Iterator | None = None
         self._check_options()
 
@@ -370,70 +508,20 @@ class TeacherStage:
 
     def start(self) -> TeacherStage:
         """Check resources, place the bundles and load one teacher per actor (blocking)."""
-        if self._actors:
+        if self.pool.members:
             return self
-        self._closing = False
+        self.budget.open()
         if not ray.is_initialized():
             raise IA2Error("teacher stage: Ray is not connected; call "
-                           "ia2dist.orchestration.cluster.connect(...) first")
-        o = self.options
-        check_resources(o.num_actors, o.cpus_per_actor, o.gpus_per_actor,
-                        strategy=o.placement_strategy)
-        bundle = {"CPU": o.cpus_per_actor} if o.cpus_per_actor > 0 else {}
-        if o.gpus_per_actor > 0:
-            bundle["GPU"] = o.gpus_per_actor
-        self._pg = placement_group([dict(bundle) for _ in range(o.num_actors)],
-                                   strategy=o.placement_strategy)
-        try:
-            ray.get(self._pg.ready(), timeout=o.ready_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self.close()
-            raise IA2Error(f"teacher stage: the cluster did not free {o.num_actors} x {bundle} "
-                           f"({o.placement_strategy}) within {o.ready_timeout_s:g} s; other jobs "
-                           f"hold the resources, or lower num_actors / cpus/gpus per actor"
-                           ) from None
-        threads = max(1, int(o.cpus_per_actor))
-        for i in range(o.num_actors):
-            handle = _RemoteTeacherActor.options(
-                num_cpus=o.cpus_per_actor, num_gpus=o.gpus_per_actor,
-                max_restarts=o.max_restarts, max_task_retries=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i),
-            ).remote(self.model_cfg, self.extract_kwargs, self._device(), threads,
-                     o.gpus_per_actor, o.reserve_bytes)
-            self._actors.append(_Actor(handle))
-        try:
-            infos = ray.get([a.handle.info.remote() for a in self._actors],
-                            timeout=o.ready_timeout_s)
-        except ray.exceptions.RayTaskError as exc:
-            self.close()
-            _reraise_task_error(exc, "teacher stage: loading the teacher")
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
-            self.close()
-            raise IA2Error(f"teacher stage: teacher actors did not start within "
-                           f"{o.ready_timeout_s:g} s ({type(exc).__name__}: {_first_line(exc)}); "
-                           f"see the actor logs in the Ray temp dir") from None
-        for actor, info in zip(self._actors, infos):
-            actor.pid = info["pid"]
-        self._info = infos[0]
-        log.info("teacher stage: %d actor(s) ready (%s)", len(self._actors), infos[0]["device"])
+                           "ia2dist.backends.ray.cluster.connect(...) first")
+        self.pool.start(self.model_cfg, self.extract_kwargs, self._device())
         return self
 
     def close(self) -> None:
         """Kill the actors and free the placement group (shards already yielded stay readable
-        while their refs live)."""
-        with self._lock:
-            self._closing = True
-            self._lock.notify_all()
-        for actor in self._actors:
-            try:
-                ray.kill(actor.handle, no_restart=True)
-            except Exception:  # already dead
-                pass
-        self._actors = []
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        while their refs live); a run waiting for the budget ends."""
+        self.budget.close()
+        self.pool.kill()
 
     def __enter__(self) -> TeacherStage:
         return self.start()
@@ -444,75 +532,58 @@ class TeacherStage:
     def actor_pids(self) -> list[int | None]:
         """Current process id of each actor: None while it is known dead (from its first failed
         task until a ping answers from its replacement, or for good)."""
-        return [a.pid for a in self._actors]
+        return self.pool.pids()
 
     def wait_for_actors(self, timeout_s: float = 120.0) -> list[int | None]:
         """Block until every restarting actor answers (or is gone for good); the actors' pids."""
-        deadline = time.time() + timeout_s
-        for index, actor in enumerate(self._actors):
-            while actor.ping is not None:
-                ray.wait([actor.ping], timeout=max(0.0, deadline - time.time()))
-                if time.time() > deadline:
-                    raise IA2Error(f"teacher stage: actor {index} did not come back within "
-                                   f"{timeout_s:g} s; see the actor logs in the Ray temp dir")
-                _handle_ping(self, index)
+        self.pool.wait_for(timeout_s)
         return self.actor_pids()
 
     @property
     def actors(self) -> list:
-        return [a.handle for a in self._actors]
+        return self.pool.handles
 
     # ------------------------------------------------------------------ sizes and budget
     def shard_bound(self, num_examples: int) -> int:
         """Upper bound of a shard's bytes: every example producing max_new_tokens positions."""
-        assert self._info is not None, "start() first"
+        info = self.pool.info
+        assert info is not None, "start() first"
         k = self.extract_kwargs["topk"]
         if k < 0:  # the whole vocabulary
-            k = self._info["vocab"]
-        per_position = (self._info["num_layers"] * self._info["hidden"]
+            k = info["vocab"]
+        per_position = (info["num_layers"] * info["hidden"]
                         * DTYPES[self.extract_kwargs["act_dtype"]].itemsize + 8 + k * 12)
         return num_examples * self.extract_kwargs["max_new_tokens"] * per_position \
             + 8 * (num_examples + 1)
 
-    def _budget(self) -> int:
+    def budget_limit(self) -> int:
+        """The byte budget of a run: ``byte_budget``, or half the cluster's object store."""
         if self.options.byte_budget is not None:
             return int(self.options.byte_budget)
         return int(ray.cluster_resources().get("object_store_memory", 0) // 2)
 
-    def _reserve(self, nbytes: int) -> None:
-        self._reserved += nbytes
-        self.stats.peak_inflight_bytes = max(self.stats.peak_inflight_bytes, self._reserved)
-
-    def release(self, shard_index: int, tag: str | None = None) -> None:
+    def release(self, shard_index: int, tag: str | None = None) -> int:
         """The consumer is done with a yielded shard (of the run ``tag``): drop the stage's
-        reference and free its bytes from the budget (thread-safe)."""
-        with self._lock:
-            key = (tag, shard_index)
-            if key not in self._held:
-                raise ValueError(f"shard {shard_index} of {tag!r} is not held (never yielded or "
-                                 f"released)")
-            self._reserved -= self._held.pop(key)
-            self._payloads.pop(key, None)
-            stats = self._tag_stats.get(tag)
-            if stats is not None and shard_index < len(stats.released_at):
-                stats.released_at[shard_index] = time.time()
-            self._lock.notify_all()
+        reference and free its bytes from the budget (thread-safe); the bytes freed."""
+        try:
+            freed = self.budget.release((tag, shard_index))
+        except KeyError:
+            raise ValueError(f"shard {shard_index} of {tag!r} is not held (never yielded or "
+                             f"released)") from None
+        stats = self._tag_stats.get(tag)
+        if stats is not None and shard_index < len(stats.released_at):
+            stats.released_at[shard_index] = time.time()
+        return freed
 
     def release_tag(self, tag: str | None) -> int:
         """Release every held shard of the run ``tag`` (its consumers are all done); returns the
         bytes freed."""
-        with self._lock:
-            keys = [k for k in self._held if k[0] == tag]
-        freed = 0
-        for key in keys:
-            freed += self._held.get(key, 0)
-            self.release(key[1], tag)
-        return freed
+        return sum(self.release(shard, tag)
+                   for _, shard in self.budget.keys(lambda key: key[0] == tag))
 
     def held_bytes(self) -> int:
         """Bytes of yielded, unreleased shards (all runs)."""
-        with self._lock:
-            return sum(self._held.values())
+        return self.budget.held_bytes()
 
     def tag_stats(self, tag: str | None) -> StageStats | None:
         return self._tag_stats.get(tag)
@@ -546,7 +617,7 @@ class TeacherStage:
             count = num_parts or (max(parts) + 1 if len(parts) else 1)
             shard_parts = [[[k for k in range(len(shard[1])) if parts[i * size + k] == p]
                             for p in range(count)] for i, shard in enumerate(shards)]
-        budget = self._budget()
+        budget = self.budget.limit = self.budget_limit()
         bounds = [self.shard_bound(len(s[1])) for s in shards]
         if bounds and max(bounds) > budget:
             raise IA2Error(f"teacher stage: byte_budget {budget} is smaller than one shard's upper "
@@ -560,11 +631,9 @@ class TeacherStage:
                                 from_cache=[False] * n, finished_at=[None] * n,
                                 released_at=[None] * n, act_bytes=[0] * n)
         self._tag_stats[tag] = self.stats
-        with self._lock:
-            for key in [k for k in self._held if k[0] == tag]:  # a rerun of the same tag
-                self._reserved -= self._held.pop(key)
-                self._payloads.pop(key, None)
-        self._active_run = _Run(self, shards, bounds, budget, store, shard_parts, tag).loop()
+        for key in self.budget.keys(lambda key: key[0] == tag):  # a rerun of the same tag
+            self.budget.release(key)
+        self._active_run = _Run(self, shards, bounds, store, shard_parts, tag).loop()
         return self._active_run
 
     def run_records(self, prompts: Sequence, uids: Sequence[str], **run_kwargs
@@ -578,54 +647,23 @@ class TeacherStage:
         return [rec for shard in sorted(by_shard) for rec in by_shard[shard]]
 
 
-def _handle_ping(stage: TeacherStage, actor_index: int) -> None:
-    """A restarted actor answered (back in the pool, with its new pid) or is gone for good (out of
-    the pool, pid None). Until then it is known dead, whatever the timing:
-
-    - ActorUnavailableError: Ray is restarting it (or the ping reached the dead process): ask
-      again, for as long as a fresh actor may take to load its model (``ready_timeout_s``); on a
-      loaded machine a restart takes many seconds and fails every ping meanwhile;
-    - another actor error (ActorDiedError: out of restarts): gone, after two more asks (a ping
-      sent in the instant of the death may fail like that too)."""
-    actor = stage._actors[actor_index]
-    ref, actor.ping = actor.ping, None
-    if actor.down_since is None:
-        actor.down_since = time.monotonic()
-    try:
-        actor.pid = ray.get(ref)["pid"]
-        actor.healthy = True
-        actor.ping_errors, actor.down_since = 0, None
-        log.info("teacher stage: actor %d is back (pid %d)", actor_index, actor.pid)
-        return
-    except ray.exceptions.ActorUnavailableError as exc:
-        if time.monotonic() - actor.down_since < stage.options.ready_timeout_s:
-            time.sleep(0.2)  # it answers nothing while restarting: do not spin
-            actor.ping = actor.handle.info.remote()
-            return
-        log.warning("teacher stage: actor %d leaves the pool (not back after %.0f s: %s)",
-                    actor_index, stage.options.ready_timeout_s, _first_line(exc))
-    except ray.exceptions.RayActorError as exc:
-        actor.ping_errors += 1
-        if actor.ping_errors <= 2:
-            actor.ping = actor.handle.info.remote()
-            return
-        log.warning("teacher stage: actor %d leaves the pool (%s)", actor_index, _first_line(exc))
-    except ray.exceptions.RayTaskError as exc:
-        log.warning("teacher stage: actor %d leaves the pool (%s)", actor_index, _first_line(exc))
-    actor.pid = None
-    if not any(a.healthy or a.ping is not None for a in stage._actors):
-        raise IA2Error(f"teacher stage: every teacher actor died and used up max_restarts="
-                       f"{stage.options.max_restarts}; check the actor logs in the Ray temp "
-                       f"dir (out of memory?)")
+@dataclass
+class _Task:
+    shard: int
+    actor: int
+    payload: list
+    reserved: int
 
 
 class _Run:
-    """The scheduling loop of one ``TeacherStage.run`` (state lives here, not on the stage)."""
+    """The scheduling loop of one ``TeacherStage.run``: its shards, what runs where, what waits
+    to be yielded. The actors are the stage's ``pool``, the bytes its ``budget``."""
 
     def __init__(self, stage: TeacherStage, shards: list[tuple[list, list[str]]],
-                 bounds: list[int], budget: int, store, parts: list[list[list[int]]] | None,
+                 bounds: list[int], store, parts: list[list[list[int]]] | None,
                  tag: str | None = None):
-        self.stage, self.shards, self.bounds, self.budget = stage, shards, bounds, budget
+        self.pool, self.budget, self.options = stage.pool, stage.budget, stage.options
+        self.shards, self.bounds = shards, bounds
         self.store, self.parts, self.tag = store, parts, tag
         self.stats = stage.stats
         self.pending: deque[int] = deque(range(len(shards)))
@@ -647,78 +685,53 @@ class _Run:
         return True
 
     def _finish(self, shard: int, payload: list, nbytes: int, act_nbytes: int) -> None:
-        stage = self.stage
-        with stage._lock:
-            stage._held[(self.tag, shard)] = nbytes
-            stage._payloads[(self.tag, shard)] = payload
-            stage._reserve(nbytes)
-            self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, sum(stage._held.values()))
+        reserved, held = self.budget.hold((self.tag, shard), nbytes, payload)
+        self.stats.peak_inflight_bytes = max(self.stats.peak_inflight_bytes, reserved)
+        self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, held)
         self.stats.completions[shard] += 1
         self.stats.act_bytes[shard] = act_nbytes
         self.stats.finished_at[shard] = time.time()
         self.to_yield.append(shard)
 
-    def _free_actor(self) -> int | None:
-        limit = self.stage.options.max_shards_per_actor
-        candidates = [i for i, a in enumerate(self.stage._actors)
-                      if a.healthy and a.running < limit]
-        return min(candidates, key=lambda i: self.stage._actors[i].running) if candidates else None
-
     def _schedule(self) -> None:
-        stage = self.stage
         while self.pending:
             shard = self.pending[0]
             bound = self.bounds[shard]
-            with stage._lock:
-                if stage._reserved + bound > self.budget:
-                    return
+            if not self.budget.fits(bound):
+                return
             if self.stats.attempts[shard] == 0 and self._from_cache(shard):
                 self.pending.popleft()
                 continue
-            actor_index = self._free_actor()
+            actor_index = self.pool.free()
             if actor_index is None:
                 return
             self.pending.popleft()
             prompts, uids = self.shards[shard]
             self.stats.attempts[shard] += 1
-            actor = stage._actors[actor_index]
-            parts = self.parts[shard] if self.parts is not None else None
-            refs = actor.handle.run_shard.options(
-                num_returns=1 + (len(parts) if parts is not None else 1)).remote(
-                shard, prompts, uids, self.stats.attempts[shard], self.store, parts)
-            actor.running += 1
-            with stage._lock:
-                stage._reserve(bound)
-            self.running[refs[0]] = _Task(shard, actor_index, list(refs[1:]), bound)
+            refs = self.pool.submit(actor_index, shard, prompts, uids, self.stats.attempts[shard],
+                                    self.store, self.parts[shard] if self.parts is not None
+                                    else None)
+            reserved = self.budget.reserve(bound)
+            self.stats.peak_inflight_bytes = max(self.stats.peak_inflight_bytes, reserved)
+            self.running[refs[0]] = _Task(shard, actor_index, refs[1:], bound)
 
     def _on_actor_failure(self, task: _Task, exc: Exception) -> None:
-        stage = self.stage
-        actor = stage._actors[task.actor]
         self.stats.reruns += 1
         shard_uids = self.shards[task.shard][1]
-        if self.stats.attempts[task.shard] >= stage.options.max_shard_attempts:
+        if self.stats.attempts[task.shard] >= self.options.max_shard_attempts:
             raise IA2Error(f"teacher stage: shard {task.shard} (uids {shard_uids[0]}..) lost its "
                            f"actor {self.stats.attempts[task.shard]} times ({_first_line(exc)}); "
                            f"check the actor logs (out of memory?) or lower shard_size")
         log.warning("teacher stage: actor %d died running shard %d (%s); re-running it",
                     task.actor, task.shard, _first_line(exc))
         self.pending.appendleft(task.shard)
-        if actor.healthy:  # known dead until a ping answers from its replacement
-            actor.healthy = False
-            actor.pid, actor.down_since = None, time.monotonic()
-            actor.failures += 1
+        if self.pool.lost(task.actor):
             self.stats.actor_failures += 1
-            actor.ping = actor.handle.info.remote()
-
-    def _on_ping(self, actor_index: int) -> None:
-        _handle_ping(self.stage, actor_index)
 
     def _on_done(self, ref: ray.ObjectRef) -> None:
         task = self.running.pop(ref)
-        stage = self.stage
-        stage._actors[task.actor].running -= 1
-        with stage._lock:
-            stage._reserved -= task.reserved
+        self.pool.finished(task.actor)
+        self.budget.unreserve(task.reserved)
         try:
             done = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
@@ -728,26 +741,6 @@ class _Run:
             _reraise_task_error(exc, f"teacher stage: shard {task.shard}")
         self._finish(task.shard, task.payload, done["nbytes"], done["act_nbytes"])
 
-    def _wait_for_release(self) -> None:
-        stage = self.stage
-        with stage._lock:
-            held = dict(stage._held)
-            wait_s = stage.options.release_wait_s
-            if wait_s is None:  # wait as long as it takes (in slices, so a closed stage ends it)
-                while dict(stage._held) == held and not stage._closing:
-                    stage._lock.wait(timeout=1.0)
-                if stage._closing:
-                    raise IA2Error("teacher stage: closed while waiting for the consumers")
-                return
-            if wait_s > 0:
-                stage._lock.wait(timeout=wait_s)
-                if dict(stage._held) != held:
-                    return
-        raise IA2Error(f"teacher stage: the consumer holds {len(held)} shard(s) "
-                       f"({sum(held.values())} bytes) and the byte budget of {self.budget} "
-                       f"leaves no room for the next shard; call release(shard) after using a "
-                       f"shard, or raise byte_budget")
-
     def loop(self) -> Iterator[tuple[int, ray.ObjectRef]]:
         try:
             yield from self._loop()
@@ -755,31 +748,28 @@ class _Run:
             # An abandoned run (consumer stopped early, or an error): its tasks still finish on
             # their actors, but no longer count against the actors' queues or the budget.
             for task in self.running.values():
-                if task.actor < len(self.stage._actors):  # not closed meanwhile
-                    self.stage._actors[task.actor].running -= 1
-                with self.stage._lock:
-                    self.stage._reserved -= task.reserved
+                self.pool.finished(task.actor)
+                self.budget.unreserve(task.reserved)
             self.running.clear()
 
     def _loop(self) -> Iterator[tuple[int, ray.ObjectRef]]:
-        stage = self.stage
         while True:
             self._schedule()
             if self.to_yield:
                 shard = self.to_yield.popleft()
-                yield shard, stage._payloads[(self.tag, shard)]
+                yield shard, self.budget.payload((self.tag, shard))
                 continue
             if not self.running and not self.pending:
                 return  # a restarting actor's ping is picked up by the next run
-            pings = {a.ping: i for i, a in enumerate(stage._actors) if a.ping is not None}
+            pings = self.pool.pings()
             waiting = list(self.running) + list(pings)
             if not waiting:
-                self._wait_for_release()
+                self.budget.wait(self.options.release_wait_s)
                 continue
             # A short timeout lets releases from other threads open the budget.
             ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
             for ref in ready:
                 if ref in pings:
-                    self._on_ping(pings[ref])
+                    self.pool.on_ping(pings[ref])
                 else:
                     self._on_done(ref)

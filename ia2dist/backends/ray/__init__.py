@@ -1,0 +1,17 @@
+"""The Ray backend (``dist.backend: ray``): the only package that imports ``ray``.
+
+- ``backend``: ``RayBackend``: connects, checks the cluster, and drives a run (the teacher thread,
+  the worker groups, the outcomes, the statistics).
+- ``messages``: the typed values the parts exchange (``Task``, ``GroupConfig``, ``TaskResult``,
+  ``RankPulls``, ``TeacherJob``) and the ``RecordLease`` that says when a unit's records can go.
+- ``teacher_pool``: the frozen-teacher actors (``TeacherActor``), the ``TeacherPool`` (placement,
+  restarts) and the ``TeacherStage`` that schedules shards on them.
+- ``budget``: ``ByteBudget``, the one owner of the bytes of teacher records in flight.
+- ``transport``: shards from the actors to the worker ranks (``pack_parts``, ``fetch_records``,
+  ``UnitRecords``, ``RecordFetcher``); ``packing``: a shard as flat numpy arrays.
+- ``groups``: the worker groups (one Ray Train run each) and their ``TaskQueue``.
+- ``cluster``: connect to (or start) a Ray cluster, check it can hold a stage, shut it down.
+- ``devices``: the environment of a worker process (which devices, which threads).
+
+Import the submodules directly; importing this package does not import ray.
+"""
