@@ -3,18 +3,10 @@
 ``extract`` decodes a batch of prompts greedily with the model's KV cache and captures every layer's
 attention-block output AS IT DECODES: the prefill's last position predicts y_1, each decode step's
 single position predicts the next token, so the T captured positions are exactly the ones IA2 needs
-(the last prompt token and y_1..y_{T-1}) and no forward is ever repeated. ``naive_extract`` is the
-reference algorithm (one prompt at a time, a full forward of the growing sequence per token) and
-the ground truth the batched version is tested against. ``generate`` is the same decoder without
-capture, used by evaluation.
-
-Decoding rules (shared by all three):
-- Stops at EOS (the tokenizer's and the model's generation config's); the EOS token is kept as the
-  last response token.
-- Stops when the decoded response first contains one of ``stop_strings``; the response ends with
-  the token that completes the stop string (the stop string and whatever else that token decodes
-  to are kept; nothing after it).
-- Otherwise stops after ``max_new_tokens`` tokens.
+(the last prompt token and y_1..y_{T-1}) and no forward is ever repeated. ``generate`` is the same
+decoder without capture, used by evaluation. Both follow the decoding rules of
+``ia2dist.teacher.reference``, whose ``naive_extract`` (one prompt at a time, a full forward of the
+growing sequence per token) is the ground truth the batched version is tested against.
 
 Batches pad on the LEFT internally whatever the tokenizer's padding side; masks come from lengths
 (never from pad ids, which may equal EOS) and position ids from the mask's cumulative sum, so a
@@ -31,21 +23,21 @@ import inspect
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ia2dist.errors import IA2Error
 from ia2dist.model.adapters import is_prefix_tuned, num_prefix_positions
-from ia2dist.model.decode import encode, length_batches, logits_to_keep_kwargs, pad_id
+from ia2dist.model.decode import length_batches, logits_to_keep_kwargs, pad_id
 from ia2dist.model.fastpaths import (last_position_mlp, last_query_attention, rounding_bound,
                                      within_rounding)
-from ia2dist.model.structure import attention_sites, context_length, structure_key, vocab_size
+from ia2dist.model.structure import attention_sites, structure_key, vocab_size
 from ia2dist.records import TeacherRecord
 from ia2dist.teacher.capture import ActivationCapture
+from ia2dist.teacher.reference import (Decoded, Prompt, StopRule, check_fits, check_uids,
+                                       encode_prompts, naive_extract, to_records, top_k)
 
-Prompt = str | Sequence[int]
 log = logging.getLogger("ia2dist")
 
 #: On a CPU, a ``generate`` batch whose longest prompt has more tokens than this is prefilled one
@@ -62,58 +54,6 @@ SEPARATE_PREFILL_ABOVE = 128
 PAD_FREE_ABOVE = 64
 
 
-@dataclass
-class _Decoded:
-    """One prompt's greedy response and, when captured, what the model computed at its positions."""
-
-    response_ids: list[int]
-    acts_LTD: torch.Tensor | None = None
-    topk_ids_Tk: torch.Tensor | None = None
-    topk_logprobs_Tk: torch.Tensor | None = None
-
-
-class _StopRule:
-    """When a response is complete (see the module docstring)."""
-
-    def __init__(self, model: nn.Module, tokenizer, stop_strings: Sequence[str]):
-        ids = [tokenizer.eos_token_id]
-        gen_cfg = getattr(model, "generation_config", None)
-        gen_eos = getattr(gen_cfg, "eos_token_id", None)
-        ids.extend(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        self.eos_ids = {int(i) for i in ids if i is not None}
-        self.stop_strings = [s for s in stop_strings if s]
-        self.tokenizer = tokenizer
-
-    def is_done(self, response_ids: list[int]) -> bool:
-        if response_ids[-1] in self.eos_ids:
-            return True
-        if not self.stop_strings:
-            return False
-        text = self.tokenizer.decode(response_ids)
-        return any(stop in text for stop in self.stop_strings)
-
-
-def _encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
-    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-    ids: list[list[int] | None] = [None if isinstance(p, str) else [int(t) for t in p]
-                                   for p in prompts]
-    for i, encoded in zip(texts, encode(tokenizer, [prompts[i] for i in texts])):
-        ids[i] = encoded
-    return ids  # type: ignore[return-value]
-
-
-def _check_fits(model: nn.Module, prompt_ids: list[list[int]], names: Sequence[str],
-                max_new_tokens: int) -> None:
-    if max_new_tokens < 1:
-        raise IA2Error(f"extract.max_new_tokens: must be >= 1, got {max_new_tokens}")
-    limit = context_length(model) - num_prefix_positions(model)
-    for ids, name in zip(prompt_ids, names):
-        if len(ids) == 0:
-            raise IA2Error(f"{name}: the prompt encodes to no tokens; give a non-empty prompt")
-        if len(ids) + max_new_tokens > limit:
-            raise IA2Error(f"{name}: prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} "
-                           f"exceeds the model's context of {limit} positions; use fewer demos, "
-                           f"shorter inputs or a smaller max_new_tokens")
 
 
 class _Runner:
@@ -159,7 +99,7 @@ class _Runner:
         self.separate = self.separate and settings.get("separate", True)
         self.one_by_one = self.one_by_one or settings.get("one_by_one", False)
 
-    def prove(self, tokenizer, stop: "_StopRule", pad_id: int) -> None:
+    def prove(self, tokenizer, stop: "StopRule", pad_id: int) -> None:
         """Check once per model structure (kernel, dtype, device) that this decoder reproduces
         ``naive_extract`` on two short prompts of different lengths (responses, every layer's
         attention outputs, top-k log-probs; T = 1 and T = 3, batched prefill and, on a CPU, the
@@ -389,7 +329,7 @@ def _restore(settings: dict) -> dict:
                 keep_kwargs={"logits_to_keep": 1} if settings["keep"] else {})
 
 
-def _same_decoding(got: _Decoded, want: TeacherRecord, T: int, dtype: torch.dtype) -> bool:
+def _same_decoding(got: Decoded, want: TeacherRecord, T: int, dtype: torch.dtype) -> bool:
     """``got`` (T steps at most) decodes like the reference ``want``, both computed in ``dtype``:
     the same tokens, and at each step every layer's attention output and the top-k log-probs within
     ``rounding_bound`` of that dtype (layer l+1 deep for layer l's output, L+1 deep for the
@@ -421,18 +361,9 @@ def _same_decoding(got: _Decoded, want: TeacherRecord, T: int, dtype: torch.dtyp
             and within_rounding(got.topk_logprobs_Tk[:n], lp[:n], dtype, depth))
 
 
-def _topk(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k token ids and log-probs; k < 0 (or k >= V) keeps the whole vocabulary."""
-    if k < 0 or k > logits_BV.shape[-1]:
-        k = logits_BV.shape[-1]
-    logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
-    values_Bk, ids_Bk = logprobs_BV.topk(k, dim=-1)
-    return ids_Bk, values_Bk
-
-
-def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, stop: _StopRule, *,
+def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, stop: StopRule, *,
                   max_new_tokens: int, capture: ActivationCapture | None, act_dtype: torch.dtype,
-                  topk: int, sync=None) -> list[_Decoded]:
+                  topk: int, sync=None) -> list[Decoded]:
     """Greedy KV-cached decoding of one left-padded batch, capturing as it goes when asked."""
     device = next(runner.model.parameters()).device
     B, S = len(prompt_ids), max(len(ids) for ids in prompt_ids)
@@ -470,7 +401,7 @@ def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, sto
             acts = prefill_acts if prefill_acts is not None else capture.stacked()
             acts_T_LBD.append(acts.to(act_dtype))
         if topk:
-            ids_Bk, lp_Bk = _topk(logits_BV, topk)
+            ids_Bk, lp_Bk = top_k(logits_BV, topk)
             topk_ids_T_Bk.append(ids_Bk)
             topk_lp_T_Bk.append(lp_Bk)
         for b, token in enumerate(next_B.tolist()):
@@ -484,7 +415,7 @@ def _decode_batch(runner: _Runner, prompt_ids: list[list[int]], pad_id: int, sto
 
 def _split_rows(responses: list[list[int]], acts_T_LBD: list[torch.Tensor],
                 topk_ids_T_Bk: list[torch.Tensor], topk_lp_T_Bk: list[torch.Tensor]
-                ) -> list[_Decoded]:
+                ) -> list[Decoded]:
     """Per-row results without padding or the steps a finished row kept decoding (on the CPU)."""
     acts_TLBD = torch.stack(acts_T_LBD).cpu() if acts_T_LBD else None
     ids_TBk = torch.stack(topk_ids_T_Bk).cpu() if topk_ids_T_Bk else None
@@ -492,7 +423,7 @@ def _split_rows(responses: list[list[int]], acts_T_LBD: list[torch.Tensor],
     decoded = []
     for b, response in enumerate(responses):
         T = len(response)
-        item = _Decoded(response)
+        item = Decoded(response)
         if acts_TLBD is not None:
             item.acts_LTD = acts_TLBD[:T, :, b].transpose(0, 1).clone(
                 memory_format=torch.contiguous_format)
@@ -506,15 +437,15 @@ def _split_rows(responses: list[list[int]], acts_T_LBD: list[torch.Tensor],
 def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: Sequence[str], *,
                 max_new_tokens: int, stop_strings: Sequence[str], batch_size: int,
                 capture: bool, act_dtype: torch.dtype, topk: int, progress: bool,
-                desc: str, sync=None) -> list[_Decoded]:
+                desc: str, sync=None) -> list[Decoded]:
     """Decode every prompt in length-sorted batches; results in input order."""
     from ia2dist.progress import progress as progress_bar
 
-    prompt_ids = _encode_prompts(tokenizer, prompts)
-    _check_fits(model, prompt_ids, names, max_new_tokens)
-    stop = _StopRule(model, tokenizer, stop_strings)
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    check_fits(model, prompt_ids, names, max_new_tokens)
+    stop = StopRule(model, tokenizer, stop_strings)
     pad = pad_id(tokenizer)
-    results: list[_Decoded | None] = [None] * len(prompt_ids)
+    results: list[Decoded | None] = [None] * len(prompt_ids)
     hooks = ActivationCapture(attention_sites(model)) if capture else nullcontext()
     was_training = model.training
     model.eval()  # greedy responses are deterministic: no dropout
@@ -548,19 +479,6 @@ def _decode_all(model: nn.Module, tokenizer, prompts: Sequence[Prompt], names: S
     return results  # type: ignore[return-value]
 
 
-def _records(uids: Sequence[str], decoded: Sequence[_Decoded]) -> list[TeacherRecord]:
-    return [TeacherRecord(uid=uid, response_ids=torch.tensor(d.response_ids, dtype=torch.long),
-                          acts_LTD=d.acts_LTD, topk_ids_Tk=d.topk_ids_Tk,
-                          topk_logprobs_Tk=d.topk_logprobs_Tk)
-            for uid, d in zip(uids, decoded)]
-
-
-def _check_uids(prompts: Sequence[Prompt], uids: Sequence[str]) -> None:
-    if len(prompts) != len(uids):
-        raise IA2Error(f"extract: {len(prompts)} prompts but {len(uids)} uids; pass one uid per "
-                       f"prompt")
-
-
 def extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: Sequence[str], *,
             max_new_tokens: int, stop_strings: Sequence[str] = (), batch_size: int = 8,
             act_dtype: torch.dtype = torch.bfloat16, topk: int = 0,
@@ -574,12 +492,12 @@ def extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: Sequen
     naming the uid when a prompt plus ``max_new_tokens`` does not fit the model's context.
     ``sync``: see ``generate``.
     """
-    _check_uids(prompts, uids)
+    check_uids(prompts, uids)
     decoded = _decode_all(model, tokenizer, prompts, [f"example {u}" for u in uids],
                           max_new_tokens=max_new_tokens, stop_strings=stop_strings,
                           batch_size=batch_size, capture=True, act_dtype=act_dtype, topk=topk,
                           progress=progress, desc="extract", sync=sync)
-    return _records(uids, decoded)
+    return to_records(uids, decoded)
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int,
@@ -596,46 +514,3 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], *, max_new_
                           batch_size=batch_size, capture=False, act_dtype=torch.float32, topk=0,
                           progress=progress, desc="generate", sync=sync)
     return [d.response_ids for d in decoded]
-
-
-def naive_extract(model: nn.Module, tokenizer, prompts: Sequence[Prompt], uids: Sequence[str], *,
-                  max_new_tokens: int, stop_strings: Sequence[str] = (), batch_size: int = 8,
-                  act_dtype: torch.dtype = torch.bfloat16, topk: int = 0,
-                  progress: bool = False) -> list[TeacherRecord]:
-    """The reference algorithm, for tests and benchmarks: one prompt at a time, and for every new
-    token a full forward of the whole growing sequence (no cache, no padding) with hooks keeping
-    the whole sequence, of which the last position is taken and moved to the CPU. ``batch_size``
-    is accepted for signature compatibility and ignored."""
-    from ia2dist.progress import progress as progress_bar
-
-    _check_uids(prompts, uids)
-    prompt_ids = _encode_prompts(tokenizer, prompts)
-    _check_fits(model, prompt_ids, [f"example {u}" for u in uids], max_new_tokens)
-    stop = _StopRule(model, tokenizer, stop_strings)
-    device = next(model.parameters()).device
-    decoded = []
-    with torch.no_grad(), ActivationCapture(attention_sites(model)) as cap, \
-            progress_bar(len(prompt_ids), "naive extract", "prompt", enabled=progress) as bar:
-        for ids in prompt_ids:
-            sequence, response, acts, top_ids, top_lps = list(ids), [], [], [], []
-            while True:
-                cap.select(None)
-                ids_1S = torch.tensor([sequence], device=device)
-                out = model(input_ids=ids_1S, attention_mask=torch.ones_like(ids_1S),
-                            use_cache=False)
-                acts.append(cap.stacked()[:, 0, -1].to(act_dtype).cpu())
-                logits_V = out.logits[0, -1]
-                if topk:
-                    ids_k, lp_k = _topk(logits_V[None], topk)
-                    top_ids.append(ids_k[0].cpu())
-                    top_lps.append(lp_k[0].cpu())
-                token = int(logits_V.argmax())
-                response.append(token)
-                sequence.append(token)
-                if stop.is_done(response) or len(response) == max_new_tokens:
-                    break
-            decoded.append(_Decoded(response, torch.stack(acts, dim=1),
-                                    torch.stack(top_ids) if topk else None,
-                                    torch.stack(top_lps) if topk else None))
-            bar.update(1)
-    return _records(uids, decoded)

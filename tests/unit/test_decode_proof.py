@@ -11,8 +11,8 @@ import ia2dist.model.fastpaths as fastpaths
 import ia2dist.teacher.extract as extract_module
 from ia2dist.model.fastpaths import last_position_mlp, rounding_bound, within_rounding
 from ia2dist.model.structure import attention_sites
-from ia2dist.teacher.extract import (_Runner, _StopRule, extract, naive_extract,
-                                     proven_decoding)
+from ia2dist.teacher.extract import _Runner, extract, proven_decoding
+from ia2dist.teacher.reference import StopRule, naive_extract
 
 PROMPTS = ["alpha beta gamma delta epsilon\n\nText:the movie was great\nLabel:",
            "Text:a dull plot\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]
@@ -67,7 +67,7 @@ def rounding_off(monkeypatch):
 def _prove(model, tok):
     runner = _Runner(model)
     with torch.no_grad():
-        runner.prove(tok, _StopRule(model, tok, ()), 0)
+        runner.prove(tok, StopRule(model, tok, ()), 0)
     return runner
 
 

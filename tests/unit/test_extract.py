@@ -6,7 +6,8 @@ import torch
 from ia2dist.config import AdapterConfig
 from ia2dist.errors import IA2Error
 from ia2dist.model.adapters import apply_adapter
-from ia2dist.teacher.extract import extract, generate, naive_extract
+from ia2dist.teacher.extract import extract, generate
+from ia2dist.teacher.reference import naive_extract
 
 #: Different lengths (and not sorted by length) so batches need padding and reordering.
 PROMPTS = [

@@ -10,8 +10,9 @@ from ia2dist.config import ModelConfig
 from ia2dist.errors import IA2Error
 from ia2dist.model.fastpaths import last_position_mlp, last_query_attention
 from ia2dist.model.load import load_model
-from ia2dist.teacher.extract import _Runner, _StopRule, extract, naive_extract
 from ia2dist.model.tiny import CORE_ARCHS, TINY_ARCHS
+from ia2dist.teacher.extract import _Runner, extract
+from ia2dist.teacher.reference import StopRule, naive_extract
 
 PROMPTS = ["alpha beta gamma delta epsilon\n\nText:the movie was great\nLabel:",
            "Text:a dull plot\nLabel:", "Question:What is 12 plus 30?\nAnswer:"]
@@ -83,7 +84,7 @@ def test_shortcuts_a_family_breaks_are_switched_off_and_logged(make_tokenizer, m
     # and a family that passes keeps every shortcut, with stop strings too (the reference decodes
     # with the same stop rule)
     model = make_model("llama", tok)
-    for stop in (_never_stop(), _StopRule(model, tok, ("a", "e", "\n"))):
+    for stop in (_never_stop(), StopRule(model, tok, ("a", "e", "\n"))):
         monkeypatch.setattr(extract_module, "_DECODE_PROOFS", {})
         runner = _Runner(model)
         with torch.no_grad():
