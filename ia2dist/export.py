@@ -3,9 +3,10 @@
 The checkpoint is verified against its manifest first (nothing unverified is read). Its trainable
 weights come from the engine's files: safetensors for the one-process engine; for DeepSpeed the fp32
 master partitions of every rank, merged with DeepSpeed's ``zero_to_fp32`` (the run's ZeRO shards,
-whatever the world size). The student is rebuilt from the run's saved config (base model + adapter),
-the weights loaded into it, and written with ``save_pretrained`` in safetensors; ``merge`` also
-writes the base model with the adapter folded in (LoRA/IA3) as a plain HF model.
+whatever the world size). The student is rebuilt from the run's saved config as its job built it
+(``Students.student`` with the unit's ``student_seed``: base model + seeded adapter), the weights
+loaded into it, and written with ``save_pretrained`` in safetensors; ``merge`` also writes the base
+model with the adapter folded in (LoRA/IA3) as a plain HF model.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
     """Write the student of checkpoint ``ckpt`` to ``out`` (default:
     ``<run_dir>/exports/N{n}_seed{r}-<method>-<checkpoint>``); returns ``out``."""
     from ia2dist.config import load_config
-    from ia2dist.model.adapters import apply_adapter, save_trained
+    from ia2dist.experiment.plan import student_seed
+    from ia2dist.model.adapters import save_trained
     from ia2dist.model.load import load_model, load_tokenizer
+    from ia2dist.student.job import Students
 
     ckpt = Path(ckpt).expanduser()
     if not ckpt.exists():
@@ -90,25 +93,25 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, mer
                        "be merged); drop --merge")
     rundir.check_writable(out, "export --out")
     state = _trainable_state(ckpt, ident.get("engine", "torch"))
-    base = load_model(cfg.model, device="cpu")
-    seed = cfg.seed * 1000 + ident["seed"]
-    torch.manual_seed(seed)
-    student = apply_adapter(base, cfg.train.adapter, seed=seed)
-    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    if params.keys() != state.keys():
-        missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-        raise IA2Error(f"export: {ckpt} does not match the run's adapter (missing {missing[:2]}, "
-                       f"unexpected {extra[:2]}); was train.adapter changed in {config_path}?")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name].to(param.dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out)
-    save_trained(student, tmp)
-    if merge:
-        merged = student.merge_and_unload()
-        merged.save_pretrained(tmp / "merged", safe_serialization=True)
-        load_tokenizer(cfg.model).save_pretrained(tmp / "merged")
+    students = Students(lambda source: load_model(cfg.model, device="cpu"), cfg.train.adapter)
+    with students.student(student_seed(cfg, ident["seed"])) as student:
+        params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        if params.keys() != state.keys():
+            missing = sorted(params.keys() - state.keys())
+            extra = sorted(state.keys() - params.keys())
+            raise IA2Error(f"export: {ckpt} does not match the run's adapter (missing "
+                           f"{missing[:2]}, unexpected {extra[:2]}); was train.adapter changed in "
+                           f"{config_path}?")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name].to(param.dtype))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staging_dir(out)
+        save_trained(student, tmp)
+        if merge:
+            merged = student.merge_and_unload()
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            load_tokenizer(cfg.model).save_pretrained(tmp / "merged")
     (tmp / "export.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "run_dir": str(run_dir), "n": ident["n"],
          "seed": ident["seed"], "method": ident["method"], "phase": payload["state"]["phase"],

@@ -196,9 +196,8 @@ class Plan:
 
     # ------------------------------------------------------------------ seeds, jobs, order
     def student_seed(self, unit: Unit) -> int:
-        """THE seed of a unit's students (adapter init, dropout, data order): the same for every
-        method of the unit, so methods differ only in what they train on."""
-        return self.cfg.seed * 1000 + unit.seed
+        """THE seed of a unit's students (``student_seed``)."""
+        return student_seed(self.cfg, unit.seed)
 
     def unit(self, key: str) -> Unit:
         for unit in self.units:
@@ -389,6 +388,13 @@ class Plan:
                            "which this run does not train; check data.num_train, data.seeds and "
                            "train.methods")
         return job_id, Path(path).expanduser().resolve()
+
+
+def student_seed(cfg: RunConfig, data_seed: int) -> int:
+    """THE seed of the students of the unit of data seed ``data_seed`` (adapter init, dropout,
+    data order): the same for every method of the unit, so methods differ only in what they train
+    on."""
+    return cfg.seed * 1000 + data_seed
 
 
 def _first_objective(method: str) -> str:
