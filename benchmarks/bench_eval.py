@@ -75,7 +75,8 @@ def dev_rows(model, tokenizer, *, sizes, rounds: int) -> list[dict]:
     from ia2dist.model.structure import attention_sites, unwrap_peft
     from ia2dist.records import TeacherRecord
     from ia2dist.student.batching import StudentItem
-    from ia2dist.student.trainer import TorchEngine, _Context, _evaluate_objective
+    from ia2dist.student.engines.torch_engine import TorchEngine
+    from ia2dist.student.trainer import _Context, _evaluate_objective
 
     student = apply_adapter(model, AdapterConfig(type="lora", r=8), seed=0)  # q/k/o
     engine = TorchEngine(student)

@@ -100,8 +100,8 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
     from ia2dist.model.adapters import apply_adapter
     from ia2dist.model.load import load_model, load_tokenizer
     from ia2dist.experiment.plan import Plan
-    from ia2dist.student.deepspeed_engine import init_distributed
-    from ia2dist.student.engine_choice import choose_engine
+    from ia2dist.student.engines.deepspeed_engine import init_distributed
+    from ia2dist.student.engines.choice import choose_engine
 
     cfg = load_config(str(REPO / "configs/real.yaml"), overrides(model_dir, run_dir, engine))
     tok = load_tokenizer(cfg.model)
@@ -148,8 +148,8 @@ def _floor(model, plan, unit, job, records, history: dict, worker) -> dict:
     import torch
 
     from ia2dist.eval.runner import evaluate
-    from ia2dist.student.job import job_items
-    from ia2dist.student.trainer import train
+    from ia2dist.student.items import job_items
+    from ia2dist.student.trainer import TrainOptions, train
 
     train_items, dev_items = job_items(plan, unit, plan.tokenizer,
                                        worker._fetch(records, "teacher"),
@@ -162,7 +162,7 @@ def _floor(model, plan, unit, job, records, history: dict, worker) -> dict:
             cfg = dataclasses.replace(t, max_steps=phase["steps"], epochs=10_000, patience=0,
                                       checkpoint_every=-1)
             train(model, train_items, [], _METHOD_OF[phase["objective"]], cfg, seed=job.seed,
-                  pad_id=plan.tokenizer.pad_token_id)
+                  options=TrainOptions(pad_id=plan.tokenizer.pad_token_id))
     dev_evals = sum("dev_loss" in r for r in history["history"])
     if dev_items and dev_evals:
         for _ in range(dev_evals):

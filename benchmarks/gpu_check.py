@@ -255,8 +255,9 @@ def step_zero3() -> dict:
 
     from ia2dist.config import ModelConfig, TrainConfig
     from ia2dist.model.load import load_model
-    from ia2dist.student.deepspeed_engine import forwards, init_distributed, load_partitioned
-    from ia2dist.student.dsconfig import fill_ds_config, reduce_bucket_elements
+    from ia2dist.student.engines.deepspeed_engine import (forwards, init_distributed,
+                                                          load_partitioned)
+    from ia2dist.student.engines.dsconfig import fill_ds_config, reduce_bucket_elements
 
     dev = torch.device("cpu") if DRYRUN else torch.device("cuda", 0)
     if not DRYRUN:
@@ -327,8 +328,9 @@ def _train_once(load_base, items, tcfg, kind, ds_config, killed: bool, root: Pat
     from ia2dist.experiment.checkpoint import Checkpointer
     from ia2dist.config import AdapterConfig
     from ia2dist.model.adapters import apply_adapter
-    from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
-    from ia2dist.student.trainer import TorchEngine, train
+    from ia2dist.student.engines.deepspeed_engine import DeepSpeedEngineFactory
+    from ia2dist.student.engines.torch_engine import TorchEngine
+    from ia2dist.student.trainer import TrainOptions, train
 
     built: dict = {}
     make = DeepSpeedEngineFactory(ds_config, model_dtype="bfloat16") if kind == "deepspeed" \
@@ -353,8 +355,8 @@ def _train_once(load_base, items, tcfg, kind, ds_config, killed: bool, root: Pat
         ckpt = Checkpointer(root, every=KILL_AFTER, keep=4, identity={"check": kind}, rank=0)
         resume = ckpt.load()
         try:
-            train(model, items, [], "ia2_then_sft", tcfg, seed=0, engine_factory=factory,
-                  checkpointer=ckpt, log=log)
+            train(model, items, [], "ia2_then_sft", tcfg, seed=0,
+                  options=TrainOptions(engine_factory=factory, checkpointer=ckpt, log=log))
         except _Killed:
             return None
         finally:

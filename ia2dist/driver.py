@@ -151,7 +151,7 @@ def student_engine(plan: Plan, tokenizer, model_config, longest_prompt: int,
 
 def _engine_for(cfg: RunConfig, gpu_bytes: int | None, plan_for):
     """``student_engine`` over ``plan_for(ds_config) -> MemoryPlan`` (None: the layout's own)."""
-    from ia2dist.student.engine_choice import choose_engine, planned_template
+    from ia2dist.student.engines.choice import choose_engine, planned_template
 
     memory = plan_for(None)
     engine = choose_engine(cfg.dist, gpu_bytes=gpu_bytes,

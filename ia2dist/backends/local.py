@@ -15,9 +15,10 @@ from ia2dist.experiment.plan import Baseline, Job, Plan, Unit
 from ia2dist.model.dtypes import DTYPES
 from ia2dist.model.load import load_model
 from ia2dist.records import TeacherRecord
-from ia2dist.student.engine_choice import choose_engine
-from ia2dist.student.job import Students, job_items, run_job
-from ia2dist.student.trainer import EngineFactory
+from ia2dist.student.engines.choice import choose_engine
+from ia2dist.student.engines.torch_engine import TorchEngineFactory
+from ia2dist.student.items import job_items
+from ia2dist.student.job import Students, run_job
 from ia2dist.teacher.extract import extract, proven_decoding
 from ia2dist.teacher.store import teacher_store
 
@@ -128,7 +129,8 @@ class LocalBackend:
                  len(train_items), len(dev_items))
         step_log = (lambda row: self.log_step(job, row)) if self.log_step is not None else None
         outcome = run_job(
-            self.students, self.plan, job, train_items, dev_items, engine_factory=EngineFactory(),
+            self.students, self.plan, job, train_items, dev_items,
+            engine_factory=TorchEngineFactory(),
             checkpoint=self.plan.checkpoint_options(job, resume_from),
             evaluate=(lambda model, tags: self._evaluate(model, unit, job.name, sim, tags))
             if evaluate else None, log_step=step_log, progress=self.progress,

@@ -380,7 +380,7 @@ class DistConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per student worker."""
     ds_config: str = "auto"
-    """The student engine. 'auto': chosen from the layout (``ia2dist.student.engine_choice``):
+    """The student engine. 'auto': chosen from the layout (``ia2dist.student.engines.choice``):
     the plain PyTorch engine on a group of one rank (ZeRO-3 there partitions nothing yet gathers
     every weight on every pass), zero3_offload on one rank when the memory plan says the model
     does not fit one GPU, zero3 on groups of several ranks. A DeepSpeed template (zero3,

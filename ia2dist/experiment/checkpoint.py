@@ -238,7 +238,7 @@ class Checkpointer:
             payload = {"schema_version": CHECKPOINT_SCHEMA_VERSION,
                        "activation_schema_version": ACTIVATION_SCHEMA_VERSION,
                        "identity": {**self.identity, "world_size": engine.world_size,
-                                    "engine": getattr(engine, "kind", "torch")},
+                                    "engine": engine.kind},
                        "has_best_state": best_state is not None, "state": asdict(state)}
             write_json_atomic(tmp / "state.json", payload)
             write_manifest(tmp)

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 
 from ia2dist.errors import IA2Error
-from ia2dist.student.engine_choice import planned_template
+from ia2dist.student.engines.choice import planned_template
 
 GiB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -291,7 +291,7 @@ def _dense_attention(cfg, on_gpu: bool) -> bool:
 def _reduce_bucket_elements(ds_config: str) -> int:
     """The template's gradient reduce bucket (elements); DeepSpeed's default when the template
     cannot be read (the run itself reports that)."""
-    from ia2dist.student.dsconfig import (DEEPSPEED_REDUCE_BUCKET, reduce_bucket_elements,
+    from ia2dist.student.engines.dsconfig import (DEEPSPEED_REDUCE_BUCKET, reduce_bucket_elements,
                                           resolve_ds_template)
 
     try:

@@ -8,9 +8,9 @@ is never copied. Full fine-tuning trains every weight, so each job gets freshly 
 instead (``load_base`` again).
 
 ``run_job`` is the ONE function that runs a job: the one-process backend calls it with a torch
-engine, every rank of a Ray worker group with a DeepSpeed engine. Items come from ``job_items``,
-which builds them lazily from a record fetcher, so a rank only ever touches (and, distributed,
-fetches) the teacher records of the examples it trains on.
+engine, every rank of a Ray worker group with a DeepSpeed engine. Items come from
+``ia2dist.student.items.job_items``, which builds them lazily from a record fetcher, so a rank only
+ever touches (and, distributed, fetches) the teacher records of the examples it trains on.
 
 Each job records where its time went (``ia2dist.timing``): ``timing.json`` in its folder.
 
@@ -31,12 +31,10 @@ import torch
 from torch import nn
 
 from ia2dist import timing
-from ia2dist.experiment import rundir
 from ia2dist.io import commit_dir, staging_dir, staging_name, write_json_atomic
-from ia2dist.errors import IA2Error
 from ia2dist.eval.runner import job_tags
-from ia2dist.records import TeacherRecord
 from ia2dist.student.batching import StudentItem
+from ia2dist.student.engines.base import EngineFactory
 
 log = logging.getLogger("ia2dist")
 
@@ -118,79 +116,6 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-# --------------------------------------------------------------------------------------------------
-# Items
-
-@dataclass(frozen=True)
-class ItemSpec:
-    """What a student item needs besides its teacher record: prompt and CE target ids (None: the
-    teacher's own response, label_type icl) and the record's position in the unit's read order."""
-
-    uid: str
-    prompt_ids: list[int]
-    target_ids: list[int] | None
-    position: int
-
-
-class LazyItems(Sequence):
-    """StudentItems built on first access, their teacher record fetched by ``fetch(position)``
-    (a list in one process; the object store in a Ray worker). Built items are kept for the job."""
-
-    def __init__(self, specs: Sequence[ItemSpec], fetch: Callable[[int], TeacherRecord | None],
-                 check: Callable[[TeacherRecord], None] | None = None):
-        self.specs, self.fetch, self.check = list(specs), fetch, check
-        self._items: dict[int, StudentItem] = {}
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        if index not in self._items:
-            spec = self.specs[index]
-            with timing.part("teacher_wait"):
-                record = self.fetch(spec.position)
-            if record is not None:
-                if record.uid != spec.uid:
-                    raise IA2Error(f"teacher record {record.uid} where {spec.uid} was expected; "
-                                   "delete the unit's teacher outputs to extract them again")
-                if self.check is not None:
-                    self.check(record)
-            targets = spec.target_ids
-            if targets is None:
-                targets = [int(t) for t in record.response_ids.tolist()]
-            self._items[index] = StudentItem(uid=spec.uid, prompt_ids=spec.prompt_ids,
-                                             target_ids=targets, teacher=record)
-        return self._items[index]
-
-
-def job_items(plan, unit, tokenizer, fetch: Callable[[int], TeacherRecord | None], *,
-              check: Callable[[TeacherRecord], None] | None = None,
-              label_type: str | None = None) -> tuple[LazyItems, LazyItems]:
-    """(train items, dev items) of ``unit`` in index order, lazily built (see ``LazyItems``);
-    ``fetch(position)`` gives the teacher record at that position of ``plan.read_order(unit)``;
-    CE targets of ``label_type`` (the job's; default train.label_type)."""
-    from ia2dist.model.decode import encode
-
-    position = {key: k for k, key in enumerate(plan.read_order(unit))}
-    examples = [("train", i, ex) for i, ex in enumerate(unit.train)]
-    examples += [("dev", j, ex) for j, ex in enumerate(unit.dev)]
-    prompt_ids = encode(tokenizer, [plan.student_prompt(ex) for _, _, ex in examples])
-    label_type = label_type or plan.cfg.train.label_type
-    icl = label_type == "icl"
-    specs = [ItemSpec(uid=ex.uid, prompt_ids=ids,
-                      target_ids=None if icl else plan.target_ids(tokenizer, ex, None, label_type),
-                      position=position[(kind, i)])
-             for (kind, i, ex), ids in zip(examples, prompt_ids)]
-    n = len(unit.train)
-    return LazyItems(specs[:n], fetch, check), LazyItems(specs[n:], fetch, check)
-
-
 def read_parts(plan, unit, world_size: int) -> list[int]:
     """The rank (of a group of ``world_size``) that reads each position of the unit's read order:
     a training item's home rank (``ia2dist.experiment.order.home_ranks``), dev item j's j mod W.
@@ -199,19 +124,6 @@ def read_parts(plan, unit, world_size: int) -> list[int]:
 
     homes = home_ranks(len(unit.train), plan.student_seed(unit), world_size)
     return [homes[i] if kind == "train" else i % world_size for kind, i in plan.read_order(unit)]
-
-
-def record_checker(num_layers: int, need_topk: bool) -> Callable[[TeacherRecord], None]:
-    """A check of each teacher record as it arrives (a distributed job validates records lazily)."""
-    def check(rec: TeacherRecord) -> None:
-        if rec.acts_LTD.shape[0] != num_layers:
-            raise IA2Error(f"example {rec.uid}: teacher activations have {rec.acts_LTD.shape[0]} "
-                           f"layers but the student has {num_layers}; extract with the student's "
-                           "base model")
-        if need_topk and rec.topk_logprobs_Tk is None:
-            raise IA2Error(f"example {rec.uid}: soft_sft needs the teacher's top-k; set "
-                           "extract.topk")
-    return check
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +146,7 @@ class JobOutcome:
 
 @timing.clocked
 def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
-            dev_items: Sequence[StudentItem], *, engine_factory, rank: int = 0,
+            dev_items: Sequence[StudentItem], *, engine_factory: EngineFactory, rank: int = 0,
             world_size: int = 1, barrier: Callable[[], None] = lambda: None,
             checkpoint: dict | None = None, validate_items: bool = True,
             evaluate: Callable[[nn.Module, dict], list[dict]] | None = None,
@@ -249,7 +161,7 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
     went to ``job.out_dir / timing.json`` (counted from the caller's ``timing.clock`` when one
     runs, e.g. to include waiting for records before this call).
 
-    engine_factory: an ``EngineFactory``/``DeepSpeedEngineFactory`` (its last engine saves the
+    engine_factory: a ``TorchEngineFactory``/``DeepSpeedEngineFactory`` (its last engine saves the
         model and stays alive for the evaluation, then is closed). Every rank of a group calls
         this with the same job; rank 0 writes the files. ``checkpoint``: ``Checkpointer`` keyword
         arguments (``Plan.checkpoint_options``) or None. ``engine``: which engine and why
@@ -258,21 +170,21 @@ def run_job(students: Students, plan, job, train_items: Sequence[StudentItem],
         end).
     """
     from ia2dist.experiment.checkpoint import Checkpointer
-    from ia2dist.student.trainer import train
+    from ia2dist.student.trainer import TrainOptions, train
 
     checkpointer = Checkpointer(**checkpoint, rank=rank) if checkpoint is not None else None
     reuse = None
     if checkpointer is None or not checkpointer.has_start():  # else it resumes from its own
-        reuse = reused_phases(plan, job, rank, world_size, getattr(engine_factory, "kind", None))
+        reuse = reused_phases(plan, job, rank, world_size, engine_factory.kind)
     if not agree(reuse is not None):
         reuse = None
     with students.student(job.seed) as model:
         try:
+            options = TrainOptions(log=log_step, progress=progress, engine_factory=engine_factory,
+                                   validate_items=validate_items, checkpointer=checkpointer,
+                                   eval_batch_size=plan.cfg.eval.batch_size, reuse=reuse)
             result = train(model, train_items, dev_items, job.method, job.train_cfg,
-                           seed=job.seed, log=log_step, progress=progress,
-                           engine_factory=engine_factory, validate_items=validate_items,
-                           checkpointer=checkpointer, eval_batch_size=plan.cfg.eval.batch_size,
-                           reuse=reuse)
+                           seed=job.seed, options=options)
             final = job.out_dir
             with timing.part("checkpoint"):
                 tmp = staging_dir(final) if rank == 0 else staging_name(final)
@@ -335,7 +247,7 @@ def save_phase_end(root: Path, plan, job, engine, result, rank: int, world_size:
                   str(root / "state.safetensors"))
         write_json_atomic(root / "meta.json", {
             "job": job.id, "phases": len(result.phases), "world_size": world_size,
-            "engine": getattr(engine, "kind", "torch"), "identity": plan.phase_identity(job)})
+            "engine": engine.kind, "identity": plan.phase_identity(job)})
     barrier()
     root.mkdir(parents=True, exist_ok=True)  # where ranks do not share the run directory too
     save_file({k: v for k, v in result.end_state.items() if k != "generator_state"},
@@ -343,7 +255,7 @@ def save_phase_end(root: Path, plan, job, engine, result, rank: int, world_size:
     barrier()
 
 
-def reused_phases(plan, job, rank: int, world_size: int, engine_kind: str | None):
+def reused_phases(plan, job, rank: int, world_size: int, engine_kind: str):
     """The ``PhaseStart`` of ``job`` from its phase source's published result (see
     ``Plan.phase_source``), or None (train every phase) when the grid has no source, the source
     is not trained, has no phase end (trained by an older version or full fine-tuning), or its

@@ -24,28 +24,29 @@ zero-weighted forwards (of one of their own examples) so that all ranks run the 
 forwards and backwards (ZeRO-3 gathers parameters collectively in each of them). Logged and dev
 losses are global values, identical on every rank, so early stopping decides the same everywhere.
 
-The loop knows nothing about distribution: an ``Engine`` owns forward/backward/step, the trainable
-state and one collective (``all_reduce_sum``). ``TorchEngine`` is the single-process one;
-``ia2dist.student.deepspeed_engine.DeepSpeedEngine`` the DeepSpeed ZeRO one.
+The loop knows nothing about distribution: an ``Engine`` (``ia2dist.student.engines.base``) owns
+forward/backward/step, the trainable state and one collective (``all_reduce_sum``);
+``ia2dist.student.engines`` holds the one-process engine and the DeepSpeed ZeRO one.
+
+``train`` takes what it trains (model, items, method, config, seed) and how it runs
+(``TrainOptions``). The loop state of the running phase is one object (``PhaseState``) that the
+loop updates in place; a checkpoint saves it and a resume restores it, nothing else is carried.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ia2dist.experiment.checkpoint import (Checkpointer, LoopState, Preempted, Resume, cuda_device,
-                                restore_rng)
 from ia2dist.config import METHODS, TrainConfig
 from ia2dist.errors import IA2Error
+from ia2dist.experiment.checkpoint import (Checkpointer, LoopState, Preempted, Resume,
+                                           cuda_device, restore_rng)
 from ia2dist.experiment.order import home_ranks
 from ia2dist.losses import Pair, ce_loss, combined, ia2_loss, normalized, soft_ce_loss
 from ia2dist.model import decode
@@ -54,6 +55,9 @@ from ia2dist.model.fastpaths import last_position_mlp
 from ia2dist.model.structure import attention_sites, unwrap_peft
 from ia2dist.student.batching import (Positions, StudentBatch, StudentItem, collate,
                                       item_counts)
+from ia2dist.student.engines.base import Engine
+from ia2dist.student.engines.torch_engine import TorchEngine
+from ia2dist.student.items import check_items
 from ia2dist.teacher.capture import ActivationCapture
 from ia2dist.timing import part
 
@@ -70,214 +74,6 @@ METHOD_PHASES: dict[str, tuple[str, ...]] = {
 OBJECTIVE_TERMS: dict[str, tuple[str, ...]] = {
     "ce": ("ce",), "kl": ("kl",), "ia2": ("ia2",), "ia2+ce": ("ia2", "ce"),
 }
-
-
-class Engine(Protocol):
-    """What the loop needs from a (possibly distributed) training engine.
-
-    backward() takes a loss already divided by the GLOBAL count of the step and must make the
-    parameters' gradient the SUM over micro-batches and ranks (no rescaling by accumulation steps or
-    by the number of ranks). step() ends an optimizer step (the accumulation boundary).
-    """
-
-    model: nn.Module
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def forward(self, **inputs) -> Any: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> bool:
-        """False when the step was skipped (fp16 loss scaling found inf/nan gradients)."""
-    def zero_grad(self) -> None: ...
-    def save_consolidated(self, out_dir: Path) -> None: ...
-    def destroy(self) -> None: ...
-    def trainable_state(self) -> dict[str, torch.Tensor]: ...
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
-    def save_checkpoint(self, path: Path) -> None: ...
-    def load_checkpoint(self, path: Path, saved_world_size: int) -> None: ...
-
-
-class TorchEngine:
-    """One process: a torch optimiser over the model's trainable parameters.
-
-    optimizer: "adam" (weight_decay is an L2 term, as in torch.optim.Adam) or "adamw" (decoupled).
-    grad_clip: max global gradient norm, or None.
-    """
-
-    rank = 0
-    world_size = 1
-    kind = "torch"
-
-    def __init__(self, model: nn.Module, optimizer: str = "adam", lr: float = 1e-3,
-                 weight_decay: float = 0.0, grad_clip: float | None = None):
-        self.model = model
-        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if not self.params:
-            raise IA2Error("student model has no trainable parameters; apply an adapter "
-                           "(train.adapter.type) before training")
-        if any(p.dtype == torch.float16 for p in self.params.values()):
-            raise IA2Error("model.dtype=float16 with full fine-tuning: the one-process engine "
-                           "keeps no float32 master weights; use model.dtype=bfloat16, or "
-                           "dist.backend=ray (DeepSpeed's fp16 optimizer)")
-        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        if optimizer not in optimizers:
-            raise IA2Error(f"train.optimizer: unknown optimizer {optimizer!r}; use adam or adamw")
-        self.optimizer = optimizers[optimizer](list(self.params.values()), lr=lr,
-                                               weight_decay=weight_decay)
-        self.grad_clip = grad_clip
-        self.device = next(iter(self.params.values())).device
-        # a float16 base: gradients flow through float16 activations; dynamic loss scaling keeps
-        # them from underflowing (the trainable float32 adapter weights take unscaled gradients)
-        half = any(p.dtype == torch.float16 for p in model.parameters())
-        self.scaler = torch.amp.GradScaler(self.device.type) if half else None
-
-    @classmethod
-    def from_config(cls, model: nn.Module, train_cfg: TrainConfig) -> "TorchEngine":
-        return cls(model, train_cfg.optimizer, train_cfg.lr, train_cfg.weight_decay,
-                   train_cfg.grad_clip)
-
-    def forward(self, **inputs):
-        return self.model(**inputs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self) -> bool:
-        """One optimizer step; False when loss scaling found inf/nan gradients and skipped it."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.grad_clip)
-        if self.scaler is None:
-            self.optimizer.step()
-            return True
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return self.scaler.get_scale() >= scale
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Detached copies of the trainable parameters (not views: later steps cannot alter them)."""
-        return {name: p.detach().clone() for name, p in self.params.items()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        if state.keys() != self.params.keys():
-            missing = sorted(self.params.keys() - state.keys())
-            extra = sorted(state.keys() - self.params.keys())
-            raise ValueError(f"trainable state does not match the model: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(state[name])
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def save_consolidated(self, out_dir: Path) -> None:
-        """The trained model as ``ia2dist.model.adapters.save_trained`` writes it (a PEFT
-        adapter, or the whole model for full fine-tuning)."""
-        from ia2dist.model.adapters import save_trained
-
-        save_trained(self.model, out_dir)
-
-    def destroy(self) -> None:
-        """Nothing to release (the DeepSpeed engine releases its hooks and buffers here)."""
-
-    def save_checkpoint(self, path: Path) -> None:
-        """Trainable weights and the optimiser state as safetensors (+ JSON for hyper-parameters)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in self.params.items()},
-                  str(path / PLAIN_WEIGHTS))
-        names = list(self.params)
-        sd = self.optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for index, slots in sd["state"].items():
-            for slot, value in slots.items():
-                key = f"{names[index]}::{slot}"
-                if torch.is_tensor(value):
-                    tensors[key] = value.detach().contiguous()
-                else:
-                    scalars[key] = value
-        save_file(tensors, str(path / "optimizer.safetensors"))
-        (path / "optimizer.json").write_text(json.dumps(
-            {"names": names, "param_groups": sd["param_groups"], "scalars": scalars,
-             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}))
-
-    def load_checkpoint(self, path: Path, saved_world_size: int = 1) -> None:
-        """Restore ``save_checkpoint``'s files, or a DeepSpeed engine's checkpoint (any ZeRO stage
-        and world size: a job moved from a ZeRO-3 group onto one rank)."""
-        path = Path(path)
-        if (path / PLAIN_WEIGHTS).is_file():
-            weights, moments, meta = read_plain_checkpoint(path)
-        else:
-            from ia2dist.student.deepspeed_engine import read_portable_state
-
-            weights, moments, meta = read_portable_state(
-                path, {name: p.shape for name, p in self.params.items()})
-        if set(moments) != set(self.params):
-            raise IA2Error(f"{path}: optimiser state is for other parameters; resume with the "
-                           "adapter and model the checkpoint was written with")
-        self.load_trainable_state(weights)
-        names = list(self.params)
-        state = {names.index(name): dict(slots) for name, slots in moments.items() if slots}
-        self.optimizer.load_state_dict({"state": state,
-                                        "param_groups": meta.get("param_groups") or
-                                        self.optimizer.state_dict()["param_groups"]})
-        if self.scaler is not None and meta.get("loss_scaler"):
-            self.scaler.load_state_dict(meta["loss_scaler"])
-
-
-#: The trainable weights in a ``TorchEngine`` checkpoint (its other files: optimizer.safetensors,
-#: optimizer.json).
-PLAIN_WEIGHTS = "trainable.safetensors"
-
-
-def read_plain_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """A ``TorchEngine`` checkpoint as (weights {name: tensor}, optimiser moments {name: {slot:
-    value}} with Adam's slots step, exp_avg, exp_avg_sq, meta {param_groups, loss_scaler}): the
-    per-parameter form every engine can load."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    weights = load_file(str(path / PLAIN_WEIGHTS))
-    meta = json.loads((path / "optimizer.json").read_text())
-    moments: dict[str, dict] = {name: {} for name in meta["names"]}
-    for key, value in [*load_file(str(path / "optimizer.safetensors")).items(),
-                       *meta["scalars"].items()]:
-        name, slot = key.split("::", 1)
-        moments[name][slot] = value
-    return weights, moments, meta
-
-
-class EngineFactory:
-    """The ``engine_factory`` of ``train`` that keeps the latest engine: the one a finished job
-    saves (``save_consolidated``) and evaluates with. A new phase destroys the previous engine
-    (a fresh optimiser on the same weights); ``close`` destroys the last one. ``kind``: the kind
-    of engine it makes (a job reuses another job's phases only when trained by the same kind)."""
-
-    def __init__(self, make: Callable[[nn.Module, TrainConfig], Engine] = None,
-                 kind: str = TorchEngine.kind):
-        self.make = make or TorchEngine.from_config
-        self.kind = kind
-        self.engine: Engine | None = None
-
-    def __call__(self, model: nn.Module, train_cfg: TrainConfig) -> Engine:
-        self.close()
-        self.engine = self.make(model, train_cfg)
-        return self.engine
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.destroy()
-            self.engine = None
 
 
 @dataclass
@@ -311,6 +107,38 @@ class PhaseStart:
 
 
 @dataclass
+class TrainOptions:
+    """How a ``train`` call runs, besides what it trains (model, items, method, config, seed).
+
+    log: called with each step's history dict (e.g. to send it to wandb).
+    progress: show a progress bar per phase.
+    engine_factory: builds each phase's engine (hence a fresh optimiser) from (model, train_cfg);
+        an ``EngineFactory`` also keeps the last one (to save and evaluate with).
+    pad_id: padding token (never attended to; default: the model's pad/eos id, else 0).
+    padding_side: right by default; prompt-tuned models are always right-padded.
+    validate_items: check every item's teacher record up front; a caller whose items arrive while
+        training runs (the pipelined distributed student) validates each record on arrival instead.
+    checkpointer: save the complete loop + engine state every ``checkpointer.every`` steps and at
+        each phase end, and first continue from its newest complete checkpoint when there is one;
+        the resumed run ends with the same weights and history as an uninterrupted one.
+    eval_batch_size: dev items per forward of each dev evaluation (``eval.batch_size``; default
+        ``train.micro_batch_size``); the dev loss does not depend on it.
+    reuse: start after phases another job trained (see ``PhaseStart``; a checkpoint of this job
+        takes precedence: it is further along).
+    """
+
+    log: Callable[[dict], None] | None = None
+    progress: bool = False
+    engine_factory: Callable[[nn.Module, TrainConfig], Engine] = TorchEngine.from_config
+    pad_id: int | None = None
+    padding_side: str = "right"
+    validate_items: bool = True
+    checkpointer: Checkpointer | None = None
+    eval_batch_size: int | None = None
+    reuse: PhaseStart | None = None
+
+
+@dataclass
 class _Context:
     """What every step of a ``train`` call shares."""
 
@@ -329,51 +157,102 @@ class _Context:
     """Dev items per forward (None: ``cfg.micro_batch_size``)."""
 
 
+@dataclass
+class PhaseState:
+    """The loop state of one phase, which the loop updates as it goes: optimizer steps done,
+    where the next batch starts (``position`` in epoch ``epoch``'s data order), early stopping
+    (best dev loss, its step and trainable state, evaluations without improvement, stopped) and
+    whether the phase is done. ``loop_state`` is what a checkpoint saves of it (the best trainable
+    state goes into the checkpoint's tensors), ``resumed`` restores it from a checkpoint."""
+
+    phase: int
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best_dev: float = math.inf
+    best_step: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    stopped: bool = False
+    done: bool = False
+
+    @classmethod
+    def resumed(cls, resume: Resume) -> "PhaseState":
+        s = resume.state
+        return cls(phase=s.phase, step=s.step, epoch=s.epoch, position=s.position,
+                   best_dev=math.inf if s.best_dev is None else s.best_dev,
+                   best_step=s.best_step, best_state=resume.best_state, stale=s.stale,
+                   stopped=s.stopped, done=s.phase_done)
+
+    def loop_state(self, result: TrainResult) -> LoopState:
+        return LoopState(phase=self.phase, phase_done=self.done, step=self.step, epoch=self.epoch,
+                         position=self.position,
+                         best_dev=None if self.best_step is None else self.best_dev,
+                         best_step=self.best_step, stale=self.stale, stopped=self.stopped,
+                         history=result.history, phases=result.phases)
+
+    def ended(self) -> "PhaseState":
+        """The state a phase-end checkpoint saves: the best state is in the weights by then."""
+        return PhaseState(phase=self.phase, step=self.step, stopped=self.stopped, done=True)
+
+    def summary(self, objective: str) -> dict:
+        return {"objective": objective, "best_step": self.best_step,
+                "best_dev": None if self.best_step is None else self.best_dev,
+                "stopped_early": self.stopped, "steps": self.step}
+
+
+@dataclass
+class _Run:
+    """What every phase of a ``train`` call shares: its items, options, step context, data-order
+    generator and the result it fills."""
+
+    train_items: Sequence[StudentItem]
+    dev_items: Sequence[StudentItem]
+    options: TrainOptions
+    ctx: _Context
+    generator: torch.Generator
+    result: TrainResult
+
+    def save(self, engine: Engine, state: PhaseState, generator_state: torch.Tensor) -> None:
+        with part("checkpoint"):
+            self.options.checkpointer.save(engine, state.loop_state(self.result), generator_state,
+                                           state.best_state, _barrier(engine))
+
+
 def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Sequence[StudentItem],
           method: str, train_cfg: TrainConfig, *, seed: int,
-          log: Callable[[dict], None] | None = None, progress: bool = False,
-          engine_factory: Callable[[nn.Module, TrainConfig], Engine] = TorchEngine.from_config,
-          pad_id: int | None = None, padding_side: str = "right",
-          validate_items: bool = True, checkpointer: Checkpointer | None = None,
-          eval_batch_size: int | None = None,
-          reuse: PhaseStart | None = None) -> TrainResult:
-    """Train ``model``'s trainable parameters in place with ``method`` (see ``METHOD_PHASES``).
+          options: TrainOptions | None = None) -> TrainResult:
+    """Train ``model``'s trainable parameters in place with ``method`` (see ``METHOD_PHASES``),
+    run as ``options`` say (``TrainOptions``; default: all its defaults).
 
-    Each phase builds a fresh engine (hence a fresh optimiser) with ``engine_factory``. On return
-    the model holds, for the last phase, the trainable state of its best dev evaluation.
-    log: called with each step's history dict (e.g. to send it to wandb).
-    pad_id: padding token (never attended to; default: the model's pad/eos id, else 0).
-    padding_side: right by default; prompt-tuned models are always right-padded.
-    validate_items: check every item's teacher record up front; a caller whose items arrive while
-        training runs (the pipelined distributed student) validates each record on arrival instead.
-    checkpointer: save the complete loop + engine state every ``checkpointer.every`` steps and at
-        each phase end, and first continue from its newest complete checkpoint when there is one;
-        the resumed run ends with the same weights and history as an uninterrupted one.
-    eval_batch_size: dev items per forward of each dev evaluation (``eval.batch_size``; default
-        ``train.micro_batch_size``); the dev loss does not depend on it.
-    reuse: start after phases another job trained (see ``PhaseStart``; a checkpoint of this job
-        takes precedence: it is further along).
+    Each phase builds a fresh engine (hence a fresh optimiser) with ``options.engine_factory``. On
+    return the model holds, for the last phase, the trainable state of its best dev evaluation.
     """
+    options = options or TrainOptions()
     if method not in METHOD_PHASES:
         raise IA2Error(f"train.methods: unknown method {method!r}; use one of {', '.join(METHODS)}")
     _check_config(train_cfg)
-    _check_eval_batch_size(eval_batch_size)
+    _check_eval_batch_size(options.eval_batch_size)
     phases = METHOD_PHASES[method]
     terms = {t for obj in phases for t in OBJECTIVE_TERMS[obj]}
     sites = attention_sites(model)
-    if validate_items:
-        _check_items(list(train_items) + list(dev_items), terms, len(sites), train_cfg)
+    if options.validate_items:
+        check_items(list(train_items) + list(dev_items), terms, len(sites))
     shift = num_virtual_tokens(model)
     ctx = _Context(sites=sites, device=next(model.parameters()).device,
-                   pad_id=decode.pad_id(model.config) if pad_id is None else pad_id,
-                   padding_side="right" if shift else padding_side, num_virtual_tokens=shift,
-                   cfg=train_cfg, logits_kwargs=decode.logits_to_keep_kwargs(unwrap_peft(model)),
-                   last_mlp=last_position_mlp(model), seed=seed, eval_batch_size=eval_batch_size)
+                   pad_id=decode.pad_id(model.config) if options.pad_id is None else options.pad_id,
+                   padding_side="right" if shift else options.padding_side,
+                   num_virtual_tokens=shift, cfg=train_cfg,
+                   logits_kwargs=decode.logits_to_keep_kwargs(unwrap_peft(model)),
+                   last_mlp=last_position_mlp(model), seed=seed,
+                   eval_batch_size=options.eval_batch_size)
+    checkpointer, reuse = options.checkpointer, options.reuse
     with part("checkpoint"):
         resume = checkpointer.load() if checkpointer is not None else None
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    result = TrainResult()
+    run = _Run(train_items, dev_items, options, ctx, torch.Generator().manual_seed(seed),
+               TrainResult())
+    result = run.result
     if resume is not None:
         result.history = list(resume.state.history)
         result.phases = list(resume.state.phases)
@@ -381,11 +260,11 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
         reuse = None
     elif reuse is not None:
         result.history, result.phases = list(reuse.history), list(reuse.summaries)
-        generator.set_state(reuse.end_state["generator_state"])
+        run.generator.set_state(reuse.end_state["generator_state"])
         _set_rng(reuse.end_state)
-        if log is not None:
+        if options.log is not None:
             for row in reuse.history:
-                log(dict(row))
+                options.log(dict(row))
     was_training = model.training
     try:
         for index, objective in enumerate(phases):
@@ -394,33 +273,26 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
             if reuse is not None and index < reuse.phases:
                 continue
             with part("engine_setup"):
-                engine = engine_factory(model, train_cfg)
+                engine = options.engine_factory(model, train_cfg)
             ctx.device = engine.device
             if reuse is not None:  # the other job's phase-end weights, fresh optimiser
                 engine.load_trainable_state(reuse.trainable)
                 reuse = None
-            start = None
+            state = PhaseState(phase=index)
             if resume is not None and index == resume.state.phase:
                 with part("checkpoint"):
                     engine.load_checkpoint(resume.engine_dir,
                                            resume.identity.get("world_size", 1))
-                generator.set_state(resume.generator_state)
+                run.generator.set_state(resume.generator_state)
                 restore_rng(resume, cuda_device(engine))
-                start, resume = resume, None
-                if start.state.phase_done:
+                state, resume = PhaseState.resumed(resume), None
+                if state.done:
                     continue
-            summary = _run_phase(engine, train_items, dev_items, objective, index, ctx, generator,
-                                 result, log, progress, checkpointer, start)
-            result.phases.append(summary)
+            _run_phase(run, engine, objective, state)
+            result.phases.append(state.summary(objective))
             if checkpointer is not None:
-                state = LoopState(phase=index, phase_done=True, step=summary["steps"], epoch=0,
-                                  position=0, best_dev=None, best_step=None, stale=0,
-                                  stopped=summary["stopped_early"], history=result.history,
-                                  phases=result.phases)
-                with part("checkpoint"):
-                    checkpointer.save(engine, state, generator.get_state(), None,
-                                      _barrier(engine))
-        result.end_state = {"generator_state": generator.get_state(), **_rng_state()}
+                run.save(engine, state.ended(), run.generator.get_state())
+        result.end_state = {"generator_state": run.generator.get_state(), **_rng_state()}
     finally:
         model.train(was_training)
     return result
@@ -448,88 +320,70 @@ def _barrier(engine: Engine) -> Callable[[], None]:
     return barrier
 
 
-def _run_phase(engine: Engine, train_items, dev_items, objective: str, index: int, ctx: _Context,
-               generator: torch.Generator, result: TrainResult, log, progress: bool,
-               checkpointer: Checkpointer | None, start: Resume | None) -> dict:
-    """One phase from its start or from a mid-phase checkpoint ``start`` (whose engine state,
-    generator and RNG states are already restored)."""
-    cfg = ctx.cfg
-    history = result.history
+def _run_phase(run: _Run, engine: Engine, objective: str, state: PhaseState) -> None:
+    """Phase ``state.phase`` from ``state``: its start, or a mid-phase checkpoint's state (whose
+    engine state, generator and RNG states are already restored). Updates ``state`` as it goes."""
+    cfg, index, train_items = run.ctx.cfg, state.phase, run.train_items
+    generator, checkpointer, log = run.generator, run.options.checkpointer, run.options.log
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    best_dev, best_step, best_state, stale, stopped = math.inf, None, None, 0, False
-    step, position = 0, 0
-    if start is not None:
-        s = start.state
-        step, position, stale, stopped = s.step, s.position, s.stale, s.stopped
-        best_step = s.best_step
-        best_dev = math.inf if s.best_dev is None else s.best_dev
-        best_state = start.best_state
-    bar = _progress_bar(total, f"phase {index} ({objective})", progress)
-    bar.update(step)
+    bar = _progress_bar(total, f"phase {index} ({objective})", run.options.progress)
+    bar.update(state.step)
     engine.model.train()
-    homes = home_ranks(len(train_items), ctx.seed, engine.world_size)
-    while step < total and not stopped:
-        epoch = step // steps_per_epoch
+    homes = home_ranks(len(train_items), run.ctx.seed, engine.world_size)
+    while state.step < total and not state.stopped:
+        epoch = state.step // steps_per_epoch
         epoch_start = generator.get_state()
         order = torch.randperm(len(train_items), generator=generator).tolist()
-        for begin in range(position, len(order), cfg.batch_size):
+        for begin in range(state.position, len(order), cfg.batch_size):
             batch = order[begin:begin + cfg.batch_size]
-            entry = {"phase": index, "objective": objective, "step": step + 1, "epoch": epoch}
+            entry = {"phase": index, "objective": objective, "step": state.step + 1,
+                     "epoch": epoch}
             with part("train"):
                 entry.update(_train_step(engine, _Share.of(train_items, batch, homes, engine),
-                                         objective, ctx))
-            step += 1
+                                         objective, run.ctx))
+            state.step += 1
             # dev evaluation every eval_every steps, at the last step, and (eval_at_epoch_end, as
             # the reference) at the step that ends an epoch: every step when an epoch is one step
             epoch_end = cfg.eval_at_epoch_end and begin + cfg.batch_size >= len(order)
-            if dev_items and (step % cfg.eval_every == 0 or step == total or epoch_end):
+            if run.dev_items and (state.step % cfg.eval_every == 0 or state.step == total
+                                  or epoch_end):
                 with part("dev_eval"):
-                    dev = _evaluate_objective(engine, dev_items, objective, ctx,
+                    dev = _evaluate_objective(engine, run.dev_items, objective, run.ctx,
                                               spare=_own_item(train_items, homes, engine.rank))
                     entry["dev_loss"] = dev
-                    if dev < best_dev:
-                        best_dev, best_step, best_state = dev, step, engine.trainable_state()
-                        stale = 0
+                    if dev < state.best_dev:
+                        state.best_dev, state.best_step = dev, state.step
+                        state.best_state = engine.trainable_state()
+                        state.stale = 0
                     else:
-                        stale += 1
-                        stopped = cfg.patience > 0 and stale >= cfg.patience
-            history.append(entry)
+                        state.stale += 1
+                        state.stopped = cfg.patience > 0 and state.stale >= cfg.patience
+            run.result.history.append(entry)
             if log is not None:
                 log(dict(entry))
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4g}")
-            if stopped or step >= total:
+            if state.stopped or state.step >= total:
                 break
             preempt = checkpointer is not None and checkpointer.stop_requested(engine)
-            if checkpointer is not None and (preempt or checkpointer.due(step)):
+            if checkpointer is not None and (preempt or checkpointer.due(state.step)):
                 next_pos = begin + cfg.batch_size
                 in_epoch = next_pos < len(order)
-                state = LoopState(phase=index, phase_done=False, step=step,
-                                  epoch=epoch if in_epoch else epoch + 1,
-                                  position=next_pos if in_epoch else 0,
-                                  best_dev=None if best_step is None else best_dev,
-                                  best_step=best_step, stale=stale, stopped=stopped,
-                                  history=history, phases=result.phases)
+                state.epoch, state.position = (epoch, next_pos) if in_epoch else (epoch + 1, 0)
                 # the order of an unfinished epoch is re-drawn from its start state on resume
-                with part("checkpoint"):
-                    checkpointer.save(engine, state,
-                                      epoch_start if in_epoch else generator.get_state(),
-                                      best_state, _barrier(engine))
+                run.save(engine, state, epoch_start if in_epoch else generator.get_state())
                 if preempt:
                     bar.close()
-                    raise Preempted(f"stopped on request after step {step} of phase {index}; "
-                                    "checkpoint saved, rerun to resume")
-        position = 0
+                    raise Preempted(f"stopped on request after step {state.step} of phase "
+                                    f"{index}; checkpoint saved, rerun to resume")
+        state.position = 0
     bar.close()
-    if best_state is not None:
+    if state.best_state is not None:
         with part("dev_eval"):
-            engine.load_trainable_state(best_state)
-    return {"objective": objective, "best_step": best_step,
-            "best_dev": None if best_step is None else best_dev, "stopped_early": stopped,
-            "steps": step}
+            engine.load_trainable_state(state.best_state)
 
 
 @dataclass
@@ -716,24 +570,6 @@ def _check_eval_batch_size(eval_batch_size: int | None) -> None:
                        "forward; set eval.batch_size to a positive number")
 
 
-def _check_items(items: list[StudentItem], terms: set[str], num_layers: int,
-                 cfg: TrainConfig) -> None:
-    """Fail before training when a record cannot serve the method (missing teacher, top-k,
-    or activations from a model of another depth)."""
-    if not items:
-        raise IA2Error("no training examples; data.num_train must be >= 2")
-    if not terms & {"ia2", "kl"}:
-        return
-    for item in items:
-        item.teacher_response()
-        if "kl" in terms and item.teacher.topk_logprobs_Tk is None:
-            raise IA2Error(f"example {item.uid}: soft_sft needs the teacher's top-k distribution but "
-                           f"the record has none; set extract.topk (e.g. extract.topk=20) and re-run "
-                           f"extraction")
-        if "ia2" in terms and item.teacher.acts_LTD.shape[0] != num_layers:
-            raise IA2Error(f"example {item.uid}: teacher activations have "
-                           f"{item.teacher.acts_LTD.shape[0]} layers but the student has "
-                           f"{num_layers}; extract with the student's base model")
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

@@ -145,7 +145,8 @@ def launched(data, tmp_path_factory):
 def reference(data):
     """Single-process TorchEngine runs of every scenario: history, final trainable state and the
     gradient norm of every step (before clipping)."""
-    from ia2dist.student.trainer import TorchEngine, train
+    from ia2dist.student.engines.torch_engine import TorchEngine
+    from ia2dist.student.trainer import TrainOptions, train
 
     class NormEngine(TorchEngine):
         def step(self):
@@ -159,8 +160,9 @@ def reference(data):
         model = make_student(data["base"], scenario["adapter"])
         train_items, dev_items = scenario_items(data, scenario)
         result = train(model, train_items, dev_items, scenario["method"], train_config(scenario),
-                       seed=0, engine_factory=NormEngine.from_config,
-                       eval_batch_size=scenario.get("eval_batch"))
+                       seed=0,
+                       options=TrainOptions(engine_factory=NormEngine.from_config,
+                                            eval_batch_size=scenario.get("eval_batch")))
         state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         out[name] = {"history": result.history, "phases": result.phases, "final": state,
                      "grad_norms": norms}
@@ -288,7 +290,7 @@ def _check_reload(engine, items) -> bool:
 def _worker(work_dir: Path) -> None:
     """One rank of the launch: every scenario with DeepSpeedEngine; results for this rank."""
     torch.set_num_threads(1)
-    from ia2dist.student.deepspeed_engine import (DeepSpeedEngine, DeepSpeedEngineFactory,
+    from ia2dist.student.engines.deepspeed_engine import (DeepSpeedEngine, DeepSpeedEngineFactory,
                                                   init_distributed)
     from ia2dist.student.trainer import train
 
@@ -325,7 +327,9 @@ def _worker(work_dir: Path) -> None:
         train_items, dev_items = scenario_items(data, scenario)
         factory = DeepSpeedEngineFactory(_template(scenario), engine_class=RecordingEngine)
         result = train(model, train_items, dev_items, scenario["method"], train_config(scenario),
-                       seed=0, engine_factory=factory, eval_batch_size=scenario.get("eval_batch"))
+                       seed=0,
+                       options=TrainOptions(engine_factory=factory,
+                                            eval_batch_size=scenario.get("eval_batch")))
         engine = factory.engine
         assert engine is engines[-1]
         some_param = next(iter(engine.params.values()))

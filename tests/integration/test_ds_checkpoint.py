@@ -120,13 +120,14 @@ def test_checkpoint_files_are_rank_shards_with_a_manifest(launched):
 def _train(data, root: Path, rank: int, kill_after: int | None = None, plain: bool = False):
     from ia2dist.experiment.checkpoint import Checkpointer
     from ia2dist.config import TrainConfig
-    from ia2dist.student.trainer import EngineFactory, train
+    from ia2dist.student.engines.torch_engine import TorchEngineFactory
+    from ia2dist.student.trainer import TrainOptions, train
 
     model = make_student(data["base"], "lora")
     if plain:
-        factory = EngineFactory()
+        factory = TorchEngineFactory()
     else:
-        from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
+        from ia2dist.student.engines.deepspeed_engine import DeepSpeedEngineFactory
 
         factory = DeepSpeedEngineFactory(_template(SCENARIO))
     ckpt = Checkpointer(root, every=2, keep=5, identity=IDENTITY, rank=rank)
@@ -140,7 +141,8 @@ def _train(data, root: Path, rank: int, kill_after: int | None = None, plain: bo
 
     try:
         result = train(model, data["train"], data["dev"], "ia2_then_sft", TrainConfig(**TRAIN),
-                       seed=0, engine_factory=factory, checkpointer=ckpt, log=log)
+                       seed=0,
+                       options=TrainOptions(engine_factory=factory, checkpointer=ckpt, log=log))
     except Killed:
         factory.engine.destroy()
         return None
@@ -154,7 +156,7 @@ def _train(data, root: Path, rank: int, kill_after: int | None = None, plain: bo
 
 def _worker(mode: str, work_dir: Path) -> None:
     torch.set_num_threads(1)
-    from ia2dist.student.deepspeed_engine import init_distributed
+    from ia2dist.student.engines.deepspeed_engine import init_distributed
 
     init_distributed()
     dist = torch.distributed

@@ -9,7 +9,7 @@ import torch
 
 from ia2dist.experiment.checkpoint import Checkpointer, list_checkpoints, verify
 from ia2dist.errors import IA2Error
-from ia2dist.student.trainer import train
+from ia2dist.student.trainer import TrainOptions, train
 
 from tests.unit.test_trainer import cfg, setup  # noqa: F401  (module fixture)
 
@@ -35,8 +35,8 @@ def _run(setup, tmp, *, kill_after=None, every=2, keep=2, identity=IDENTITY, met
             raise Killed()
 
     config = cfg(max_steps=5, patience=0, eval_every=1, **train_kw)
-    result = train(model, items[:4], items[4:], method, config, seed=3, log=log,
-                   checkpointer=ckpt)
+    result = train(model, items[:4], items[4:], method, config, seed=3,
+                   options=TrainOptions(log=log, checkpointer=ckpt))
     state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     return result, state
 

@@ -1,4 +1,4 @@
-"""The DeepSpeed config templates filled from the run config (student/dsconfig.py), and only the
+"""The DeepSpeed config templates filled from the run config (student/engines/dsconfig.py), and only the
 engine module imports deepspeed."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from ia2dist.config import TrainConfig
 from ia2dist.errors import IA2Error
-from ia2dist.student.dsconfig import fill_ds_config
+from ia2dist.student.engines.dsconfig import fill_ds_config
 
 REPO = Path(__file__).resolve().parents[2]
 DS_CONFIGS = REPO / "ia2dist" / "ds_configs"
@@ -83,6 +83,6 @@ def test_fill_bad_template_files(tmp_path):
 
 
 def test_only_the_engine_module_imports_deepspeed():
-    source = (REPO / "ia2dist/student/dsconfig.py").read_text()
+    source = (REPO / "ia2dist/student/engines/dsconfig.py").read_text()
     trainer = (REPO / "ia2dist/student/trainer.py").read_text()
     assert "import deepspeed" not in source and "import deepspeed" not in trainer

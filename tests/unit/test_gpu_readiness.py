@@ -104,7 +104,8 @@ ARANGE = """
                       MASTER_PORT="{port}")
     import contextlib, torch, deepspeed
     import transformers.integrations.deepspeed as hf_deepspeed
-    from ia2dist.student.transformers_compat import keep_arange_dtype, prevent_arange_dtype_change
+    from ia2dist.student.engines.transformers_compat import (keep_arange_dtype,
+                                                             prevent_arange_dtype_change)
     own = getattr(hf_deepspeed, "prevent_arange_dtype_change", None)
     if {hide_own} and own is not None:  # what transformers 5.17 offers
         del hf_deepspeed.prevent_arange_dtype_change

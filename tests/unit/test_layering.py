@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ia2dist"
 #: The distribution layers (everything else is core).
-DISTRIBUTION = ("ia2dist.backends.ray", "ia2dist.student.deepspeed_engine")
+DISTRIBUTION = ("ia2dist.backends.ray", "ia2dist.student.engines.deepspeed_engine")
 
 
 def core_modules() -> list[str]:
@@ -25,8 +25,10 @@ def core_modules() -> list[str]:
 def test_core_imports_without_ray_or_deepspeed():
     core = core_modules()
     assert {"ia2dist.experiment.plan", "ia2dist.backends.base", "ia2dist.backends.local",
-            "ia2dist.driver", "ia2dist.student.job",
-            "ia2dist.student.trainer", "ia2dist.eval.runner", "ia2dist.cli"} <= set(core)
+            "ia2dist.driver", "ia2dist.student.job", "ia2dist.student.trainer",
+            "ia2dist.student.items", "ia2dist.student.engines.base",
+            "ia2dist.student.engines.torch_engine", "ia2dist.student.engines.choice",
+            "ia2dist.teacher.reference", "ia2dist.eval.runner", "ia2dist.cli"} <= set(core)
     code = ("import sys; sys.modules['ray'] = None; sys.modules['deepspeed'] = None\n"
             + "".join(f"import {name}\n" for name in core))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

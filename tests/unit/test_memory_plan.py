@@ -87,7 +87,7 @@ def test_engine_follows_the_layout_and_the_memory_plan(sizes):
     """dist.ds_config=auto: the plain engine on one rank (the model whole, nothing gathered),
     ZeRO-3 on several, zero3_offload on one rank when the plain engine does not fit the GPU; a
     named template is used as asked, on one rank too."""
-    from ia2dist.student.engine_choice import choose_engine
+    from ia2dist.student.engines.choice import choose_engine
 
     weights = sizes["8b"].num_params * 2
     cfg, plan = plan_for(LLAMA3_8B, sizes["8b"])

@@ -129,7 +129,8 @@ def test_plan_travels_without_its_tokenizer(plan):
 # ------------------------------------------------------------------------------ the student job
 
 def _job_setup(tmp_path, make_tokenizer, make_model, adapter="lora"):
-    from ia2dist.student.job import Students, job_items
+    from ia2dist.student.items import job_items
+    from ia2dist.student.job import Students
     from ia2dist.teacher.extract import extract
 
     cfg = _cfg(tmp_path, f"train.adapter.type={adapter}", "train.adapter.dropout=0.1",
@@ -158,14 +159,14 @@ def test_adapter_swap_equals_a_fresh_copy_of_the_base(tmp_path, make_tokenizer, 
     from safetensors.torch import load_file
 
     from ia2dist.student.job import run_job
-    from ia2dist.student.trainer import EngineFactory
+    from ia2dist.student.engines.torch_engine import TorchEngineFactory
 
     plan, unit, students, loads, items = _job_setup(tmp_path, make_tokenizer, make_model, adapter)
     before = {n: p.detach().clone() for n, p in students.base.state_dict().items()}
 
     def go(method, seed, out):
         job = plan.job_for(unit, method, seed=seed)
-        outcome = run_job(students, plan, job, *items(), engine_factory=EngineFactory())
+        outcome = run_job(students, plan, job, *items(), engine_factory=TorchEngineFactory())
         saved = load_file(str(job.out_dir / "adapter_model.safetensors"))
         (job.out_dir).rename(tmp_path / out)
         return outcome, saved
@@ -179,7 +180,8 @@ def test_adapter_swap_equals_a_fresh_copy_of_the_base(tmp_path, make_tokenizer, 
     fresh_plan, _, fresh_students, _, fresh_items = _job_setup(tmp_path / "f", make_tokenizer,
                                                                make_model, adapter)
     job = fresh_plan.job_for(fresh_plan.units[0], "ia2_then_sft", seed=5)
-    fresh = run_job(fresh_students, fresh_plan, job, *fresh_items(), engine_factory=EngineFactory())
+    fresh = run_job(fresh_students, fresh_plan, job, *fresh_items(),
+                    engine_factory=TorchEngineFactory())
     assert [r["loss"] for r in fresh.history] == [r["loss"] for r in first.history]
     after = students.base.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
@@ -187,14 +189,14 @@ def test_adapter_swap_equals_a_fresh_copy_of_the_base(tmp_path, make_tokenizer, 
 
 def test_full_fine_tuning_reloads_the_base_for_each_job(tmp_path, make_tokenizer, make_model):
     from ia2dist.student.job import run_job
-    from ia2dist.student.trainer import EngineFactory
+    from ia2dist.student.engines.torch_engine import TorchEngineFactory
 
     plan, unit, students, loads, items = _job_setup(tmp_path, make_tokenizer, make_model, "full")
     histories = []
     for out in ("a", "b"):
         job = plan.job_for(unit, "sft", seed=5)
         histories.append(run_job(students, plan, job, *items(),
-                                 engine_factory=EngineFactory()).history)
+                                 engine_factory=TorchEngineFactory()).history)
         job.out_dir.rename(tmp_path / out)
     assert [r["loss"] for r in histories[0]] == [r["loss"] for r in histories[1]]
     assert loads == [None, None]  # one fresh copy of the base weights per job

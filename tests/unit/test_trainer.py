@@ -12,7 +12,8 @@ from ia2dist.losses import ce_loss, ia2_loss
 from ia2dist.model.structure import attention_sites
 from ia2dist.records import TeacherRecord
 from ia2dist.student.batching import StudentItem, collate
-from ia2dist.student.trainer import METHOD_PHASES, TorchEngine, train
+from ia2dist.student.engines.torch_engine import TorchEngine
+from ia2dist.student.trainer import METHOD_PHASES, TrainOptions, train
 from ia2dist.teacher.capture import ActivationCapture
 
 CLASSIFICATION = [("the movie was great", "1"), ("a dull and boring plot", "0"),
@@ -220,7 +221,7 @@ def test_ia2_then_sft_continues_adapter_with_fresh_optimiser(setup):
     model = lora_student(setup["base"])
     items = setup["qa"] + setup["cls"][:1]
     result = train(model, items, setup["cls"][1:3], "ia2_then_sft", cfg(max_steps=4),
-                   seed=0, engine_factory=recording_factory)
+                   seed=0, options=TrainOptions(engine_factory=recording_factory))
     first, second = RecordingEngine.instances
     assert [p["objective"] for p in result.phases] == ["ia2", "ce"]
     assert first.optimizer is not second.optimizer
@@ -243,7 +244,7 @@ def test_micro_batches_match_full_batch(setup, method):
         RecordingEngine.instances.clear()
         model = lora_student(setup["base"])
         result = train(model, items, [], method, cfg(micro_batch_size=micro, max_steps=2), seed=0,
-                       engine_factory=recording_factory, padding_side=side)
+                       options=TrainOptions(engine_factory=recording_factory, padding_side=side))
         runs.append((result.history, RecordingEngine.instances[0].grads))
     (hist_ref, grads_ref) = runs[0]
     for hist, grads in runs[1:]:
@@ -276,7 +277,8 @@ def test_early_stopping_restores_best_state(setup):
     logged = []
     result = train(model, train_items, dev_items, "sft",
                    cfg(batch_size=2, micro_batch_size=2, patience=2, eval_every=1, max_steps=40),
-                   seed=0, engine_factory=recording_factory, log=logged.append)
+                   seed=0,
+                   options=TrainOptions(engine_factory=recording_factory, log=logged.append))
     phase = result.phases[0]
     engine = RecordingEngine.instances[0]
     dev_losses = {h["step"]: h["dev_loss"] for h in result.history if "dev_loss" in h}
@@ -358,7 +360,7 @@ def test_first_epoch_order_is_the_loops_read_order(setup):
 
     items = _AccessLog(setup["cls"] + setup["cls"])
     train(lora_student(setup["base"]), items, [], "sft", cfg(max_steps=3, batch_size=2,
-          micro_batch_size=2, epochs=1), seed=11, validate_items=False)
+          micro_batch_size=2, epochs=1), seed=11, options=TrainOptions(validate_items=False))
     assert items.first_reads == first_epoch_order(len(items), 11)[:len(items.first_reads)]
     assert len(items.first_reads) == 6
 
@@ -512,8 +514,8 @@ def test_dev_evaluations_in_one_forward_give_the_same_training(setup, side):
         model = lora_student(setup["base"])
         result = train(model, items, dev, "ia2_then_sft",
                        cfg(micro_batch_size=1, eval_every=1, patience=2, max_steps=6), seed=0,
-                       engine_factory=CountingEngine.from_config, padding_side=side,
-                       eval_batch_size=eval_batch)
+                       options=TrainOptions(engine_factory=CountingEngine.from_config,
+                                            padding_side=side, eval_batch_size=eval_batch))
         evaluations = sum("dev_loss" in h for h in result.history)
         assert sum(e.eval_forwards for e in CountingEngine.instances) == (
             evaluations * (len(dev) if eval_batch is None else 1))
@@ -530,4 +532,4 @@ def test_dev_evaluations_in_one_forward_give_the_same_training(setup, side):
 def test_eval_batch_size_must_be_positive(setup):
     with pytest.raises(IA2Error, match="eval.batch_size=0"):
         train(lora_student(setup["base"]), setup["cls"][:2], setup["cls"][2:3], "sft", cfg(),
-              seed=0, eval_batch_size=0)
+              seed=0, options=TrainOptions(eval_batch_size=0))

@@ -12,7 +12,7 @@ model weights.
    ``budget.ByteBudget``) belongs to the backend and lives as long as it does.
 2. ``dist.num_workers / dist.group_size`` worker groups (``ia2dist.backends.ray.groups``) take
    the jobs from one queue; each trains a job on its ranks (the plain engine on a group of one
-   rank, DeepSpeed ZeRO-3 on several: ``ia2dist.student.engine_choice``) while extraction of
+   rank, DeepSpeed ZeRO-3 on several: ``ia2dist.student.engines.choice``) while extraction of
    later shards and units continues (``dist.pipeline``), evaluates it right away and takes the
    next. Evaluation overlaps with the other groups' training.
 3. The driver yields each outcome as it arrives and releases a unit's records from the object
@@ -50,7 +50,7 @@ from ia2dist.experiment.checkpoint import STOP_FILE
 from ia2dist.errors import IA2Error
 from ia2dist.experiment.plan import Plan, Unit
 from ia2dist.progress import progress
-from ia2dist.student.dsconfig import resolve_ds_template
+from ia2dist.student.engines.dsconfig import resolve_ds_template
 from ia2dist.student.job import read_parts
 from ia2dist.teacher.store import teacher_store
 
@@ -63,8 +63,8 @@ class RayBackend:
 
     def __init__(self, plan: Plan, model_config, *, memory=None, gpu_bytes: int | None = None,
                  engine=None):
-        from ia2dist.student.dsconfig import fill_ds_config
-        from ia2dist.student.engine_choice import choose_engine
+        from ia2dist.student.engines.dsconfig import fill_ds_config
+        from ia2dist.student.engines.choice import choose_engine
 
         self.plan, self.model_config = plan, model_config
         cfg = plan.cfg

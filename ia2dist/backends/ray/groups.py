@@ -5,7 +5,7 @@ ranks. Each group is ONE Ray Train run (``TorchTrainer``: its own placement grou
 NCCL process group, Ray Train's worker restarts) started once for the whole run; its rank 0 takes
 the next task from the ``TaskQueue`` actor and broadcasts it to the group's other ranks, the group
 runs it (the plain engine on a group of one rank, ZeRO-3 data parallelism inside a larger group:
-``ia2dist.student.engine_choice``), reports the
+``ia2dist.student.engines.choice``), reports the
 outcome and takes the next. Ray Tune (a trial per job) or a trainer per job would pay Ray Train's
 start-up (~20-30 s per ``fit`` on 2 CPUs) for every job of a grid whose jobs take seconds; a
 trainer per group pays it once.
@@ -123,7 +123,7 @@ def group_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
     from ia2dist.model.load import load_tokenizer
-    from ia2dist.student.deepspeed_engine import init_distributed
+    from ia2dist.student.engines.deepspeed_engine import init_distributed
 
     init_distributed()
     if cfg.dist.use_gpu:
@@ -172,14 +172,15 @@ class GroupWorker:
 
         from ia2dist.model.load import load_model, load_model_config
         from ia2dist.model.structure import num_layers_of
-        from ia2dist.student.deepspeed_engine import (forwards, load_partitioned, zero_stage)
-        from ia2dist.student.dsconfig import fill_ds_config
+        from ia2dist.student.engines.deepspeed_engine import (forwards, load_partitioned,
+                                                              zero_stage)
+        from ia2dist.student.engines.dsconfig import fill_ds_config
         from ia2dist.student.job import Students
 
         self.config, self.rank, self.world = config, rank, world
         self.plan = plan = config.plan
         cfg = plan.cfg
-        # the student engine (ia2dist.student.engine_choice): no template = the plain engine
+        # the student engine (ia2dist.student.engines.choice): no template = the plain engine
         self.engine = config.engine
         self.ds_config = None
         if config.ds_template is not None:
@@ -315,16 +316,17 @@ class GroupWorker:
         import torch.distributed as dist
 
         from ia2dist.eval.runner import evaluate
-        from ia2dist.student.deepspeed_engine import DeepSpeedEngineFactory
-        from ia2dist.student.job import job_items, record_checker, run_job
-        from ia2dist.student.trainer import EngineFactory
+        from ia2dist.student.engines.deepspeed_engine import DeepSpeedEngineFactory
+        from ia2dist.student.engines.torch_engine import TorchEngineFactory
+        from ia2dist.student.items import job_items, record_checker
+        from ia2dist.student.job import run_job
 
         plan, cfg = self.plan, self.plan.cfg
         check = record_checker(self.num_layers, "soft_sft" in cfg.train.methods)
         train_items, dev_items = job_items(plan, job.unit, plan.tokenizer,
                                            self._fetch(records, "teacher"), check=check,
                                            label_type=job.label_type)
-        factory = EngineFactory() if self.ds_config is None else \
+        factory = TorchEngineFactory() if self.ds_config is None else \
             DeepSpeedEngineFactory(self.ds_config, model_dtype=cfg.model.dtype)
         evaluator = None
         if task.evaluate:

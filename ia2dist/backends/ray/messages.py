@@ -37,7 +37,7 @@ class Task:
 class GroupConfig:
     """What every rank of worker group ``group`` gets: the plan, the task queue, the units'
     record brokers (``transport.UnitRecords`` by unit key; none in online teacher mode), the
-    student engine (``ia2dist.student.engine_choice.EngineChoice``) and its DeepSpeed template."""
+    student engine (``ia2dist.student.engines.choice.EngineChoice``) and its DeepSpeed template."""
 
     plan: object
     queue: object

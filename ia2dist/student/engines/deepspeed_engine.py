@@ -39,8 +39,10 @@ from torch import nn
 
 from ia2dist.config import TrainConfig
 from ia2dist.errors import IA2Error
-from ia2dist.student.dsconfig import fill_ds_config
-from ia2dist.student.trainer import PLAIN_WEIGHTS, read_plain_checkpoint
+from ia2dist.student.engines.base import (EngineFactory, build_optimizer, check_state_keys,
+                                          trainable_parameters)
+from ia2dist.student.engines.dsconfig import fill_ds_config
+from ia2dist.student.engines.torch_engine import PLAIN_WEIGHTS, read_plain_checkpoint
 
 
 def init_distributed() -> None:
@@ -52,7 +54,7 @@ def init_distributed() -> None:
 
 
 class DeepSpeedEngine:
-    """``Engine`` (see ``ia2dist.student.trainer``) over ``deepspeed.initialize`` with a torch
+    """``Engine`` (see ``ia2dist.student.engines.base``) over ``deepspeed.initialize`` with a torch
     Adam/AdamW optimiser on ``model``'s trainable parameters.
 
     ds_config: a template (dict or JSON path, e.g. ia2dist/ds_configs/zero3.json), filled by
@@ -68,16 +70,9 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.config = fill_ds_config(ds_config, train_cfg=train_cfg, model_dtype=model_dtype,
                                      world_size=self.world_size)
-        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if not self.params:
-            raise IA2Error("student model has no trainable parameters; apply an adapter "
-                           "(train.adapter.type) before training")
-        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        if train_cfg.optimizer not in optimizers:
-            raise IA2Error(f"train.optimizer: unknown optimizer {train_cfg.optimizer!r}; use adam "
-                           f"or adamw")
-        optimizer = optimizers[train_cfg.optimizer](list(self.params.values()), lr=train_cfg.lr,
-                                                    weight_decay=train_cfg.weight_decay)
+        self.params = trainable_parameters(model)
+        optimizer = build_optimizer(list(self.params.values()), train_cfg.optimizer, train_cfg.lr,
+                                    train_cfg.weight_decay)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              config=self.config,
                                                              dist_init_required=False)
@@ -120,11 +115,7 @@ class DeepSpeedEngine:
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put ``state`` (from ``trainable_state``) back into the model and the optimiser's master
         weights. Collective: every rank must call it with the same state."""
-        if state.keys() != self.params.keys():
-            missing = sorted(self.params.keys() - state.keys())
-            extra = sorted(state.keys() - self.params.keys())
-            raise ValueError(f"trainable state does not match the model: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}")
+        check_state_keys(state, self.params)
         for name, param in self.params.items():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 with torch.no_grad():
@@ -269,32 +260,21 @@ def universal_checkpoint(engine_dir: Path, rank: int) -> Path:
     return out_root
 
 
-class DeepSpeedEngineFactory:
-    """The ``engine_factory`` of ``train`` for DeepSpeed: a fresh ``engine_class`` engine (fresh
-    optimiser, current weights) per phase, destroying the previous one first. ``engine`` is the
-    latest engine (after ``train``: the one to call ``save_consolidated`` on and to evaluate
-    with); ``close`` destroys it."""
+class DeepSpeedEngineFactory(EngineFactory):
+    """An ``EngineFactory`` of ``engine_class`` engines (fresh optimiser, current weights) over the
+    DeepSpeed template ``ds_config``."""
 
     def __init__(self, ds_config: dict | str | os.PathLike, *, model_dtype: str = "float32",
                  engine_class: type[DeepSpeedEngine] = DeepSpeedEngine):
+        super().__init__()
         self.ds_config, self.model_dtype, self.engine_class = ds_config, model_dtype, engine_class
-        self.engine: DeepSpeedEngine | None = None
 
     @property
     def kind(self) -> str:
-        """The kind of engine it makes (see ``ia2dist.student.trainer.EngineFactory``)."""
         return self.engine_class.kind
 
-    def __call__(self, model: nn.Module, train_cfg: TrainConfig) -> DeepSpeedEngine:
-        self.close()
-        self.engine = self.engine_class(model, train_cfg, self.ds_config,
-                                        model_dtype=self.model_dtype)
-        return self.engine
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.destroy()
-            self.engine = None
+    def make(self, model: nn.Module, train_cfg: TrainConfig) -> DeepSpeedEngine:
+        return self.engine_class(model, train_cfg, self.ds_config, model_dtype=self.model_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,7 +340,7 @@ def _construct_partitioned(source: str, dtype: torch.dtype, ds_config: dict, att
     from transformers.modeling_utils import local_torch_dtype, set_zero3_state
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from ia2dist.student.transformers_compat import prevent_arange_dtype_change
+    from ia2dist.student.engines.transformers_compat import prevent_arange_dtype_change
 
     config = AutoConfig.from_pretrained(source)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
