@@ -291,8 +291,8 @@ def _dense_attention(cfg, on_gpu: bool) -> bool:
 def _reduce_bucket_elements(ds_config: str) -> int:
     """The template's gradient reduce bucket (elements); DeepSpeed's default when the template
     cannot be read (the run itself reports that)."""
-    from ia2dist.student.engines.dsconfig import (DEEPSPEED_REDUCE_BUCKET, reduce_bucket_elements,
-                                          resolve_ds_template)
+    from ia2dist.student.engines.dsconfig import (DEEPSPEED_REDUCE_BUCKET,
+                                                  reduce_bucket_elements, resolve_ds_template)
 
     try:
         return reduce_bucket_elements(resolve_ds_template(ds_config))

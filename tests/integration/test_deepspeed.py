@@ -290,9 +290,9 @@ def _check_reload(engine, items) -> bool:
 def _worker(work_dir: Path) -> None:
     """One rank of the launch: every scenario with DeepSpeedEngine; results for this rank."""
     torch.set_num_threads(1)
-    from ia2dist.student.engines.deepspeed_engine import (DeepSpeedEngine, DeepSpeedEngineFactory,
-                                                  init_distributed)
-    from ia2dist.student.trainer import train
+    from ia2dist.student.engines.deepspeed_engine import (DeepSpeedEngine,
+                                                          DeepSpeedEngineFactory, init_distributed)
+    from ia2dist.student.trainer import TrainOptions, train
 
     class RecordingEngine(DeepSpeedEngine):
         """Keeps the gathered trainable state after every optimizer step when ``record`` is set."""

@@ -103,7 +103,7 @@ def _worker(work: Path) -> None:
     from ia2dist.data.loaders import load_task
     from ia2dist.experiment.plan import Plan
     from ia2dist.student.engines.deepspeed_engine import (DeepSpeedEngineFactory, forwards,
-                                                  init_distributed, load_partitioned)
+                                                          init_distributed, load_partitioned)
     from ia2dist.student.engines.dsconfig import fill_ds_config
     from ia2dist.student.items import job_items
     from ia2dist.student.job import Students, read_parts, run_job
