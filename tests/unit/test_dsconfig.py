@@ -1,5 +1,5 @@
-"""The DeepSpeed config templates filled from the run config (student/engines/dsconfig.py), and only the
-engine module imports deepspeed."""
+"""The DeepSpeed config templates filled from the run config (student/engines/dsconfig.py), and
+only the engine module imports deepspeed."""
 
 from __future__ import annotations
 
