@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from ia2dist import timing
-from ia2dist.io import commit_dir, staging_dir, staging_name, write_json_atomic
 from ia2dist.eval.runner import job_tags
+from ia2dist.io import commit_dir, staging_dir, staging_name, write_json_atomic
 from ia2dist.student.batching import StudentItem
 from ia2dist.student.engines.base import EngineFactory
 
