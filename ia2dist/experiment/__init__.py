@@ -7,5 +7,7 @@ distribution in it.
 - ``rundir``: the run directory's layout, config, state and logging;
 - ``checkpoint``: training checkpoints (loop state + engine files), stop requests and resume;
 - ``tracking``: wandb (or nothing) for steps, results and figures;
-- ``memory_plan``: the memory each role needs and whether the run fits.
+- ``memory_plan``: the memory each role needs and whether the run fits;
+- ``prompt_estimate``: prompt lengths for ``ia2dist plan`` when only a model's config.json is there;
+- ``runlock``: one writer per run directory (the lock, its heartbeat and takeover).
 """

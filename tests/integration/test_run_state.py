@@ -15,7 +15,7 @@ import pytest
 
 from ia2dist.experiment import rundir
 from ia2dist.cli import main
-from ia2dist.runlock import LOCK_FILE
+from ia2dist.experiment.runlock import LOCK_FILE
 from tests.helpers import refused
 from tests.unit.test_run_state import _args, _snapshot
 

@@ -23,7 +23,7 @@ from ia2dist.errors import IA2Error
 from ia2dist.experiment.checkpoint import STOP_FILE, Preempted
 from ia2dist.io import staging_name
 from ia2dist.records import TeacherRecord
-from ia2dist.runlock import LOCK_FILE
+from ia2dist.experiment.runlock import LOCK_FILE
 from ia2dist.teacher.store import teacher_store
 from tests.helpers import SST2, cli_args
 

@@ -62,6 +62,5 @@ def test_the_plan_loads_no_training_loop_and_no_model_code(tmp_path):
             f"cfg = load_config(None, ['run_dir={tmp_path / 'run'}'])\n"
             "plan = Plan(cfg, load_task(cfg.data))\n"
             "plan.read_order(plan.units[0]); plan.teacher_inputs(plan.units[0]); status_of(plan)")
-    # ia2dist.model.wheels (files from pinned wheels, no model code) serves the real-data tasks too
     loaded = _loaded_after(code, ("ia2dist.student", "ia2dist.model.", "transformers"))
-    assert [name for name in loaded if name != "ia2dist.model.wheels"] == []
+    assert loaded == []

@@ -12,7 +12,7 @@ from ia2dist.data import real
 from ia2dist.data.loaders import load_task
 from ia2dist.data.tasks import TASKS
 from ia2dist.errors import DataError
-from ia2dist.model.wheels import WHEEL_SOURCE_ENV, PinnedWheelFile
+from ia2dist.wheels import WHEEL_SOURCE_ENV, PinnedWheelFile
 
 REAL_TASKS = ("country_region", "capital_region", "country_language", "country_capital", "country_demonym",
               "word_sentiment", "word_syllables")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ia2dist.errors import IA2Error
-from ia2dist.runlock import LOCK_FILE, RunLock
+from ia2dist.experiment.runlock import LOCK_FILE, RunLock
 from tests.helpers import SST2, cli_args, refused
 
 METHODS = "[sft,ia2]"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ia2dist.activations import MANIFEST_FILE, TENSORS_FILE, load_records, save_records
+from ia2dist.teacher.cache import MANIFEST_FILE, TENSORS_FILE, load_records, save_records
 from ia2dist.cli import main
 from ia2dist.errors import IA2Error
 from ia2dist.secrets import REDACTED, redact, redact_text

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ia2dist.activations import MANIFEST_FILE, TENSORS_FILE, load_records, save_records
+from ia2dist.teacher.cache import MANIFEST_FILE, TENSORS_FILE, load_records, save_records
 from ia2dist.errors import IA2Error
 from ia2dist.records import TeacherRecord
 
