@@ -312,9 +312,12 @@ def progress(plan: Plan, report_written: bool = False) -> dict:
     of them). ``ia2dist run`` continues from exactly what is left."""
     from ia2dist.teacher.store import teacher_store
 
-    units = plan.units
-    extracted = sum(1 for u in units if not teacher_store(plan, u, "teacher").missing())
     jobs = plan.jobs()
+    # teacher records are planned for the units that train a job (a grid of baselines only
+    # extracts none)
+    trained_units = {j.unit.key for j in jobs}
+    units = [u for u in plan.units if u.key in trained_units]
+    extracted = sum(1 for u in units if not teacher_store(plan, u, "teacher").missing())
     trained = [j for j in jobs if (j.out_dir / "history.json").is_file()]
     evaluated = sum(1 for j in trained if (j.out_dir / "metrics.json").is_file())
     baselines = plan.baselines()

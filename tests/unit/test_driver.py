@@ -138,6 +138,18 @@ def test_a_full_run_is_complete_and_a_rerun_has_nothing_to_do(fakes):
     assert len(made) == 1 and _status(run)["state"] == "complete"
 
 
+def test_a_grid_of_baselines_only_is_complete_without_teacher_records(fakes):
+    cfg, run, made, _ = fakes
+    cfg = load_config(None, cli_args(run, *SST2, "data.seeds=[0,1]", "train.methods=[]"))
+    driver.run_all(cfg)
+    (backend,) = made
+    assert backend.shards_written == 0
+    state = _status(run)
+    assert state["state"] == "complete", state
+    assert state["planned"] == {"teacher_units": 0, "jobs": 0, "baselines": 4}
+    assert state["done"]["report"] and not any(state["left"].values())
+
+
 def test_extract_then_train_of_one_method_leave_the_run_partial(fakes):
     cfg, run, made, _ = fakes
     driver.run_extract(cfg)
