@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ia2dist.errors import IA2Error
-from ia2dist.eval.report import _cell, _new_figure, _save, paired_table
+from ia2dist.eval.report import format_cell, new_figure, save_figure, paired_table
 
 #: The comparison the figure shows (the paper's claim): method, reference.
 CLAIM = ("ia2_then_sft", "sft")
@@ -52,8 +52,8 @@ def results_table(runs: Sequence[Mapping]) -> str:
         for e in run["aggregate"]:
             cells = [run["model"], run.get("task") or "-", rule, str(e.get("num_train", "-")),
                      str(e["method"]), e.get("label_type") or "-", e.get("setting") or "-",
-                     str(e["num_seeds"]), _cell(e, "accuracy", True), _cell(e, "ece", True),
-                     _cell(e, "similarity", False)]
+                     str(e["num_seeds"]), format_cell(e, "accuracy", True), format_cell(e, "ece", True),
+                     format_cell(e, "similarity", False)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -102,7 +102,7 @@ def claim_plot(runs: Sequence[Mapping], path: str | Path) -> Path | None:
             lines.setdefault(name, []).append(e)
     if not lines:
         return None
-    fig = _new_figure(1, 2, (6.0, 4.2))
+    fig = new_figure(1, 2, (6.0, 4.2))
     axes = fig.subplots(1, 2, squeeze=False).ravel()
     for ax, key, label in zip(axes, ("accuracy", "ece"), ("accuracy", "ECE")):
         for name, entries in lines.items():
@@ -123,7 +123,7 @@ def claim_plot(runs: Sequence[Mapping], path: str | Path) -> Path | None:
         ax.set_title(f"Δ {label}, paired, 95% interval")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> str:

@@ -66,7 +66,7 @@ def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torc
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
     """Eval mode and no autograd for the duration; the previous train/eval mode is restored."""
     was_training = model.training
     model.eval()
@@ -128,7 +128,7 @@ def last_token_logits(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, 
     device = _model_device(model)
     keep_supported = bool(logits_to_keep_kwargs(unwrap_peft(model)))
     logits_NV: list[torch.Tensor | None] = [None] * len(prompt_ids)
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in length_batches([len(p) for p in prompt_ids], batch_size, longest_first=True):
             ids_BS, mask_BS = _pad_right([prompt_ids[i] for i in batch], pad_id, device)
             last_B = mask_BS.sum(-1) - 1 + num_virtual_tokens
@@ -306,7 +306,7 @@ def evaluate_generation(model: nn.Module, tokenizer, prompts: Sequence[str],
     Rows also carry ``num_tokens``, the response length in tokens. ``sync``: see
     ``ia2dist.teacher.extract.generate``."""
     _check_aligned(prompts, examples)
-    with _eval_mode(model):
+    with eval_mode(model):
         response_ids = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
                                 stop_strings=tuple(stop_strings), batch_size=batch_size,
                                 sync=sync)
@@ -347,7 +347,7 @@ def layer_similarity(model: nn.Module, tokenizer, prompt_ids_list: Sequence[Sequ
     sums_L = torch.zeros(len(sites), dtype=torch.float64)
     count = 0
     lengths = [len(p) + r.num_positions - 1 for p, r in items]
-    with _eval_mode(model), ActivationCapture(sites) as capture:
+    with eval_mode(model), ActivationCapture(sites) as capture:
         for batch in length_batches(lengths, batch_size, longest_first=True):
             seqs = [items[i][0] + items[i][1].response_ids[:-1].tolist() for i in batch]
             b_idx, pos_idx = [], []
@@ -404,7 +404,7 @@ def generation_similarity(model: nn.Module, tokenizer, prompts: Sequence,
     from ia2dist.teacher.extract import extract
 
     _check_aligned(prompts, teacher_records)
-    with _eval_mode(model):
+    with eval_mode(model):
         own = extract(model, tokenizer, list(prompts), [r.uid for r in teacher_records],
                       max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings),
                       batch_size=batch_size, act_dtype=torch.float32, sync=sync)

@@ -31,7 +31,7 @@ def _as_numpy(values, dtype) -> np.ndarray:
     return np.asarray(values, dtype=dtype)
 
 
-def _bin_bounds(num_examples: int, n_bins: int) -> list[tuple[int, int]]:
+def bin_bounds(num_examples: int, n_bins: int) -> list[tuple[int, int]]:
     """Start/end indices into the confidence-sorted examples: ``num_examples // n_bins`` per bin, the
     last bin taking the remainder. With fewer examples than bins every example is its own bin
     (``num_examples`` bins of one), so no bin is ever empty."""
@@ -61,7 +61,7 @@ def reliability_bins(conf, correct, n_bins: int = 15) -> ReliabilityBins:
     order = np.argsort(conf_N, kind="stable")
     conf_N, correct_N = conf_N[order], correct_N[order]
     stats = [(conf_N[s:e].mean(), correct_N[s:e].mean(), e - s, conf_N[s], conf_N[e - 1])
-             for s, e in _bin_bounds(conf_N.size, n_bins)]
+             for s, e in bin_bounds(conf_N.size, n_bins)]
     columns = [np.array(col) for col in zip(*stats)]
     columns[2] = columns[2].astype(np.int64)
     return ReliabilityBins(*columns)

@@ -118,7 +118,7 @@ def aggregate(results: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def _cell(entry: Mapping, key: str, show_std: bool) -> str:
+def format_cell(entry: Mapping, key: str, show_std: bool) -> str:
     mean = entry.get(f"{key}_mean")
     if mean is None or not math.isfinite(mean):
         return "-"
@@ -140,7 +140,7 @@ def summary_table(rows: Sequence[Mapping]) -> str:
         n = "-" if entry["num_train"] is None else str(entry["num_train"])
         cells = [str(entry["method"]), n, str(entry["num_seeds"])]
         cells += [entry.get("label_type") or "-"] * labels + [entry.get("setting") or "-"] * settings
-        cells += [_cell(entry, key, show_std) for _, key, show_std in _COLUMNS]
+        cells += [format_cell(entry, key, show_std) for _, key, show_std in _COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -272,7 +272,7 @@ def selection_table(choices: Sequence[Mapping]) -> str:
     return "\n".join(lines) + f"\n\nScores: {criteria}.\n"
 
 
-def _new_figure(nrows: int, ncols: int, panel_size: tuple[float, float]):
+def new_figure(nrows: int, ncols: int, panel_size: tuple[float, float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -281,7 +281,7 @@ def _new_figure(nrows: int, ncols: int, panel_size: tuple[float, float]):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -318,21 +318,21 @@ def reliability_diagram(per_method: Mapping[str, tuple], path: str | Path, n_bin
         raise ValueError("reliability_diagram needs at least one method")
     ncols = min(len(per_method), max_cols)
     nrows = math.ceil(len(per_method) / ncols)
-    fig = _new_figure(nrows, ncols, (4.0, 4.3))
+    fig = new_figure(nrows, ncols, (4.0, 4.3))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (name, (conf, correct)) in zip(axes, per_method.items()):
         conf = np.asarray(conf, dtype=float)
         _reliability_panel(ax, name, conf, np.asarray(correct, dtype=float), n_bins)
     for ax in axes[len(per_method):]:
         ax.set_visible(False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def similarity_plot(per_method: Mapping[str, Sequence[float]], path: str | Path) -> Path:
     """PNG line plot of per-layer cosine similarity to the ICL teacher, one line per method."""
     if not per_method:
         raise ValueError("similarity_plot needs at least one method")
-    fig = _new_figure(1, 1, (6.5, 4.0))
+    fig = new_figure(1, 1, (6.5, 4.0))
     ax = fig.subplots()
     for name, values in per_method.items():
         ax.plot(range(len(values)), values, marker="o", markersize=4, label=name)
@@ -344,7 +344,7 @@ def similarity_plot(per_method: Mapping[str, Sequence[float]], path: str | Path)
     if longest <= 40:
         ax.set_xticks(range(longest))
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_plot(aggregated: Sequence[Mapping], key: str, path: str | Path, *,
@@ -358,7 +358,7 @@ def metric_plot(aggregated: Sequence[Mapping], key: str, path: str | Path, *,
             by_method.setdefault(str(entry["method"]), []).append(entry)
     if not by_method:
         raise ValueError(f"metric_plot needs aggregated entries with num_train and {key}")
-    fig = _new_figure(1, 1, (6.5, 4.0))
+    fig = new_figure(1, 1, (6.5, 4.0))
     ax = fig.subplots()
     for name, entries in by_method.items():
         entries = sorted(entries, key=lambda e: e["num_train"])
@@ -374,7 +374,7 @@ def metric_plot(aggregated: Sequence[Mapping], key: str, path: str | Path, *,
     ax.set_title(f"{label} by number of training examples")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def accuracy_plot(aggregated: Sequence[Mapping], path: str | Path) -> Path:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ia2dist import timing
 from ia2dist.io import write_json_atomic
-from ia2dist.eval.evaluate import _eval_mode
+from ia2dist.eval.evaluate import eval_mode
 from ia2dist.records import TeacherRecord
 
 log = logging.getLogger("ia2dist")
@@ -76,7 +76,7 @@ def similarity(model: nn.Module, tokenizer, plan, sim_records: Sequence[TeacherR
 
     e = plan.cfg.eval
     items = plan.similarity_items()[:len(sim_records)]
-    with _eval_mode(model), timing.part("similarity"):
+    with eval_mode(model), timing.part("similarity"):
         if e.similarity_mode == "generated":
             return generation_similarity(
                 model, tokenizer, [plan.student_prompt(ex) for ex in items], list(sim_records),
@@ -101,7 +101,7 @@ def accuracy_part(model: nn.Module, tokenizer, plan, unit, *, with_demos: bool,
     eval_set = eval_set or plan.eval_sets()[0]
     prompts = plan.eval_prompts(unit, with_demos, eval_set)
     spec = eval_set.spec
-    with _eval_mode(model):
+    with eval_mode(model):
         if spec.single_token:
             return evaluate_single_token(
                 model, tokenizer, prompts, eval_set.items, list(eval_set.labels),

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ia2dist.eval.metrics import _bin_bounds, ece_equal_mass
+from ia2dist.eval.metrics import bin_bounds, ece_equal_mass
 
 #: Replicates of the bootstrap (percentile interval); enough for a stable 95% interval.
 NUM_BOOTSTRAP = 2000
@@ -73,7 +73,7 @@ def ece_rows(n_bins: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         order = np.argsort(conf_BI, axis=1, kind="stable")
         gap_BI = (np.take_along_axis(correct_BI, order, axis=1)
                   - np.take_along_axis(conf_BI, order, axis=1))
-        starts = [start for start, _ in _bin_bounds(gap_BI.shape[1], n_bins)]
+        starts = [start for start, _ in bin_bounds(gap_BI.shape[1], n_bins)]
         return np.abs(np.add.reduceat(gap_BI, starts, axis=1)).sum(axis=1) / gap_BI.shape[1]
 
     return ece

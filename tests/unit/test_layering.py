@@ -64,3 +64,58 @@ def test_the_plan_loads_no_training_loop_and_no_model_code(tmp_path):
             "plan.read_order(plan.units[0]); plan.teacher_inputs(plan.units[0]); status_of(plan)")
     loaded = _loaded_after(code, ("ia2dist.student", "ia2dist.model.", "transformers"))
     assert loaded == []
+
+
+def _package_imports():
+    """(module path, line, imported module, name) of every `from ia2dist... import name` in the
+    package, at any depth (function-local imports included)."""
+    import ast
+
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ia2dist"):
+                for alias in node.names:
+                    yield path.relative_to(PACKAGE.parent), node.lineno, node.module, alias.name
+
+
+def test_no_private_name_is_imported_across_modules():
+    """What another module needs is public; a `_name` stays inside its module."""
+    private = [f"{path}:{line} {module}.{name}" for path, line, module, name in _package_imports()
+               if name.startswith("_") and not name.startswith("__")]
+    assert private == []
+
+
+def test_no_import_circle_at_module_level():
+    """Module-level imports between the package's modules form no circle (an import inside a
+    function that only dodges one would hide it; those are kept for heavy optional imports)."""
+    import ast
+
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    edges = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ia2dist"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    edges[name].add(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                edges[name] |= {a.name for a in node.names if a.name.startswith("ia2dist")}
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(name, path):
+        state[name] = 1
+        for dep in sorted(edges.get(name, ())):
+            if state.get(dep) == 1:
+                circles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep in edges and dep not in state:
+                visit(dep, path + [dep])
+        state[name] = 2
+
+    for name in sorted(modules):
+        if name not in state:
+            visit(name, [name])
+    assert circles == []
