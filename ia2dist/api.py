@@ -34,7 +34,7 @@ def run(config: str | Path | RunConfig | None = None,
     """Extract, train every method, evaluate and write the report (``ia2dist run``); returns the
     run directory (``summary.md``, ``metrics.json``, one folder per (N, seed)). Unlike the CLI it
     installs no signal handlers: a SIGTERM ends the process without a checkpoint of the step."""
-    from ia2dist import cli, driver
+    from ia2dist import driver
     from ia2dist.errors import IA2Error
 
     if isinstance(config, RunConfig):
@@ -45,7 +45,9 @@ def run(config: str | Path | RunConfig | None = None,
     else:
         cfg = load_config(config, overrides)
     if cfg.dist.backend == "ray" and cfg.dist.ray_address is None:
-        cli.private_ray_settings()
+        from ia2dist.backends.ray.auth import private_ray_settings
+
+        private_ray_settings()
     return driver.run_all(cfg, overwrite=overwrite,
                             resume_from=str(resume_from) if resume_from is not None else None)
 

@@ -68,17 +68,17 @@ def test_a_cpu_worker_on_a_gpu_node_sees_no_gpu():
 
 
 def test_nccl_and_gloo_stay_on_the_loopback_interface(monkeypatch):
-    from ia2dist import cli
+    from ia2dist.backends.ray.auth import private_ray_local_only
 
     loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
     if not loopback:
         pytest.skip("no loopback interface named lo/lo0")
     for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         monkeypatch.delenv(key, raising=False)
-    cli._private_ray_local_only()
+    private_ray_local_only()
     assert os.environ["NCCL_SOCKET_IFNAME"] == os.environ["GLOO_SOCKET_IFNAME"] == loopback[0]
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")  # the user's choice is kept
-    cli._private_ray_local_only()
+    private_ray_local_only()
     assert os.environ["NCCL_SOCKET_IFNAME"] == "ib0"
 
 

@@ -12,6 +12,8 @@
 - ``groups``: the worker groups (one Ray Train run each) and their ``TaskQueue``.
 - ``cluster``: connect to (or start) a Ray cluster, check it can hold a stage, shut it down.
 - ``devices``: the environment of a worker process (which devices, which threads).
+- ``auth``: the private local Ray's per-run token and loopback-only ports (set before ray is
+  imported).
 
 Import the submodules directly; importing this package does not import ray.
 """

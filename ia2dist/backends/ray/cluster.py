@@ -132,7 +132,7 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, object_store_bytes:
     Path(spill_dir).mkdir(parents=True, exist_ok=True)
     metrics = ray_metrics_enabled()
     try:
-        # every port on LOCAL_ADDRESS (see ia2dist.cli._private_ray_local_only); no dashboard;
+        # every port on LOCAL_ADDRESS (see ia2dist.backends.ray.auth.private_ray_local_only); no dashboard;
         # no metrics export unless asked for (the dashboard agent's Prometheus endpoint)
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                  object_store_memory=object_store_bytes, _temp_dir=temp_dir,
