@@ -103,6 +103,7 @@ case "$cmd" in
     if [ -n "${IA2_RAY_GPUS:-}" ]; then resources+=(--num-gpus="$IA2_RAY_GPUS"); fi
     (umask 077; : > "$state/head.log")
     env -u RAY_AUTH_TOKEN "${auth_env[@]}" "${net_env[@]}" RAY_USAGE_STATS_ENABLED=0 \
+      RAY_worker_niceness="${RAY_worker_niceness:-0}" \
       setsid ray start --head --block --node-ip-address="$host" --port="$port" \
         --include-dashboard=true --dashboard-host="$host" --dashboard-port=$((port + 1)) \
         --dashboard-agent-listen-port=$((port + 2)) --ray-client-server-port=$((port + 3)) \

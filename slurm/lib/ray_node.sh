@@ -20,6 +20,8 @@ args=(--block --disable-usage-stats --temp-dir="$tmp" "${workers[@]}"
 if [ "$role" = head ]; then args+=(--head); fi
 # the job is ending when this node is stopped: no drain period (Ray's default is 30 s)
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
+# the job's workers are its compute: the job's priority, not Ray's default nice 15
+export RAY_worker_niceness=${RAY_worker_niceness:-0}
 ray start "${args[@]}" "$@" > "$tmp/ray_start.log" 2>&1 &
 pid=$! stopping=0 tree=
 descendants() {  # every process below pid $1 (ps --ppid, level by level)

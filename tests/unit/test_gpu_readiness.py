@@ -82,6 +82,21 @@ def test_nccl_and_gloo_stay_on_the_loopback_interface(monkeypatch):
     assert os.environ["NCCL_SOCKET_IFNAME"] == "ib0"
 
 
+def test_the_private_ray_runs_its_workers_at_the_run_priority(monkeypatch):
+    """Ray's default nice 15 would starve the run's own teacher actors and student ranks behind
+    any other process of the machine; a value the user set is kept."""
+    from ia2dist.backends.ray.auth import private_ray_local_only
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # as in `ia2dist run`: not imported yet
+    for key in ("RAY_worker_niceness", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.delenv(key, raising=False)
+    private_ray_local_only()
+    assert os.environ["RAY_worker_niceness"] == "0"
+    monkeypatch.setenv("RAY_worker_niceness", "5")
+    private_ray_local_only()
+    assert os.environ["RAY_worker_niceness"] == "5"
+
+
 def test_the_launchers_confine_nccl_like_gloo():
     for path in ("slurm/lib/job.sh", "ray_jobs/cluster.sh"):
         text = (REPO / path).read_text()

@@ -57,9 +57,14 @@ def private_ray_local_only() -> None:
     already, cluster.connect says that the ports are not confined to 127.0.0.1. The student
     workers' gloo and NCCL connections go over the loopback interface (GLOO_SOCKET_IFNAME,
     NCCL_SOCKET_IFNAME, each unless set: NCCL would otherwise listen on its first non-loopback
-    interface). IA2_RAY_METRICS is checked here, before anything is written."""
+    interface). Its workers run at the priority of the run itself (RAY_worker_niceness=0 unless
+    set). IA2_RAY_METRICS is checked here, before anything is written."""
     if "ray" not in sys.modules:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Ray starts its workers at nice 15; in a run's own Ray they are the run's compute (the
+        # teacher actors, the student ranks), which would then get almost no CPU beside any other
+        # process of the machine (a job 5-10x slower on a busy 2-core node). Unless set.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
     except OSError:
