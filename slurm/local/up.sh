@@ -12,6 +12,9 @@
 # Launch:   bash slurm/local/up.sh            # then: SLURM_CONF=... sbatch slurm/ia2dist_ray.sbatch
 #           bash slurm/local/up.sh --conf     # print the SLURM_CONF path and exit
 #           bash slurm/local/down.sh --purge  # stop everything it started
+#           After an unclean stop (the host or the daemons killed), run down.sh --purge first: a
+#           plain restart restores the old job state, and jobs that were running come back as
+#           RUNNING with no process behind them, holding their CPUs until their time limit.
 #
 # Knobs (environment):
 #   IA2_SLURM_BASE     state/log/pid/config dir        (default /tmp/ia2dist-slurm)

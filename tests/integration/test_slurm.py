@@ -67,6 +67,9 @@ def slurm(tmp_path_factory):
     for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
                 "IA2_RAY_METRICS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         env.pop(key, None)
+    # a clean slate: a run of this tier that was killed (its host shut down mid-run) leaves its
+    # job state behind, and slurmctld restarted on it requeues those jobs, which then hold the CPUs
+    subprocess.run(["bash", str(DOWN), "--purge"], env=env, capture_output=True, timeout=300)
     up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
     if up.returncode != 0:
         if shutil.which("apt-get") is None or "Unable to locate package" in up.stderr:
@@ -100,9 +103,16 @@ def _submit(env, script, out_dir: Path, run_dir: Path, *sbatch_args, extra="", m
 
 
 def _wait(env, job, timeout_s=420):
+    """"STATE EXITCODE" once the job ended; "TIMEOUT" plus the whole queue (state, reason, node)
+    when it had not, so that a failure says whether the job waited for CPUs or ran too long."""
     done = subprocess.run(["bash", str(WAIT), job, str(timeout_s)], env=env, capture_output=True,
                           text=True)
-    return done.stdout.strip()
+    state = done.stdout.strip()
+    if state.startswith("TIMEOUT"):
+        queue = subprocess.run(["squeue", "-a", "-o", "%i %j %T %r %N %M"], env=env,
+                               capture_output=True, text=True)
+        state += f" after {timeout_s} s; the queue:\n{queue.stdout}{queue.stderr}"
+    return state
 
 
 def _log(out_dir: Path) -> str:
@@ -189,7 +199,10 @@ class _Requeuer(threading.Thread):
         deadline = time.monotonic() + 2 * self.timeout_s
         while not self._running():
             if time.monotonic() > deadline:
-                self.error = "the job did not start"
+                shown = subprocess.run(["scontrol", "show", "job", self.job], env=self.env,
+                                       capture_output=True, text=True).stdout
+                self.error = ("the job did not start in %d s: %s" % (
+                    2 * self.timeout_s, " ".join(re.findall(r"(?:JobState|Reason)=\S+", shown))))
                 return
             time.sleep(0.5)
         deadline = time.monotonic() + self.timeout_s
