@@ -21,6 +21,8 @@ model dtype's rounding bound over the model's depth, whichever is larger).
 
     python -m benchmarks.bench_extract --dtype bfloat16 --quick   # prints and writes
         benchmarks/results/extract.json / .md (--out)
+    python -m benchmarks.bench_extract --dtype bfloat16 --shape smollm2-135m   # the real shape:
+        the T=32 and T=128 target cells, results/extract_smollm2-135m.json (~15 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import time
 
 import torch
 
-from benchmarks.common import (Timing, bench_examples, build_bench_model, build_bench_tokenizer,
-                               icl_prompts, md_table, sync)
+from benchmarks.common import (SMOLLM2_135M, Timing, bench_examples, build_bench_model,
+                               build_bench_tokenizer, build_shaped_model, icl_prompts, md_table,
+                               sync)
 
 #: (N, T, prompts per extract call, prompts per reference call, rounds) per cell.
 CPU_CELLS = [
@@ -41,6 +44,10 @@ CPU_CELLS = [
     (8, 128, 16, 1, 2), (32, 128, 8, 1, 1),
 ]
 QUICK_CELLS = [(8, 1, 8, 4, 1), (8, 32, 8, 1, 1)]
+#: The target cells on the SmolLM2-135M shape (``--shape smollm2-135m``): one reference prompt per
+#: cell (a reference prompt at T=128 is 128 full forwards of a 135M model, minutes on a CPU).
+SHAPED_CELLS = [(8, 32, 8, 1, 1), (8, 128, 8, 1, 1)]
+SHAPES = ("bench", "smollm2-135m")
 
 
 def reference_extract(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
@@ -179,26 +186,32 @@ def targets(device: str) -> dict[int, float]:
 
 
 def run(*, quick: bool = False, device: str = "cpu", batch_size: int | None = None,
-        dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict:
+        dtypes: tuple[str, ...] = ("float32", "bfloat16"), shape: str = "bench") -> dict:
     """batch_size: extract's batch (None: 16 for multi-token cells, 8 for T=1, where on a CPU
-    extract batches only equal-length prompts anyway). dtypes: the model's dtype, one pass each
-    (the same random weights, cast)."""
+    extract batches only equal-length prompts anyway; 8 on the 135M shape). dtypes: the model's
+    dtype, one pass each (the same random weights, cast). shape: "bench" (the bench model, every
+    cell) or "smollm2-135m" (SmolLM2-135M's shape, random weights, the target cells)."""
     tokenizer = build_bench_tokenizer()
     examples = bench_examples(256)
-    cells = QUICK_CELLS if quick else CPU_CELLS
+    cells = SHAPED_CELLS if shape != "bench" else QUICK_CELLS if quick else CPU_CELLS
     rows = []
     for dtype in dtypes:
-        model = build_bench_model(tokenizer, device=device, dtype=getattr(torch, dtype))
-        model.set_attn_implementation("sdpa")  # what ia2dist.model.load.load_model uses
+        if shape == "bench":
+            model = build_bench_model(tokenizer, device=device, dtype=getattr(torch, dtype))
+            model.set_attn_implementation("sdpa")  # what ia2dist.model.load.load_model uses
+        else:
+            model = build_shaped_model(tokenizer, SMOLLM2_135M, getattr(torch, dtype)).to(device)
         rows += [run_cell(model, tokenizer, examples, n, T, count, ref, reps,
-                          batch_size or (8 if T == 1 else 16), device)
+                          batch_size or (8 if T == 1 or shape != "bench" else 16), device)
                  for n, T, count, ref, reps in cells]
         del model
     goal = targets(device)
     for row in rows:
+        row["shape"] = shape
         row["target"] = goal.get(row["T"])
         row["met"] = None if row["target"] is None else row["speedup"] >= row["target"]
-    return {"name": "extract", "device": device, "rows": rows, "markdown": markdown(rows)}
+    return {"name": "extract", "device": device, "shape": shape, "rows": rows,
+            "markdown": markdown(rows)}
 
 
 def _decoding(row) -> str:
@@ -212,14 +225,14 @@ def _decoding(row) -> str:
 
 
 def markdown(rows) -> str:
-    table = [[r["dtype"], r["N"], r["T"], round(r["prompt_tokens_mean"]), round(r["response_tokens_mean"], 1),
+    table = [[r.get("shape", "bench"), r["dtype"], r["N"], r["T"], round(r["prompt_tokens_mean"]), round(r["response_tokens_mean"], 1),
               r["extract"]["examples_per_s"], r["reference"]["examples_per_s"],
               f"{r['speedup']:.1f}x", f"{r['speedup_cpu_time']:.1f}x", "-" if r["target"] is None else f">= {r['target']:g}x",
               {True: "yes", False: "NO", None: "-"}[r["met"]],
               "yes" if r["equality"]["responses_equal"] else "NO",
               f"{r['equality']['acts_max_abs_diff']:.2g}", _decoding(r)]
              for r in rows]
-    return md_table(["dtype", "N", "T", "prompt tok", "resp tok", "extract ex/s",
+    return md_table(["model", "dtype", "N", "T", "prompt tok", "resp tok", "extract ex/s",
                      "reference ex/s", "speed-up (wall)", "speed-up (CPU s)", "target", "met",
                      "same responses", "max abs diff acts", "decoding proven"], table)
 
@@ -233,6 +246,13 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
                         choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", default=str(RESULTS_DIR / "extract"))
+    parser.add_argument("--shape", choices=SHAPES, default="bench",
+                        help="the model: the bench model (every cell) or SmolLM2-135M's shape "
+                             "(random weights; the T=32 and T=128 target cells)")
+    parser.add_argument("--out", default=None,
+                        help="results path without suffix (default: benchmarks/results/extract, "
+                             "extract_smollm2-135m for that shape)")
     args = parser.parse_args()
-    publish(run(quick=args.quick, dtypes=tuple(args.dtype)), args.out)
+    out = args.out or str(RESULTS_DIR / ("extract" if args.shape == "bench"
+                                          else f"extract_{args.shape}"))
+    publish(run(quick=args.quick, dtypes=tuple(args.dtype), shape=args.shape), out)

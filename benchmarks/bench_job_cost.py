@@ -39,13 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, md_table, publish
+from benchmarks.common import RESULTS_DIR, SMOLLM2_135M, md_table, publish
 
 REPO = Path(__file__).resolve().parents[1]
-#: SmolLM2-135M's shape (transformers LlamaConfig fields).
-SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-             intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
-             max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5)
 ENGINES = ("auto", "zero3", "zero2")
 JOBS = ("sft", "ia2_then_sft")
 NS = (4, 16)
@@ -55,7 +51,7 @@ _METHOD_OF = {"ce": "sft", "ia2": "ia2", "ia2+ce": "ia2_plus_sft", "kl": "soft_s
 
 
 def save_model(path: Path, layers: int | None) -> Path:
-    """A random-weight model directory of ``SHAPE`` (``layers`` overrides the depth) with the
+    """A random-weight model directory of ``SMOLLM2_135M`` (``layers`` overrides the depth) with the
     embedded model's tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -64,7 +60,7 @@ def save_model(path: Path, layers: int | None) -> Path:
     from ia2dist.model.load import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name_or_path="embedded"))
-    shape = {**SHAPE, **({"num_hidden_layers": layers} if layers else {})}
+    shape = {**SMOLLM2_135M, **({"num_hidden_layers": layers} if layers else {})}
     config = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -225,7 +221,7 @@ def run(quick: bool = False, engines: tuple[str, ...] = ENGINES) -> dict:
     auto = per_engine.get("auto", {}).get("jobs")
     worst = max(auto, key=lambda j: j["over_floor"]) if auto else None
     result = {"name": "job_cost", "quick": quick,
-              "shape": {**SHAPE, **({"num_hidden_layers": 4} if quick else {})},
+              "shape": {**SMOLLM2_135M, **({"num_hidden_layers": 4} if quick else {})},
               "engines": per_engine, "target": TARGET,
               "job_cost_over_floor": None if worst is None else worst["over_floor"],
               "job_cost_over_floor_cpu": None if not auto else

@@ -28,6 +28,12 @@ RESULTS_DIR = Path(__file__).parent / "results"
 #: The bench model (transformers LlamaConfig fields via ``ia2dist.model.tiny.tiny_config``).
 BENCH_MODEL = dict(hidden=256, layers=4, heads=8, ffn=704, max_positions=4096)
 BENCH_VOCAB = 2048
+#: SmolLM2-135M's shape (transformers LlamaConfig fields): the real-shaped model of the benchmarks
+#: that measure the path a real checkpoint takes (random weights, seed 0).
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                    tie_word_embeddings=True, max_position_embeddings=2048, rope_theta=100000.0,
+                    rms_norm_eps=1e-5)
 
 #: A 1B-class config for the GPU tier (Llama-3.2-1B-like shapes, random weights).
 GPU_MODEL = dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, max_positions=8192)
@@ -97,6 +103,25 @@ def build_bench_model(tokenizer, device: str = "cpu", dtype=None, **overrides):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def build_shaped_model(tokenizer, shape: dict, dtype=None, layers: int | None = None):
+    """A random-weight (seed 0) Llama of ``shape`` (LlamaConfig fields; ``layers`` overrides the
+    depth) with ``tokenizer``'s special ids, in ``dtype``, sdpa kernel (what
+    ``ia2dist.model.load.load_model`` uses for real checkpoints), eval mode, frozen."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**shape, **({"num_hidden_layers": layers} if layers else {})},
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def save_bench_model(path: Path) -> Path:
