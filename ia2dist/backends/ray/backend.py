@@ -44,7 +44,7 @@ from ia2dist.backends.ray.cluster import check_resources, connect, object_store_
 from ia2dist.backends.ray.groups import TaskQueue, WorkerGroups
 from ia2dist.backends.ray.messages import (GroupConfig, RankPulls, RecordLease, Task, TaskResult,
                                            TeacherJob)
-from ia2dist.backends.ray.teacher_pool import TeacherStage, TeacherStageOptions
+from ia2dist.backends.ray.teacher_stage import TeacherStage, TeacherStageOptions
 from ia2dist.backends.ray.transport import UnitRecords
 from ia2dist.experiment.checkpoint import STOP_FILE
 from ia2dist.errors import IA2Error
