@@ -21,7 +21,8 @@ from ia2dist.config import ExtractConfig, ModelConfig  # noqa: E402
 from ia2dist.errors import IA2Error  # noqa: E402
 from ia2dist.backends.ray import cluster  # noqa: E402
 from ia2dist.backends.ray.packing import pack_records, unpack_records  # noqa: E402
-from ia2dist.backends.ray.teacher_stage import TeacherStage, TeacherStageOptions  # noqa: E402
+from ia2dist.backends.ray.messages import TeacherStageOptions  # noqa: E402
+from ia2dist.backends.ray.teacher_stage import TeacherStage  # noqa: E402
 from ia2dist.backends.ray.transport import fetch_records  # noqa: E402
 from ia2dist.model.load import load_model, load_tokenizer  # noqa: E402
 from ia2dist.teacher.store import TeacherStore, extraction_settings, shard_dir  # noqa: E402

@@ -3,9 +3,12 @@
 - ``backend``: ``RayBackend``: connects, checks the cluster, and drives a run (the teacher thread,
   the worker groups, the outcomes, the statistics).
 - ``messages``: the typed values the parts exchange (``Task``, ``GroupConfig``, ``TaskResult``,
-  ``RankPulls``, ``TeacherJob``) and the ``RecordLease`` that says when a unit's records can go.
-- ``teacher_pool``: the frozen-teacher actors (``TeacherActor``), the ``TeacherPool`` (placement,
-  restarts) and the ``TeacherStage`` that schedules shards on them.
+  ``RankPulls``, ``TeacherJob``, ``TeacherStageOptions``, ``StageStats``) and the ``RecordLease``
+  that says when a unit's records can go.
+- ``teacher_stage``: the ``TeacherStage`` that streams extracted shards under the byte budget;
+  ``teacher_run``: one run's scheduling loop (``TeacherRun``); ``teacher_pool``: the actors'
+  placement and restarts (``TeacherPool``); ``teacher_actor``: one frozen teacher replica
+  (``TeacherActor``).
 - ``budget``: ``ByteBudget``, the one owner of the bytes of teacher records in flight.
 - ``transport``: shards from the actors to the worker ranks (``pack_parts``, ``fetch_records``,
   ``UnitRecords``, ``RecordFetcher``); ``packing``: a shard as flat numpy arrays.

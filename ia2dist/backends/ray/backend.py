@@ -8,8 +8,9 @@ model weights.
    records; a pump thread publishes every finished shard to the unit's ``UnitRecords`` actor. As
    soon as a unit is extracted its baselines are evaluated on the teacher actors (they hold the
    frozen base already): ICL per unit, the base without demos once (its prompts are the same for
-   every unit) plus its similarity per unit. The stage (``teacher_pool``: actors, restarts, the
-   ``budget.ByteBudget``) belongs to the backend and lives as long as it does.
+   every unit) plus its similarity per unit. The stage (``teacher_stage``: the actors of its
+   ``teacher_pool``, restarts, the ``budget.ByteBudget``) belongs to the backend and lives as long
+   as it does.
 2. ``dist.num_workers / dist.group_size`` worker groups (``ia2dist.backends.ray.groups``) take
    the jobs from one queue; each trains a job on its ranks (the plain engine on a group of one
    rank, DeepSpeed ZeRO-3 on several: ``ia2dist.student.engines.choice``) while extraction of
@@ -43,8 +44,8 @@ from ia2dist.backends.base import Outcome, Work
 from ia2dist.backends.ray.cluster import check_resources, connect, object_store_usage
 from ia2dist.backends.ray.groups import TaskQueue, WorkerGroups
 from ia2dist.backends.ray.messages import (GroupConfig, RankPulls, RecordLease, Task, TaskResult,
-                                           TeacherJob)
-from ia2dist.backends.ray.teacher_stage import TeacherStage, TeacherStageOptions
+                                           TeacherJob, TeacherStageOptions)
+from ia2dist.backends.ray.teacher_stage import TeacherStage
 from ia2dist.backends.ray.transport import UnitRecords
 from ia2dist.experiment.checkpoint import STOP_FILE
 from ia2dist.errors import IA2Error

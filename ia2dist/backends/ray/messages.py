@@ -6,6 +6,8 @@
 - ``TaskResult`` (with one ``RankPulls`` per rank): what a group reports for a finished task.
 - ``TeacherJob``: one list of a unit's examples the teacher stage extracts (train + dev, or the
   similarity items), in the order of the driver's teacher thread.
+- ``TeacherStageOptions``: what the teacher stage (and its pool of actors) is started with;
+  ``StageStats``: what one run of the stage did, per shard.
 - ``RecordLease``: which tasks still read each unit's teacher records; the driver frees a unit's
   records when its last reader is done.
 """
@@ -99,6 +101,66 @@ class TeacherJob:
     @property
     def tag(self) -> str:
         return f"{self.unit.key}/{self.kind}"
+
+
+@dataclass(kw_only=True)
+class TeacherStageOptions:
+    """What a ``teacher_stage.TeacherStage`` and its ``teacher_pool.TeacherPool`` are started
+    with (in a run: ``dist.teacher_actors``, ``teacher_cpus``, ``teacher_gpus``,
+    ``placement_strategy``, ``shard_size``, ``inflight_bytes``)."""
+
+    num_actors: int = 1
+    """Teacher replicas (Ray actors), each holding one frozen copy of the model."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (also its torch thread count, at least 1)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor; fractions below 1 share a GPU between replicas (e.g. 0.5: two per GPU)."""
+    placement_strategy: str = "PACK"
+    """Placement-group strategy of the actors' bundles: PACK, SPREAD, STRICT_PACK or
+    STRICT_SPREAD (one node per actor)."""
+    shard_size: int = 32
+    """Examples per shard (the unit of scheduling, transport, retry and caching)."""
+    max_shards_per_actor: int = 2
+    """Shards queued on one actor at a time (2: the next shard is ready when one finishes)."""
+    byte_budget: int | None = None
+    """Most bytes of un-released teacher output in the object store (None: half the cluster's
+    object store). Must hold at least one shard's upper bound."""
+    max_restarts: int = 3
+    """Restarts of a dead actor process before it leaves the pool."""
+    max_shard_attempts: int = 3
+    """Attempts per shard (an attempt is lost when its actor dies) before the stage fails."""
+    reserve_bytes: int = 0
+    """Per-GPU memory a replica spanning several GPUs leaves free for activations and the KV cache
+    (the layers are placed within each GPU's memory minus this)."""
+    ready_timeout_s: float = 600.0
+    """Seconds to wait for the placement group and the actors' model loading."""
+    release_wait_s: float | None = 0.0
+    """When every byte of the budget is held by yielded, un-released shards and nothing runs, wait
+    this long for ``release`` from another thread before failing (0: fail at once; None: as long
+    as it takes, until ``close``)."""
+
+
+@dataclass
+class StageStats:
+    """What a ``TeacherStage.run`` did; lists are indexed by shard."""
+
+    num_shards: int = 0
+    attempts: list[int] = field(default_factory=list)
+    """Extraction tasks submitted per shard (1 unless an actor died while running it)."""
+    completions: list[int] = field(default_factory=list)
+    """Times each shard finished (always 1 after a complete run)."""
+    from_cache: list[bool] = field(default_factory=list)
+    finished_at: list[float | None] = field(default_factory=list)
+    """time.time() when the driver saw the shard finish."""
+    released_at: list[float | None] = field(default_factory=list)
+    act_bytes: list[int] = field(default_factory=list)
+    """Activation payload per shard (sum over its records of L x T_i x D x bytes)."""
+    reruns: int = 0
+    actor_failures: int = 0
+    peak_inflight_bytes: int = 0
+    """Most bytes reserved at once (running upper bounds + finished, un-released shards)."""
+    peak_held_bytes: int = 0
+    """Most bytes of finished, un-released shards at once."""
 
 
 class RecordLease:
