@@ -101,8 +101,7 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
 
     cfg = load_config(str(REPO / "configs/real.yaml"), overrides(model_dir, run_dir, engine))
     tok = load_tokenizer(cfg.model)
-    plan = Plan(cfg, load_task(cfg.data), tokenizer=tok)
-    plan.tokenizer = tok
+    plan = Plan(cfg, load_task(cfg.data))
     # the floor's model first: a ZeRO-3 worker makes later transformers loads partitioned
     floor_model = apply_adapter(load_model(cfg.model), cfg.train.adapter, seed=0)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
@@ -111,7 +110,7 @@ def measure_engine(model_dir: Path, run_dir: Path, engine: str) -> dict:
     config = GroupConfig(plan, None, online=True, engine=choice,
                          ds_template=None if choice.template is None
                          else str(resolve_ds_template(choice.template)))
-    worker = GroupWorker(config, 0, 1)
+    worker = GroupWorker(config, 0, 1, tok)
     worker.students.base  # load the frozen base (once per worker, not per job)
     jobs = []
     try:
@@ -147,7 +146,7 @@ def _floor(model, plan, unit, job, records, history: dict, worker) -> dict:
     from ia2dist.student.items import job_items
     from ia2dist.student.trainer import TrainOptions, train
 
-    train_items, dev_items = job_items(plan, unit, plan.tokenizer,
+    train_items, dev_items = job_items(plan, unit, worker.tokenizer,
                                        worker._fetch(records, "teacher"),
                                        label_type=job.label_type)
     train_items, dev_items = list(train_items), list(dev_items)
@@ -158,12 +157,12 @@ def _floor(model, plan, unit, job, records, history: dict, worker) -> dict:
             cfg = dataclasses.replace(t, max_steps=phase["steps"], epochs=10_000, patience=0,
                                       checkpoint_every=-1)
             train(model, train_items, [], _METHOD_OF[phase["objective"]], cfg, seed=job.seed,
-                  options=TrainOptions(pad_id=plan.tokenizer.pad_token_id))
+                  options=TrainOptions(pad_id=worker.tokenizer.pad_token_id))
     dev_evals = sum("dev_loss" in r for r in history["history"])
     if dev_items and dev_evals:
         for _ in range(dev_evals):
-            _dev_forward(model, dev_items, plan.tokenizer.pad_token_id)
-    evaluate(model, plan.tokenizer, plan, unit, job.name, with_demos=False,
+            _dev_forward(model, dev_items, worker.tokenizer.pad_token_id)
+    evaluate(model, worker.tokenizer, plan, unit, job.name, with_demos=False,
              sim_records=worker._similarity(unit, records), write=False)
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 

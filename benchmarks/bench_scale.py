@@ -159,7 +159,7 @@ def _planned(model_dir: Path, run_dir: Path, gpu: bool = False) -> dict[str, int
 
     cfg = load_config(None, _args(run_dir, str(model_dir), legacy=False, gpu=gpu))
     tokenizer = load_tokenizer(cfg.model)
-    plan = Plan(cfg, load_task(cfg.data), tokenizer=tokenizer)
+    plan = Plan(cfg, load_task(cfg.data))
     config = load_model_config(cfg.model)
     memory = memory_plan(plan, tokenizer, config, check_context(plan, tokenizer, config))
     from ia2dist.experiment.memory_plan import _CPU_OVERHEAD, _GPU_OVERHEAD

@@ -223,7 +223,7 @@ def _planned(run_dir: Path) -> dict | None:
                                                          "dist.num_workers=1"]
     cfg = load_config(None, overrides)
     tokenizer = load_tokenizer(cfg.model)
-    plan = Plan(cfg, load_task(cfg.data), tokenizer=tokenizer)
+    plan = Plan(cfg, load_task(cfg.data))
     model_config = load_model_config(cfg.model)
     memory = memory_plan(plan, tokenizer, model_config,
                          check_context(plan, tokenizer, model_config))

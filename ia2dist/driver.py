@@ -28,7 +28,7 @@ from ia2dist.backends.base import Backend, Outcome, Work, check_outcomes
 from ia2dist.config import RunConfig, to_dict
 from ia2dist.errors import IA2Error
 from ia2dist.experiment import rundir
-from ia2dist.experiment.plan import Plan
+from ia2dist.experiment.plan import Plan, chat_wrap_for
 from ia2dist.experiment.status import status_of
 
 log = logging.getLogger("ia2dist")
@@ -58,12 +58,14 @@ def _is_ray(cfg: RunConfig) -> bool:
 
 def build_plan(cfg: RunConfig, task, tokenizer) -> Plan:
     """The run's ``Plan``, with its out-of-distribution sets read now (``data.ood_tasks``), so
-    that a missing one fails before any work."""
+    that a missing one fails before any work, and the chat template's wrap of ``tokenizer``
+    (``chat_wrap_for``; the plan itself carries no tokenizer)."""
     from ia2dist.data.loaders import load_ood_sets
 
     skipped: list[str] = []
     ood_sets = load_ood_sets(cfg.data, skipped)
-    return Plan(cfg, task, tokenizer=tokenizer, ood_sets=ood_sets, ood_skipped=skipped)
+    return Plan(cfg, task, chat=chat_wrap_for(cfg, task, tokenizer), ood_sets=ood_sets,
+                ood_skipped=skipped)
 
 
 def check_context(plan: Plan, tokenizer, model_config) -> int:

@@ -15,8 +15,11 @@ driver loop take their work from it, so the rules below exist once:
 - which job's result another job starts from (``phase_source``: ia2_then_sft continues from the
   ia2 job of the same unit, seed and settings) and hence the order jobs run in (``train_order``).
 
-A plan writes nothing and loads no data: the caller loads the task and the out-of-distribution
-sets; what an earlier attempt finished is ``ia2dist.experiment.status``.
+A plan writes nothing, loads no data and holds no tokenizer: the caller loads the task and the
+out-of-distribution sets and, for a task with ``data.custom.chat_template``, gives it the chat
+template's wrap (``chat_wrap_for``), so a plan pickles as the values it is (Ray ships it to every
+worker, which keeps its own tokenizer); what an earlier attempt finished is
+``ia2dist.experiment.status``.
 A job's result does not depend on which worker group runs it or how many groups there are: it is a
 function of the plan (seeds, data, order) and the config only.
 """
@@ -141,8 +144,10 @@ class Baseline:
 class Plan:
     """Units and jobs of a run, built from the config and the task data (see the module doc)."""
 
-    def __init__(self, cfg: RunConfig, task, *, tokenizer=None, ood_sets: Sequence = (),
-                 ood_skipped: Sequence[str] = ()):
+    def __init__(self, cfg: RunConfig, task, *, chat: tuple[str, str] | None = None,
+                 ood_sets: Sequence = (), ood_skipped: Sequence[str] = ()):
+        """``chat``: the chat template's (prefix, suffix) around every prompt, ``chat_wrap_for``'s
+        value (needed by a custom task with data.custom.chat_template, else None)."""
         self.cfg = cfg
         self.task = task
         self.spec = task.spec
@@ -151,8 +156,10 @@ class Plan:
             raise IA2Error(f"data: task {self.spec.name} has no evaluation items; set data.eval_path")
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.max_new_tokens = cfg.extract.max_new_tokens or self.spec.max_new_tokens
-        self.tokenizer = tokenizer
-        self.chat = self._chat_wrap(tokenizer)
+        if self.spec.chat_template and chat is None:
+            raise IA2Error("data.custom.chat_template: building the prompts needs the tokenizer; "
+                           "pass Plan chat=chat_wrap_for(cfg, task, tokenizer)")
+        self.chat = chat
         # the out-of-distribution sets (``ia2dist.data.loaders.load_ood_sets``, read by the caller)
         self.ood_sets = list(ood_sets)
         self.ood_skipped = list(ood_skipped)  # why a default set was left out (run log warnings)
@@ -171,16 +178,6 @@ class Plan:
                     ood_demo_lists={es.name: _frozen(eval_demos(split.pool, es.items, n, r, cap))
                                     for es in self.ood_sets}))
 
-    def _chat_wrap(self, tokenizer) -> tuple[str, str] | None:
-        """The chat template's (prefix, suffix) around every prompt of a custom task with
-        data.custom.chat_template, else None (plain text)."""
-        if not self.spec.chat_template:
-            return None
-        if tokenizer is None:
-            raise IA2Error("data.custom.chat_template: building the prompts needs the tokenizer; "
-                           "pass it to Plan")
-        return chat_wrap(tokenizer, self.cfg.model.tokenizer or self.cfg.model.name_or_path)
-
     def teacher_prompt(self, demos, ex: Example) -> str:
         """The ICL prompt of ``ex`` with ``demos`` (``ia2dist.data.prompts``), chat-wrapped when
         the task asks for it."""
@@ -189,10 +186,6 @@ class Plan:
     def student_prompt(self, ex: Example) -> str:
         """The prompt of ``ex`` without demos, chat-wrapped when the task asks for it."""
         return prompts.student_prompt(ex, self.chat)
-
-    def __getstate__(self) -> dict:
-        # shipped to Ray actors and workers, which load their own tokenizer
-        return {**self.__dict__, "tokenizer": None}
 
     # ------------------------------------------------------------------ seeds, jobs, order
     def student_seed(self, unit: Unit) -> int:
@@ -388,6 +381,15 @@ class Plan:
                            "which this run does not train; check data.num_train, data.seeds and "
                            "train.methods")
         return job_id, Path(path).expanduser().resolve()
+
+
+def chat_wrap_for(cfg: RunConfig, task, tokenizer) -> tuple[str, str] | None:
+    """A plan's ``chat``: the (prefix, suffix) of ``tokenizer``'s chat template around every prompt
+    of a custom task with data.custom.chat_template (``ia2dist.data.custom.chat_wrap``), else None
+    (plain text). The caller that holds the tokenizer computes it once; the plan keeps the value."""
+    if not task.spec.chat_template:
+        return None
+    return chat_wrap(tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
 
 
 def student_seed(cfg: RunConfig, data_seed: int) -> int:

@@ -151,7 +151,7 @@ def _worker(work: Path) -> None:
     from ia2dist.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    plan = Plan(cfg, load_task(cfg.data), tokenizer=tokenizer)
+    plan = Plan(cfg, load_task(cfg.data))
     unit = plan.units[0]
     gen = torch.Generator().manual_seed(0)
     records = []

@@ -12,7 +12,7 @@ import pytest
 from ia2dist.cli import main
 from ia2dist.config import CustomTaskConfig, DataConfig, ModelConfig, load_config
 from ia2dist.data.loaders import load_task, read_rows
-from ia2dist.errors import ConfigError, DataError
+from ia2dist.errors import ConfigError, DataError, IA2Error
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
@@ -210,23 +210,33 @@ def _chat_tokenizer(tmp_path: Path) -> str:
     return str(tmp_path / "tok")
 
 
-def test_chat_template_wraps_each_prompt_in_one_user_turn(tmp_path):
-    from ia2dist.data.custom import chat_wrap
-    from ia2dist.model.decode import encode
+def _chat_plan(tmp_path: Path):
+    """(a plan of a custom task with data.custom.chat_template, its config and tokenizer)."""
     from ia2dist.model.load import load_tokenizer
-    from ia2dist.experiment.plan import Plan
+    from ia2dist.experiment.plan import Plan, chat_wrap_for
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny:llama",
                                            tokenizer=_chat_tokenizer(tmp_path)))
-    # the tokenizer adds BOS itself, so the template's BOS text is left out (not doubled)
-    assert chat_wrap(tokenizer, "tok") == ("<|user|>", "<|end|><|assistant|>")
     train = _jsonl(tmp_path / "t.jsonl", _rows(20))
     cfg = load_config(None, ["data.task=custom", f"data.train_path={train}", "data.max_eval=4",
                              "data.num_train=[4]", "data.custom.labels=['no', 'yes']",
                              "data.custom.chat_template=true",
                              f"model.tokenizer={tmp_path / 'tok'}", "model.name_or_path=tiny:llama",
                              f"run_dir={tmp_path / 'run'}"])
-    plan = Plan(cfg, load_task(cfg.data), tokenizer=tokenizer)
+    task = load_task(cfg.data)
+    return Plan(cfg, task, chat=chat_wrap_for(cfg, task, tokenizer)), cfg, tokenizer
+
+
+def test_chat_template_wraps_each_prompt_in_one_user_turn(tmp_path):
+    from ia2dist.data.custom import chat_wrap
+    from ia2dist.model.decode import encode
+    from ia2dist.model.load import load_tokenizer
+    from ia2dist.experiment.plan import Plan, chat_wrap_for
+
+    plan, cfg, tokenizer = _chat_plan(tmp_path)
+    # the tokenizer adds BOS itself, so the template's BOS text is left out (not doubled)
+    assert chat_wrap(tokenizer, "tok") == ("<|user|>", "<|end|><|assistant|>")
+    assert plan.chat == ("<|user|>", "<|end|><|assistant|>")
     unit = plan.units[0]
     prompts, _ = plan.teacher_inputs(unit)
     demos = "\n\n".join(d.demo() for d in unit.train_demo_lists[0])
@@ -235,9 +245,30 @@ def test_chat_template_wraps_each_prompt_in_one_user_turn(tmp_path):
     student = plan.eval_prompts(unit, with_demos=False)
     assert student[0] == f"<|user|>{plan.eval_items[0].query}<|end|><|assistant|>"
     assert encode(tokenizer, student[:1])[0].count(tokenizer.bos_token_id) == 1
+    task = load_task(cfg.data)
     plain = load_tokenizer(ModelConfig(name_or_path="tiny:llama"))
     with pytest.raises(DataError, match="no chat template; set data.custom.chat_template=false"):
-        Plan(cfg, load_task(cfg.data), tokenizer=plain)
+        chat_wrap_for(cfg, task, plain)
+    with pytest.raises(IA2Error, match="^data.custom.chat_template: building the prompts needs "
+                                       "the tokenizer; pass Plan chat="):
+        Plan(cfg, task)  # no chat wrap: the prompts cannot be built
+
+
+def test_a_plan_travels_with_its_chat_wrap_and_without_a_tokenizer(tmp_path):
+    """Ray ships the plan to the teacher actors and worker groups, which keep their own tokenizer:
+    the plan holds none, and its chat wrap (hence every prompt) survives the round trip."""
+    cloudpickle = pytest.importorskip("ray.cloudpickle")  # what Ray serialises it with
+
+    plan, _, _ = _chat_plan(tmp_path)
+    assert "tokenizer" not in vars(plan)
+    data = cloudpickle.dumps(plan)
+    assert b"transformers" not in data  # no tokenizer (nor any other transformers object)
+    copy_ = cloudpickle.loads(data)
+    assert copy_.chat == plan.chat == ("<|user|>", "<|end|><|assistant|>")
+    unit, copied = plan.units[0], copy_.units[0]
+    assert copy_.teacher_inputs(copied) == plan.teacher_inputs(unit)
+    assert copy_.eval_prompts(copied, with_demos=True) == plan.eval_prompts(unit, with_demos=True)
+    assert copy_.eval_prompts(copied, with_demos=False) == plan.eval_prompts(unit, with_demos=False)
 
 
 # ----------------------------------------------------------------------------------------------

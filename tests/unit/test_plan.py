@@ -28,9 +28,9 @@ def _cfg(tmp_path, *extra):
 
 
 @pytest.fixture
-def plan(tmp_path, make_tokenizer):
+def plan(tmp_path):
     cfg = _cfg(tmp_path)
-    return Plan(cfg, load_task(cfg.data), tokenizer=make_tokenizer(add_bos=True))
+    return Plan(cfg, load_task(cfg.data))
 
 
 def test_units_jobs_and_seeds_come_from_the_config_alone(plan):
@@ -53,8 +53,8 @@ def test_units_jobs_and_seeds_come_from_the_config_alone(plan):
     assert len(prompts) == 12 and uids[8:] == [e.uid for e in unit.dev]
 
 
-def test_plan_is_a_pure_function_of_the_config(tmp_path, make_tokenizer, plan):
-    again = Plan(plan.cfg, load_task(plan.cfg.data), tokenizer=make_tokenizer(add_bos=True))
+def test_plan_is_a_pure_function_of_the_config(plan):
+    again = Plan(plan.cfg, load_task(plan.cfg.data))
     assert [(u.key, [e.uid for e in u.train], [[d.uid for d in ds] for ds in u.train_demo_lists])
             for u in again.units] == \
         [(u.key, [e.uid for e in u.train], [[d.uid for d in ds] for ds in u.train_demo_lists])
@@ -62,11 +62,11 @@ def test_plan_is_a_pure_function_of_the_config(tmp_path, make_tokenizer, plan):
     assert again.read_order(again.units[3]) == plan.read_order(plan.units[3])
 
 
-def test_plan_writes_nothing(tmp_path, make_tokenizer):
+def test_plan_writes_nothing(tmp_path):
     """A plan has no effect on disk: naming the shared teacher cache's folder creates neither it
     nor the run directory (the driver creates them when a verb starts)."""
     cfg = _cfg(tmp_path, f"extract.cache_dir={tmp_path / 'cache'}")
-    plan = Plan(cfg, load_task(cfg.data), tokenizer=make_tokenizer(add_bos=True))
+    plan = Plan(cfg, load_task(cfg.data))
     unit = plan.units[0]
     path = plan.teacher_dir(unit, "teacher", plan.teacher_inputs(unit)[1])
     assert path.parent == tmp_path / "cache" and path.name.startswith("teacher-")
@@ -118,12 +118,17 @@ def test_home_ranks_split_every_batch_and_every_item_once(plan):
     assert len(parts) == 12 and sorted(parts) == [0] * 6 + [1] * 6
 
 
-def test_plan_travels_without_its_tokenizer(plan):
+def test_plan_travels_as_plain_values(plan):
+    """Ray ships the plan to every actor and worker, which keep their own tokenizer: it holds
+    none (a chat-templated task's wrap: tests/unit/test_custom_task.py)."""
     cloudpickle = pytest.importorskip("ray.cloudpickle")  # what Ray serialises it with
 
-    copy_ = cloudpickle.loads(cloudpickle.dumps(plan))
-    assert copy_.tokenizer is None and plan.tokenizer is not None
+    data = cloudpickle.dumps(plan)
+    assert "tokenizer" not in vars(plan) and b"transformers" not in data
+    copy_ = cloudpickle.loads(data)
+    assert copy_.chat is None and plan.chat is None
     assert [u.key for u in copy_.units] == [u.key for u in plan.units]
+    assert copy_.teacher_inputs(copy_.units[3]) == plan.teacher_inputs(plan.units[3])
 
 
 # ------------------------------------------------------------------------------ the student job
@@ -136,7 +141,7 @@ def _job_setup(tmp_path, make_tokenizer, make_model, adapter="lora"):
     cfg = _cfg(tmp_path, f"train.adapter.type={adapter}", "train.adapter.dropout=0.1",
                "train.checkpoint_every=-1")
     tok = make_tokenizer(add_bos=True)
-    plan = Plan(cfg, load_task(cfg.data), tokenizer=tok)
+    plan = Plan(cfg, load_task(cfg.data))
     base = make_model("llama", tok, seed=0)
     unit = plan.units[0]
     prompts, uids = plan.teacher_inputs(unit)

@@ -131,12 +131,12 @@ def group_worker(loop_config: dict) -> None:
 
         torch.cuda.set_device(get_device())
     rank, world = dist.get_rank(), dist.get_world_size()
-    plan.tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     from ia2dist import procmem
 
     procmem.import_model_libraries()
     procmem.baseline()
-    worker = GroupWorker(config, rank, world)
+    worker = GroupWorker(config, rank, world, tokenizer)
     queue, group = config.queue, config.group
     stop_file = Path(cfg.run_dir).expanduser() / STOP_FILE
     while True:
@@ -166,7 +166,7 @@ class GroupWorker:
     """What one rank of a group holds across tasks: the frozen base (``Students``), the tokenizer,
     and the current unit's record fetchers."""
 
-    def __init__(self, config: GroupConfig, rank: int, world: int):
+    def __init__(self, config: GroupConfig, rank: int, world: int, tokenizer):
         import torch
         import torch.distributed as dist
 
@@ -177,7 +177,7 @@ class GroupWorker:
         from ia2dist.student.engines.dsconfig import fill_ds_config
         from ia2dist.student.job import Students
 
-        self.config, self.rank, self.world = config, rank, world
+        self.config, self.rank, self.world, self.tokenizer = config, rank, world, tokenizer
         self.plan = plan = config.plan
         cfg = plan.cfg
         # the student engine (ia2dist.student.engines.choice): no template = the plain engine
@@ -245,7 +245,7 @@ class GroupWorker:
         prompts, uids = (plan.teacher_inputs(unit) if kind == "teacher"
                          else plan.similarity_inputs(unit))
         with self.students.frozen() as base:
-            return extract(base, plan.tokenizer, prompts, uids, max_new_tokens=plan.max_new_tokens,
+            return extract(base, self.tokenizer, prompts, uids, max_new_tokens=plan.max_new_tokens,
                            stop_strings=tuple(e.stop_strings), batch_size=e.batch_size,
                            act_dtype=DTYPES[e.act_dtype], topk=e.topk, sync=self.sync)
 
@@ -288,13 +288,13 @@ class GroupWorker:
         elif task.kind == "evaluate":
             job = plan.job(task.id)
             with self.students.trained(job.out_dir) as model:
-                result.rows = evaluate(model, plan.tokenizer, plan, unit, job.name,
+                result.rows = evaluate(model, self.tokenizer, plan, unit, job.name,
                                           with_demos=False, sim_records=sim, sync=self.sync,
                                           write=write, tags=job_tags(job))
         else:
             with_demos = task.name == "icl"
             with self.students.frozen() as base:
-                result.rows = evaluate(base, plan.tokenizer, plan, unit, task.name,
+                result.rows = evaluate(base, self.tokenizer, plan, unit, task.name,
                                           with_demos=with_demos,
                                           sim_records=None if with_demos else sim,
                                           sync=self.sync, write=write)
@@ -323,7 +323,7 @@ class GroupWorker:
 
         plan, cfg = self.plan, self.plan.cfg
         check = record_checker(self.num_layers, "soft_sft" in cfg.train.methods)
-        train_items, dev_items = job_items(plan, job.unit, plan.tokenizer,
+        train_items, dev_items = job_items(plan, job.unit, self.tokenizer,
                                            self._fetch(records, "teacher"), check=check,
                                            label_type=job.label_type)
         factory = TorchEngineFactory() if self.ds_config is None else \
@@ -331,7 +331,7 @@ class GroupWorker:
         evaluator = None
         if task.evaluate:
             def evaluator(model, tags):
-                return evaluate(model, plan.tokenizer, plan, job.unit, job.name,
+                return evaluate(model, self.tokenizer, plan, job.unit, job.name,
                                 with_demos=False, sim_records=sim, sync=self.sync,
                                 write=self.rank == 0, tags=tags)
         resume = Path(task.resume_from) if task.resume_from else None

@@ -111,7 +111,6 @@ class TeacherActor:
         ``sim_refs``: the unit's similarity-record shards (object refs) for the similarity."""
         if self.load_error is not None:
             raise IA2Error(self.load_error)
-        plan.tokenizer = self.tokenizer
         unit = plan.unit(unit_key)
         shared = None
         if not with_demos:
