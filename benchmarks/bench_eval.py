@@ -5,7 +5,7 @@ The model has SmolLM2-135M's shape with random weights (hidden 576, 30 layers, 9
 1536, vocabulary 49152, tied embeddings; LoRA r=8 on q/k/o for the dev evaluations), one torch
 thread as in a Ray worker. Prompts are 6-12 tokens (the student prompts of the short real tasks).
 
-- dev evaluation: ``_evaluate_objective`` on 2/4/8 dev items (T = 1), "before" in micro-batches
+- dev evaluation: ``ia2dist.student.trainer.dev_loss`` on 2/4/8 dev items (T = 1), "before" in micro-batches
   of 2 (``train.micro_batch_size`` of configs/real.yaml), "after" in one forward of up to 16
   (``eval.batch_size``); the dev losses of both are recorded (they must agree).
 - prefill: ``generate`` (T = 8, the country_demonym shape) and ``extract`` at T = 1 (the
@@ -70,13 +70,10 @@ def _interleaved(sides: dict, rounds: int) -> tuple[dict, dict]:
 def dev_rows(model, tokenizer, *, sizes, rounds: int) -> list[dict]:
     from ia2dist.config import AdapterConfig, TrainConfig
     from ia2dist.model.adapters import apply_adapter
-    from ia2dist.model.decode import logits_to_keep_kwargs
-    from ia2dist.model.fastpaths import last_position_mlp
-    from ia2dist.model.structure import attention_sites, unwrap_peft
     from ia2dist.records import TeacherRecord
     from ia2dist.student.batching import StudentItem
     from ia2dist.student.engines.torch_engine import TorchEngine
-    from ia2dist.student.trainer import _Context, _evaluate_objective
+    from ia2dist.student.trainer import TrainOptions, dev_loss
 
     student = apply_adapter(model, AdapterConfig(type="lora", r=8), seed=0)  # q/k/o
     engine = TorchEngine(student)
@@ -93,13 +90,9 @@ def dev_rows(model, tokenizer, *, sizes, rounds: int) -> list[dict]:
     for objective in ("ce", "ia2"):
         for size in sizes:
             def evaluate(eval_batch):
-                ctx = _Context(sites=attention_sites(student), device=torch.device("cpu"),
-                               pad_id=0, padding_side="right", num_virtual_tokens=0,
-                               cfg=TrainConfig(batch_size=4, micro_batch_size=2),
-                               logits_kwargs=logits_to_keep_kwargs(unwrap_peft(student)),
-                               last_mlp=last_position_mlp(student), seed=0,
-                               eval_batch_size=eval_batch)
-                return lambda: _evaluate_objective(engine, items[:size], objective, ctx)
+                options = TrainOptions(pad_id=0, eval_batch_size=eval_batch)
+                return lambda: dev_loss(engine, items[:size], objective,
+                                        TrainConfig(batch_size=4, micro_batch_size=2), options)
 
             best, outs = _interleaved({"before": evaluate(2), "after": evaluate(16)}, rounds)
             rows.append({"what": f"dev eval {objective}", "items": size,

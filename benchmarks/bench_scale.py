@@ -162,12 +162,10 @@ def _planned(model_dir: Path, run_dir: Path, gpu: bool = False) -> dict[str, int
     plan = Plan(cfg, load_task(cfg.data))
     config = load_model_config(cfg.model)
     memory = memory_plan(plan, tokenizer, config, check_context(plan, tokenizer, config))
-    from ia2dist.experiment.memory_plan import _CPU_OVERHEAD, _GPU_OVERHEAD
-
-    overhead = int(_GPU_OVERHEAD if gpu else _CPU_OVERHEAD)
+    # a worker's parts: its need without the planner's fixed per-process overhead
     return {"driver": memory.role("driver").per_process,
-            "teacher actor": memory.role("teacher replica").per_process - overhead,
-            "student rank": memory.role("student rank").per_process - overhead}
+            "teacher actor": sum(memory.role("teacher replica").parts.values()),
+            "student rank": sum(memory.role("student rank").parts.values())}
 
 
 def run_gpu(model_dir: str | None = None) -> dict:

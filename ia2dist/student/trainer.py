@@ -238,14 +238,7 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     sites = attention_sites(model)
     if options.validate_items:
         check_items(list(train_items) + list(dev_items), terms, len(sites))
-    shift = num_virtual_tokens(model)
-    ctx = _Context(sites=sites, device=next(model.parameters()).device,
-                   pad_id=decode.pad_id(model.config) if options.pad_id is None else options.pad_id,
-                   padding_side="right" if shift else options.padding_side,
-                   num_virtual_tokens=shift, cfg=train_cfg,
-                   logits_kwargs=decode.logits_to_keep_kwargs(unwrap_peft(model)),
-                   last_mlp=last_position_mlp(model), seed=seed,
-                   eval_batch_size=options.eval_batch_size)
+    ctx = _context(model, sites, train_cfg, seed, options)
     checkpointer, reuse = options.checkpointer, options.reuse
     with part("checkpoint"):
         resume = checkpointer.load() if checkpointer is not None else None
@@ -296,6 +289,35 @@ def train(model: nn.Module, train_items: Sequence[StudentItem], dev_items: Seque
     finally:
         model.train(was_training)
     return result
+
+
+def dev_loss(engine: Engine, items: Sequence[StudentItem], objective: str,
+             train_cfg: TrainConfig, options: TrainOptions | None = None) -> float:
+    """``objective`` (one of ``OBJECTIVE_TERMS``) over ``items`` on ``engine``'s model, as each dev
+    evaluation of a ``train`` call measures it (forwards of ``options.eval_batch_size`` items,
+    padded as ``options`` say; the value does not depend on the batching): a dev evaluation on its
+    own, to measure or check it outside a training loop."""
+    options = options or TrainOptions()
+    _check_eval_batch_size(options.eval_batch_size)
+    model = engine.model
+    # seed 0: a dev item's home rank is its index modulo the world size, whatever the job's seed
+    ctx = _context(model, attention_sites(model), train_cfg, 0, options)
+    ctx.device = engine.device
+    return _evaluate_objective(engine, items, objective, ctx)
+
+
+def _context(model: nn.Module, sites: list[nn.Module], train_cfg: TrainConfig, seed: int,
+             options: TrainOptions) -> _Context:
+    """The step context of ``model`` trained (or evaluated) as ``options`` say."""
+    shift = num_virtual_tokens(model)
+    return _Context(sites=sites, device=next(model.parameters()).device,
+                    pad_id=decode.pad_id(model.config) if options.pad_id is None
+                    else options.pad_id,
+                    padding_side="right" if shift else options.padding_side,
+                    num_virtual_tokens=shift, cfg=train_cfg,
+                    logits_kwargs=decode.logits_to_keep_kwargs(unwrap_peft(model)),
+                    last_mlp=last_position_mlp(model), seed=seed,
+                    eval_batch_size=options.eval_batch_size)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

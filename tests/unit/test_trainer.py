@@ -479,10 +479,7 @@ def _adapted(setup, make_model, arch):
 def test_dev_loss_does_not_depend_on_the_eval_batch(setup, make_model, arch, objective):
     """The dev objective of items of unequal lengths, one item per forward vs all in one padded
     forward, left or right padded (GPT-2's absolute positions show any position shift)."""
-    from ia2dist.model.decode import logits_to_keep_kwargs
-    from ia2dist.model.fastpaths import last_position_mlp
-    from ia2dist.model.structure import unwrap_peft
-    from ia2dist.student.trainer import _Context, _evaluate_objective
+    from ia2dist.student.trainer import dev_loss
 
     model = _adapted(setup, make_model, arch)
     items = setup["cls"][:3] + setup["qa"]
@@ -490,12 +487,9 @@ def test_dev_loss_does_not_depend_on_the_eval_batch(setup, make_model, arch, obj
     values = {}
     for side in ("right", "left"):
         for eval_batch in (1, 2, len(items)):
-            ctx = _Context(sites=attention_sites(model), device=torch.device("cpu"), pad_id=0,
-                           padding_side=side, num_virtual_tokens=0, cfg=cfg(),
-                           logits_kwargs=logits_to_keep_kwargs(unwrap_peft(model)),
-                           last_mlp=last_position_mlp(model), seed=0, eval_batch_size=eval_batch)
+            options = TrainOptions(pad_id=0, padding_side=side, eval_batch_size=eval_batch)
             before = engine.eval_forwards
-            values[side, eval_batch] = _evaluate_objective(engine, items, objective, ctx)
+            values[side, eval_batch] = dev_loss(engine, items, objective, cfg(), options)
             assert engine.eval_forwards - before == -(-len(items) // eval_batch)
     one_by_one = values["right", 1]
     assert math.isfinite(one_by_one) and one_by_one > 0
