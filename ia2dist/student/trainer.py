@@ -296,7 +296,8 @@ def dev_loss(engine: Engine, items: Sequence[StudentItem], objective: str,
     """``objective`` (one of ``OBJECTIVE_TERMS``) over ``items`` on ``engine``'s model, as each dev
     evaluation of a ``train`` call measures it (forwards of ``options.eval_batch_size`` items,
     padded as ``options`` say; the value does not depend on the batching): a dev evaluation on its
-    own, to measure or check it outside a training loop."""
+    own, to measure or check it outside a training loop. On several ranks, every rank calls it
+    with the same items, at least one per rank."""
     options = options or TrainOptions()
     _check_eval_batch_size(options.eval_batch_size)
     model = engine.model
