@@ -185,7 +185,7 @@ def memory_report(cfg: RunConfig) -> tuple[str, bool]:
             notes.append(why + (" (chat template markup not counted)" if spec.chat_template
                                 else ""))
         plan_cfg = estimate.without_chat_template(cfg) if why and spec.chat_template else cfg
-        plan = build_plan(plan_cfg, load_task(cfg.data), tokenizer)
+        plan = build_plan(plan_cfg, load_task(plan_cfg.data), tokenizer)
         engine, memory = student_engine(plan, tokenizer, model_config,
                                         check_context(plan, tokenizer, model_config), gpu)
     else:

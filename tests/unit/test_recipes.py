@@ -99,6 +99,14 @@ def test_plan_with_local_rows_and_no_tokenizer_counts_characters(tmp_path, capsy
     assert f"note: no tokenizer (model.name_or_path: could not load '{small}')" in out
     assert "prompt lengths counted at 3.5 characters per token" in out
     assert "GPUs needed: 1 (dist.backend=local" in out
+    # a chat-templated task: its markup needs the tokenizer, the plan counts without it
+    rc, chat = _plan(capsys, f"model.name_or_path={small}", "data.task=custom",
+                     f"data.train_path={rows}", "data.max_eval=8",
+                     "data.custom.labels=['yes', 'no']", "data.num_train=[8]",
+                     "data.custom.chat_template=true")
+    assert rc == 0, chat
+    assert "characters per token (chat template markup not counted)" in chat
+    assert "GPUs needed: 1 (dist.backend=local" in chat
 
 
 def test_plan_on_the_cpu_demo_uses_the_real_tokenizer(capsys):
