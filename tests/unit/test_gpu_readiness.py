@@ -118,16 +118,19 @@ ARANGE = """
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT="{port}")
     import contextlib, torch, deepspeed
+    import deepspeed.comm.comm as ds_comm
     import transformers.integrations.deepspeed as hf_deepspeed
+    from ia2dist.student.engines.deepspeed_engine import init_distributed
     from ia2dist.student.engines.transformers_compat import (keep_arange_dtype,
                                                              prevent_arange_dtype_change)
     own = getattr(hf_deepspeed, "prevent_arange_dtype_change", None)
     if {hide_own} and own is not None:  # what transformers 5.17 offers
         del hf_deepspeed.prevent_arange_dtype_change
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     cfg = {{"train_micro_batch_size_per_gpu": 1, "bf16": {{"enabled": True}},
            "zero_optimization": {{"stage": 3}}}}
-    out = {{"has_own": own is not None}}
+    out = {{"has_own": own is not None, "shm_op": ds_comm.cdb.shm_comm_op is not None,
+            "backend": torch.distributed.get_backend()}}
     for name, ctx in (("plain", contextlib.nullcontext), ("fallback", keep_arange_dtype),
                       ("chosen", prevent_arange_dtype_change),
                       ("own", own or contextlib.nullcontext)):
@@ -140,11 +143,17 @@ ARANGE = """
 
 
 @pytest.mark.parametrize("hide_own", [False, True], ids=["transformers-own", "fallback"])
-def test_zero_init_keeps_arange_dtype_with_or_without_transformers_own(hide_own):
+def test_zero_init_keeps_arange_dtype_with_or_without_transformers_own(hide_own, tmp_path):
+    """Also: the CPU process group (ia2dist's init_distributed) builds no DeepSpeed shared-memory
+    all-reduce op, which ZeRO training never uses (a C++ JIT build of ~25 s otherwise)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    got = _python(ARANGE.format(port=port, hide_own=hide_own), {"DS_ACCELERATOR": "cpu"})
+    extensions = tmp_path / "torch_ext"
+    got = _python(ARANGE.format(port=port, hide_own=hide_own),
+                  {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert got["backend"] == "gloo" and got["shm_op"] is False
+    assert not (extensions / "deepspeed_shm_comm").exists()
     assert got["plain"] == ["torch.bfloat16", "torch.bfloat16"]  # what the fix is about
     assert got["fallback"] == got["chosen"] == ["torch.float32", "torch.bfloat16"]
     if got["has_own"]:  # the fallback does what transformers' own does

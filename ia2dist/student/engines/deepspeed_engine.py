@@ -35,6 +35,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 from torch import nn
 
 from ia2dist.config import TrainConfig
@@ -48,9 +49,16 @@ from ia2dist.student.engines.torch_engine import PLAIN_WEIGHTS, read_plain_check
 def init_distributed() -> None:
     """Join the default process group from the launcher's env vars (torchrun, the deepspeed
     launcher), or adopt one that exists already (Ray Train's); gloo on CPU, the accelerator's
-    backend (nccl on CUDA) otherwise. Idempotent."""
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend)
+    backend (nccl on CUDA) otherwise. Idempotent.
+
+    On CPU, without DeepSpeed's shared-memory all-reduce op: DeepSpeed's CPU backend JIT-compiles
+    it (C++, ~25 s on 2 cores and a compiler on every machine) at its first process-group init,
+    and only DeepSpeed-Inference's tensor-parallel ``inference_all_reduce`` uses it, never ZeRO
+    training (which goes through torch.distributed). Marked incompatible, none is built."""
+    cpu = get_accelerator().device_name() == "cpu"
+    if cpu:
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
 
 
 class DeepSpeedEngine:
