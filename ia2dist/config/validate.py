@@ -218,7 +218,8 @@ def validate_across(cfg: RunConfig) -> list[str]:
     if "soft_sft" in t.methods and cfg.extract.topk == 0:
         p.append("extract.topk: soft_sft needs the teacher's next-token distribution; set "
                  "extract.topk=-1 (full vocabulary) or a top k, e.g. extract.topk=32")
-    if d.backend != "ray" or d.group_size < 1 or d.num_workers % d.group_size:
+    if d.backend != "ray" or d.group_size < 1 or d.num_workers % d.group_size \
+            or t.batch_size < 1 or t.micro_batch_size < 1:  # (each already reported)
         return p
     if t.batch_size % (t.micro_batch_size * d.group_size):
         p.append(f"dist.group_size: train.batch_size={t.batch_size} must be a multiple of "
