@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ia2dist.backends.base import Backend, Outcome, Work, check_outcomes
@@ -226,7 +226,10 @@ def _start(cfg: RunConfig, verb: str, overwrite: bool, fresh: bool,
     from ia2dist.experiment.runlock import RunLock, check_unlocked
     from ia2dist.experiment.tracking import Tracker
 
-    run_dir = Path(cfg.run_dir).expanduser()
+    # absolute from here on: Ray Train runs its workers in a directory of its own, where a
+    # relative run_dir would name another place (and the jobs' folders would be lost with it)
+    run_dir = Path(cfg.run_dir).expanduser().absolute()
+    cfg = replace(cfg, run_dir=str(run_dir))
     if run_dir.is_dir():
         check_unlocked(run_dir)
     resuming = False
@@ -351,10 +354,11 @@ def describe_progress(state: dict) -> str:
     return line
 
 
-def _guarded(session: Session, body, tracker=None) -> None:
+def _guarded(session: Session, body, tracker=None) -> str:
     """Run ``body`` with status.json saying running, then what the directory holds now: complete
     (nothing left, report written), partial, failed (with the error) or preempted; always close
-    the backend and the tracker and give the run directory's lock back.
+    the backend and the tracker and give the run directory's lock back. Returns the line
+    ``describe_progress`` gives of the final state (complete or partial).
 
     ``body`` returns True when it wrote the report after everything else."""
     from ia2dist.experiment.checkpoint import Preempted
@@ -380,7 +384,9 @@ def _guarded(session: Session, body, tracker=None) -> None:
         counts = progress(session.plan, report_written=report)
         state = "complete" if not any(counts["left"].values()) else "partial"
         rundir.write_state(run_dir, state, verb, counts)
-        log.info("%s: %s", run_dir, describe_progress({"state": state, "verb": verb, **counts}))
+        line = describe_progress({"state": state, "verb": verb, **counts})
+        log.info("%s: %s", run_dir, line)
+        return line
     finally:
         session.lock.release()
 
@@ -511,7 +517,13 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
         results = status.finished + _drive(session, work, tracker)
         _report_and_track(session, results, tracker)
         return True
-    _guarded(session, body, tracker)
+    line = _guarded(session, body, tracker)
+    if not line.startswith("complete"):
+        # every job came back done, yet the run directory does not hold them all
+        raise IA2Error(f"run_dir: {session.run_dir} ended {line}, although the backend "
+                       "finished every job it was given (their folders are missing from the run "
+                       "directory; run.log says where they ran); `ia2dist run` on it again "
+                       "does what is left")
     return session.run_dir
 
 

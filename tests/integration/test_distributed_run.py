@@ -50,13 +50,19 @@ TWO_UNITS = ("data.seeds=[0,1]", "train.methods=[ia2_then_sft,sft,ia2]")
 def grid(tmp_path_factory):
     """The same two-unit grid run three ways: in one process; 2 groups x 1 rank (the default; the
     plain engine) under a byte budget that holds one unit's records, not two; 1 group x 2 ZeRO-3
-    ranks."""
+    ranks. The 2x1 run is given a relative run_dir (Ray Train runs its workers in a folder of
+    its own: the jobs' folders must still land in the run directory)."""
     root = tmp_path_factory.mktemp("grid")
     runs = {"local": root / "local", "2x1": root / "2x1", "1x2": root / "1x2"}
     assert main(["run", *_args(runs["local"], *TWO_UNITS)]) == 0
-    with _models_built() as built:
-        assert main(["run", *_args(runs["2x1"], *TWO_UNITS, "dist.backend=ray",
-                                   "dist.shard_size=3", f"dist.inflight_bytes={ONE_UNIT}")]) == 0
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with _models_built() as built:
+            assert main(["run", *_args("2x1", *TWO_UNITS, "dist.backend=ray",
+                                       "dist.shard_size=3", f"dist.inflight_bytes={ONE_UNIT}")]) == 0
+    finally:
+        os.chdir(cwd)
     runs["driver_models"] = built
     assert main(["run", *_args(runs["1x2"], *TWO_UNITS, "dist.backend=ray", "dist.shard_size=1",
                                "dist.group_size=2")]) == 0

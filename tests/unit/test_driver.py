@@ -35,10 +35,13 @@ BASELINES = ["N4_seed0/base", "N4_seed0/icl", "N4_seed1/base", "N4_seed1/icl"]
 class FakeBackend:
     """The ``Backend`` protocol without a model. ``drop``: ids it never finishes;
     ``preempt``: the id at which it raises ``Preempted`` (a job stopped by SIGTERM);
-    ``stop_after``: the id after which a stop is requested (the stop file) and it ends."""
+    ``stop_after``: the id after which a stop is requested (the stop file) and it ends;
+    ``elsewhere``: a folder the trained jobs' outputs land in instead of their own (as when workers
+    resolved a relative run_dir against another working directory)."""
 
-    def __init__(self, plan, drop=(), preempt=None, stop_after=None):
+    def __init__(self, plan, drop=(), preempt=None, stop_after=None, elsewhere=None):
         self.plan, self.drop, self.preempt, self.stop_after = plan, set(drop), preempt, stop_after
+        self.elsewhere = elsewhere
         self.works: list[Work] = []
         self.closed: list[bool] = []
         self.shards_written = 0
@@ -55,9 +58,11 @@ class FakeBackend:
                 if self._stopped(job.id):
                     continue
                 history = {"phases": [{"best_dev": None}], "steps": [{"step": 1, "loss": 1.0}]}
-                job.out_dir.mkdir(parents=True, exist_ok=True)
-                (job.out_dir / "history.json").write_text(json.dumps(history))
-                yield from self._finish(job.id, unit, job.name, job.out_dir,
+                out_dir = job.out_dir if self.elsewhere is None else \
+                    self.elsewhere / job.out_dir.relative_to(self.plan.cfg.run_dir)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "history.json").write_text(json.dumps(history))
+                yield from self._finish(job.id, unit, job.name, out_dir,
                                         evaluate=work.evaluate_trained, history=history["steps"])
             for job in (j for j in work.evaluate if j.unit.key == unit.key):
                 yield from self._finish(job.id, unit, job.name, job.out_dir)
@@ -218,6 +223,29 @@ def test_a_preempted_job_leaves_the_run_preempted_and_the_rerun_continues(fakes)
     driver.run_all(cfg)
     assert _ids(made[1].works[0].train) == ["N4_seed0/ia2", "N4_seed1/sft", "N4_seed1/ia2"]
     assert _status(run)["state"] == "complete"
+
+
+def test_a_run_whose_jobs_did_not_land_in_the_run_directory_fails(fakes, tmp_path):
+    """Every job came back finished, but its folder is elsewhere: `run` does not say done; it
+    fails with one line naming what the directory holds, and status.json says partial."""
+    cfg, run, made, behaviour = fakes
+    behaviour["elsewhere"] = tmp_path / "elsewhere"
+    with pytest.raises(IA2Error, match=r"^run_dir: .* ended partial: teacher 2/2 units, 0/4 jobs "
+                                       r"trained, .* although the backend finished every job"):
+        driver.run_all(cfg)
+    assert _status(run)["state"] == "partial" and not (run / LOCK_FILE).exists()
+    driver.run_all(cfg)  # a rerun trains what is missing
+    assert _status(run)["state"] == "complete"
+
+
+def test_a_relative_run_dir_is_the_one_under_the_working_directory(fakes, tmp_path,
+                                                                   monkeypatch):
+    """The plan the backend gets names the run directory absolutely (workers may run elsewhere)."""
+    cfg, run, made, _ = fakes
+    monkeypatch.chdir(tmp_path)
+    driver.run_all(load_config(None, cli_args("rel", *SST2, "train.methods=[sft]")))
+    assert Path(made[0].plan.cfg.run_dir) == tmp_path / "rel"
+    assert _status(tmp_path / "rel")["state"] == "complete"
 
 
 def test_a_stop_request_with_jobs_unfinished_is_a_preemption(fakes):

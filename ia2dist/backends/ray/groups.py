@@ -26,6 +26,7 @@ finding only waiting tasks waits empty-handed until a running one is done.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -355,6 +356,10 @@ class WorkerGroups:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> "WorkerGroups":
+        # the workers keep the driver's working directory (Ray Train would move them into its
+        # storage folder, where a relative path of the config, a local model directory say,
+        # names nothing); read by TorchTrainer in this process
+        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         stamp = time.time_ns()
         for group in range(self.num_groups):
             thread = threading.Thread(target=self._fit, args=(group, stamp), daemon=True,
