@@ -49,8 +49,9 @@ class FakeBackend:
 
     def run(self, work: Work):
         self.works.append(work)
+        online = self.plan.cfg.dist.teacher_mode == "online"  # the workers compute the records
         for unit in work.units(self.plan):
-            if work.needs_records(unit):
+            if work.needs_records(unit) and not online:
                 self._extract(unit)
             for baseline in (b for b in work.baselines if b.unit.key == unit.key):
                 yield from self._finish(baseline.id, unit, baseline.name, unit.dir / baseline.name)
@@ -153,6 +154,19 @@ def test_a_grid_of_baselines_only_is_complete_without_teacher_records(fakes):
     assert state["state"] == "complete", state
     assert state["planned"] == {"teacher_units": 0, "jobs": 0, "baselines": 4}
     assert state["done"]["report"] and not any(state["left"].values())
+
+
+def test_a_run_in_online_teacher_mode_is_complete_without_stored_teacher_records(fakes):
+    """dist.teacher_mode=online: the workers compute the teacher's records as they train and
+    store none, so none are planned."""
+    cfg, run, made, _ = fakes
+    cfg = load_config(None, cli_args(run, *SST2, "data.seeds=[0,1]", "train.methods=[sft,ia2]",
+                                     "dist.backend=ray", "dist.teacher_mode=online"))
+    driver.run_all(cfg)
+    assert made[0].shards_written == 0
+    state = _status(run)
+    assert state["state"] == "complete", state
+    assert state["planned"] == {"teacher_units": 0, "jobs": 4, "baselines": 4}
 
 
 def test_extract_then_train_of_one_method_leave_the_run_partial(fakes):
