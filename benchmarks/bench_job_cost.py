@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, SMOLLM2_135M, md_table, publish
+from benchmarks.common import RESULTS_DIR, SMOLLM2_135M, build_shaped_model, md_table, publish
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("auto", "zero3", "zero2")
@@ -53,19 +53,12 @@ _METHOD_OF = {"ce": "sft", "ia2": "ia2", "ia2+ce": "ia2_plus_sft", "kl": "soft_s
 def save_model(path: Path, layers: int | None) -> Path:
     """A random-weight model directory of ``SMOLLM2_135M`` (``layers`` overrides the depth) with the
     embedded model's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from ia2dist.config import ModelConfig
     from ia2dist.model.load import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name_or_path="embedded"))
-    shape = {**SMOLLM2_135M, **({"num_hidden_layers": layers} if layers else {})}
-    config = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
+    build_shaped_model(tok, SMOLLM2_135M, layers=layers).save_pretrained(
+        path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
 

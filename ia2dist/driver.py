@@ -357,11 +357,11 @@ def describe_progress(state: dict) -> str:
     return line
 
 
-def _guarded(session: Session, body, tracker=None) -> str:
+def _guarded(session: Session, body, tracker=None) -> dict:
     """Run ``body`` with status.json saying running, then what the directory holds now: complete
     (nothing left, report written), partial, failed (with the error) or preempted; always close
-    the backend and the tracker and give the run directory's lock back. Returns the line
-    ``describe_progress`` gives of the final state (complete or partial).
+    the backend and the tracker and give the run directory's lock back. Returns the final state
+    as status.json holds it (complete or partial, with the counts).
 
     ``body`` returns True when it wrote the report after everything else."""
     from ia2dist.experiment.checkpoint import Preempted
@@ -387,9 +387,9 @@ def _guarded(session: Session, body, tracker=None) -> str:
         counts = progress(session.plan, report_written=report)
         state = "complete" if not any(counts["left"].values()) else "partial"
         rundir.write_state(run_dir, state, verb, counts)
-        line = describe_progress({"state": state, "verb": verb, **counts})
-        log.info("%s: %s", run_dir, line)
-        return line
+        final = {"state": state, "verb": verb, **counts}
+        log.info("%s: %s", run_dir, describe_progress(final))
+        return final
     finally:
         session.lock.release()
 
@@ -520,13 +520,13 @@ def run_all(cfg: RunConfig, overwrite: bool = False, resume_from: str | None = N
         results = status.finished + _drive(session, work, tracker)
         _report_and_track(session, results, tracker)
         return True
-    line = _guarded(session, body, tracker)
-    if not line.startswith("complete"):
+    final = _guarded(session, body, tracker)
+    if final["state"] != "complete":
         # every job came back done, yet the run directory does not hold them all
-        raise IA2Error(f"run_dir: {session.run_dir} ended {line}, although the backend "
-                       "finished every job it was given (their folders are missing from the run "
-                       "directory; run.log says where they ran); `ia2dist run` on it again "
-                       "does what is left")
+        raise IA2Error(f"run_dir: {session.run_dir} ended {describe_progress(final)}, although "
+                       "the backend finished every job it was given (their folders are missing "
+                       "from the run directory; run.log says where they ran); `ia2dist run` on it "
+                       "again does what is left")
     return session.run_dir
 
 
