@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,7 +203,9 @@ def probe_host(listener: Listener) -> str | None:
 class Watcher:
     """Samples the listening sockets of the processes matching ``env_match`` every
     ``interval_s`` in a thread (clusters open ports as workers and drivers come and go) and probes
-    each new one once, over HTTP without credentials, while it is open."""
+    each new one once, over HTTP without credentials, while it is open. Probes run in a pool of
+    their own: a port that holds a probe for its whole timeout never delays the next sample, so a
+    short-lived listener (a driver connected for a few seconds) is still seen."""
 
     env_match: dict[str, str]
     interval_s: float = 1.0
@@ -216,36 +219,53 @@ class Watcher:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
+        self._pending: list[Future] = []
 
     def start(self) -> Watcher:
         self._thread.start()
         return self
 
-    def sample(self) -> None:
+    def _probe(self, key: tuple[int, str, int], port: int, host: str) -> None:
+        outcome = probe_http(port, host)
         with self._lock:
-            for item in listeners(processes(self.env_match, self._matched)):
+            self.probes[key] = outcome
+
+    def sample(self, wait_probes: bool = True) -> None:
+        """One sample; its probes run in the pool (the watcher's own thread does not wait for
+        them, a direct call does, so that what it saw is probed before the caller goes on)."""
+        found = listeners(processes(self.env_match, self._matched))
+        submitted = []
+        with self._lock:
+            for item in found:
                 self.roles.setdefault(item.pid, set()).add(item.role)
                 key = (item.pid, item.ip, item.port)
                 if key not in self.seen:
                     self.seen[key] = item
                     host = probe_host(item)
                     if host is not None:
-                        self.probes[key] = probe_http(item.port, host)
+                        submitted.append(self._pool.submit(self._probe, key, item.port, host))
+            self._pending.extend(submitted)
             self.samples += 1
+        if wait_probes:
+            wait(submitted, timeout=60)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.sample()
+            self.sample(wait_probes=False)
             self._stop.wait(self.interval_s)
 
     def stop(self) -> Watcher:
         self._stop.set()
         self._thread.join(timeout=60)
+        wait(self._pending, timeout=60)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         return self
 
     def report(self) -> str:
-        return "\n".join(f"  {item.where}: {self.probes.get(key, 'not probed')}"
-                         for key, item in sorted(self.seen.items()))
+        return "\n".join([f"  ({self.samples} samples)"] + [
+            f"  {item.where}: {self.probes.get(key, 'not probed')}"
+            for key, item in sorted(self.seen.items())])
 
     def check(self, chosen: str, *, wildcard: dict[str, int] | None = None,
               loopback: bool = False, data: dict[tuple[str, int | None], bytes] | None = None
