@@ -3,8 +3,9 @@
 A random-weight Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9/3 heads, MLP 1536,
 vocabulary 49152, tied; 134.5M parameters, fp32) with the embedded model's tokenizer, on the
 synthetic task with ``configs/real.yaml``'s training settings (LoRA r=8 on q/k/o, batch 4,
-micro-batch 2, at most 12 steps per phase, dev evaluation every 2 steps, 60 test items, 16
-similarity items, checkpoints at phase ends). Jobs ``sft`` and ``ia2_then_sft`` at N=4 and N=16.
+micro-batch 2, dev evaluation every 2 steps, 16 similarity items, checkpoints at phase ends) and
+the capped schedule these figures were first taken with (lr 1e-3, at most 12 steps per phase,
+patience 3, 60 test items). Jobs ``sft`` and ``ia2_then_sft`` at N=4 and N=16.
 
 Each job runs through the worker group's own code (``GroupWorker.run``, one rank, one torch
 thread as in a Ray worker, teacher records computed beforehand in the online mode so that they
@@ -68,7 +69,8 @@ def overrides(model_dir: Path, run_dir: Path, engine: str) -> list[str]:
             "data.task=synthetic", f"data.num_train={list(NS)}", "data.seeds=[0]",
             f"train.methods={list(JOBS)}", "train.checkpoint_every=0", "wandb.mode=disabled",
             "dist.backend=ray", "dist.num_workers=1", "dist.group_size=1",
-            "dist.teacher_mode=online", f"dist.ds_config={engine}"]
+            "dist.teacher_mode=online", f"dist.ds_config={engine}", "train.lr=0.001",
+            "train.epochs=6", "train.max_steps=12", "train.patience=3", "data.max_eval=60"]
 
 
 # ------------------------------------------------------------------------ one engine (a process)

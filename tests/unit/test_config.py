@@ -91,3 +91,24 @@ def test_sweep_values_are_checked():
         load_config(None, ["train.lr=[1e-4, -1]", "train.plus_sft_weight=[]"])
     text = " ".join(info.value.problems)
     assert "train.lr: -1.0 must be > 0" in text and "train.plus_sft_weight: empty list" in text
+
+
+def test_real_config_is_the_reference_protocol_uncapped():
+    """configs/real.yaml (make demo-real, the paper's claim) keeps the reference's schedule: up to
+    50 epochs with patience 5, no step cap, dev evaluation every 2 steps and at each epoch end, the
+    lr grid {1e-4, 3e-4, 1e-3} with a selection rule, >= 5 seeds, >= 200 test items; and the cells
+    of the Makefile's REAL_CELLS name both model families."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(str(repo / "configs" / "real.yaml"))
+    assert cfg.protocol == "reference"
+    assert (cfg.train.epochs, cfg.train.patience, cfg.train.max_steps) == (50, 5, None)
+    assert cfg.train.eval_every == 2 and cfg.train.eval_at_epoch_end
+    assert sorted(cfg.train.lr) == [1e-4, 3e-4, 1e-3] and cfg.eval.selection in ("test", "dev")
+    assert len(cfg.data.seeds) >= 5 and cfg.data.max_eval >= 200
+    assert {"sft", "ia2", "ia2_then_sft"} <= set(cfg.train.methods)
+    cells = re.search(r"^REAL_CELLS \?=((?:.*\\\n)*.*)$", (repo / "Makefile").read_text(), re.M)
+    models = {cell.split(":")[0] for cell in cells.group(1).replace("\\\n", " ").split()}
+    assert models == {"smollm2", "gemma3-270m"}
