@@ -70,9 +70,17 @@ def convergence_table(runs: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired(runs: Sequence[Mapping]) -> list[dict]:
-    return [{"model": run["model"], "task": run.get("task") or "-", "run": run["run"], **entry}
-            for run in runs for entry in run.get("paired") or []]
+def _paired(runs: Sequence[Mapping], other: bool = False) -> list[dict]:
+    """Every run's paired differences, at its own rule's points or (``other``) at the points the
+    other selection rule chooses, with the run's model, task, folder and rule."""
+    out = []
+    for run in runs:
+        selection = run.get("selection") or {}
+        source = (selection.get("other") or {}) if other else run
+        rule = source.get("rule") if other else selection.get("rule")
+        out += [{"model": run["model"], "task": run.get("task") or "-", "run": run["run"],
+                 "selection": rule or "-", **entry} for entry in source.get("paired") or []]
+    return out
 
 
 def compare_text(runs: Sequence[Mapping]) -> str:
@@ -85,7 +93,14 @@ def compare_text(runs: Sequence[Mapping]) -> str:
         text += ("\n## Paired differences\n\nMethod minus reference on the same seeds and items; "
                  "95% bootstrap interval over seeds and items; * marks an interval that excludes 0."
                  " A positive ECE difference means worse calibration.\n\n"
-                 + paired_table(paired, ("model", "task")))
+                 + paired_table(paired, ("model", "task", "selection")))
+    other = _paired(runs, other=True)
+    if other:
+        text += ("\n## Paired differences under the other selection rule\n\nThe same "
+                 "comparisons at the sweep points the rule each run did not use would choose "
+                 "(test: best mean accuracy on the evaluated items, the reference's rule; dev: "
+                 "lowest mean dev loss, a held-out choice).\n\n"
+                 + paired_table(other, ("model", "task", "selection")))
     if any(run.get("convergence") for run in runs):
         text += "\n## Convergence\n\n" + convergence_table(runs)
     return text

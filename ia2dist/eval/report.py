@@ -645,14 +645,20 @@ def _pooled_predictions(results: Sequence[Mapping], run_dir: Path, num_train) ->
     return {name: value for name, value in pooled.items() if value[0]}
 
 
-def _other_selection(results: Sequence[Mapping], selection: str, task: str) -> dict:
-    """The choices the other selection rule would make ({"rule", "choices"}, or {"rule", "error"}
-    when it cannot be computed, e.g. dev without dev metrics), reported beside the one used."""
+def _other_selection(results: Sequence[Mapping], selection: str, task: str, run_dir: Path, *,
+                     n_bins: int, num_bootstrap: int, seed: int) -> dict:
+    """What the other selection rule gives, reported beside the one used: {"rule", "choices",
+    "aggregate", "paired"} (its chosen points, their in-distribution aggregate and paired
+    differences), or {"rule", "error"} when it cannot be computed (dev without dev metrics)."""
     other = next(rule for rule in SELECTIONS if rule != selection)
     try:
-        return {"rule": other, "choices": select_settings(results, other, task=task)[1]}
+        kept, choices = select_settings(results, other, task=task)
     except ValueError as exc:
         return {"rule": other, "error": str(exc)}
+    home = [r for r in kept if in_distribution(r, task)]
+    return {"rule": other, "choices": choices, "aggregate": aggregate(home),
+            "paired": paired_comparisons(home, run_dir, n_bins=n_bins,
+                                         num_bootstrap=num_bootstrap, seed=seed)}
 
 
 def job_timings(run_dir: str | Path) -> list[dict]:
@@ -704,7 +710,8 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
     trained job, when history.json files exist) and "still_improving" (how many phases ended at
     their limit with the best dev loss at the last step), "timing" (where each method's job time
     went, from the trained jobs' ``timing.json``), and when present "selection" (the rule
-    used, each choice with every candidate's score, and under "other" the other rule's choices),
+    used, each choice with every candidate's score, and under "other" the other rule's choices
+    with the aggregate and paired differences they give),
     "grid" (the aggregate of every in-distribution sweep point) and "ood" ({eval set: aggregate
     of its kept results}). summary.md: the in-distribution table, the paired differences, the
     selection (labelled), one table per out-of-distribution set, the findings in words, the
@@ -737,7 +744,10 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
                                         for job in jobs for p in job["phases"])
     if choices:
         stored["selection"] = {"rule": selection, "choices": choices,
-                               "other": _other_selection(results, selection, task)}
+                               "other": _other_selection(results, selection, task, run_dir,
+                                                         n_bins=n_bins,
+                                                         num_bootstrap=num_bootstrap,
+                                                         seed=bootstrap_seed)}
         stored["grid"] = aggregate([r for r in results if in_distribution(r, task)
                                     and r.get("setting") is not None])
     if ood:
@@ -781,6 +791,9 @@ def write_report(results: Sequence[Mapping], run_dir: str | Path, *, task: str =
                  + f"\nFor comparison, eval.selection = {other['rule']} (not used above) "
                  + (f"cannot be computed: {other['error']}\n" if "error" in other else
                     "would choose:\n\n" + selection_table(other["choices"])))
+        if other.get("paired"):
+            body += (f"\nThe paired differences at the points eval.selection = {other['rule']} "
+                     "chooses:\n\n" + paired_table(other["paired"]))
     if ood:
         body += (f"\n## Out-of-distribution evaluation\n\nThe models trained on {task or 'the task'}"
                  ", evaluated without demonstrations on other tasks' items; icl draws its N-1 "

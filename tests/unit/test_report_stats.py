@@ -190,6 +190,15 @@ def test_report_of_a_sweep_has_one_row_per_method_and_compares_the_chosen_points
     assert claim["accuracy"]["mean"] == pytest.approx(0.2) and claim["accuracy"]["positive"] == 3
     assert claim["accuracy"]["low"] > 0 and claim["accuracy"]["outside_noise"]
     assert claim["accuracy"]["items"] == [10, 10, 10]
+    # the other rule (dev) is reported with its own paired differences: ia2_then_sft at 3e-4 vs
+    # sft at 1e-4
+    other = next(p for p in stored["selection"]["other"]["paired"]
+                 if p["method"] == "ia2_then_sft")
+    assert other["accuracy"]["per_seed"] == pytest.approx([0.2, 0.1, 0.2])
+    assert {e["method"]: e["setting"] for e in stored["selection"]["other"]["aggregate"]
+            if e["method"] != "base"} == {"sft": "lr0.0001_gt", "ia2_then_sft": "lr0.0003_gt"}
+    assert "The paired differences at the points eval.selection = dev chooses:" in text
+    assert "| ia2_then_sft − sft | 4 | ground_truth | 3 | +0.167 [" in text
     assert "IA2 -> SFT vs SFT: N=4 (ground_truth labels): accuracy +0.200 [" in text
     assert "(higher, outside the noise; 3/3 seeds > 0)" in text
     assert "## Paired differences" in text
@@ -266,13 +275,18 @@ def test_compare_merges_runs_into_one_table_and_figure(tmp_path, capsys):
     assert ("| tiny:llama | sst2 | test | 4 | ia2_then_sft | ground_truth | lr0.0001_gt | 3 |"
             in printed)
     assert "| tiny:qwen2 | capital_region | test | 4 | sft |" in printed
-    assert ("| tiny:qwen2 | capital_region | ia2_then_sft − sft | 4 | ground_truth | 3 | +0.200 ["
-            in printed)
+    assert ("| tiny:qwen2 | capital_region | test | ia2_then_sft − sft | 4 | ground_truth | 3 | "
+            "+0.200 [" in printed)
+    # and at the points the other rule (dev) chooses
+    other = printed.split("## Paired differences under the other selection rule")[1]
+    assert ("| tiny:qwen2 | capital_region | dev | ia2_then_sft − sft | 4 | ground_truth | 3 | "
+            "+0.167 [" in other)
     assert "| tiny:llama | sst2 | a | 12 | 18 | 12 |" in printed  # convergence per run
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![IA2 -> SFT minus SFT](comparison.png)" in out.read_text()
-    assert compare([one]).count("| tiny:llama |") == 3 + 1 + 1  # results, paired, convergence
+    # results, paired at both rules' points, convergence
+    assert compare([one]).count("| tiny:llama |") == 3 + 1 + 1 + 1
 
 
 def test_compare_refuses_a_directory_without_a_report(tmp_path, capsys):
