@@ -119,16 +119,22 @@ def claim_plot(runs: Sequence[Mapping], path: str | Path) -> Path | None:
         return None
     fig = new_figure(1, 2, (6.0, 4.2))
     axes = fig.subplots(1, 2, squeeze=False).ravel()
+    # one colour per line in both panels; lines side by side around each N (on the log2 axis)
+    # so that runs at the same N do not hide each other
+    width = min(0.5, 0.12 * len(lines))
+    offsets = {name: (k / max(len(lines) - 1, 1) - 0.5) * width if len(lines) > 1 else 0.0
+               for k, name in enumerate(lines)}
     for ax, key, label in zip(axes, ("accuracy", "ece"), ("accuracy", "ECE")):
-        for name, entries in lines.items():
+        for k, (name, entries) in enumerate(lines.items()):
             entries = sorted((e for e in entries if e.get(key)), key=lambda e: e["num_train"])
             if not entries:
                 continue
-            ns = [e["num_train"] for e in entries]
+            ns = [e["num_train"] * 2 ** offsets[name] for e in entries]
             mean = [e[key]["mean"] for e in entries]
             err = [[m - e[key]["low"] for m, e in zip(mean, entries)],
                    [e[key]["high"] - m for m, e in zip(mean, entries)]]
-            ax.errorbar(ns, mean, yerr=err, marker="o", markersize=4, capsize=3, label=name)
+            ax.errorbar(ns, mean, yerr=err, marker="o", markersize=4, capsize=3, label=name,
+                        color=f"C{k % 10}")
         ax.axhline(0.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xscale("log", base=2)
         ns = sorted({e["num_train"] for entries in lines.values() for e in entries})
