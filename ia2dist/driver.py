@@ -321,9 +321,7 @@ def progress(plan: Plan, report_written: bool = False) -> dict:
     # teacher records are planned for the units that train a job (a grid of baselines only
     # extracts none), and only where a teacher stage writes them (in online teacher mode the
     # workers compute them as they train and none is stored)
-    d = plan.cfg.dist
-    online = d.backend == "ray" and d.teacher_mode == "online"
-    trained_units = set() if online else {j.unit.key for j in jobs}
+    trained_units = set() if plan.cfg.dist.online_teacher else {j.unit.key for j in jobs}
     units = [u for u in plan.units if u.key in trained_units]
     extracted = sum(1 for u in units if not teacher_store(plan, u, "teacher").missing())
     trained = [j for j in jobs if (j.out_dir / "history.json").is_file()]

@@ -426,6 +426,12 @@ class DistConfig:
         if self.teacher_gpus is None:
             self.teacher_gpus = 1.0 if self.use_gpu else 0.0
 
+    @property
+    def online_teacher(self) -> bool:
+        """Whether the student workers compute the teacher's records as they train (the Ray
+        backend with teacher_mode online): no teacher stage runs and no record is stored."""
+        return self.backend == "ray" and self.teacher_mode == "online"
+
 
 @dataclass(kw_only=True)
 class RunConfig:

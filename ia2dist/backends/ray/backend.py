@@ -115,7 +115,7 @@ class RayBackend:
     def run(self, work: Work) -> Iterator[Outcome]:
         """The teacher thread, then the worker groups; outcomes as they arrive (module docstring);
         ``stats`` filled at the end, whatever happened."""
-        online = self.plan.cfg.dist.teacher_mode == "online"
+        online = self.plan.cfg.dist.online_teacher
         r = self._round(work, online)
         if r.pump is not None:
             yield from self._start_teacher(r)
