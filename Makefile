@@ -66,7 +66,7 @@ real-model: $(STAMP)
 # The paper's claim, the reference protocol uncapped (configs/real.yaml): one run per cell
 # MODEL:TASK:N[:ITEMS] in REAL_RUN_DIR/MODEL/TASK_N<N>, on the cells where that model's in-context
 # learning beats its SFT (docs/results.md), then one comparison of them all (compare.md / .png).
-# ITEMS overrides data.max_eval (200) for a task with fewer rows (country_language has 150).
+# ITEMS overrides the config's data.max_eval for a task with fewer rows (country_language has 150).
 REAL_RUN_DIR ?= runs/real-$(shell date +%Y%m%d-%H%M%S)
 REAL_CELLS ?= smollm2:capital_region:4 smollm2:country_region:4 smollm2:country_demonym:4 \
               gemma3-270m:country_demonym:4 gemma3-270m:country_language:4:100
@@ -76,7 +76,7 @@ demo-real: real-model
 	  n=$$(echo $$cell | cut -d: -f3); items=$$(echo $$cell | cut -d: -f4); \
 	  dir=$(REAL_RUN_DIR)/$$model/$${task}_N$$n; dirs="$$dirs $$dir"; \
 	  $(VENV)/bin/ia2dist run configs/real.yaml model.name_or_path=$$model data.task=$$task \
-	    "data.num_train=[$$n]" data.max_eval=$${items:-200} run_dir=$$dir; \
+	    "data.num_train=[$$n]" $${items:+data.max_eval=$$items} run_dir=$$dir; \
 	done; $(VENV)/bin/ia2dist compare $$dirs --out $(REAL_RUN_DIR)/compare.md
 
 # Every tier (pyproject's testpaths: tests/unit, then tests/integration); .ci/run runs this.

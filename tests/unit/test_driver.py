@@ -49,7 +49,7 @@ class FakeBackend:
 
     def run(self, work: Work):
         self.works.append(work)
-        online = self.plan.cfg.dist.teacher_mode == "online"  # the workers compute the records
+        online = self.plan.cfg.dist.online_teacher  # the workers compute the records
         for unit in work.units(self.plan):
             if work.needs_records(unit) and not online:
                 self._extract(unit)
