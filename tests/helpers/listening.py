@@ -108,7 +108,8 @@ def role(pid: int) -> str:
 
 def processes(env_match: dict[str, str], cache: dict | None = None) -> set[int]:
     """Pids of the processes whose environment has every key/value of ``env_match``, and of all
-    their descendants. ``cache`` remembers which processes (pid and start time) matched."""
+    their descendants. ``cache`` remembers which processes (pid and start time) matched, and the
+    command line of those that did not (a miss is read again once the process has exec'd)."""
     parents, started = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -123,11 +124,18 @@ def processes(env_match: dict[str, str], cache: dict | None = None) -> set[int]:
         children.setdefault(ppid, []).append(pid)
 
     def matches(pid: int) -> bool:
+        # A match is for the process's life. A miss holds only while its command line stays the
+        # same: between fork and exec a child still shows its parent's environment (a test's
+        # Popen of `ia2dist ...` with a private HOME looks like pytest itself for a moment).
         key = (pid, started[pid])
-        if key not in cache:
+        known = cache.get(key)
+        if known is True:
+            return True
+        cmd = _read(f"/proc/{pid}/cmdline")
+        if known is None or known != cmd:
             env = _environ(pid)
-            cache[key] = all(env.get(k) == v for k, v in env_match.items())
-        return cache[key]
+            cache[key] = True if all(env.get(k) == v for k, v in env_match.items()) else cmd
+        return cache[key] is True
 
     todo = [pid for pid in parents if pid != me and matches(pid)]
     found: set[int] = set()
