@@ -132,7 +132,7 @@ def processes(env_match: dict[str, str], cache: dict | None = None) -> set[int]:
         if known is True:
             return True
         cmd = _read(f"/proc/{pid}/cmdline")
-        if known is None or known != cmd:
+        if known != cmd:  # never seen, or exec'd since the miss
             env = _environ(pid)
             cache[key] = True if all(env.get(k) == v for k, v in env_match.items()) else cmd
         return cache[key] is True
